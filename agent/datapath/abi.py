@@ -1,0 +1,250 @@
+"""Userspace mirror of bpf/include/{enums,types,consts}.h.
+
+Every struct here matches its C twin field by field (ctypes lays them out
+with the same natural alignment as clang does for BPF). tests/unit/test_abi.py
+parses the headers and fails if names, values, sizes or offsets drift.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import enum
+
+
+class Action(enum.IntEnum):
+    NONE = 0
+    ALLOW = 1
+    DENY = 2
+    REJECT = 3
+    L7 = 4
+    SNI = 5
+
+
+ACTF_AUDIT = 0x01
+FLOWF_REPLY = 0x02
+
+
+class Reason(enum.IntEnum):
+    UNSPEC = 0
+    PASS_NON_IP = 1
+    PASS_IPV6_CONTROL = 2
+    ALLOW_RULE = 3
+    ALLOW_DEFAULT = 4
+    ALLOW_REPLY = 5
+    DENY_RULE = 6
+    DENY_DEFAULT = 7
+    REJECT_RULE = 8
+    AUDIT_RULE = 9
+    AUDIT_DEFAULT = 10
+    NO_POLICY = 11
+    NO_SEGMENT = 12
+    MALFORMED_L2 = 13
+    VLAN_TOO_DEEP = 14
+    MALFORMED_IPV4 = 15
+    MALFORMED_IPV6 = 16
+    IPV6_EXT_CHAIN = 17
+    MALFORMED_L4 = 18
+    FRAG_NO_FLOW = 19
+    PUNT_NO_HANDLER = 20
+    FLOW_COLLISION = 21
+    ICMP_ERROR_RELATED = 22
+    ICMP_ERROR_NO_FLOW = 23
+    REJECT_FAILED = 24
+
+
+class Event(enum.IntEnum):
+    FLOW_NEW = 0
+    FLOW_RECLASSIFY = 1
+    FLOW_INSERT_FAILED = 2
+    FRAG_INSERT_FAILED = 3
+    REJECT_TCP_RST = 4
+    REJECT_ICMP = 5
+    FRAG_FIRST = 6
+    FRAG_FOLLOW = 7
+
+
+# The verdict class of each reason: what a user sees in `status`.
+PASS, DROP, TX = "pass", "drop", "reject"
+REASON_VERDICT = {
+    Reason.UNSPEC: DROP,
+    Reason.PASS_NON_IP: PASS,
+    Reason.PASS_IPV6_CONTROL: PASS,
+    Reason.ALLOW_RULE: PASS,
+    Reason.ALLOW_DEFAULT: PASS,
+    Reason.ALLOW_REPLY: PASS,
+    Reason.DENY_RULE: DROP,
+    Reason.DENY_DEFAULT: DROP,
+    Reason.REJECT_RULE: TX,
+    Reason.AUDIT_RULE: PASS,
+    Reason.AUDIT_DEFAULT: PASS,
+    Reason.NO_POLICY: DROP,
+    Reason.NO_SEGMENT: DROP,
+    Reason.MALFORMED_L2: DROP,
+    Reason.VLAN_TOO_DEEP: DROP,
+    Reason.MALFORMED_IPV4: DROP,
+    Reason.MALFORMED_IPV6: DROP,
+    Reason.IPV6_EXT_CHAIN: DROP,
+    Reason.MALFORMED_L4: DROP,
+    Reason.FRAG_NO_FLOW: DROP,
+    Reason.PUNT_NO_HANDLER: DROP,
+    Reason.FLOW_COLLISION: DROP,
+    Reason.ICMP_ERROR_RELATED: PASS,
+    Reason.ICMP_ERROR_NO_FLOW: DROP,
+    Reason.REJECT_FAILED: DROP,
+}
+
+# consts.h
+REASON_MAX = 64
+EVENT_MAX = 32
+NUM_SLOTS = 2
+VLAN_MAX_DEPTH = 2
+IPV6_EXT_MAX = 6
+SEG_BITS = 32
+V4MAPPED_BITS = 96
+POLICY_PLEN_ANY_PROTO = 64
+POLICY_PLEN_ANY_PORT = 72
+POLICY_PLEN_PORT_BASE = 80
+CTL_BYPASS_FLOWS = 0x1
+CTL_L7_READY = 0x2
+SLOTF_AUDIT = 0x1
+
+# Default map sizes (consts.h); the loader may override them with -D.
+DEFAULT_SIZES = {
+    "BH_MAX_INTERFACES": 1024,
+    "BH_MAX_IDENT": 262144,
+    "BH_MAX_POLICY": 524288,
+    "BH_MAX_FLOWS": 262144,
+    "BH_MAX_FRAGS": 16384,
+}
+
+u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
+
+
+class Ctl(C.Structure):
+    _fields_ = [("active_slot", u32), ("flags", u32)]
+
+
+class SlotCfg(C.Structure):
+    _fields_ = [
+        ("generation", u32),
+        ("default_action", u8),
+        ("flags", u8),
+        ("unknown_sni", u8),
+        ("pad", u8),
+    ]
+
+
+class SegVal(C.Structure):
+    _fields_ = [("segment_id", u32), ("flags", u32)]
+
+
+class SrcKey(C.Structure):
+    _fields_ = [("prefixlen", u32), ("segment_id", u32), ("addr", u8 * 16)]
+
+
+class DstKey(C.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
+
+
+class Ident(C.Structure):
+    _fields_ = [("app_id", u32), ("segment_id", u32)]
+
+
+class PolicyKey(C.Structure):
+    _fields_ = [
+        ("prefixlen", u32),
+        ("src_app", u32),
+        ("dst_app", u32),
+        ("proto", u8),
+        ("pad", u8),
+        ("dport_be", u16),
+    ]
+
+
+class PolicyVal(C.Structure):
+    _fields_ = [("action", u8), ("flags", u8), ("pad", u16), ("rule_id", u32)]
+
+
+class Flow4Key(C.Structure):
+    _fields_ = [
+        ("saddr_be", u32),
+        ("daddr_be", u32),
+        ("sport_be", u16),
+        ("dport_be", u16),
+        ("proto", u8),
+        ("pad", u8),
+        ("segment_id", u16),
+    ]
+
+
+class Flow6Key(C.Structure):
+    _fields_ = [
+        ("saddr", u8 * 16),
+        ("daddr", u8 * 16),
+        ("sport_be", u16),
+        ("dport_be", u16),
+        ("proto", u8),
+        ("pad", u8),
+        ("segment_id", u16),
+    ]
+
+
+class Flow(C.Structure):
+    _fields_ = [
+        ("last_seen_ns", u64),
+        ("packets", u64),
+        ("bytes", u64),
+        ("generation", u32),
+        ("rule_id", u32),
+        ("src_app", u32),
+        ("dst_app", u32),
+        ("peer_segment", u16),
+        ("action", u8),
+        ("flags", u8),
+        ("reason", u8),
+        ("pad", u8 * 3),
+    ]
+
+
+class FragKey(C.Structure):
+    _fields_ = [
+        ("saddr", u8 * 16),
+        ("daddr", u8 * 16),
+        ("id", u32),
+        ("proto", u8),
+        ("pad", u8),
+        ("segment_id", u16),
+    ]
+
+
+class Frag(C.Structure):
+    _fields_ = [
+        ("last_seen_ns", u64),
+        ("xdp_action", u8),
+        ("reason", u8),
+        ("pad", u8 * 6),
+    ]
+
+
+class Counter(C.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+# C struct name -> mirror, for the drift test.
+STRUCTS = {
+    "bh_ctl": Ctl,
+    "bh_slot_cfg": SlotCfg,
+    "bh_seg_val": SegVal,
+    "bh_src_key": SrcKey,
+    "bh_dst_key": DstKey,
+    "bh_ident": Ident,
+    "bh_policy_key": PolicyKey,
+    "bh_policy_val": PolicyVal,
+    "bh_flow4_key": Flow4Key,
+    "bh_flow6_key": Flow6Key,
+    "bh_flow": Flow,
+    "bh_frag_key": FragKey,
+    "bh_frag": Frag,
+    "bh_counter": Counter,
+}
+
+ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event}

@@ -1,0 +1,85 @@
+"""The compiled policy: what the compiler produces and the datapath consumes.
+
+A bundle is self-contained and host-independent (interfaces by name, never
+ifindex), serialized with msgpack, versioned, and checksummed. It is what
+`bulkhead policy apply` sends over the control socket, and what a fleet of
+gateways would receive from a shared store.
+
+Map entries are plain tuples so the bundle packs small and fast:
+
+  src_entries:    (segment_id, addr16: bytes, prefixlen128: int, app_id)
+                  prefixlen128 counts bits of the 16-byte address; IPv4
+                  networks are IPv4-mapped (::ffff:a.b.c.d), so a /24 is 120.
+  dst_entries:    (addr16: bytes, prefixlen128: int, app_id, segment_id)
+  policy_entries: (prefixlen, src_app, dst_app, proto, dport, action, flags, rule_id)
+                  prefixlen is the LPM prefix over src(32) dst(32) proto(8)
+                  pad(8) port(16): 64 = any protocol, 72 = any port of
+                  `proto`, 80+n = the first n bits of `dport` fixed.
+                  Precedence is already resolved: the longest match is the verdict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import msgpack
+
+BUNDLE_FORMAT = 1
+
+
+@dataclasses.dataclass
+class Bundle:
+    settings: dict[str, str]  # default_action, mode, unknown_sni
+    segments: list[dict[str, Any]]  # {"id", "name", "interfaces": [str]}
+    apps: list[dict[str, Any]]  # {"id", "name", "segment", "addresses", "ports", "hostnames"}
+    rules: list[dict[str, Any]]  # {"id", "name", "from", "to", "action", "mode", "ports", "l7": bool}
+    src_entries: list[tuple]
+    dst_entries: list[tuple]
+    policy_entries: list[tuple]
+    source: list[str] = dataclasses.field(default_factory=list)  # policy file paths
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    format: int = BUNDLE_FORMAT
+
+    def _content(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["src_entries"] = [list(e) for e in self.src_entries]
+        d["dst_entries"] = [list(e) for e in self.dst_entries]
+        d["policy_entries"] = [list(e) for e in self.policy_entries]
+        return d
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(msgpack.packb(self._content(), use_bin_type=True)).hexdigest()
+
+    def pack(self) -> bytes:
+        d = self._content()
+        d["checksum"] = self.checksum
+        return msgpack.packb(d, use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Bundle":
+        d = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"unsupported bundle format {d.get('format') if isinstance(d, dict) else '?'}")
+        checksum = d.pop("checksum", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown bundle fields: {sorted(unknown)}")
+        b = cls(**d)
+        b.src_entries = [tuple(e) for e in b.src_entries]
+        b.dst_entries = [tuple(e) for e in b.dst_entries]
+        b.policy_entries = [tuple(e) for e in b.policy_entries]
+        if checksum != b.checksum:
+            raise ValueError("bundle checksum mismatch")
+        return b
+
+    def app_names(self) -> dict[int, str]:
+        return {a["id"]: a["name"] for a in self.apps}
+
+    def rule_names(self) -> dict[int, str]:
+        return {r["id"]: r["name"] for r in self.rules}
+
+    def segment_names(self) -> dict[int, str]:
+        return {s["id"]: s["name"] for s in self.segments}

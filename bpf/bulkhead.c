@@ -1,0 +1,455 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * bulkhead.c - XDP application segmentation.
+ *
+ * Attached to every gateway interface the policy's segments name. For each
+ * packet: parse (parse.h) -> segment of the ingress interface -> flow cache
+ * (LRU, keyed per direction) -> on a miss, classify by identity:
+ *
+ *   src app = LPM(segment, src addr)      dst app = LPM(dst addr)
+ *   verdict = LPM(src app, dst app, proto, dport)  or settings.default_action
+ *
+ * and cache the verdict for both directions (the reply key lives on the
+ * destination's segment, so overlapping client CIDRs stay apart).
+ * bh_record() is the single exit: every verdict is counted there by reason.
+ *
+ * Map accesses live in this file because bcc only rewrites map calls in the
+ * main source file; headers hold pure parsing and packet building.
+ */
+#include "consts.h"
+#include "enums.h"
+#include "types.h"
+#include "parse.h"
+#include "reject.h"
+#include "maps.h"
+
+/* The one place a verdict is recorded: counter by reason, then the XDP code. */
+static __always_inline int bh_record(__u32 reason, int xdp_code, __u64 len)
+{
+	struct bh_counter *c = stats.lookup(&reason);
+
+	/* Per-CPU array lookups only fail for an index out of range. */
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+	return xdp_code;
+}
+
+static __always_inline void bh_event(__u32 ev)
+{
+	__u64 *v = events.lookup(&ev);
+	if (v)
+		(*v)++;
+}
+
+static __always_inline int bh_has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
+/* What a cached or fresh reason means for the packet in hand. */
+static __always_inline int bh_reason_xdp(__u8 reason)
+{
+	switch (reason) {
+	case BH_R_ALLOW_RULE:
+	case BH_R_ALLOW_DEFAULT:
+	case BH_R_ALLOW_REPLY:
+	case BH_R_AUDIT_RULE:
+	case BH_R_AUDIT_DEFAULT:
+		return XDP_PASS;
+	case BH_R_REJECT_RULE:
+		return XDP_TX;
+	default:
+		return XDP_DROP;
+	}
+}
+
+static __always_inline struct bh_seg_val *bh_seg_lookup(__u32 slot, __u32 *ifindex)
+{
+	return slot ? seg_map_1.lookup(ifindex) : seg_map_0.lookup(ifindex);
+}
+
+/* Where replies to `daddr` will arrive when no destination app says so: ask the FIB. */
+static __always_inline __u32 bh_fib_segment(struct xdp_md *ctx, __u32 slot, const struct bh_pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.ifindex = ctx->ingress_ifindex;
+	fib.l4_protocol = p->proto;
+	fib.sport = p->sport_be;
+	fib.dport = p->dport_be;
+	if (p->family == 4) {
+		fib.family = 2; /* AF_INET */
+		fib.ipv4_src = p->saddr4_be;
+		fib.ipv4_dst = p->daddr4_be;
+	} else {
+		fib.family = 10; /* AF_INET6 */
+		__builtin_memcpy(fib.ipv6_src, p->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, p->daddr, 16);
+	}
+	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return 0;
+	__u32 oif = fib.ifindex;
+	struct bh_seg_val *sv = bh_seg_lookup(slot, &oif);
+	return sv ? sv->segment_id : 0;
+}
+
+/*
+ * Judge a new flow (seg, saddr -> daddr, proto, dport) by the slot's policy.
+ * Fills action/flags/reason/rule/apps and peer_segment (the destination
+ * app's segment, 0 if unknown).
+ */
+static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cfg, __u32 seg,
+					const __u8 *saddr, const __u8 *daddr, __u8 proto,
+					__u16 dport_be, struct bh_flow *v)
+{
+	struct bh_src_key sk = {};
+	struct bh_dst_key dk = {};
+	struct bh_ident *si, *di;
+
+	sk.prefixlen = BH_SEG_BITS + 128;
+	sk.segment_id = seg;
+	__builtin_memcpy(sk.addr, saddr, 16);
+	si = slot ? src_ident_1.lookup(&sk) : src_ident_0.lookup(&sk);
+	dk.prefixlen = 128;
+	__builtin_memcpy(dk.addr, daddr, 16);
+	di = slot ? dst_ident_1.lookup(&dk) : dst_ident_0.lookup(&dk);
+
+	__u8 action = BH_ACT_NONE, flags = 0;
+	__u32 rule = 0;
+	v->src_app = si ? si->app_id : 0;
+	v->dst_app = di ? di->app_id : 0;
+	v->peer_segment = di ? di->segment_id : 0;
+	if (si && di) {
+		struct bh_policy_key pk = {};
+		struct bh_policy_val *pv;
+
+		pk.prefixlen = BH_POLICY_PLEN_PORT_BASE + 16;
+		pk.src_app = si->app_id;
+		pk.dst_app = di->app_id;
+		pk.proto = proto;
+		pk.dport_be = dport_be;
+		pv = slot ? policy_1.lookup(&pk) : policy_0.lookup(&pk);
+		if (pv) {
+			action = pv->action;
+			flags = pv->flags;
+			rule = pv->rule_id;
+		}
+	}
+	int dflt = action == BH_ACT_NONE;
+	if (dflt)
+		action = cfg->default_action;
+	if (cfg->flags & BH_SLOTF_AUDIT)
+		flags |= BH_ACTF_AUDIT;
+	flags &= BH_ACTF_AUDIT;
+
+	__u8 reason;
+	switch (action) {
+	case BH_ACT_ALLOW:
+		reason = dflt ? BH_R_ALLOW_DEFAULT : BH_R_ALLOW_RULE;
+		break;
+	case BH_ACT_REJECT:
+		reason = (flags & BH_ACTF_AUDIT) ? BH_R_AUDIT_RULE : BH_R_REJECT_RULE;
+		break;
+	case BH_ACT_L7:
+	case BH_ACT_SNI:
+		/* No handler in this build: a punt is never an implicit allow. */
+		reason = (flags & BH_ACTF_AUDIT) ? BH_R_AUDIT_RULE : BH_R_PUNT_NO_HANDLER;
+		break;
+	default: /* BH_ACT_DENY, or a corrupt entry: fail closed */
+		if (flags & BH_ACTF_AUDIT)
+			reason = dflt ? BH_R_AUDIT_DEFAULT : BH_R_AUDIT_RULE;
+		else
+			reason = dflt ? BH_R_DENY_DEFAULT : BH_R_DENY_RULE;
+		break;
+	}
+	v->action = action;
+	v->flags = flags;
+	v->reason = reason;
+	v->rule_id = rule;
+	v->generation = cfg->generation;
+}
+
+/* Flow key of the packet (reverse: of its reply) on segment `seg`. */
+static __always_inline void bh_key4(const struct bh_pkt *p, __u32 seg, int reverse, struct bh_flow4_key *k)
+{
+	k->saddr_be = reverse ? p->daddr4_be : p->saddr4_be;
+	k->daddr_be = reverse ? p->saddr4_be : p->daddr4_be;
+	k->sport_be = reverse ? p->dport_be : p->sport_be;
+	k->dport_be = reverse ? p->sport_be : p->dport_be;
+	k->proto = p->proto;
+	k->segment_id = seg;
+}
+
+static __always_inline void bh_key6(const struct bh_pkt *p, __u32 seg, int reverse, struct bh_flow6_key *k)
+{
+	__builtin_memcpy(k->saddr, reverse ? p->daddr : p->saddr, 16);
+	__builtin_memcpy(k->daddr, reverse ? p->saddr : p->daddr, 16);
+	k->sport_be = reverse ? p->dport_be : p->sport_be;
+	k->dport_be = reverse ? p->sport_be : p->dport_be;
+	k->proto = p->proto;
+	k->segment_id = seg;
+}
+
+static __always_inline struct bh_flow *bh_flow_get(const struct bh_pkt *p, __u32 seg, int reverse)
+{
+	if (p->family == 4) {
+		struct bh_flow4_key k = {};
+		bh_key4(p, seg, reverse, &k);
+		return flows4.lookup(&k);
+	}
+	struct bh_flow6_key k = {};
+	bh_key6(p, seg, reverse, &k);
+	return flows6.lookup(&k);
+}
+
+static __always_inline int bh_flow_put(const struct bh_pkt *p, __u32 seg, int reverse, struct bh_flow *v)
+{
+	int rc;
+
+	if (p->family == 4) {
+		struct bh_flow4_key k = {};
+		bh_key4(p, seg, reverse, &k);
+		rc = flows4.update(&k, v);
+	} else {
+		struct bh_flow6_key k = {};
+		bh_key6(p, seg, reverse, &k);
+		rc = flows6.update(&k, v);
+	}
+	if (rc)
+		bh_event(BH_EV_FLOW_INSERT_FAILED);
+	return rc;
+}
+
+static __always_inline void bh_frag_key(const struct bh_pkt *p, __u32 seg, struct bh_frag_key *k)
+{
+	__builtin_memcpy(k->saddr, p->saddr, 16);
+	__builtin_memcpy(k->daddr, p->daddr, 16);
+	k->id = p->frag_id;
+	k->proto = p->proto;
+	k->segment_id = seg;
+}
+
+/* A first fragment decides for the whole datagram: remember it for the rest. */
+static __always_inline void bh_remember_fragment(const struct bh_pkt *p, __u32 seg, __u64 now, __u8 reason)
+{
+	struct bh_frag_key k = {};
+	struct bh_frag v = {};
+
+	bh_frag_key(p, seg, &k);
+	v.last_seen_ns = now;
+	v.reason = reason;
+	v.xdp_action = bh_reason_xdp(reason) == XDP_PASS ? XDP_PASS : XDP_DROP;
+	if (frags.update(&k, &v))
+		bh_event(BH_EV_FRAG_INSERT_FAILED);
+	bh_event(BH_EV_FRAG_FIRST);
+}
+
+/* A non-first fragment has no ports: it follows its first fragment's verdict. */
+static __always_inline int bh_follow_fragment(const struct bh_pkt *p, __u32 seg, __u64 now, __u64 len)
+{
+	struct bh_frag_key k = {};
+
+	bh_frag_key(p, seg, &k);
+	struct bh_frag *f = frags.lookup(&k);
+	if (!f || f->last_seen_ns + BH_FRAG_IDLE_NS < now)
+		return bh_record(BH_R_FRAG_NO_FLOW, XDP_DROP, len);
+	f->last_seen_ns = now;
+	bh_event(BH_EV_FRAG_FOLLOW);
+	return bh_record(f->reason, f->xdp_action == XDP_PASS ? XDP_PASS : XDP_DROP, len);
+}
+
+/*
+ * An ICMP error quotes a packet A->B and travels to A. It passes only if the
+ * flow of B's packets on this segment (the entry keyed B->A here) passes.
+ */
+static __always_inline int bh_icmp_error(const struct bh_pkt *p, __u32 seg, __u64 len)
+{
+	struct bh_flow *f;
+
+	if (p->family == 4) {
+		struct bh_flow4_key k = {};
+		__builtin_memcpy(&k.saddr_be, p->inner_daddr + 12, 4);
+		__builtin_memcpy(&k.daddr_be, p->inner_saddr + 12, 4);
+		k.sport_be = p->inner_dport_be;
+		k.dport_be = p->inner_sport_be;
+		k.proto = p->inner_proto;
+		k.segment_id = seg;
+		f = flows4.lookup(&k);
+	} else {
+		struct bh_flow6_key k = {};
+		__builtin_memcpy(k.saddr, p->inner_daddr, 16);
+		__builtin_memcpy(k.daddr, p->inner_saddr, 16);
+		k.sport_be = p->inner_dport_be;
+		k.dport_be = p->inner_sport_be;
+		k.proto = p->inner_proto;
+		k.segment_id = seg;
+		f = flows6.lookup(&k);
+	}
+	if (f && bh_reason_xdp(f->reason) == XDP_PASS)
+		return bh_record(BH_R_ICMP_ERROR_RELATED, XDP_PASS, len);
+	return bh_record(BH_R_ICMP_ERROR_NO_FLOW, XDP_DROP, len);
+}
+
+/* Apply a verdict: pass, drop, or hand the packet to bulkhead_reject. */
+static __always_inline int bh_apply(struct xdp_md *ctx, const struct bh_pkt *p, __u8 reason, int is_reply,
+				    __u64 len)
+{
+	int code = bh_reason_xdp(reason);
+
+	if (code != XDP_TX)
+		return bh_record(reason, code, len);
+	/* Replies of a flow now rejected are only dropped: the client is not waiting on us. */
+	if (is_reply || p->frag == BH_FRAG_LATER)
+		return bh_record(reason, XDP_DROP, len);
+	tails.call(ctx, BH_TAIL_REJECT);
+	/* Only reached if the tail call failed (slot empty): drop, counted. */
+	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+}
+
+int bulkhead_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+	struct bh_pkt p = {};
+
+	int rc = bh_parse(data, data_end, &p);
+	if (rc == BH_PARSE_NON_IP)
+		return bh_record(BH_R_PASS_NON_IP, XDP_PASS, len);
+	if (rc)
+		return bh_record(rc, XDP_DROP, len);
+	if (p.family == 6 && p.proto == IPPROTO_ICMPV6 && p.frag == BH_FRAG_NONE &&
+	    bh_icmp6_is_control(p.icmp_type))
+		return bh_record(BH_R_PASS_IPV6_CONTROL, XDP_PASS, len);
+
+	__u32 zero = 0;
+	struct bh_ctl *gc = ctl.lookup(&zero);
+	if (!gc)
+		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
+	__u32 slot = gc->active_slot & 1;
+	__u32 ctl_flags = gc->flags;
+	struct bh_slot_cfg *cfg = slot_cfg.lookup(&slot);
+	if (!cfg || !cfg->generation)
+		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
+
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct bh_seg_val *sv = bh_seg_lookup(slot, &ifindex);
+	if (!sv)
+		return bh_record(BH_R_NO_SEGMENT, XDP_DROP, len);
+	__u32 seg = sv->segment_id;
+	__u64 now = bpf_ktime_get_coarse_ns();
+
+	if (p.frag == BH_FRAG_LATER)
+		return bh_follow_fragment(&p, seg, now, len);
+	if (p.icmp_error)
+		return bh_icmp_error(&p, seg, len);
+
+	/* Established path: one hash lookup. */
+	struct bh_flow *f = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, seg, 0);
+	if (f && f->generation == cfg->generation) {
+		f->last_seen_ns = now;
+		f->packets++;
+		f->bytes += len;
+		if (p.frag == BH_FRAG_FIRST)
+			bh_remember_fragment(&p, seg, now, f->reason);
+		return bh_apply(ctx, &p, f->reason, f->flags & BH_FLOWF_REPLY, len);
+	}
+
+	struct bh_flow v = {};
+	int is_reply = 0;
+	if (f && (f->flags & BH_FLOWF_REPLY)) {
+		/*
+		 * A reply entry from an older generation: re-judge the forward
+		 * direction (client segment, client -> server) under the new policy.
+		 */
+		__u16 client_seg = f->peer_segment;
+		bh_classify(slot, cfg, client_seg, p.daddr, p.saddr, p.proto,
+			    bh_has_ports(p.proto) ? p.sport_be : 0, &v);
+		is_reply = 1;
+		if (bh_reason_xdp(v.reason) == XDP_PASS) {
+			v.reason = BH_R_ALLOW_REPLY;
+			v.action = BH_ACT_ALLOW;
+		}
+		v.flags |= BH_FLOWF_REPLY;
+		v.peer_segment = client_seg;
+		v.last_seen_ns = now;
+		v.packets = f->packets + 1;
+		v.bytes = f->bytes + len;
+		bh_flow_put(&p, seg, 0, &v);
+		bh_event(BH_EV_FLOW_RECLASSIFY);
+	} else {
+		bh_classify(slot, cfg, seg, p.saddr, p.daddr, p.proto, p.policy_dport_be, &v);
+		v.last_seen_ns = now;
+		v.packets = 1;
+		v.bytes = len;
+		int pass = bh_reason_xdp(v.reason) == XDP_PASS;
+		if (pass && !v.peer_segment)
+			v.peer_segment = bh_fib_segment(ctx, slot, &p);
+		if (pass && v.peer_segment) {
+			/*
+			 * The reply key lives on the destination's segment. If it is
+			 * already held, fresh, by a flow from another segment, the
+			 * same 5-tuple is live twice (overlapping CIDRs, same ports):
+			 * replies could not tell the two apart, so refuse the newcomer.
+			 */
+			struct bh_flow *r = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, v.peer_segment, 1);
+			if (r && r->peer_segment != seg && r->last_seen_ns + BH_FLOW_IDLE_NS > now)
+				return bh_record(BH_R_FLOW_COLLISION, XDP_DROP, len);
+		}
+		if (!(ctl_flags & BH_CTL_BYPASS_FLOWS)) {
+			bh_flow_put(&p, seg, 0, &v);
+			if (pass && v.peer_segment) {
+				/* Reuse v for the reply entry (stack is tight); keep what follows needs. */
+				__u8 fwd_reason = v.reason;
+				__u16 reply_seg = v.peer_segment;
+				v.flags |= BH_FLOWF_REPLY;
+				v.action = BH_ACT_ALLOW;
+				v.reason = BH_R_ALLOW_REPLY;
+				v.peer_segment = seg;
+				v.packets = 0;
+				v.bytes = 0;
+				bh_flow_put(&p, reply_seg, 1, &v);
+				v.reason = fwd_reason;
+			}
+			bh_event(f ? BH_EV_FLOW_RECLASSIFY : BH_EV_FLOW_NEW);
+		}
+	}
+
+	if (p.frag == BH_FRAG_FIRST)
+		bh_remember_fragment(&p, seg, now, v.reason);
+	return bh_apply(ctx, &p, v.reason, is_reply, len);
+}
+
+/*
+ * Tail call target for BH_R_REJECT_RULE: re-parse (the caller's stack is
+ * gone) and turn the packet into a TCP RST or ICMP unreachable.
+ */
+int bulkhead_reject(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+	struct bh_pkt p = {};
+
+	if (bh_parse(data, data_end, &p) != BH_PARSE_OK)
+		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+	if (p.proto == IPPROTO_TCP) {
+		if (bh_build_tcp_rst(ctx, &p) == 0) {
+			bh_event(BH_EV_REJECT_TCP_RST);
+			return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
+		}
+	} else if (bh_build_icmp_unreach(ctx, &p) == 0) {
+		bh_event(BH_EV_REJECT_ICMP);
+		return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
+	}
+	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+}
+
+/* Reference program for benchmarks: the cost of XDP itself. */
+int bulkhead_empty(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}

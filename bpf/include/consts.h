@@ -1,0 +1,53 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * consts.h - sizes and bounds. Map sizes can be overridden at load time
+ * with -D flags built in one place: agent/datapath/loader.py (cflags()).
+ */
+#ifndef BH_CONSTS_H
+#define BH_CONSTS_H
+
+#ifndef BH_MAX_INTERFACES
+#define BH_MAX_INTERFACES 1024 /* interfaces per policy slot */
+#endif
+#ifndef BH_MAX_IDENT
+#define BH_MAX_IDENT 262144 /* identity prefixes per slot (src and dst each) */
+#endif
+#ifndef BH_MAX_POLICY
+#define BH_MAX_POLICY 524288 /* policy prefixes per slot (port ranges expand) */
+#endif
+#ifndef BH_MAX_FLOWS
+#define BH_MAX_FLOWS 262144 /* LRU flow entries per family (two per flow) */
+#endif
+#ifndef BH_MAX_FRAGS
+#define BH_MAX_FRAGS 16384 /* LRU in-flight fragmented datagrams */
+#endif
+
+#define BH_REASON_MAX 64 /* size of the stats array; enum bh_reason < this */
+#define BH_EVENT_MAX 32  /* size of the events array; enum bh_event < this */
+#define BH_NUM_SLOTS 2   /* policy double buffer */
+#define BH_TAIL_MAX 4    /* size of the tails program array */
+
+/* Parser bounds. Hitting one drops the packet under its own reason. */
+#define BH_VLAN_MAX_DEPTH 2 /* 802.1Q + 802.1ad (QinQ) */
+#define BH_IPV6_EXT_MAX 6   /* extension headers walked before giving up */
+
+/*
+ * Flow entries idle this long are treated as absent for collision checks
+ * (a reply key of a dead flow must not block a new flow forever).
+ */
+#define BH_FLOW_IDLE_NS 300000000000ULL /* 300 s in nanoseconds */
+#define BH_FRAG_IDLE_NS 30000000000ULL  /* 30 s in nanoseconds (RFC 8200 reassembly time: 60 s) */
+
+/*
+ * Prefix lengths in the identity tries. IPv4 addresses are stored
+ * IPv4-mapped (::ffff:a.b.c.d), so one trie serves both families.
+ */
+#define BH_SEG_BITS 32
+#define BH_V4MAPPED_BITS 96
+
+/* Prefix lengths of the policy trie: src(32) dst(32) proto(8) pad(8) port(16). */
+#define BH_POLICY_PLEN_ANY_PROTO 64
+#define BH_POLICY_PLEN_ANY_PORT 72
+#define BH_POLICY_PLEN_PORT_BASE 80 /* + number of port bits fixed */
+
+#endif /* BH_CONSTS_H */

@@ -1,0 +1,76 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * enums.h - verdict actions, reasons and datapath events.
+ *
+ * Every enum here is APPEND-ONLY and mirrored by agent/datapath/abi.py;
+ * tests/unit/test_abi.py parses this file and fails if the two drift.
+ * A retired value stays reserved: never reuse a number, because counters
+ * and flow-log consumers key on it.
+ */
+#ifndef BH_ENUMS_H
+#define BH_ENUMS_H
+
+/* What a policy entry (and a cached flow) says to do with a flow. */
+enum bh_action {
+	BH_ACT_NONE   = 0, /* no entry: settings.default_action decides */
+	BH_ACT_ALLOW  = 1,
+	BH_ACT_DENY   = 2,
+	BH_ACT_REJECT = 3, /* deny + TCP RST / ICMP unreachable to the sender */
+	BH_ACT_L7     = 4, /* HTTP rules: only the userspace verifier can decide */
+	BH_ACT_SNI    = 5, /* destination named by TLS server name: decide on ClientHello */
+};
+
+/* Flags on a policy entry / flow entry (bitmask, u8). */
+#define BH_ACTF_AUDIT 0x01 /* deny/reject in shadow mode: pass, count as would-deny */
+#define BH_FLOWF_REPLY 0x02 /* flow entry keyed by the reply direction of a flow */
+
+/*
+ * Why a packet got its verdict. Index into the per-CPU `stats` array, so
+ * every value must stay below BH_REASON_MAX (consts.h).
+ */
+enum bh_reason {
+	BH_R_UNSPEC             = 0,
+	BH_R_PASS_NON_IP        = 1,  /* ARP, LLDP, ...: not ours to judge */
+	BH_R_PASS_IPV6_CONTROL  = 2,  /* ICMPv6 ND / MLD: link-local control plane */
+	BH_R_ALLOW_RULE         = 3,
+	BH_R_ALLOW_DEFAULT      = 4,  /* settings.default_action: allow */
+	BH_R_ALLOW_REPLY        = 5,  /* reply direction of an allowed flow */
+	BH_R_DENY_RULE          = 6,
+	BH_R_DENY_DEFAULT       = 7,
+	BH_R_REJECT_RULE        = 8,
+	BH_R_AUDIT_RULE         = 9,  /* a rule would deny/reject; audit mode passes it */
+	BH_R_AUDIT_DEFAULT      = 10, /* the default would deny; audit mode passes it */
+	BH_R_NO_POLICY          = 11, /* no policy loaded yet: fail closed */
+	BH_R_NO_SEGMENT         = 12, /* ingress interface belongs to no segment */
+	BH_R_MALFORMED_L2       = 13, /* truncated Ethernet / VLAN header */
+	BH_R_VLAN_TOO_DEEP      = 14, /* more than BH_VLAN_MAX_DEPTH tags */
+	BH_R_MALFORMED_IPV4     = 15, /* bad version/ihl/total length, truncated */
+	BH_R_MALFORMED_IPV6     = 16, /* truncated header or extension header */
+	BH_R_IPV6_EXT_CHAIN     = 17, /* more than BH_IPV6_EXT_MAX extension headers */
+	BH_R_MALFORMED_L4       = 18, /* truncated TCP/UDP/ICMP header, bad doff */
+	BH_R_FRAG_NO_FLOW       = 19, /* non-first fragment whose first fragment we never judged */
+	BH_R_PUNT_NO_HANDLER    = 20, /* verdict needs SNI/L7 and no handler is available */
+	BH_R_FLOW_COLLISION     = 21, /* same 5-tuple already live from another segment */
+	BH_R_ICMP_ERROR_RELATED = 22, /* ICMP error about a flow we allowed */
+	BH_R_ICMP_ERROR_NO_FLOW = 23, /* ICMP error about no flow we allowed */
+	BH_R_REJECT_FAILED      = 24, /* reject wanted, reply could not be built: dropped */
+};
+
+/* Datapath events (not verdicts): index into the per-CPU `events` array. */
+enum bh_event {
+	BH_EV_FLOW_NEW           = 0, /* a flow was classified and cached */
+	BH_EV_FLOW_RECLASSIFY    = 1, /* cached flow re-judged under a new generation */
+	BH_EV_FLOW_INSERT_FAILED = 2, /* flow table update failed: verdict applied, not cached */
+	BH_EV_FRAG_INSERT_FAILED = 3, /* fragment table update failed */
+	BH_EV_REJECT_TCP_RST     = 4, /* RST sent back */
+	BH_EV_REJECT_ICMP        = 5, /* ICMP/ICMPv6 unreachable sent back */
+	BH_EV_FRAG_FIRST         = 6, /* first fragment recorded */
+	BH_EV_FRAG_FOLLOW        = 7, /* non-first fragment followed its flow's verdict */
+};
+
+/* Slots of the `tails` program array (tail calls keep cold paths off the main stack). */
+enum bh_tail {
+	BH_TAIL_REJECT = 0, /* bulkhead_reject: build and bounce the reject answer */
+};
+
+#endif /* BH_ENUMS_H */

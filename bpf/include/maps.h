@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * maps.h - every map, in one place. All are pinned under BH_PIN_DIR (set by
+ * the loader), so a restarted agent reuses them and enforcement never
+ * pauses. Names are at most 15 characters (the kernel's object name limit).
+ *
+ * Policy maps come in two slots (suffix _0/_1). The agent fills the
+ * inactive slot, then flips ctl.active_slot in one array update: a packet
+ * reads the slot once, so it is judged entirely by one policy.
+ */
+#ifndef BH_MAPS_H
+#define BH_MAPS_H
+
+#include "consts.h"
+#include "types.h"
+
+#ifndef BH_PIN_DIR
+#error "BH_PIN_DIR must be defined by the loader"
+#endif
+
+/* ctl[0]: active slot + global flags. Written by the agent only. */
+BPF_TABLE_PINNED("array", __u32, struct bh_ctl, ctl, 1, BH_PIN_DIR "/ctl");
+
+/* slot_cfg[slot]: generation, default action, audit mode of each slot. */
+BPF_TABLE_PINNED("array", __u32, struct bh_slot_cfg, slot_cfg, BH_NUM_SLOTS, BH_PIN_DIR "/slot_cfg");
+
+/* seg_map_N: ifindex -> segment, for the interfaces the slot's policy names. */
+#define BH_SLOT_MAPS(n)                                                                            \
+	BPF_TABLE_PINNED("hash", __u32, struct bh_seg_val, seg_map_##n, BH_MAX_INTERFACES,         \
+			 BH_PIN_DIR "/seg_map_" #n);                                               \
+	/* src_ident_N: (segment, src prefix) -> app. LPM tries must not preallocate. */           \
+	BPF_TABLE_PINNED("lpm_trie", struct bh_src_key, struct bh_ident, src_ident_##n,            \
+			 BH_MAX_IDENT, BH_PIN_DIR "/src_ident_" #n, BPF_F_NO_PREALLOC);            \
+	/* dst_ident_N: dst prefix -> app (destination apps have distinct addresses). */           \
+	BPF_TABLE_PINNED("lpm_trie", struct bh_dst_key, struct bh_ident, dst_ident_##n,            \
+			 BH_MAX_IDENT, BH_PIN_DIR "/dst_ident_" #n, BPF_F_NO_PREALLOC);            \
+	/* policy_N: (src app, dst app, proto, port prefix) -> action, precedence resolved. */     \
+	BPF_TABLE_PINNED("lpm_trie", struct bh_policy_key, struct bh_policy_val, policy_##n,       \
+			 BH_MAX_POLICY, BH_PIN_DIR "/policy_" #n, BPF_F_NO_PREALLOC)
+
+BH_SLOT_MAPS(0);
+BH_SLOT_MAPS(1);
+
+/*
+ * flows4/flows6: verdict cache, two entries per flow (forward key on the
+ * client's segment, reply key on the server's). LRU: under pressure the
+ * least recently used flow is re-judged on its next packet, never allowed blind.
+ */
+BPF_TABLE_PINNED("lru_hash", struct bh_flow4_key, struct bh_flow, flows4, BH_MAX_FLOWS, BH_PIN_DIR "/flows4");
+BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_flow, flows6, BH_MAX_FLOWS, BH_PIN_DIR "/flows6");
+
+/* frags: verdict of each fragmented datagram, written by its first fragment. */
+BPF_TABLE_PINNED("lru_hash", struct bh_frag_key, struct bh_frag, frags, BH_MAX_FRAGS, BH_PIN_DIR "/frags");
+
+/* stats: per-CPU packets/bytes per enum bh_reason. Summed by the agent at read time. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct bh_counter, stats, BH_REASON_MAX, BH_PIN_DIR "/stats");
+
+/* events: per-CPU counts per enum bh_event. */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, events, BH_EVENT_MAX, BH_PIN_DIR "/events");
+
+/*
+ * tails: enum bh_tail -> program. Pinned: a program array is emptied when
+ * its last user reference goes, and the agent may exit while XDP stays.
+ */
+BPF_TABLE_PINNED("prog", __u32, __u32, tails, BH_TAIL_MAX, BH_PIN_DIR "/tails");
+
+#endif /* BH_MAPS_H */

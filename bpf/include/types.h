@@ -1,0 +1,154 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * types.h - every struct shared with userspace.
+ *
+ * Fixed-width types, explicit padding, byte order in the field name
+ * (`_be` = network order). Mirrored field by field in
+ * agent/datapath/abi.py; tests/unit/test_abi.py checks names, sizes and
+ * offsets against this file. Changing a layout changes the map's value
+ * size, and the loader refuses to reuse pinned maps of another size.
+ */
+#ifndef BH_TYPES_H
+#define BH_TYPES_H
+
+/* ctl[0]: global control word, written only by the agent. */
+struct bh_ctl {
+	__u32 active_slot; /* 0 or 1: the policy slot packets are judged by */
+	__u32 flags;       /* BH_CTL_* */
+};
+#define BH_CTL_BYPASS_FLOWS 0x1 /* benchmarks: ignore the flow cache (every packet is new) */
+#define BH_CTL_L7_READY 0x2     /* a verifier listens: BH_ACT_L7 flows may be steered */
+
+/* slot_cfg[slot]: settings that swap together with the slot's maps. */
+struct bh_slot_cfg {
+	__u32 generation;     /* 0 = slot never filled: judge nothing by it */
+	__u8 default_action;  /* BH_ACT_ALLOW or BH_ACT_DENY */
+	__u8 flags;           /* BH_SLOTF_* */
+	__u8 unknown_sni;     /* BH_ACT_ALLOW or BH_ACT_DENY */
+	__u8 pad;
+};
+#define BH_SLOTF_AUDIT 0x1 /* settings.mode: audit */
+
+/* seg_map_N: ingress ifindex -> segment. */
+struct bh_seg_val {
+	__u32 segment_id; /* 1..65535 */
+	__u32 flags;
+};
+
+/* src_ident_N (LPM): (segment, source address) -> app. */
+struct bh_src_key {
+	__u32 prefixlen; /* BH_SEG_BITS + address bits (v4: + BH_V4MAPPED_BITS) */
+	__u32 segment_id;
+	__u8 addr[16];   /* IPv6, or IPv4-mapped IPv6 */
+};
+
+/* dst_ident_N (LPM): destination address -> app (no segment: destinations are distinct). */
+struct bh_dst_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Value of both identity tries. */
+struct bh_ident {
+	__u32 app_id;     /* 1..; 0 is never stored */
+	__u32 segment_id; /* the app's segment: where its packets arrive */
+};
+
+/*
+ * policy_N (LPM): (src app, dst app, proto, dport) -> action. Wildcards are
+ * shorter prefixes; the compiler resolves precedence (deny beats allow)
+ * before emitting, so the longest match is always the right answer.
+ */
+struct bh_policy_key {
+	__u32 prefixlen;
+	__u32 src_app;
+	__u32 dst_app;
+	__u8 proto;
+	__u8 pad;
+	__u16 dport_be; /* 0 for protocols without ports */
+};
+
+struct bh_policy_val {
+	__u8 action; /* enum bh_action */
+	__u8 flags;  /* BH_ACTF_AUDIT */
+	__u16 pad;
+	__u32 rule_id; /* 1..; names live in the agent's bundle */
+};
+
+/* flows4 (LRU): one entry per direction of an IPv4 flow. */
+struct bh_flow4_key {
+	__u32 saddr_be;
+	__u32 daddr_be;
+	__u16 sport_be; /* ICMP echo: identifier */
+	__u16 dport_be; /* ICMP echo: identifier */
+	__u8 proto;
+	__u8 pad;
+	__u16 segment_id; /* segment the keyed direction arrives on */
+};
+
+/* flows6 (LRU): as flows4 for IPv6. */
+struct bh_flow6_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport_be;
+	__u16 dport_be;
+	__u8 proto;
+	__u8 pad;
+	__u16 segment_id;
+};
+
+/* Value of both flow tables. */
+struct bh_flow {
+	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns() */
+	__u64 packets;      /* approximate: unsynchronized across CPUs */
+	__u64 bytes;
+	__u32 generation;   /* policy generation this verdict was computed under */
+	__u32 rule_id;      /* 0: no rule, the default decided */
+	__u32 src_app;      /* of the forward direction */
+	__u32 dst_app;
+	__u16 peer_segment; /* forward: where replies arrive; reply: the client's segment */
+	__u8 action;        /* enum bh_action, as enforced */
+	__u8 flags;         /* BH_ACTF_AUDIT | BH_FLOWF_REPLY */
+	__u8 reason;        /* enum bh_reason recorded for this flow's packets */
+	__u8 pad[3];
+};
+
+/* frags (LRU): the verdict of a fragmented datagram, from its first fragment. */
+struct bh_frag_key {
+	__u8 saddr[16]; /* IPv4-mapped for IPv4 */
+	__u8 daddr[16];
+	__u32 id;       /* IPv4: 16-bit id; IPv6: fragment header id */
+	__u8 proto;
+	__u8 pad;
+	__u16 segment_id;
+};
+
+struct bh_frag {
+	__u64 last_seen_ns;
+	__u8 xdp_action; /* XDP_PASS or XDP_DROP */
+	__u8 reason;     /* counted again for every following fragment */
+	__u8 pad[6];
+};
+
+/* stats (per-CPU array, BH_REASON_MAX): indexed by enum bh_reason. */
+struct bh_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#ifdef __BPF__
+/* Catch layout drift at compile time; the Python mirror checks the same. */
+_Static_assert(sizeof(struct bh_ctl) == 8, "bh_ctl");
+_Static_assert(sizeof(struct bh_slot_cfg) == 8, "bh_slot_cfg");
+_Static_assert(sizeof(struct bh_src_key) == 24, "bh_src_key");
+_Static_assert(sizeof(struct bh_dst_key) == 20, "bh_dst_key");
+_Static_assert(sizeof(struct bh_policy_key) == 16, "bh_policy_key");
+_Static_assert(sizeof(struct bh_policy_val) == 8, "bh_policy_val");
+_Static_assert(sizeof(struct bh_flow4_key) == 16, "bh_flow4_key");
+_Static_assert(sizeof(struct bh_flow6_key) == 40, "bh_flow6_key");
+_Static_assert(sizeof(struct bh_flow) == 48, "bh_flow");
+_Static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key");
+_Static_assert(sizeof(struct bh_frag) == 16, "bh_frag");
+#endif
+
+#endif /* BH_TYPES_H */
