@@ -1,0 +1,190 @@
+"""Thin ctypes layer over libbpf.so.1 for what bcc 0.26 lacks.
+
+bcc has no Python wrapper for BPF_PROG_TEST_RUN, batch map updates, or
+object info; libbpf's C API (the one every distribution ships) does.
+Functions return negative errno (libbpf 1.x convention); we raise OSError.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import ctypes.util
+import dataclasses
+import errno
+import os
+
+_lib = None
+
+
+def lib() -> C.CDLL:
+    global _lib
+    if _lib is None:
+        for name in ("libbpf.so.1", ctypes.util.find_library("bpf") or "libbpf.so.0"):
+            try:
+                _lib = C.CDLL(name, use_errno=True)
+                break
+            except OSError:
+                continue
+        else:
+            raise OSError("libbpf not found: install the libbpf1 package (scripts/setup.sh does)")
+        _lib.bpf_obj_get.argtypes = [C.c_char_p]
+        _lib.bpf_obj_pin.argtypes = [C.c_int, C.c_char_p]
+        _lib.bpf_obj_get_info_by_fd.argtypes = [C.c_int, C.c_void_p, C.POINTER(C.c_uint32)]
+        _lib.bpf_prog_test_run_opts.argtypes = [C.c_int, C.c_void_p]
+        _lib.bpf_map_update_elem.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.c_uint64]
+        _lib.bpf_map_lookup_elem.argtypes = [C.c_int, C.c_void_p, C.c_void_p]
+        _lib.bpf_map_delete_elem.argtypes = [C.c_int, C.c_void_p]
+        _lib.bpf_map_get_next_key.argtypes = [C.c_int, C.c_void_p, C.c_void_p]
+        _lib.bpf_prog_get_fd_by_id.argtypes = [C.c_uint32]
+        _lib.bpf_map_get_fd_by_id.argtypes = [C.c_uint32]
+    return _lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = -rc if rc != -1 else (C.get_errno() or errno.EINVAL)
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+def obj_get(path: str) -> int:
+    return _check(lib().bpf_obj_get(path.encode()), f"bpf_obj_get {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(lib().bpf_obj_pin(fd, path.encode()), f"bpf_obj_pin {path}")
+
+
+class MapInfo(C.Structure):
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("key_size", C.c_uint32),
+        ("value_size", C.c_uint32),
+        ("max_entries", C.c_uint32),
+        ("map_flags", C.c_uint32),
+        ("name", C.c_char * 16),
+        ("_rest", C.c_uint8 * 64),
+    ]
+
+
+class ProgInfo(C.Structure):
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("tag", C.c_uint8 * 8),
+        ("jited_prog_len", C.c_uint32),
+        ("xlated_prog_len", C.c_uint32),
+        ("jited_prog_insns", C.c_uint64),
+        ("xlated_prog_insns", C.c_uint64),
+        ("load_time", C.c_uint64),
+        ("created_by_uid", C.c_uint32),
+        ("nr_map_ids", C.c_uint32),
+        ("map_ids", C.c_uint64),
+        ("name", C.c_char * 16),
+        ("_rest", C.c_uint8 * 160),
+    ]
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    n = C.c_uint32(C.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(n)), "map info")
+    return info
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    n = C.c_uint32(C.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(n)), "prog info")
+    return info
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"prog id {prog_id}")
+
+
+def map_update(fd: int, key: C.Structure, value, flags: int = 0) -> None:
+    _check(lib().bpf_map_update_elem(fd, C.byref(key), C.byref(value), flags), "map update")
+
+
+def map_delete(fd: int, key) -> bool:
+    rc = lib().bpf_map_delete_elem(fd, C.byref(key))
+    if rc < 0 and -rc != errno.ENOENT and C.get_errno() != errno.ENOENT:
+        _check(rc, "map delete")
+    return rc == 0
+
+
+def map_keys(fd: int, key_type) -> list:
+    """All keys of a map (snapshot; entries may change meanwhile)."""
+    keys = []
+    prev, cur = None, key_type()
+    while True:
+        rc = lib().bpf_map_get_next_key(fd, C.byref(prev) if prev is not None else None, C.byref(cur))
+        if rc < 0:
+            break
+        keys.append(cur)
+        prev, cur = cur, key_type()
+    return keys
+
+
+class TestRunOpts(C.Structure):
+    _fields_ = [
+        ("sz", C.c_size_t),
+        ("data_in", C.c_void_p),
+        ("data_out", C.c_void_p),
+        ("data_size_in", C.c_uint32),
+        ("data_size_out", C.c_uint32),
+        ("ctx_in", C.c_void_p),
+        ("ctx_out", C.c_void_p),
+        ("ctx_size_in", C.c_uint32),
+        ("ctx_size_out", C.c_uint32),
+        ("retval", C.c_uint32),
+        ("repeat", C.c_int),
+        ("duration", C.c_uint32),
+        ("flags", C.c_uint32),
+        ("cpu", C.c_uint32),
+        ("batch_size", C.c_uint32),
+    ]
+
+
+class XdpMd(C.Structure):
+    _fields_ = [
+        ("data", C.c_uint32),
+        ("data_end", C.c_uint32),
+        ("data_meta", C.c_uint32),
+        ("ingress_ifindex", C.c_uint32),
+        ("rx_queue_index", C.c_uint32),
+        ("egress_ifindex", C.c_uint32),
+    ]
+
+
+@dataclasses.dataclass
+class TestRunResult:
+    retval: int
+    duration_ns: int
+    data_out: bytes
+
+
+def prog_test_run_xdp(prog_fd: int, frame: bytes, ingress_ifindex: int = 0, repeat: int = 1) -> TestRunResult:
+    """Run an XDP program on one frame (BPF_PROG_TEST_RUN).
+
+    ingress_ifindex must name a device in the caller's network namespace;
+    the kernel resolves it for the program's ctx->ingress_ifindex.
+    """
+    buf_in = C.create_string_buffer(frame, len(frame))
+    out_len = len(frame) + 256  # a reject answer can grow the frame
+    buf_out = C.create_string_buffer(out_len)
+    opts = TestRunOpts()
+    opts.sz = C.sizeof(opts)
+    opts.data_in = C.cast(buf_in, C.c_void_p)
+    opts.data_size_in = len(frame)
+    opts.data_out = C.cast(buf_out, C.c_void_p)
+    opts.data_size_out = out_len
+    opts.repeat = repeat
+    ctx = None
+    if ingress_ifindex:
+        ctx = XdpMd(data=0, data_end=len(frame), ingress_ifindex=ingress_ifindex)
+        opts.ctx_in = C.cast(C.pointer(ctx), C.c_void_p)
+        opts.ctx_size_in = C.sizeof(ctx)
+    _check(lib().bpf_prog_test_run_opts(prog_fd, C.byref(opts)), "BPF_PROG_TEST_RUN")
+    return TestRunResult(opts.retval, opts.duration, buf_out.raw[: opts.data_size_out])

@@ -1,0 +1,326 @@
+"""Load, pin, attach and program the XDP data path.
+
+Pins live in /sys/fs/bpf/bulkhead/<instance>/ (maps/ and the programs). A
+first load pins into a temporary directory and renames it into place, so a
+crash never leaves a half-made pin tree. A restarted agent compiles against
+the existing pins (bcc reuses a pinned map named in the C source), after
+checking that every pinned map has the type and sizes this build expects.
+XDP stays attached while the agent is gone: enforcement never pauses.
+
+Policy apply is double-buffered: fill the inactive slot, write its config
+(generation), then flip ctl.active_slot with one array update.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import hashlib
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from . import abi, libbpf
+
+log = logging.getLogger("bulkhead.datapath")
+
+REPO = Path(__file__).resolve().parents[2]
+BPF_DIR = REPO / "bpf"
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "bulkhead"
+DEFAULT_STATE_DIR = "/run/bulkhead"
+XDP_PROG = "bulkhead_xdp"
+REJECT_PROG = "bulkhead_reject"
+EMPTY_PROG = "bulkhead_empty"
+
+# linux/bpf.h map types
+MAP_HASH, MAP_ARRAY, MAP_PROG_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 2, 3, 6, 9, 11
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
+# Seconds to wait after a flip before the old slot may be rewritten: XDP runs
+# under RCU and a packet takes microseconds, so this is generous.
+SLOT_QUIESCE_S = 0.05
+
+
+class DatapathError(RuntimeError):
+    pass
+
+
+def instance_name(state_dir: str | os.PathLike) -> str:
+    """Pins are per state dir, so two agents (e.g. tests) never share maps."""
+    real = os.path.realpath(state_dir)
+    if real == os.path.realpath(DEFAULT_STATE_DIR):
+        return "default"
+    return "sd-" + hashlib.sha1(real.encode()).hexdigest()[:12]
+
+
+def pin_dir_for(state_dir: str | os.PathLike) -> Path:
+    return PIN_ROOT / instance_name(state_dir)
+
+
+def ensure_bpffs() -> None:
+    if subprocess.run(["mountpoint", "-q", str(BPFFS)]).returncode != 0:
+        BPFFS.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+    PIN_ROOT.mkdir(exist_ok=True)
+
+
+def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
+    """name -> (type, key_size, value_size, max_entries), as maps.h declares them."""
+    s = C.sizeof
+    specs = {
+        "ctl": (MAP_ARRAY, 4, s(abi.Ctl), 1),
+        "slot_cfg": (MAP_ARRAY, 4, s(abi.SlotCfg), abi.NUM_SLOTS),
+        "flows4": (MAP_LRU_HASH, s(abi.Flow4Key), s(abi.Flow), sizes["BH_MAX_FLOWS"]),
+        "flows6": (MAP_LRU_HASH, s(abi.Flow6Key), s(abi.Flow), sizes["BH_MAX_FLOWS"]),
+        "frags": (MAP_LRU_HASH, s(abi.FragKey), s(abi.Frag), sizes["BH_MAX_FRAGS"]),
+        "stats": (MAP_PERCPU_ARRAY, 4, s(abi.Counter), abi.REASON_MAX),
+        "events": (MAP_PERCPU_ARRAY, 4, 8, abi.EVENT_MAX),
+        "tails": (MAP_PROG_ARRAY, 4, 4, 4),
+    }
+    for n in range(abi.NUM_SLOTS):
+        specs[f"seg_map_{n}"] = (MAP_HASH, 4, s(abi.SegVal), sizes["BH_MAX_INTERFACES"])
+        specs[f"src_ident_{n}"] = (MAP_LPM_TRIE, s(abi.SrcKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
+        specs[f"dst_ident_{n}"] = (MAP_LPM_TRIE, s(abi.DstKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
+        specs[f"policy_{n}"] = (MAP_LPM_TRIE, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
+    return specs
+
+
+def check_pinned_maps(maps_dir: Path, sizes: dict[str, int]) -> list[str]:
+    """Problems that forbid reusing the pinned maps (bcc would not notice)."""
+    problems = []
+    for name, want in map_specs(sizes).items():
+        path = maps_dir / name
+        if not path.exists():
+            problems.append(f"{name}: missing")
+            continue
+        fd = libbpf.obj_get(str(path))
+        try:
+            info = libbpf.map_info(fd)
+        finally:
+            os.close(fd)
+        have = (info.type, info.key_size, info.value_size, info.max_entries)
+        if have != want:
+            problems.append(f"{name}: pinned (type, key, value, entries) {have} != expected {want}")
+    return problems
+
+
+def cflags(pin_maps_dir: Path, sizes: dict[str, int]) -> list[str]:
+    """The one place compile-time knobs become -D flags."""
+    flags = [f"-I{BPF_DIR / 'include'}", f'-DBH_PIN_DIR="{pin_maps_dir}"', "-Wno-unused-function"]
+    flags += [f"-D{k}={v}" for k, v in sorted(sizes.items())]
+    return flags
+
+
+def v4mapped(addr: ipaddress._BaseAddress) -> bytes:
+    if addr.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + addr.packed
+    return addr.packed
+
+
+class Datapath:
+    """The loaded programs and their maps, for one pin instance."""
+
+    def __init__(self, pin_dir: Path, sizes: dict[str, int] | None = None):
+        self.pin_dir = Path(pin_dir)
+        self.sizes = dict(abi.DEFAULT_SIZES, **(sizes or {}))
+        self.bpf = None
+        self.fns: dict[str, object] = {}
+        self.map_fds: dict[str, int] = {}
+        self.last_flip = 0.0
+
+    # ---------------------------------------------------------------- load
+    def load(self) -> "Datapath":
+        """Compile, load and pin (or reuse pins). Does not attach."""
+        from bcc import BPF  # imported late: unit tests run without bcc
+
+        ensure_bpffs()
+        maps_dir = self.pin_dir / "maps"
+        fresh = not maps_dir.exists()
+        if not fresh:
+            problems = check_pinned_maps(maps_dir, self.sizes)
+            if problems:
+                raise DatapathError(
+                    f"pinned maps under {maps_dir} do not match this build ("
+                    + "; ".join(problems)
+                    + "): run `bulkhead down` to remove them, then start again"
+                )
+            build_dir = self.pin_dir
+        else:
+            build_dir = self.pin_dir.parent / f"tmp-{self.pin_dir.name}-{os.getpid()}"  # bpffs forbids dots
+            shutil.rmtree(build_dir, ignore_errors=True)
+            (build_dir / "maps").mkdir(parents=True)
+        try:
+            t0 = time.monotonic()
+            self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c"), cflags=cflags(build_dir / "maps", self.sizes))
+            for name in (XDP_PROG, REJECT_PROG, EMPTY_PROG):
+                self.fns[name] = self.bpf.load_func(name, BPF.XDP)
+            log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)
+            tails = self.bpf.get_table("tails")
+            tails[C.c_int(0)] = C.c_int(self.fns[REJECT_PROG].fd)
+            # Pin programs: to a temp name, then rename over the old pin (atomic).
+            for name in (XDP_PROG, REJECT_PROG):
+                tmp = build_dir / f"new-{name}"
+                if tmp.exists():
+                    tmp.unlink()
+                libbpf.obj_pin(self.fns[name].fd, str(tmp))
+                os.rename(tmp, build_dir / name)
+            if fresh:
+                if self.pin_dir.exists():
+                    shutil.rmtree(self.pin_dir)
+                os.rename(build_dir, self.pin_dir)
+        except Exception:
+            if fresh:
+                shutil.rmtree(build_dir, ignore_errors=True)
+            raise
+        for name in map_specs(self.sizes):
+            self.map_fds[name] = self.bpf.get_table(name).map_fd
+        return self
+
+    def prog_fd(self, name: str = XDP_PROG) -> int:
+        return self.fns[name].fd
+
+    # -------------------------------------------------------------- attach
+    def attach(self, ifname: str, mode: str = "auto") -> str:
+        """Attach (or atomically replace) XDP on an interface. Returns the mode used."""
+        from bcc import BPF
+
+        fn = self.fns[XDP_PROG]
+        if mode in ("auto", "native"):
+            try:
+                BPF.attach_xdp(ifname, fn, XDP_FLAGS_DRV_MODE)
+                return "native"
+            except Exception as e:  # driver without XDP support
+                if mode == "native":
+                    raise DatapathError(f"{ifname}: native XDP failed: {e}") from e
+                log.warning("%s: native XDP unavailable (%s), using generic XDP", ifname, e)
+        BPF.attach_xdp(ifname, fn, XDP_FLAGS_SKB_MODE)
+        return "generic"
+
+    @staticmethod
+    def detach(ifname: str) -> None:
+        from bcc import BPF
+
+        for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+            try:
+                BPF.remove_xdp(ifname, flags)
+            except Exception:
+                pass
+
+    # -------------------------------------------------------------- policy
+    def _upd(self, name: str, key, value) -> None:
+        libbpf.map_update(self.map_fds[name], key, value)
+
+    def _clear(self, name: str, key_type) -> None:
+        fd = self.map_fds[name]
+        for k in libbpf.map_keys(fd, key_type):
+            libbpf.map_delete(fd, k)
+
+    def ctl(self) -> abi.Ctl:
+        v = abi.Ctl()
+        libbpf.lib().bpf_map_lookup_elem(self.map_fds["ctl"], C.byref(C.c_uint32(0)), C.byref(v))
+        return v
+
+    def slot_cfg(self, slot: int) -> abi.SlotCfg:
+        v = abi.SlotCfg()
+        libbpf.lib().bpf_map_lookup_elem(self.map_fds["slot_cfg"], C.byref(C.c_uint32(slot)), C.byref(v))
+        return v
+
+    def active_generation(self) -> int:
+        return self.slot_cfg(self.ctl().active_slot & 1).generation
+
+    def set_ctl_flags(self, set_bits: int = 0, clear_bits: int = 0) -> None:
+        c = self.ctl()
+        c.flags = (c.flags | set_bits) & ~clear_bits
+        self._upd("ctl", C.c_uint32(0), c)
+
+    def apply(self, bundle, ifindexes: dict[str, int], generation: int) -> dict:
+        """Program the inactive slot with `bundle` and flip to it.
+
+        Raises (leaving the active slot untouched) if anything fails: the
+        inactive slot is marked empty (generation 0) before it is written, so
+        a half-written slot can never become active.
+        """
+        t0 = time.monotonic()
+        active = self.ctl().active_slot & 1
+        slot = 1 - active
+        wait = SLOT_QUIESCE_S - (time.monotonic() - self.last_flip)
+        if wait > 0:
+            time.sleep(wait)
+        self._upd("slot_cfg", C.c_uint32(slot), abi.SlotCfg(generation=0))
+        self._clear(f"seg_map_{slot}", C.c_uint32)
+        self._clear(f"src_ident_{slot}", abi.SrcKey)
+        self._clear(f"dst_ident_{slot}", abi.DstKey)
+        self._clear(f"policy_{slot}", abi.PolicyKey)
+
+        for seg in bundle.segments:
+            for ifname in seg["interfaces"]:
+                self._upd(f"seg_map_{slot}", C.c_uint32(ifindexes[ifname]), abi.SegVal(segment_id=seg["id"]))
+        src = f"src_ident_{slot}"
+        for seg_id, addr, plen, app_id in bundle.src_entries:
+            k = abi.SrcKey(prefixlen=abi.SEG_BITS + plen, segment_id=seg_id)
+            C.memmove(k.addr, addr, 16)
+            self._upd(src, k, abi.Ident(app_id=app_id, segment_id=seg_id))
+        dst = f"dst_ident_{slot}"
+        for addr, plen, app_id, seg_id in bundle.dst_entries:
+            k = abi.DstKey(prefixlen=plen)
+            C.memmove(k.addr, addr, 16)
+            self._upd(dst, k, abi.Ident(app_id=app_id, segment_id=seg_id))
+        pol = f"policy_{slot}"
+        for plen, s_app, d_app, proto, dport, action, flags, rule_id in bundle.policy_entries:
+            k = abi.PolicyKey(prefixlen=plen, src_app=s_app, dst_app=d_app, proto=proto,
+                              dport_be=socket.htons(dport))
+            self._upd(pol, k, abi.PolicyVal(action=action, flags=flags, rule_id=rule_id))
+
+        st = bundle.settings
+        cfg = abi.SlotCfg(
+            generation=generation,
+            default_action=abi.Action.ALLOW if st.get("default_action") == "allow" else abi.Action.DENY,
+            flags=abi.SLOTF_AUDIT if st.get("mode") == "audit" else 0,
+            unknown_sni=abi.Action.ALLOW if st.get("unknown_sni") == "allow" else abi.Action.DENY,
+        )
+        self._upd("slot_cfg", C.c_uint32(slot), cfg)
+        # The flip: one array update. Packets read the slot once each.
+        c = self.ctl()
+        c.active_slot = slot
+        self._upd("ctl", C.c_uint32(0), c)
+        self.last_flip = time.monotonic()
+        return {"slot": slot, "generation": generation, "seconds": time.monotonic() - t0}
+
+    # ------------------------------------------------------------ counters
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per-reason packets/bytes, summed over CPUs at read time."""
+        out = {}
+        table = self.bpf.get_table("stats")
+        for r in abi.Reason:
+            vals = table.getvalue(table.Key(int(r)))
+            out[r.name.lower()] = {
+                "packets": sum(v.packets for v in vals),
+                "bytes": sum(v.bytes for v in vals),
+                "verdict": abi.REASON_VERDICT[r],
+            }
+        return out
+
+    def events(self) -> dict[str, int]:
+        table = self.bpf.get_table("events")
+        return {e.name.lower(): int(sum(table.getvalue(table.Key(int(e))))) for e in abi.Event}
+
+    def flow_count(self) -> dict[str, int]:
+        return {
+            "flows4": len(libbpf.map_keys(self.map_fds["flows4"], abi.Flow4Key)),
+            "flows6": len(libbpf.map_keys(self.map_fds["flows6"], abi.Flow6Key)),
+        }
+
+
+def remove_pins(pin_dir: Path) -> None:
+    if pin_dir.exists():
+        shutil.rmtree(pin_dir)
+    # leftovers of interrupted first loads
+    for p in PIN_ROOT.glob(f"tmp-{pin_dir.name}-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    try:
+        PIN_ROOT.rmdir()  # only if empty
+    except OSError:
+        pass
