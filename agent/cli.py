@@ -1,0 +1,260 @@
+"""bulkhead command line.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad input (usage, invalid policy).
+Every command that talks to the agent takes --state-dir (default /run/bulkhead).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import click
+
+from . import control
+from .datapath.loader import DEFAULT_STATE_DIR
+
+STATE_DIR_OPT = click.option(
+    "--state-dir", default=DEFAULT_STATE_DIR, show_default=True, envvar="BULKHEAD_STATE_DIR",
+    help="Agent state directory; the control socket is STATE_DIR/bulkhead.sock.",
+)
+JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+
+
+def _fail(msg: str, code: int = 1):
+    click.echo(f"bulkhead: {msg}", err=True)
+    sys.exit(code)
+
+
+def _agent_request(state_dir: str, op: str, **kw) -> dict:
+    try:
+        reply = control.request(state_dir, op, **kw)
+    except control.ControlError as e:
+        _fail(str(e))
+    except (OSError, ConnectionError) as e:
+        _fail(f"control socket: {e}")
+    return reply
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def main(verbose: int) -> None:
+    """bulkhead: application segmentation for Linux gateway hosts, enforced in XDP.
+
+    Apps are identified by segment (where traffic comes from) plus addresses
+    and ports; policies say which app may talk to which. Start with
+    `bulkhead policy validate FILE`, run `bulkhead agent run --policy FILE`,
+    and change policy live with `bulkhead policy apply FILE`.
+    """
+    level = logging.WARNING - 10 * verbose if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# ------------------------------------------------------------------ policy
+@main.group()
+def policy() -> None:
+    """Validate policy files and apply them to a running agent."""
+
+
+@policy.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@JSON_OPT
+def policy_validate(files: tuple[str, ...], as_json: bool) -> None:
+    """Check policy FILEs; print FILE:LINE: message for every problem (exit 2)."""
+    from .policy import PolicyError, load_policy
+
+    results, failed = [], False
+    for f in files:
+        try:
+            bundle, warnings = load_policy([f])
+        except PolicyError as e:
+            failed = True
+            results.append({"file": f, "ok": False, "errors": [str(d) for d in e.errors]})
+            continue
+        results.append({"file": f, "ok": True, "warnings": warnings, "apps": len(bundle.apps),
+                        "rules": len(bundle.rules), "policy_entries": len(bundle.policy_entries)})
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if r["ok"]:
+                for w in r["warnings"]:
+                    click.echo(f"{r['file']}: warning: {w}", err=True)
+                click.echo(f"{r['file']}: ok ({r['apps']} apps, {r['rules']} rules, {r['policy_entries']} policy entries)")
+            else:
+                for line in r["errors"]:
+                    click.echo(line)
+    sys.exit(2 if failed else 0)
+
+
+@policy.command("apply")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@STATE_DIR_OPT
+@JSON_OPT
+def policy_apply(files: tuple[str, ...], state_dir: str, as_json: bool) -> None:
+    """Validate FILEs, then swap the running agent's policy atomically.
+
+    Prints the new generation. On any error the old policy stays in force
+    and the exit code is non-zero (2: invalid policy, 1: the agent refused).
+    """
+    from .policy import PolicyError, load_policy
+
+    try:
+        bundle, warnings = load_policy(list(files))
+    except PolicyError as e:
+        click.echo(str(e))
+        click.echo("bulkhead: policy not applied; the running policy stays in force", err=True)
+        sys.exit(2)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    reply = _agent_request(state_dir, "apply", bundle=bundle.pack(), timeout=300)
+    if as_json:
+        click.echo(json.dumps(reply))
+    if not reply.get("ok"):
+        if not as_json:
+            click.echo(f"bulkhead: apply failed: {reply.get('error')}", err=True)
+            click.echo(f"bulkhead: generation {reply.get('generation', '?')} stays in force", err=True)
+        sys.exit(int(reply.get("code", 1)))
+    if not as_json:
+        click.echo(f"generation {reply['generation']}")
+
+
+# ------------------------------------------------------------------- agent
+@main.group()
+def agent() -> None:
+    """Run the enforcement agent."""
+
+
+@agent.command("run")
+@click.option("--policy", "policy_files", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Policy file (repeatable).")
+@STATE_DIR_OPT
+@click.option("--metrics", "metrics_addr", default="127.0.0.1:9477", show_default=True,
+              help="Prometheus listen address HOST:PORT; 'off' disables.")
+@click.option("--xdp-mode", type=click.Choice(["auto", "native", "generic"]), default="auto", show_default=True,
+              help="XDP attach mode; auto tries native (driver) mode first.")
+def agent_run(policy_files, state_dir, metrics_addr, xdp_mode) -> None:
+    """Run the agent in the foreground.
+
+    Attaches XDP to the interfaces the policy's segments name, enforces, and
+    serves STATE_DIR/bulkhead.sock. Stopping the agent leaves enforcement in
+    place (so a restart opens no window); `bulkhead down` removes it.
+    """
+    if os.geteuid() != 0:
+        _fail("the agent needs root (CAP_BPF, CAP_NET_ADMIN)")
+    from . import daemon
+
+    sys.exit(daemon.run(list(policy_files), state_dir, None if metrics_addr == "off" else metrics_addr, xdp_mode))
+
+
+# ------------------------------------------------------------------ status
+def _fmt_status(st: dict) -> str:
+    lines = [
+        f"generation {st['generation']} (slot {st['active_slot']}), agent pid {st['pid']}, up {st['uptime_s']}s",
+        f"policy: {', '.join(st['policy']['files'])}  {st['policy']['apps']} apps, {st['policy']['rules']} rules,"
+        f" {st['policy']['policy_entries']} entries, default {st['policy']['settings'].get('default_action')},"
+        f" mode {st['policy']['settings'].get('mode')}",
+        "interfaces:",
+    ]
+    for i in st["interfaces"]:
+        lines.append(f"  {i['name']:<16} ifindex {i['ifindex']:<5} segment {i.get('segment', '?'):<12} xdp {i['mode']}")
+    lines.append(f"flows cached: {st['flows']['flows4']} IPv4 entries, {st['flows']['flows6']} IPv6 entries")
+    lines.append("packets by reason:")
+    for name, c in sorted(st["counters"].items(), key=lambda kv: -kv[1]["packets"]):
+        if c["packets"]:
+            lines.append(f"  {name:<22} {c['verdict']:<7} {c['packets']:>12} pkts {c['bytes']:>14} bytes")
+    return "\n".join(lines)
+
+
+@main.command()
+@STATE_DIR_OPT
+@JSON_OPT
+def status(state_dir: str, as_json: bool) -> None:
+    """Agent state: interfaces, generation, per-verdict counters."""
+    reply = _agent_request(state_dir, "status")
+    if not reply.get("ok"):
+        _fail(reply.get("error", "status failed"))
+    click.echo(json.dumps(reply["status"], indent=2) if as_json else _fmt_status(reply["status"]))
+
+
+@main.command()
+@STATE_DIR_OPT
+@JSON_OPT
+@click.option("--follow", is_flag=True, help="Keep printing flows as they appear (polls the flow table).")
+@click.option("--limit", default=50, show_default=True, help="Most recent flows to show.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between polls with --follow.")
+def flows(state_dir: str, as_json: bool, follow: bool, limit: int, interval: float) -> None:
+    """Recent flows with verdict, rule, app names and segment."""
+    seen: dict[tuple, int] = {}
+
+    def show(fl: list[dict], header: bool) -> None:
+        if as_json:
+            for f in fl:
+                click.echo(json.dumps(f))
+            return
+        if header:
+            click.echo(f"{'SEGMENT':<10} {'DIR':<7} {'PROTO':<6} {'SOURCE':<28} {'DESTINATION':<28} "
+                       f"{'FROM':<12} {'TO':<12} {'VERDICT':<7} {'REASON':<16} {'RULE':<20} {'PKTS':>6}")
+        for f in fl:
+            click.echo(f"{f['segment']:<10} {f['direction']:<7} {f['proto']:<6} {f['src'] + ':' + str(f['sport']):<28} "
+                       f"{f['dst'] + ':' + str(f['dport']):<28} {f['src_app']:<12} {f['dst_app']:<12} "
+                       f"{f['verdict']:<7} {f['reason']:<16} {f['rule']:<20} {f['packets']:>6}")
+
+    reply = _agent_request(state_dir, "flows", limit=limit)
+    if not reply.get("ok"):
+        _fail(reply.get("error", "flows failed"))
+    show(reply["flows"], True)
+    if not follow:
+        return
+    for f in reply["flows"]:
+        seen[(f["segment"], f["proto"], f["src"], f["sport"], f["dst"], f["dport"])] = f["generation"]
+    try:
+        while True:
+            time.sleep(interval)
+            reply = _agent_request(state_dir, "flows", limit=limit)
+            new = []
+            for f in reversed(reply.get("flows", [])):
+                k = (f["segment"], f["proto"], f["src"], f["sport"], f["dst"], f["dport"])
+                if seen.get(k) != f["generation"]:
+                    seen[k] = f["generation"]
+                    new.append(f)
+            show(new, False)
+    except KeyboardInterrupt:
+        pass
+
+
+# -------------------------------------------------------------------- down
+@main.command()
+@STATE_DIR_OPT
+@JSON_OPT
+def down(state_dir: str, as_json: bool) -> None:
+    """Stop the agent, detach every program, remove pins and plumbing."""
+    if os.geteuid() != 0:
+        _fail("down needs root")
+    from . import teardown
+
+    report = teardown.down(state_dir)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in report["actions"] or ["nothing to remove"]:
+            click.echo(line)
+    sys.exit(0 if not report["errors"] else 1)
+
+
+# -------------------------------------------------------------------- demo
+@main.command()
+def demo() -> None:
+    """Build a demo topology in network namespaces, enforce policies/demo.yaml
+    with real traffic, show who reached what and why, then clean up."""
+    if os.geteuid() != 0:
+        _fail("the demo needs root (it creates network namespaces)")
+    from . import demo as demo_mod
+
+    sys.exit(demo_mod.main())
+
+
+if __name__ == "__main__":
+    main()

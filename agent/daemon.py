@@ -1,0 +1,301 @@
+"""The agent: owns the data path of one state dir, applies policy, answers the CLI.
+
+Lifecycle: load the policy (bad policy: exit 2 before touching the kernel),
+load/reuse the pinned programs and maps, attach XDP to every interface the
+policy names, apply, set up the gateway plumbing, then serve the control
+socket until SIGTERM/SIGINT. Exiting leaves XDP, pins and plumbing in place
+on purpose: enforcement continues, and the next agent picks it all up.
+`bulkhead down` is what removes them.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from . import control
+from .datapath import abi, libbpf, loader
+from .policy.bundle import Bundle
+
+log = logging.getLogger("bulkhead.agent")
+
+STATE_FILE = "state.json"
+# bpf_ktime_get_coarse_ns() reads this clock; Python's time module lacks the name.
+CLOCK_MONOTONIC_COARSE = 6
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
+
+
+class AgentError(RuntimeError):
+    """A runtime failure: exit code 1."""
+
+
+def read_state(state_dir: str | os.PathLike) -> dict:
+    try:
+        return json.loads((Path(state_dir) / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def write_state(state_dir: str | os.PathLike, state: dict) -> None:
+    p = Path(state_dir) / STATE_FILE
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, p)
+
+
+def xdp_prog_ids() -> dict[str, int]:
+    """ifname -> id of the XDP program attached there (this netns)."""
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
+    ids = {}
+    for link in json.loads(out or "[]"):
+        xdp = link.get("xdp") or {}
+        prog = xdp.get("prog") or {}
+        if "id" in prog:
+            ids[link["ifname"]] = prog["id"]
+        for att in xdp.get("attached", []):
+            if "prog" in att and "id" in att["prog"]:
+                ids[link["ifname"]] = att["prog"]["id"]
+    return ids
+
+
+def prog_name(prog_id: int) -> str:
+    try:
+        fd = libbpf.prog_fd_by_id(prog_id)
+    except OSError:
+        return ""
+    try:
+        return libbpf.prog_info(fd).name.decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def resolve_ifindexes(bundle: Bundle) -> dict[str, int]:
+    idx, missing = {}, []
+    for seg in bundle.segments:
+        for ifname in seg["interfaces"]:
+            try:
+                idx[ifname] = socket.if_nametoindex(ifname)
+            except OSError:
+                missing.append(f"{ifname} (segment {seg['name']})")
+    if missing:
+        raise AgentError("interfaces not found in this network namespace: " + ", ".join(missing))
+    return idx
+
+
+def _addr(raw: bytes) -> str:
+    a = ipaddress.IPv6Address(bytes(raw))
+    return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
+
+
+class Agent:
+    def __init__(self, state_dir: str, xdp_mode: str = "auto"):
+        self.state_dir = Path(state_dir)
+        self.instance = loader.instance_name(state_dir)
+        self.pin_dir = loader.pin_dir_for(state_dir)
+        self.xdp_mode = xdp_mode
+        self.dp: loader.Datapath | None = None
+        self.plumbing = None
+        self.bundle: Bundle | None = None
+        self.bundles: dict[int, Bundle] = {}  # generation -> bundle, for names of cached flows
+        self.interfaces: dict[str, dict] = {}  # ifname -> {ifindex, segment, mode}
+        self.lock = threading.Lock()
+        self.last_apply: dict = {}
+        self.started = time.time()
+        self.stop_event = threading.Event()
+
+    # ---------------------------------------------------------------- start
+    def start(self, bundle: Bundle) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.state_dir, 0o700)
+        self.dp = loader.Datapath(self.pin_dir).load()
+        from .plumbing import Plumbing  # imported late: needs nft/pyroute2 only at runtime
+
+        self.plumbing = Plumbing(self.instance)
+        previous = read_state(self.state_dir)
+        gen = self.apply(bundle)
+        # Interfaces a previous agent attached that this policy no longer names.
+        for ifname in previous.get("interfaces", {}):
+            if ifname not in self.interfaces:
+                self._detach_if_ours(ifname)
+        return gen
+
+    def _detach_if_ours(self, ifname: str) -> None:
+        pid = xdp_prog_ids().get(ifname)
+        if pid and prog_name(pid).startswith(loader.XDP_PROG[:15]):
+            loader.Datapath.detach(ifname)
+            log.info("detached XDP from %s (no longer in policy)", ifname)
+
+    # ---------------------------------------------------------------- apply
+    def apply(self, bundle: Bundle) -> int:
+        """Apply atomically; on any error the running policy stays in force."""
+        with self.lock:
+            ifindexes = resolve_ifindexes(bundle)
+            seg_of = {i: s["name"] for s in bundle.segments for i in s["interfaces"]}
+            newly = []
+            try:
+                for ifname in ifindexes:
+                    if ifname not in self.interfaces or self.interfaces[ifname]["ifindex"] != ifindexes[ifname]:
+                        mode = self.dp.attach(ifname, self.xdp_mode)
+                        newly.append(ifname)
+                        self.interfaces[ifname] = {"ifindex": ifindexes[ifname], "mode": mode}
+                generation = self.dp.active_generation() + 1
+                result = self.dp.apply(bundle, ifindexes, generation)
+            except Exception:
+                # Undo attachments the failed apply made; the old slot is still active.
+                for ifname in newly:
+                    loader.Datapath.detach(ifname)
+                    self.interfaces.pop(ifname, None)
+                raise
+            for ifname in list(self.interfaces):
+                if ifname not in ifindexes:
+                    loader.Datapath.detach(ifname)
+                    del self.interfaces[ifname]
+            for ifname, info in self.interfaces.items():
+                info["segment"] = seg_of[ifname]
+            self.plumbing.apply(bundle, ifindexes)
+            self.bundle = bundle
+            self.bundles[generation] = bundle
+            for g in sorted(self.bundles)[:-4]:  # keep a few generations for flow names
+                del self.bundles[g]
+            self.last_apply = {**result, "time": time.time(), "rules": len(bundle.rules),
+                               "entries": len(bundle.policy_entries)}
+            write_state(self.state_dir, {
+                "instance": self.instance,
+                "pin_dir": str(self.pin_dir),
+                "generation": generation,
+                "interfaces": self.interfaces,
+                "policy": bundle.source,
+                "checksum": bundle.checksum,
+                "pid": os.getpid(),
+            })
+            log.info("applied generation %d (%d rules, %d policy entries) in %.3fs",
+                     generation, len(bundle.rules), len(bundle.policy_entries), result["seconds"])
+            return generation
+
+    # --------------------------------------------------------------- status
+    def status(self) -> dict:
+        b = self.bundle
+        return {
+            "instance": self.instance,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "generation": self.dp.active_generation(),
+            "active_slot": self.dp.ctl().active_slot,
+            "pin_dir": str(self.pin_dir),
+            "policy": {"files": b.source, "checksum": b.checksum, "settings": b.settings,
+                       "segments": len(b.segments), "apps": len(b.apps), "rules": len(b.rules),
+                       "policy_entries": len(b.policy_entries), "warnings": b.warnings},
+            "last_apply": self.last_apply,
+            "interfaces": [{"name": n, **info} for n, info in sorted(self.interfaces.items())],
+            "counters": self.dp.counters(),
+            "events": self.dp.events(),
+            "flows": self.dp.flow_count(),
+        }
+
+    def flows(self, limit: int = 1000) -> list[dict]:
+        """Current flow-table entries with names, most recent first."""
+        now_ns = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+        out = []
+        for fam, key_t in (("flows4", abi.Flow4Key), ("flows6", abi.Flow6Key)):
+            fd = self.dp.map_fds[fam]
+            for k in libbpf.map_keys(fd, key_t):
+                v = abi.Flow()
+                if libbpf.lib().bpf_map_lookup_elem(fd, C.byref(k), C.byref(v)) < 0:
+                    continue
+                if fam == "flows4":
+                    src = str(ipaddress.IPv4Address(socket.ntohl(k.saddr_be)))
+                    dst = str(ipaddress.IPv4Address(socket.ntohl(k.daddr_be)))
+                else:
+                    src, dst = _addr(k.saddr), _addr(k.daddr)
+                bundle = self.bundles.get(v.generation) or self.bundle
+                apps, rules, segs = bundle.app_names(), bundle.rule_names(), bundle.segment_names()
+                out.append({
+                    "segment": segs.get(k.segment_id, str(k.segment_id)),
+                    "direction": "reply" if v.flags & abi.FLOWF_REPLY else "forward",
+                    "proto": PROTO_NAMES.get(k.proto, str(k.proto)),
+                    "src": src, "sport": socket.ntohs(k.sport_be),
+                    "dst": dst, "dport": socket.ntohs(k.dport_be),
+                    "src_app": apps.get(v.src_app, "-"), "dst_app": apps.get(v.dst_app, "-"),
+                    "rule": rules.get(v.rule_id, "(default)"),
+                    "reason": abi.Reason(v.reason).name.lower() if v.reason in abi.Reason._value2member_map_ else str(v.reason),
+                    "verdict": abi.REASON_VERDICT.get(v.reason, "drop"),
+                    "audit": bool(v.flags & abi.ACTF_AUDIT),
+                    "generation": v.generation,
+                    "packets": v.packets, "bytes": v.bytes,
+                    "idle_s": round(max(0, now_ns - v.last_seen_ns) / 1e9, 1),
+                })
+        out.sort(key=lambda f: f["idle_s"])
+        return out[:limit]
+
+    # -------------------------------------------------------------- control
+    def handle(self, req: dict) -> dict:
+        op = req["op"]
+        if op == "ping":
+            return {"ok": True, "generation": self.dp.active_generation()}
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        if op == "flows":
+            return {"ok": True, "flows": self.flows(int(req.get("limit", 1000)))}
+        if op == "apply":
+            try:
+                bundle = Bundle.unpack(req["bundle"])
+            except Exception as e:
+                return {"ok": False, "code": 2, "error": f"bad bundle: {e}"}
+            try:
+                gen = self.apply(bundle)
+            except Exception as e:
+                log.error("apply failed, generation %d stays in force: %s", self.dp.active_generation(), e)
+                return {"ok": False, "code": 1, "error": str(e), "generation": self.dp.active_generation()}
+            return {"ok": True, "generation": gen, "seconds": self.last_apply.get("seconds")}
+        if op == "shutdown":
+            self.stop_event.set()
+            return {"ok": True}
+        return {"ok": False, "code": 2, "error": f"unknown op {op!r}"}
+
+
+def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_mode: str = "auto") -> int:
+    from .policy import PolicyError, load_policy
+
+    try:
+        bundle, warnings = load_policy(policy_paths)
+    except PolicyError as e:
+        print(str(e), flush=True)
+        return 2
+    for w in warnings:
+        log.warning("%s", w)
+    agent = Agent(state_dir, xdp_mode)
+    server = control.ControlServer(state_dir, agent.handle)
+    try:
+        Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        server.ensure_free()  # before touching the kernel: never fight a live agent
+        gen = agent.start(bundle)
+        server.start()
+    except (AgentError, loader.DatapathError, control.ControlError) as e:
+        log.error("%s", e)
+        return 1
+    if metrics_addr:
+        from . import metrics
+
+        try:
+            metrics.serve(agent, metrics_addr)
+        except (OSError, ValueError) as e:
+            log.error("metrics exporter not started on %s: %s", metrics_addr, e)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop_event.set())
+    print(f"bulkhead agent ready generation={gen} interfaces={','.join(sorted(agent.interfaces))}", flush=True)
+    try:
+        while not agent.stop_event.wait(1.0):
+            pass
+    finally:
+        server.stop()
+    log.info("agent exiting; XDP stays attached and enforcing (use `bulkhead down` to remove)")
+    return 0
