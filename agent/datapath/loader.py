@@ -156,9 +156,9 @@ class Datapath:
             t0 = time.monotonic()
             self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c"), cflags=cflags(build_dir / "maps", self.sizes))
             for name in (XDP_PROG, REJECT_PROG, EMPTY_PROG):
-                self.fns[name] = self.bpf.load_func(name, BPF.XDP)
+                self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)
-            tails = self.bpf.get_table("tails")
+            tails = self.bpf.get_table(b"tails")
             tails[C.c_int(0)] = C.c_int(self.fns[REJECT_PROG].fd)
             # Pin programs: to a temp name, then rename over the old pin (atomic).
             for name in (XDP_PROG, REJECT_PROG):
@@ -176,7 +176,7 @@ class Datapath:
                 shutil.rmtree(build_dir, ignore_errors=True)
             raise
         for name in map_specs(self.sizes):
-            self.map_fds[name] = self.bpf.get_table(name).map_fd
+            self.map_fds[name] = self.bpf.get_table(name.encode()).map_fd
         return self
 
     def prog_fd(self, name: str = XDP_PROG) -> int:
@@ -293,7 +293,7 @@ class Datapath:
     def counters(self) -> dict[str, dict[str, int]]:
         """Per-reason packets/bytes, summed over CPUs at read time."""
         out = {}
-        table = self.bpf.get_table("stats")
+        table = self.bpf.get_table(b"stats")
         for r in abi.Reason:
             vals = table.getvalue(table.Key(int(r)))
             out[r.name.lower()] = {
@@ -304,7 +304,7 @@ class Datapath:
         return out
 
     def events(self) -> dict[str, int]:
-        table = self.bpf.get_table("events")
+        table = self.bpf.get_table(b"events")
         return {e.name.lower(): int(sum(table.getvalue(table.Key(int(e))))) for e in abi.Event}
 
     def flow_count(self) -> dict[str, int]:

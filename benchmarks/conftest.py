@@ -1,0 +1,115 @@
+"""Benchmark fixtures: one netns, one compile, bundles of any size built directly.
+
+Method (../shared/BENCHMARKS.md, method 1): BPF_PROG_TEST_RUN runs a program
+on one frame `repeat` times and the kernel reports the mean ns per run. The
+empty XDP program is measured in the same rounds, interleaved, and every
+figure we report is the marginal cost: ours minus empty.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+
+from agent.datapath import abi, libbpf, loader
+from agent.policy.bundle import Bundle
+
+RESULTS: list[dict] = []
+RESULTS_FILE = Path(__file__).resolve().parents[1] / "build" / "bench-results.md"
+
+
+@pytest.fixture(scope="session")
+def bench_dp():
+    from pyroute2 import IPRoute, netns
+
+    name = f"bhbench-{os.getpid()}"
+    orig = os.open("/proc/self/ns/net", os.O_RDONLY)
+    pin = loader.PIN_ROOT / f"bench-{os.getpid()}"
+    netns.create(name)
+    try:
+        netns.setns(name)
+        with IPRoute() as ipr:
+            ipr.link("add", ifname="seg1", kind="veth", peer="seg1p")
+            ipr.link("add", ifname="seg2", kind="veth", peer="seg2p")
+            idx = {n: ipr.link_lookup(ifname=n)[0] for n in ("seg1", "seg2")}
+        dp = loader.Datapath(pin).load()
+        dp.ifindexes = idx
+        dp.generation = 0
+        yield dp
+    finally:
+        loader.remove_pins(pin)
+        netns.setns(orig)
+        os.close(orig)
+        netns.remove(name)
+
+
+def v4(i: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(int(ipaddress.IPv4Address("198.18.0.0")) + i)
+
+
+def v6(i: int) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(int(ipaddress.IPv6Address("fd00:be::")) + i)
+
+
+def scale_bundle(n: int) -> Bundle:
+    """n apps in segment 1 (one IPv4 /32 and one IPv6 /128 each) and n rules
+    app i -> app i+1 tcp/443, so every map holds ~n entries per family."""
+    m = loader.v4mapped
+    src, dst, pol = [], [], []
+    for i in range(n):
+        app = i + 1
+        src.append((1, m(v4(i)), 128, app))
+        src.append((1, m(v6(i)), 128, app))
+        dst.append((m(v4(i)), 128, app, 2))
+        dst.append((m(v6(i)), 128, app, 2))
+        pol.append((abi.POLICY_PLEN_PORT_BASE + 16, app, (i + 1) % n + 1, 6, 443, int(abi.Action.ALLOW), 0, app))
+    return Bundle(
+        settings={"default_action": "deny", "mode": "enforce", "unknown_sni": "deny"},
+        segments=[{"id": 1, "name": "clients", "interfaces": ["seg1"]},
+                  {"id": 2, "name": "servers", "interfaces": ["seg2"]}],
+        apps=[], rules=[], src_entries=src, dst_entries=dst, policy_entries=pol,
+    )
+
+
+def measure(dp, frame: bytes, ifindex: int, rounds: int = 7, repeat: int = 200_000) -> dict:
+    """Interleave empty and ours; return median ns of each and of the difference."""
+    empty_fd, ours_fd = dp.prog_fd(loader.EMPTY_PROG), dp.prog_fd()
+    e, o, d = [], [], []
+    for _ in range(rounds):
+        re = libbpf.prog_test_run_xdp(empty_fd, frame, ifindex, repeat=repeat)
+        ro = libbpf.prog_test_run_xdp(ours_fd, frame, ifindex, repeat=repeat)
+        e.append(re.duration_ns)
+        o.append(ro.duration_ns)
+        d.append(ro.duration_ns - re.duration_ns)
+        retval = ro.retval
+    return {"empty_ns": statistics.median(e), "ours_ns": statistics.median(o),
+            "marginal_ns": statistics.median(d), "retval": retval}
+
+
+def record(**row) -> None:
+    RESULTS.append(row)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not RESULTS:
+        return
+    RESULTS_FILE.parent.mkdir(exist_ok=True)
+    lines = ["| scenario | apps+rules | empty ns | bulkhead ns | marginal ns | XDP verdict |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in RESULTS:
+        lines.append(f"| {r['scenario']} | {r['scale']:,} | {r['empty_ns']:.0f} | {r['ours_ns']:.0f} | "
+                     f"{r['marginal_ns']:.0f} | {r['verdict']} |")
+    by = {(r["scenario"], r["scale"]): r["marginal_ns"] for r in RESULTS}
+    ratios = []
+    for scen in sorted({r["scenario"] for r in RESULTS}):
+        lo, hi = by.get((scen, 10)), by.get((scen, 100_000))
+        if lo and hi:
+            ratios.append(f"| {scen} | {hi / lo:.2f}x |")
+    if ratios:
+        lines += ["", "| scenario | marginal at 100k / at 10 |", "|---|---:|"] + ratios
+    RESULTS_FILE.write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    print(f"\n(written to {RESULTS_FILE})")
