@@ -65,9 +65,11 @@ static __always_inline int bh_reason_xdp(__u8 reason)
 	}
 }
 
-static __always_inline struct bh_seg_val *bh_seg_lookup(__u32 slot, __u32 *ifindex)
+static __always_inline __u32 bh_segment_of(__u32 slot, __u32 ifindex)
 {
-	return slot ? seg_map_1.lookup(ifindex) : seg_map_0.lookup(ifindex);
+	struct bh_seg_val *sv = slot ? seg_map_1.lookup(&ifindex) : seg_map_0.lookup(&ifindex);
+	/* Array lookups fail only past BH_MAX_IFINDEX: no segment either way. */
+	return sv ? sv->segment_id : 0;
 }
 
 /* Where replies to `daddr` will arrive when no destination app says so: ask the FIB. */
@@ -91,9 +93,7 @@ static __always_inline __u32 bh_fib_segment(struct xdp_md *ctx, __u32 slot, cons
 	long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return 0;
-	__u32 oif = fib.ifindex;
-	struct bh_seg_val *sv = bh_seg_lookup(slot, &oif);
-	return sv ? sv->segment_id : 0;
+	return bh_segment_of(slot, fib.ifindex);
 }
 
 /*
@@ -109,13 +109,18 @@ static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cf
 	struct bh_dst_key dk = {};
 	struct bh_ident *si, *di;
 
-	sk.prefixlen = BH_SEG_BITS + 128;
+	/* Identities: the host hash first (a host is the longest match), the trie only if the slot has prefixes. */
+	sk.prefixlen = BH_SRC_PLEN_HOST;
 	sk.segment_id = seg;
 	__builtin_memcpy(sk.addr, saddr, 16);
-	si = slot ? src_ident_1.lookup(&sk) : src_ident_0.lookup(&sk);
-	dk.prefixlen = 128;
+	si = slot ? src_host_1.lookup(&sk) : src_host_0.lookup(&sk);
+	if (!si && (cfg->flags & BH_SLOTF_SRC_LPM))
+		si = slot ? src_ident_1.lookup(&sk) : src_ident_0.lookup(&sk);
+	dk.prefixlen = BH_DST_PLEN_HOST;
 	__builtin_memcpy(dk.addr, daddr, 16);
-	di = slot ? dst_ident_1.lookup(&dk) : dst_ident_0.lookup(&dk);
+	di = slot ? dst_host_1.lookup(&dk) : dst_host_0.lookup(&dk);
+	if (!di && (cfg->flags & BH_SLOTF_DST_LPM))
+		di = slot ? dst_ident_1.lookup(&dk) : dst_ident_0.lookup(&dk);
 
 	__u8 action = BH_ACT_NONE, flags = 0;
 	__u32 rule = 0;
@@ -126,12 +131,25 @@ static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cf
 		struct bh_policy_key pk = {};
 		struct bh_policy_val *pv;
 
-		pk.prefixlen = BH_POLICY_PLEN_PORT_BASE + 16;
+		/* Longest first: one port, a range block, any port, any protocol. */
+		pk.prefixlen = BH_POLICY_PLEN_EXACT;
 		pk.src_app = si->app_id;
 		pk.dst_app = di->app_id;
 		pk.proto = proto;
 		pk.dport_be = dport_be;
-		pv = slot ? policy_1.lookup(&pk) : policy_0.lookup(&pk);
+		pv = slot ? pol_exact_1.lookup(&pk) : pol_exact_0.lookup(&pk);
+		if (!pv && (cfg->flags & BH_SLOTF_POL_LPM))
+			pv = slot ? policy_1.lookup(&pk) : policy_0.lookup(&pk);
+		if (!pv) {
+			pk.prefixlen = BH_POLICY_PLEN_ANY_PORT;
+			pk.dport_be = 0;
+			pv = slot ? pol_exact_1.lookup(&pk) : pol_exact_0.lookup(&pk);
+		}
+		if (!pv) {
+			pk.prefixlen = BH_POLICY_PLEN_ANY_PROTO;
+			pk.proto = 0;
+			pv = slot ? pol_exact_1.lookup(&pk) : pol_exact_0.lookup(&pk);
+		}
 		if (pv) {
 			action = pv->action;
 			flags = pv->flags;
@@ -335,15 +353,15 @@ int bulkhead_xdp(struct xdp_md *ctx)
 	if (!cfg || !cfg->generation)
 		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
 
-	__u32 ifindex = ctx->ingress_ifindex;
-	struct bh_seg_val *sv = bh_seg_lookup(slot, &ifindex);
-	if (!sv)
+	__u32 seg = bh_segment_of(slot, ctx->ingress_ifindex);
+	if (!seg)
 		return bh_record(BH_R_NO_SEGMENT, XDP_DROP, len);
-	__u32 seg = sv->segment_id;
 	__u64 now = bpf_ktime_get_coarse_ns();
 
-	if (p.frag == BH_FRAG_LATER)
+	if (p.frag == BH_FRAG_LATER) {
+		bh_pkt_addrs16(&p);
 		return bh_follow_fragment(&p, seg, now, len);
+	}
 	if (p.icmp_error)
 		return bh_icmp_error(&p, seg, len);
 
@@ -353,11 +371,15 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		f->last_seen_ns = now;
 		f->packets++;
 		f->bytes += len;
-		if (p.frag == BH_FRAG_FIRST)
+		if (p.frag == BH_FRAG_FIRST) {
+			bh_pkt_addrs16(&p);
 			bh_remember_fragment(&p, seg, now, f->reason);
+		}
 		return bh_apply(ctx, &p, f->reason, f->flags & BH_FLOWF_REPLY, len);
 	}
 
+	/* Slow path from here: classification and fragment keys need 16-byte addresses. */
+	bh_pkt_addrs16(&p);
 	struct bh_flow v = {};
 	int is_reply = 0;
 	if (f && (f->flags & BH_FLOWF_REPLY)) {

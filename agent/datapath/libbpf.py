@@ -33,6 +33,7 @@ def lib() -> C.CDLL:
         _lib.bpf_map_update_elem.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.c_uint64]
         _lib.bpf_map_lookup_elem.argtypes = [C.c_int, C.c_void_p, C.c_void_p]
         _lib.bpf_map_delete_elem.argtypes = [C.c_int, C.c_void_p]
+        _lib.bpf_map_update_batch.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.POINTER(C.c_uint32), C.c_void_p]
         _lib.bpf_map_get_next_key.argtypes = [C.c_int, C.c_void_p, C.c_void_p]
         _lib.bpf_prog_get_fd_by_id.argtypes = [C.c_uint32]
         _lib.bpf_map_get_fd_by_id.argtypes = [C.c_uint32]
@@ -105,6 +106,10 @@ def prog_fd_by_id(prog_id: int) -> int:
 
 def map_update(fd: int, key: C.Structure, value, flags: int = 0) -> None:
     _check(lib().bpf_map_update_elem(fd, C.byref(key), C.byref(value), flags), "map update")
+
+
+def map_update_batch(fd: int, keys, values, count: C.c_uint32) -> None:
+    _check(lib().bpf_map_update_batch(fd, C.byref(keys), C.byref(values), C.byref(count), None), "map update batch")
 
 
 def map_delete(fd: int, key) -> bool:

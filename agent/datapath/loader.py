@@ -81,9 +81,12 @@ def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
         "tails": (MAP_PROG_ARRAY, 4, 4, 4),
     }
     for n in range(abi.NUM_SLOTS):
-        specs[f"seg_map_{n}"] = (MAP_HASH, 4, s(abi.SegVal), sizes["BH_MAX_INTERFACES"])
+        specs[f"seg_map_{n}"] = (MAP_ARRAY, 4, s(abi.SegVal), sizes["BH_MAX_IFINDEX"])
+        specs[f"src_host_{n}"] = (MAP_HASH, s(abi.SrcKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
         specs[f"src_ident_{n}"] = (MAP_LPM_TRIE, s(abi.SrcKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
+        specs[f"dst_host_{n}"] = (MAP_HASH, s(abi.DstKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
         specs[f"dst_ident_{n}"] = (MAP_LPM_TRIE, s(abi.DstKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
+        specs[f"pol_exact_{n}"] = (MAP_HASH, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
         specs[f"policy_{n}"] = (MAP_LPM_TRIE, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
     return specs
 
@@ -218,6 +221,14 @@ class Datapath:
         for k in libbpf.map_keys(fd, key_type):
             libbpf.map_delete(fd, k)
 
+    def _zero_seg_map(self, slot: int) -> None:
+        """Arrays can't delete: zero every ifindex with one batch update."""
+        n = self.sizes["BH_MAX_IFINDEX"]
+        keys = (C.c_uint32 * n)(*range(n))
+        vals = (abi.SegVal * n)()
+        count = C.c_uint32(n)
+        libbpf.map_update_batch(self.map_fds[f"seg_map_{slot}"], keys, vals, count)
+
     def ctl(self) -> abi.Ctl:
         v = abi.Ctl()
         libbpf.lib().bpf_map_lookup_elem(self.map_fds["ctl"], C.byref(C.c_uint32(0)), C.byref(v))
@@ -250,35 +261,55 @@ class Datapath:
         if wait > 0:
             time.sleep(wait)
         self._upd("slot_cfg", C.c_uint32(slot), abi.SlotCfg(generation=0))
-        self._clear(f"seg_map_{slot}", C.c_uint32)
-        self._clear(f"src_ident_{slot}", abi.SrcKey)
-        self._clear(f"dst_ident_{slot}", abi.DstKey)
-        self._clear(f"policy_{slot}", abi.PolicyKey)
+        self._zero_seg_map(slot)
+        for name, key_t in (("src_host", abi.SrcKey), ("src_ident", abi.SrcKey), ("dst_host", abi.DstKey),
+                            ("dst_ident", abi.DstKey), ("pol_exact", abi.PolicyKey), ("policy", abi.PolicyKey)):
+            self._clear(f"{name}_{slot}", key_t)
 
         for seg in bundle.segments:
             for ifname in seg["interfaces"]:
-                self._upd(f"seg_map_{slot}", C.c_uint32(ifindexes[ifname]), abi.SegVal(segment_id=seg["id"]))
-        src = f"src_ident_{slot}"
+                ifindex = ifindexes[ifname]
+                if ifindex >= self.sizes["BH_MAX_IFINDEX"]:
+                    raise DatapathError(f"{ifname}: ifindex {ifindex} exceeds BH_MAX_IFINDEX "
+                                        f"({self.sizes['BH_MAX_IFINDEX']})")
+                self._upd(f"seg_map_{slot}", C.c_uint32(ifindex), abi.SegVal(segment_id=seg["id"]))
+        # Hosts go to the hash maps, prefixes to the tries; the slot flags say
+        # whether the datapath must consult a trie at all.
+        flags = 0
         for seg_id, addr, plen, app_id in bundle.src_entries:
             k = abi.SrcKey(prefixlen=abi.SEG_BITS + plen, segment_id=seg_id)
             C.memmove(k.addr, addr, 16)
-            self._upd(src, k, abi.Ident(app_id=app_id, segment_id=seg_id))
-        dst = f"dst_ident_{slot}"
+            host = plen == 128
+            flags |= 0 if host else abi.SLOTF_SRC_LPM
+            self._upd(f"src_host_{slot}" if host else f"src_ident_{slot}", k,
+                      abi.Ident(app_id=app_id, segment_id=seg_id))
         for addr, plen, app_id, seg_id in bundle.dst_entries:
             k = abi.DstKey(prefixlen=plen)
             C.memmove(k.addr, addr, 16)
-            self._upd(dst, k, abi.Ident(app_id=app_id, segment_id=seg_id))
-        pol = f"policy_{slot}"
-        for plen, s_app, d_app, proto, dport, action, flags, rule_id in bundle.policy_entries:
+            host = plen == 128
+            flags |= 0 if host else abi.SLOTF_DST_LPM
+            self._upd(f"dst_host_{slot}" if host else f"dst_ident_{slot}", k,
+                      abi.Ident(app_id=app_id, segment_id=seg_id))
+        exact = (abi.POLICY_PLEN_EXACT, abi.POLICY_PLEN_ANY_PORT, abi.POLICY_PLEN_ANY_PROTO)
+        for plen, s_app, d_app, proto, dport, action, aflags, rule_id in bundle.policy_entries:
+            if plen == abi.POLICY_PLEN_ANY_PROTO:
+                proto, dport = 0, 0
+            elif plen == abi.POLICY_PLEN_ANY_PORT:
+                dport = 0
+            elif not abi.POLICY_PLEN_PORT_BASE < plen <= abi.POLICY_PLEN_EXACT:
+                raise DatapathError(f"policy entry with prefix length {plen} is not a policy key")
             k = abi.PolicyKey(prefixlen=plen, src_app=s_app, dst_app=d_app, proto=proto,
                               dport_be=socket.htons(dport))
-            self._upd(pol, k, abi.PolicyVal(action=action, flags=flags, rule_id=rule_id))
+            if plen not in exact:
+                flags |= abi.SLOTF_POL_LPM
+            self._upd(f"pol_exact_{slot}" if plen in exact else f"policy_{slot}", k,
+                      abi.PolicyVal(action=action, flags=aflags, rule_id=rule_id))
 
         st = bundle.settings
         cfg = abi.SlotCfg(
             generation=generation,
             default_action=abi.Action.ALLOW if st.get("default_action") == "allow" else abi.Action.DENY,
-            flags=abi.SLOTF_AUDIT if st.get("mode") == "audit" else 0,
+            flags=flags | (abi.SLOTF_AUDIT if st.get("mode") == "audit" else 0),
             unknown_sni=abi.Action.ALLOW if st.get("unknown_sni") == "allow" else abi.Action.DENY,
         )
         self._upd("slot_cfg", C.c_uint32(slot), cfg)

@@ -6,14 +6,14 @@
 #ifndef BH_CONSTS_H
 #define BH_CONSTS_H
 
-#ifndef BH_MAX_INTERFACES
-#define BH_MAX_INTERFACES 1024 /* interfaces per policy slot */
+#ifndef BH_MAX_IFINDEX
+#define BH_MAX_IFINDEX 65536 /* seg_map is an array indexed by ifindex: ifindex must be below this */
 #endif
 #ifndef BH_MAX_IDENT
-#define BH_MAX_IDENT 262144 /* identity prefixes per slot (src and dst each) */
+#define BH_MAX_IDENT 262144 /* identity entries per slot and map (hosts and prefixes each) */
 #endif
 #ifndef BH_MAX_POLICY
-#define BH_MAX_POLICY 524288 /* policy prefixes per slot (port ranges expand) */
+#define BH_MAX_POLICY 524288 /* policy entries per slot and map (exact and ranges each) */
 #endif
 #ifndef BH_MAX_FLOWS
 #define BH_MAX_FLOWS 262144 /* LRU flow entries per family (two per flow) */
@@ -45,9 +45,16 @@
 #define BH_SEG_BITS 32
 #define BH_V4MAPPED_BITS 96
 
-/* Prefix lengths of the policy trie: src(32) dst(32) proto(8) pad(8) port(16). */
+/*
+ * Prefix lengths of policy keys: src(32) dst(32) proto(8) pad(8) port(16).
+ * 96 (one port), 72 (any port) and 64 (any protocol) live in the exact-match
+ * hash; only port-range blocks (81..95) need the trie.
+ */
 #define BH_POLICY_PLEN_ANY_PROTO 64
 #define BH_POLICY_PLEN_ANY_PORT 72
 #define BH_POLICY_PLEN_PORT_BASE 80 /* + number of port bits fixed */
+#define BH_POLICY_PLEN_EXACT (BH_POLICY_PLEN_PORT_BASE + 16)
+#define BH_SRC_PLEN_HOST (BH_SEG_BITS + 128)
+#define BH_DST_PLEN_HOST 128
 
 #endif /* BH_CONSTS_H */

@@ -24,17 +24,30 @@ BPF_TABLE_PINNED("array", __u32, struct bh_ctl, ctl, 1, BH_PIN_DIR "/ctl");
 /* slot_cfg[slot]: generation, default action, audit mode of each slot. */
 BPF_TABLE_PINNED("array", __u32, struct bh_slot_cfg, slot_cfg, BH_NUM_SLOTS, BH_PIN_DIR "/slot_cfg");
 
-/* seg_map_N: ifindex -> segment, for the interfaces the slot's policy names. */
+/*
+ * Per-slot maps. Hash maps do not preallocate: a slot holds what its policy
+ * needs, not its capacity (lookups cost the same either way).
+ */
 #define BH_SLOT_MAPS(n)                                                                            \
-	BPF_TABLE_PINNED("hash", __u32, struct bh_seg_val, seg_map_##n, BH_MAX_INTERFACES,         \
+	/* seg_map_N: ifindex -> segment; an array so the per-packet lookup is inlined. */         \
+	BPF_TABLE_PINNED("array", __u32, struct bh_seg_val, seg_map_##n, BH_MAX_IFINDEX,           \
 			 BH_PIN_DIR "/seg_map_" #n);                                               \
+	/* src_host_N: (segment, host address) -> app. */                                          \
+	BPF_TABLE_PINNED("hash", struct bh_src_key, struct bh_ident, src_host_##n, BH_MAX_IDENT,   \
+			 BH_PIN_DIR "/src_host_" #n, BPF_F_NO_PREALLOC);                            \
 	/* src_ident_N: (segment, src prefix) -> app. LPM tries must not preallocate. */           \
 	BPF_TABLE_PINNED("lpm_trie", struct bh_src_key, struct bh_ident, src_ident_##n,            \
 			 BH_MAX_IDENT, BH_PIN_DIR "/src_ident_" #n, BPF_F_NO_PREALLOC);            \
+	/* dst_host_N: host address -> app. */                                                     \
+	BPF_TABLE_PINNED("hash", struct bh_dst_key, struct bh_ident, dst_host_##n, BH_MAX_IDENT,   \
+			 BH_PIN_DIR "/dst_host_" #n, BPF_F_NO_PREALLOC);                            \
 	/* dst_ident_N: dst prefix -> app (destination apps have distinct addresses). */           \
 	BPF_TABLE_PINNED("lpm_trie", struct bh_dst_key, struct bh_ident, dst_ident_##n,            \
 			 BH_MAX_IDENT, BH_PIN_DIR "/dst_ident_" #n, BPF_F_NO_PREALLOC);            \
-	/* policy_N: (src app, dst app, proto, port prefix) -> action, precedence resolved. */     \
+	/* pol_exact_N: one port / any port / any protocol -> action (prefixlen in the key). */    \
+	BPF_TABLE_PINNED("hash", struct bh_policy_key, struct bh_policy_val, pol_exact_##n,        \
+			 BH_MAX_POLICY, BH_PIN_DIR "/pol_exact_" #n, BPF_F_NO_PREALLOC);            \
+	/* policy_N: port-range blocks -> action. */                                               \
 	BPF_TABLE_PINNED("lpm_trie", struct bh_policy_key, struct bh_policy_val, policy_##n,       \
 			 BH_MAX_POLICY, BH_PIN_DIR "/policy_" #n, BPF_F_NO_PREALLOC)
 

@@ -84,6 +84,19 @@ static __always_inline void bh_v4mapped(__u8 *dst, __u32 addr_be)
 	__builtin_memcpy(dst + 12, &addr_be, 4);
 }
 
+/*
+ * The 16-byte address forms the identity and fragment keys use. IPv4 packets
+ * get them only when needed: the established path keys flows by the 4-byte
+ * addresses and never pays for the IPv4-mapped copies.
+ */
+static __always_inline void bh_pkt_addrs16(struct bh_pkt *p)
+{
+	if (p->family == 4) {
+		bh_v4mapped(p->saddr, p->saddr4_be);
+		bh_v4mapped(p->daddr, p->daddr4_be);
+	}
+}
+
 static __always_inline int bh_is_v6_ext(__u8 nh)
 {
 	return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS ||
@@ -241,8 +254,7 @@ static __always_inline int bh_parse_ipv4(void *data, void *data_end, struct bh_p
 	p->proto = iph->protocol;
 	p->saddr4_be = iph->saddr;
 	p->daddr4_be = iph->daddr;
-	bh_v4mapped(p->saddr, iph->saddr);
-	bh_v4mapped(p->daddr, iph->daddr);
+	/* saddr/daddr (16-byte forms) are filled by bh_pkt_addrs16() off the fast path. */
 	p->ip_len = tot;
 	p->l4_off = p->l3_off + hl;
 	p->l4_len = tot - hl;

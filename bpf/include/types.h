@@ -27,22 +27,29 @@ struct bh_slot_cfg {
 	__u8 unknown_sni;     /* BH_ACT_ALLOW or BH_ACT_DENY */
 	__u8 pad;
 };
-#define BH_SLOTF_AUDIT 0x1 /* settings.mode: audit */
+#define BH_SLOTF_AUDIT 0x1   /* settings.mode: audit */
+#define BH_SLOTF_SRC_LPM 0x2 /* the slot has source prefixes (not only hosts): consult src_ident */
+#define BH_SLOTF_DST_LPM 0x4 /* likewise destinations: consult dst_ident */
+#define BH_SLOTF_POL_LPM 0x8 /* the slot has port-range blocks: consult policy */
 
 /* seg_map_N: ingress ifindex -> segment. */
 struct bh_seg_val {
-	__u32 segment_id; /* 1..65535 */
+	__u32 segment_id; /* 1..65535; 0 = interface in no segment */
 	__u32 flags;
 };
 
-/* src_ident_N (LPM): (segment, source address) -> app. */
+/*
+ * src_host_N (hash, prefixlen = BH_SRC_PLEN_HOST) and src_ident_N (LPM, the
+ * shorter prefixes): (segment, source address) -> app. A host entry is the
+ * longest possible match, so trying the hash first gives the LPM answer.
+ */
 struct bh_src_key {
 	__u32 prefixlen; /* BH_SEG_BITS + address bits (v4: + BH_V4MAPPED_BITS) */
 	__u32 segment_id;
 	__u8 addr[16];   /* IPv6, or IPv4-mapped IPv6 */
 };
 
-/* dst_ident_N (LPM): destination address -> app (no segment: destinations are distinct). */
+/* dst_host_N (hash) / dst_ident_N (LPM): destination address -> app (destinations are distinct). */
 struct bh_dst_key {
 	__u32 prefixlen;
 	__u8 addr[16];
@@ -55,9 +62,12 @@ struct bh_ident {
 };
 
 /*
- * policy_N (LPM): (src app, dst app, proto, dport) -> action. Wildcards are
- * shorter prefixes; the compiler resolves precedence (deny beats allow)
- * before emitting, so the longest match is always the right answer.
+ * pol_exact_N (hash) and policy_N (LPM, port-range blocks only):
+ * (src app, dst app, proto, dport) -> action. Wildcards are shorter
+ * prefixes; the compiler resolves precedence (deny beats allow) before
+ * emitting, so the longest match is always the right answer. The datapath
+ * tries, longest first: one port (hash), a range block (trie), any port
+ * (hash), any protocol (hash); prefixlen is part of the hash key.
  */
 struct bh_policy_key {
 	__u32 prefixlen;
