@@ -1,0 +1,484 @@
+"""A gateway topology in network namespaces, for the demo and the integration tests.
+
+    <p>-prod  eth0 198.18.1.10/24 fd00:1::10/64 ----- bh-prod \\
+    <p>-dev   eth0 198.18.1.10/24 fd00:1::10/64 ----- bh-dev   >  <p>-gw (bulkhead)
+    <p>-core  eth0 198.19.0.10/24 198.19.0.20/24 ---- bh-core /
+                   fd00:19::10/64 fd00:19::20/64
+
+The gateway has 198.18.1.1/24 + fd00:1::1/64 on BOTH bh-prod and bh-dev (the
+two client segments overlap on purpose) and 198.19.0.1/24 + fd00:19::1/64 on
+bh-core; every other namespace routes by default via the gateway. Forwarding
+on the gateway is left off: the agent's plumbing turns it on.
+
+`<p>` is unique per Topology (pid + counter), so parallel test runs and the
+demo never collide; interface names are per namespace, so every topology
+has its own bh-prod. Only 198.18.0.0/15 and fd00::/8 are used.
+
+Facts this relies on:
+- XDP_TX on a veth (bulkhead's RST for `reject`) reaches the peer only if the
+  peer has an XDP program of its own (GRO alone is not enough on 6.18, see
+  PEER_XDP_NOTE): create() turns GRO on and attaches an XDP_PASS program to
+  every client/server-side peer.
+- `ip netns exec` remounts /sys, so /sys/fs/bpf pins made inside it vanish
+  with it: run the agent with gw_cmd() (nsenter --net, root mount namespace).
+
+Servers: `python -m agent.topology serve NAME --tcp ADDR:PORT --udp ADDR:PORT`
+greets each TCP connection with "hello from NAME\\n" and then echoes; UDP
+datagrams come back as b"NAME: " + data. No http.server (its bind does a
+reverse DNS lookup that hangs without DNS).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import ipaddress
+import itertools
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+REPO = Path(__file__).resolve().parents[1]
+
+CLIENT_V4, CLIENT_V6 = "198.18.1.10", "fd00:1::10"
+GW_CLIENT_V4, GW_CLIENT_V6 = "198.18.1.1", "fd00:1::1"
+PAYMENTS_V4, PAYMENTS_V6 = "198.19.0.10", "fd00:19::10"
+CATALOG_V4, CATALOG_V6 = "198.19.0.20", "fd00:19::20"
+GW_CORE_V4, GW_CORE_V6 = "198.19.0.1", "fd00:19::1"
+
+ROLES = ("gw", "prod", "dev", "core")
+# gateway interface -> (peer namespace role, gateway addresses, peer addresses, peer default gw)
+LINKS = {
+    "bh-prod": ("prod", ["198.18.1.1/24", "fd00:1::1/64"], ["198.18.1.10/24", "fd00:1::10/64"],
+                (GW_CLIENT_V4, GW_CLIENT_V6)),
+    "bh-dev": ("dev", ["198.18.1.1/24", "fd00:1::1/64"], ["198.18.1.10/24", "fd00:1::10/64"],
+               (GW_CLIENT_V4, GW_CLIENT_V6)),
+    "bh-core": ("core", ["198.19.0.1/24", "fd00:19::1/64"],
+                ["198.19.0.10/24", "198.19.0.20/24", "fd00:19::10/64", "fd00:19::20/64"],
+                (GW_CORE_V4, GW_CORE_V6)),
+}
+PEER_IF = "eth0"
+STALE_RE = re.compile(r"^(bht|bhdemo)(\d+)x\d+-(gw|prod|dev|core)$")
+
+_counter = itertools.count()
+_libc = None
+_libbpf = None
+
+# PEER_XDP_NOTE: a reject's RST leaves the gateway by XDP_TX on its veth, which
+# puts the frame on the peer's XDP ring. The kernel (veth_xdp_flush, seen on
+# 6.18) only kicks the peer's NAPI to drain that ring when the peer has an XDP
+# program itself: with GRO alone the frame xdp_bulk_tx reports as "sent" sits
+# in the ring and the client never gets its RST. So every client/server-side
+# peer gets this two-instruction XDP_PASS program: r0 = XDP_PASS; exit.
+XDP_FLAGS_DRV_MODE = 1 << 2
+BPF_PROG_TYPE_XDP = 6
+XDP_PASS_INSNS = bytes([0xB7, 0, 0, 0, 2, 0, 0, 0,  # BPF_ALU64|BPF_MOV|BPF_K r0, 2
+                        0x95, 0, 0, 0, 0, 0, 0, 0])  # BPF_JMP|BPF_EXIT
+
+
+def _bpf() -> ctypes.CDLL:
+    global _libbpf
+    if _libbpf is None:
+        for name in ("libbpf.so.1", "libbpf.so.0", "libbpf.so"):
+            try:
+                _libbpf = ctypes.CDLL(name, use_errno=True)
+                break
+            except OSError:
+                continue
+        else:
+            raise RuntimeError("libbpf not found (apt install libbpf1)")
+        _libbpf.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                          ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
+        _libbpf.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
+    return _libbpf
+
+
+def _load_xdp_pass() -> int:
+    fd = _bpf().bpf_prog_load(BPF_PROG_TYPE_XDP, b"bh_peer_pass", b"GPL", XDP_PASS_INSNS,
+                              len(XDP_PASS_INSNS) // 8, None)
+    if fd < 0:
+        raise OSError(-fd, f"loading the peer XDP_PASS program: {os.strerror(-fd)}")
+    return fd
+
+
+def _setns(path: str) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"setns({path}): {os.strerror(e)}")
+    finally:
+        os.close(fd)
+
+
+def reap_stale(kinds: tuple[str, ...] = ("bht", "bhdemo")) -> list[str]:
+    """Delete namespaces left by topologies whose process is gone (a crashed run)."""
+    removed = []
+    if not NETNS_DIR.exists():
+        return removed
+    for p in sorted(NETNS_DIR.iterdir()):
+        m = STALE_RE.match(p.name)
+        if not m or m.group(1) not in kinds:
+            continue
+        if Path(f"/proc/{m.group(2)}").exists():
+            continue
+        subprocess.run(["ip", "netns", "del", p.name], capture_output=True)
+        removed.append(p.name)
+    return removed
+
+
+@dataclasses.dataclass
+class Probe:
+    """What one connection attempt did."""
+
+    result: str  # connected | refused | timeout | error
+    reply: str = ""
+    seconds: float = 0.0
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result == "connected"
+
+
+class Topology:
+    def __init__(self, kind: str = "bht"):
+        if kind not in ("bht", "bhdemo"):
+            raise ValueError("kind is bht (tests) or bhdemo (the demo)")
+        self.prefix = f"{kind}{os.getpid()}x{next(_counter)}"
+        self.ns = {role: f"{self.prefix}-{role}" for role in ROLES}
+        self.gw = self.ns["gw"]
+        self.procs: list[subprocess.Popen] = []
+        self.created = False
+
+    # ------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "Topology":
+        try:
+            self.create()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def name(self, ns: str) -> str:
+        return self.ns.get(ns, ns)
+
+    def _ip(self, *args: str) -> None:
+        p = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+
+    def create(self) -> "Topology":
+        self.created = True
+        for role in ROLES:
+            name = self.ns[role]
+            if (NETNS_DIR / name).exists():  # ours by name: a leftover of a crashed run
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            self._ip("netns", "add", name)
+            # No DAD: addresses are usable at once (the links are point-to-point veths).
+            self.run(role, ["sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0",
+                            "net.ipv6.conf.default.accept_dad=0"])
+            self._ip("-n", name, "link", "set", "lo", "up")
+        for gw_if, (role, gw_addrs, peer_addrs, (v4gw, v6gw)) in LINKS.items():
+            peer_ns = self.ns[role]
+            self._ip("-n", self.gw, "link", "add", gw_if, "type", "veth", "peer", "name", PEER_IF,
+                     "netns", peer_ns)
+            for a in gw_addrs:
+                self._ip("-n", self.gw, "addr", "add", a, "dev", gw_if, *(["nodad"] if ":" in a else []))
+            for a in peer_addrs:
+                self._ip("-n", peer_ns, "addr", "add", a, "dev", PEER_IF, *(["nodad"] if ":" in a else []))
+            self._ip("-n", self.gw, "link", "set", gw_if, "up")
+            self._ip("-n", peer_ns, "link", "set", PEER_IF, "up")
+            self._ip("-n", peer_ns, "route", "add", "default", "via", v4gw)
+            self._ip("-n", peer_ns, "-6", "route", "add", "default", "via", v6gw)
+            # NAPI on the peer (GRO on): XDP_TX toward a veth peer without NAPI is dropped.
+            self.run(role, ["ethtool", "-K", PEER_IF, "gro", "on"])
+        self._attach_peer_xdp()
+        return self
+
+    def _attach_peer_xdp(self) -> None:
+        """An XDP_PASS program on every client/server-side peer (see PEER_XDP_NOTE)."""
+        fd = _load_xdp_pass()
+        try:
+            for role in ("prod", "dev", "core"):
+                err: list = []
+
+                def work():
+                    try:
+                        _setns(str(NETNS_DIR / self.ns[role]))
+                        ifindex = socket.if_nametoindex(PEER_IF)
+                        if _bpf().bpf_xdp_attach(ifindex, fd, XDP_FLAGS_DRV_MODE, None) != 0:
+                            raise OSError(ctypes.get_errno(), "bpf_xdp_attach")
+                    except BaseException as e:
+                        err.append(e)
+
+                t = threading.Thread(target=work)
+                t.start()
+                t.join()
+                if err:
+                    raise RuntimeError(f"XDP pass program on {role}/{PEER_IF}: {err[0]}")
+        finally:
+            os.close(fd)  # the attachments keep the program alive
+
+    def destroy(self) -> None:
+        """Stop what we spawned and delete every namespace. Idempotent, never raises."""
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.terminate()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+        for role in ROLES:
+            if (NETNS_DIR / self.ns[role]).exists():
+                subprocess.run(["ip", "netns", "del", self.ns[role]], capture_output=True)
+
+    # ------------------------------------------------------------ commands
+    def cmd(self, ns: str, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name(ns), *argv]
+
+    def gw_cmd(self, argv: list[str]) -> list[str]:
+        """A command in the gateway's network namespace that keeps /sys (and /sys/fs/bpf)."""
+        return ["nsenter", f"--net={NETNS_DIR / self.gw}", *argv]
+
+    def run(self, ns: str, argv: list[str], check: bool = True, timeout: float = 60,
+            **kw) -> subprocess.CompletedProcess:
+        full = self.gw_cmd(argv) if ns == "gw" else self.cmd(ns, argv)
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        p = subprocess.run(full, timeout=timeout, **kw)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"{' '.join(full)}: exit {p.returncode}: {(p.stderr or '').strip()}")
+        return p
+
+    def spawn(self, ns: str, argv: list[str], **kw) -> subprocess.Popen:
+        """A background process in `ns`; destroy() stops it. ns "gw" uses nsenter (see gw_cmd)."""
+        full = self.gw_cmd(argv) if ns == "gw" else self.cmd(ns, argv)
+        p = subprocess.Popen(full, **kw)
+        self.procs.append(p)
+        return p
+
+    # -------------------------------------------------------------- sockets
+    def socket(self, ns: str, family: int = socket.AF_INET, type_: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket that lives in `ns` (created by a thread that entered it), usable from here."""
+        out: dict = {}
+
+        def work():
+            try:
+                _setns(str(NETNS_DIR / self.name(ns)))
+                out["s"] = socket.socket(family, type_)
+            except BaseException as e:  # handed to the caller
+                out["e"] = e
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        if "e" in out:
+            raise out["e"]
+        return out["s"]
+
+    def tcp(self, ns: str, addr: str, port: int, timeout: float = 1.5, send: bytes | None = None,
+            keep: bool = False):
+        """Connect from `ns`, read the greeting, optionally send `send` and read its echo.
+
+        Returns a Probe, or (Probe, socket) with keep=True (socket None unless connected).
+        """
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        s = self.socket(ns, fam, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        t0 = time.monotonic()
+        probe = Probe("error")
+        try:
+            s.connect((addr, port))
+            reply = _recv_line(s)
+            if send is not None:
+                s.sendall(send)
+                reply += _recv_exact(s, len(send)).decode(errors="replace")
+            probe = Probe("connected", reply.strip())
+        except ConnectionRefusedError as e:
+            probe = Probe("refused", detail=str(e))
+        except (socket.timeout, TimeoutError) as e:
+            probe = Probe("timeout", detail=str(e))
+        except OSError as e:
+            probe = Probe("error", detail=f"{type(e).__name__}: {e}")
+        probe.seconds = time.monotonic() - t0
+        if keep and probe.ok:
+            return probe, s
+        s.close()
+        return (probe, None) if keep else probe
+
+    def udp(self, ns: str, addr: str, port: int, payload: bytes = b"ping", timeout: float = 1.5) -> Probe:
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        s = self.socket(ns, fam, socket.SOCK_DGRAM)
+        s.settimeout(timeout)
+        t0 = time.monotonic()
+        try:
+            s.connect((addr, port))  # connected: an ICMP unreachable surfaces as ECONNREFUSED
+            s.send(payload)
+            data = s.recv(2048)
+            probe = Probe("connected", data.decode(errors="replace"))
+        except ConnectionRefusedError as e:
+            probe = Probe("refused", detail=str(e))
+        except (socket.timeout, TimeoutError) as e:
+            probe = Probe("timeout", detail=str(e))
+        except OSError as e:
+            probe = Probe("error", detail=f"{type(e).__name__}: {e}")
+        finally:
+            s.close()
+        probe.seconds = time.monotonic() - t0
+        return probe
+
+    def ping(self, ns: str, addr: str, timeout: float = 1.0) -> Probe:
+        t0 = time.monotonic()
+        p = self.run(ns, ["ping", "-n", "-c", "1", "-W", str(max(1, round(timeout))), addr], check=False)
+        secs = time.monotonic() - t0
+        if p.returncode == 0:
+            return Probe("connected", "echo reply", secs)
+        out = (p.stdout + p.stderr).strip().splitlines()
+        # An ICMP error back (bulkhead's reject: v4 "Packet filtered", v6 "Administratively prohibited")
+        errors = [ln for ln in out if ln.startswith("From ")]
+        if errors:
+            return Probe("refused", seconds=secs, detail=errors[0])
+        return Probe("timeout", seconds=secs, detail=out[-1] if out else "")
+
+    # -------------------------------------------------------------- servers
+    def serve(self, ns: str, name: str, tcp: list[str] = (), udp: list[str] = ()) -> subprocess.Popen:
+        """Start a greeting/echo server in `ns` and wait until it listens."""
+        argv = [sys.executable, "-m", "agent.topology", "serve", name]
+        for a in tcp:
+            argv += ["--tcp", a]
+        for a in udp:
+            argv += ["--udp", a]
+        p = self.spawn(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            p.kill()
+            raise RuntimeError(f"server {name} did not start: {line!r} {p.stderr.read()[-2000:]}")
+        return p
+
+    def start_core_servers(self, payments_ports=(8443,), catalog_ports=(8080,), udp_port=5353) -> None:
+        """payments on 198.19.0.10/fd00:19::10, catalog on .20/::20: TCP ports + UDP echo."""
+        for name, (v4, v6), ports in (("payments", (PAYMENTS_V4, PAYMENTS_V6), payments_ports),
+                                      ("catalog", (CATALOG_V4, CATALOG_V6), catalog_ports)):
+            self.serve("core", name,
+                       tcp=[f"{v4}:{p}" for p in ports] + [f"[{v6}]:{p}" for p in ports],
+                       udp=[f"{v4}:{udp_port}", f"[{v6}]:{udp_port}"])
+
+
+def _recv_line(s: socket.socket, limit: int = 4096) -> str:
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < limit:
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace")
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionResetError("peer closed")
+        buf += chunk
+    return buf
+
+
+# ------------------------------------------------------------------ server
+def _parse_addr(text: str) -> tuple[int, tuple]:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    return fam, (host, int(port))
+
+
+def _serve(name: str, tcp: list[str], udp: list[str]) -> None:
+    greeting = f"hello from {name}\n".encode()
+    sel = selectors.DefaultSelector()
+    for spec in tcp:
+        fam, addr = _parse_addr(spec)
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        s.listen(128)
+        sel.register(s, selectors.EVENT_READ, "accept")
+    for spec in udp:
+        fam, addr = _parse_addr(spec)
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind(addr)
+        sel.register(s, selectors.EVENT_READ, "udp")
+
+    def conn(c: socket.socket) -> None:
+        with c:
+            try:
+                c.sendall(greeting)
+                while True:
+                    data = c.recv(65536)
+                    if not data:
+                        return
+                    c.sendall(data)
+            except OSError:
+                return
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            s = key.fileobj
+            if key.data == "accept":
+                try:
+                    c, _ = s.accept()
+                except OSError:
+                    continue
+                threading.Thread(target=conn, args=(c,), daemon=True).start()
+            else:
+                try:
+                    data, peer = s.recvfrom(65536)
+                    s.sendto(name.encode() + b": " + data, peer)
+                except OSError:
+                    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agent.topology")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("serve", help="greeting/echo TCP and UDP echo server")
+    sp.add_argument("name")
+    sp.add_argument("--tcp", action="append", default=[], metavar="ADDR:PORT")
+    sp.add_argument("--udp", action="append", default=[], metavar="ADDR:PORT")
+    sub.add_parser("reap", help="delete namespaces of crashed topologies")
+    a = ap.parse_args(argv)
+    if a.cmd == "serve":
+        _serve(a.name, a.tcp, a.udp)
+    else:
+        for n in reap_stale():
+            print(f"deleted netns {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
