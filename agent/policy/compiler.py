@@ -1,0 +1,211 @@
+"""Compile a validated Policy into a Bundle: ids and LPM map entries.
+
+Pure: no kernel, no files. The hard part is the policy trie. The kernel does
+one longest-prefix lookup on (src app, dst app, proto, dport) and takes the
+entry it finds as the verdict, so precedence (deny beats allow, earlier rule
+wins a tie) must be resolved here, before anything is emitted:
+
+- An any-protocol rule is one entry at prefixlen 64: the pair's best
+  any-protocol rule.
+- For every protocol some rule of the pair names, each port of 1..65535 (or
+  the whole protocol, for ICMP) gets the best rule among that protocol's
+  rules *and* the any-protocol ones. Runs of ports with the same winner
+  become aligned power-of-two blocks (prefixlen 80 + fixed bits).
+- Where the winner is the pair's best any-protocol rule, nothing more is
+  emitted: the lookup falls back to the prefixlen-64 entry, which says the
+  same. This keeps `deny everything, allow tcp/443` at one entry instead of
+  thirty, and `allow all, deny tcp/22` at two.
+
+Ports are never longer-prefix-overlapping: for each (pair, protocol) the
+emitted port blocks are disjoint, so the longest match is unambiguous.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import NamedTuple, Optional
+
+from ..datapath.abi import (
+    ACTF_AUDIT,
+    POLICY_PLEN_ANY_PORT,
+    POLICY_PLEN_ANY_PROTO,
+    POLICY_PLEN_PORT_BASE,
+    Action,
+)
+from . import ports as portlib
+from .bundle import Bundle
+from .model import App, Policy, Rule
+
+# Precedence ranks: higher wins; equal ranks go to the earlier rule.
+RANK_DENY = 4  # enforced deny/reject
+RANK_AUDIT_DENY = 3  # deny/reject in audit mode: still wins, but only counts
+RANK_L7 = 2  # allow with http conditions: the verifier decides
+RANK_ALLOW = 1  # allow (or SNI-checked allow)
+
+_ACTIONS = {"allow": Action.ALLOW, "deny": Action.DENY, "reject": Action.REJECT}
+
+
+class Verdict(NamedTuple):
+    """What one rule would do, and how strongly: the unit of precedence."""
+
+    rank: int
+    rule_id: int  # 1.. in file order; lower wins a tie
+    action: int
+    flags: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Sort key: the smallest key is the winner."""
+        return (-self.rank, self.rule_id)
+
+
+def rule_verdict(rule: Rule, rule_id: int, dst: App, settings_mode: str) -> Verdict:
+    """Rank, action and flags of `rule`, following the precedence in docs/policy.md."""
+    if rule.action in ("deny", "reject"):
+        audit = rule.mode == "audit" or settings_mode == "audit"
+        return Verdict(RANK_AUDIT_DENY if audit else RANK_DENY, rule_id,
+                       int(_ACTIONS[rule.action]), ACTF_AUDIT if audit else 0)
+    if rule.l7:
+        return Verdict(RANK_L7, rule_id, int(Action.L7), 0)
+    # A destination named by hostnames is only allowed once the ClientHello's
+    # server name matched: the kernel decides that flow on its first payload.
+    action = Action.SNI if dst.hostnames else Action.ALLOW
+    return Verdict(RANK_ALLOW, rule_id, int(action), 0)
+
+
+def compile_policy(policy: Policy) -> Bundle:
+    """Assign ids in file order and emit every map entry."""
+    seg_ids = {s.name: i for i, s in enumerate(policy.segments, 1)}
+    app_ids = {a.name: i for i, a in enumerate(policy.apps, 1)}
+    apps = {a.name: a for a in policy.apps}
+
+    src_entries = [
+        (seg_ids[app.segment], addr.addr16, addr.prefixlen128, app_ids[app.name])
+        for app in policy.apps
+        for addr in app.addresses
+    ]
+
+    destinations = {rule.dst for rule in policy.rules}
+    dst_entries = [
+        (addr.addr16, addr.prefixlen128, app_ids[app.name], seg_ids[app.segment])
+        for app in policy.apps
+        if app.name in destinations
+        for addr in app.addresses
+    ]
+
+    # Group each rule's (verdict, match set) by the app pair it governs.
+    pairs: dict[tuple[int, int], list[tuple[Verdict, portlib.PortSet]]] = {}
+    for rule_id, rule in enumerate(policy.rules, 1):
+        dst = apps[rule.dst]
+        match = portlib.intersect(portlib.portset(rule.ports), portlib.portset(dst.ports))
+        if portlib.is_empty(match):
+            continue  # validation rejects this; defensive for direct callers
+        verdict = rule_verdict(rule, rule_id, dst, policy.settings.mode)
+        pairs.setdefault((app_ids[rule.src], app_ids[dst.name]), []).append((verdict, match))
+
+    policy_entries = []
+    for (src_id, dst_id), cands in sorted(pairs.items()):
+        for plen, proto, dport, v in pair_entries(cands):
+            policy_entries.append((plen, src_id, dst_id, proto, dport, v.action, v.flags, v.rule_id))
+
+    return Bundle(
+        settings=policy.settings.as_dict(),
+        segments=[{"id": seg_ids[s.name], "name": s.name, "interfaces": list(s.interfaces)}
+                  for s in policy.segments],
+        apps=[{"id": app_ids[a.name], "name": a.name, "segment": a.segment,
+               "addresses": [str(x) for x in a.addresses],
+               "ports": [str(p) for p in a.ports or []],
+               "hostnames": list(a.hostnames)}
+              for a in policy.apps],
+        rules=[{"id": i, "name": r.name, "from": r.src, "to": r.dst, "action": r.action,
+                "mode": r.mode, "ports": [str(p) for p in r.ports or []], "l7": r.l7}
+               for i, r in enumerate(policy.rules, 1)],
+        src_entries=src_entries,
+        dst_entries=dst_entries,
+        policy_entries=policy_entries,
+        source=list(policy.sources),
+        warnings=list(policy.warnings),
+    )
+
+
+def _best(verdicts) -> Optional[Verdict]:
+    return min(verdicts, key=lambda v: v.key, default=None)
+
+
+def pair_entries(cands: list[tuple[Verdict, portlib.PortSet]]) -> list[tuple[int, int, int, Verdict]]:
+    """LPM entries (prefixlen, proto, dport, verdict) for one (src app, dst app) pair."""
+    if len(cands) == 1:
+        # The common case (one rule per pair): nothing to resolve.
+        return _single_rule_entries(*cands[0])
+    out = []
+    any_best = _best(v for v, match in cands if match is None)
+    if any_best is not None:
+        out.append((POLICY_PLEN_ANY_PROTO, 0, 0, any_best))
+
+    protos = sorted({p for _, match in cands if match is not None for p in match})
+    for proto in protos:
+        per_proto = [(v, match[proto]) for v, match in cands if match is not None and proto in match]
+        if proto in portlib.PORTLESS:
+            win = _best([v for v, _ in per_proto] + ([any_best] if any_best else []))
+            if win != any_best:
+                out.append((POLICY_PLEN_ANY_PORT, proto, 0, win))
+            continue
+        for lo, hi, win in port_winners(per_proto, any_best):
+            if win == any_best:
+                continue  # the prefixlen-64 entry already gives this verdict
+            for start, bits in portlib.range_to_blocks(lo, hi):
+                out.append((POLICY_PLEN_PORT_BASE + bits, proto, start, win))
+    return out
+
+
+def _single_rule_entries(v: Verdict, match: portlib.PortSet) -> list[tuple[int, int, int, Verdict]]:
+    if match is None:
+        return [(POLICY_PLEN_ANY_PROTO, 0, 0, v)]
+    out = []
+    for proto in sorted(match):
+        if proto in portlib.PORTLESS:
+            out.append((POLICY_PLEN_ANY_PORT, proto, 0, v))
+            continue
+        for lo, hi in match[proto]:
+            for start, bits in portlib.range_to_blocks(lo, hi):
+                out.append((POLICY_PLEN_PORT_BASE + bits, proto, start, v))
+    return out
+
+
+def port_winners(per_proto: list[tuple[Verdict, portlib.Intervals]],
+                 fallback: Optional[Verdict]) -> list[tuple[int, int, Verdict]]:
+    """Maximal port runs [lo, hi] of 1..65535 with their winning verdict.
+
+    A sweep over interval boundaries keeps the rules covering the current
+    port in a heap ordered by precedence (removed lazily), so a pair with
+    many port rules costs O(n log n), not O(ports x rules). `fallback` (the
+    best any-protocol rule) covers every port. Ports no rule covers are left
+    out.
+    """
+    events: dict[int, list[tuple[int, Verdict]]] = {}
+    for v, intervals in per_proto:
+        for lo, hi in intervals:
+            events.setdefault(lo, []).append((+1, v))
+            events.setdefault(hi + 1, []).append((-1, v))
+    points = sorted(set(events) | {portlib.PORT_MIN, portlib.PORT_MAX + 1})
+
+    active: list[tuple[tuple[int, int], Verdict]] = []
+    live: dict[Verdict, int] = {}
+    runs: list[list] = []  # [lo, hi, verdict]
+    for i, pos in enumerate(points[:-1]):
+        for delta, v in events.get(pos, ()):
+            live[v] = live.get(v, 0) + delta
+            if delta > 0:
+                heapq.heappush(active, (v.key, v))
+        while active and live.get(active[0][1], 0) <= 0:
+            heapq.heappop(active)
+        if pos < portlib.PORT_MIN:
+            continue
+        end = min(points[i + 1] - 1, portlib.PORT_MAX)
+        win = _best([v for v in (active[0][1] if active else None, fallback) if v is not None])
+        if win is None:
+            continue
+        if runs and runs[-1][2] == win and runs[-1][1] == pos - 1:
+            runs[-1][1] = end
+        else:
+            runs.append([pos, end, win])
+    return [(lo, hi, v) for lo, hi, v in runs]

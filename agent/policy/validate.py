@@ -1,0 +1,566 @@
+"""Check policy files and build the validated model (model.Policy).
+
+Validation runs in two passes so that one run reports every problem:
+
+1. shape: each file on its own — known keys, types, names, addresses,
+   ports, hostnames. A malformed field is reported and left out; the rest of
+   its object is still built, so later checks can use it.
+2. meaning: across all files — references between segments, apps and
+   rules, address overlaps, port intersections, and the warnings about
+   features this version does not have.
+
+Nothing here raises until the end: `validate_files` raises one PolicyError
+carrying every Diag, sorted by file and line.
+"""
+from __future__ import annotations
+
+import difflib
+import heapq
+import ipaddress
+import re
+from typing import Any, Callable, Optional
+
+from . import ports as portlib
+from .loader import YMap, YSeq, load_yaml, type_name
+from .model import Address, App, Diags, Loc, Policy, PolicyError, Rule, Segment, Settings, Tls
+
+POLICY_VERSION = 1
+
+TOP_KEYS = ("version", "settings", "segments", "apps", "rules")
+SETTINGS_KEYS = ("default_action", "mode", "unknown_sni")
+SEGMENT_KEYS = ("name", "interfaces")
+APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls")
+TLS_KEYS = ("cert", "key")
+RULE_KEYS = ("name", "from", "to", "action", "ports", "mode", "http")
+HTTP_KEYS = ("methods", "paths", "hosts", "headers", "tokens")
+
+SETTING_CHOICES = {
+    "default_action": ("deny", "allow"),
+    "mode": ("enforce", "audit"),
+    "unknown_sni": ("deny", "allow"),
+}
+RULE_ACTIONS = ("allow", "deny", "reject")
+RULE_MODES = ("enforce", "audit")
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME_RULE = "1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+# Linux dev_valid_name(): shorter than IFNAMSIZ (16), not "." or "..",
+# no '/', ':' or whitespace.
+IFNAME_MAX = 15
+_IFNAME_BAD = re.compile(r"[/:\s]")
+
+# The segment id is 16 bits in the flow key (bh_flow4_key.segment_id).
+MAX_SEGMENTS = 65535
+
+HOSTNAME_MAX = 253
+_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+L7_WARNING = (
+    "rule {rule} needs the L7 verifier, which this version does not ship: "
+    "its traffic is dropped (counted as punt_no_handler)"
+)
+SNI_WARNING = (
+    "rule {rule} to app {app} (named by hostnames) needs in-kernel SNI matching, not in this "
+    "version: its traffic is dropped (counted as punt_no_handler)"
+)
+SNI_ONLY_WARNING = (
+    "rule {rule}: app {app} has hostnames but no addresses, and finding a destination by "
+    "hostname needs in-kernel SNI matching, not in this version: the rule matches nothing "
+    "and settings.default_action decides its traffic"
+)
+DST_OVERLAP_WHY = (
+    "destinations are looked up by address only, so two destination apps may not share "
+    "addresses, even in different segments"
+)
+
+
+def validate_files(paths: list[str]) -> Policy:
+    """Load and check `paths` as one policy; raise PolicyError listing every problem."""
+    diags = Diags(list(paths))
+    builder = _Builder(diags)
+    for path in paths:
+        before = len(diags.errors)
+        doc = load_yaml(path, diags)
+        if len(diags.errors) > before and doc is None:
+            builder.load_failed = True
+            continue
+        builder.add_document(path, doc)
+    policy = builder.finish(list(paths))
+    if diags.errors:
+        raise PolicyError(diags.errors)
+    policy.warnings = diags.warnings
+    return policy
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Builder:
+    """Accumulates segments, apps and rules from every file, then cross-checks them."""
+
+    def __init__(self, diags: Diags):
+        self.diags = diags
+        # A file that could not be parsed may hold the segment or app that a
+        # reference points to: skip "not defined" errors rather than guess.
+        self.load_failed = False
+        self.version_loc: Optional[Loc] = None
+        self.settings_loc: Optional[Loc] = None
+        self.settings = Settings()
+        self.segments: dict[str, Segment] = {}
+        self.apps: dict[str, App] = {}
+        self.rules: dict[str, Rule] = {}
+        self.iface_owner: dict[str, tuple[str, Loc]] = {}
+        self._app_order: Optional[dict[str, int]] = None
+
+    def error(self, loc: Loc, message: str) -> None:
+        self.diags.error(loc, message)
+
+    # ------------------------------------------------------------- shape --
+
+    def add_document(self, path: str, doc: Any) -> None:
+        if doc is None or not isinstance(doc, YMap):
+            # Nothing usable in this file: its absent definitions must not
+            # turn into "version is required" or "not defined" errors too.
+            self.load_failed = True
+        if doc is None:
+            self.error(Loc(path, 1), "the file is empty: a policy is a mapping with version: 1, "
+                                     "settings, segments, apps and rules")
+            return
+        if not isinstance(doc, YMap):
+            self.error(Loc(path, 1), f"a policy must be a mapping with keys {', '.join(TOP_KEYS)}, "
+                                     f"got {type_name(doc)}")
+            return
+        self.check_keys(doc, TOP_KEYS, "policy")
+        if "version" in doc:
+            self.add_version(doc)
+        if "settings" in doc:
+            self.add_settings(doc)
+        for i, m in self.entries(doc, "segments", "segment", SEGMENT_KEYS):
+            self.add_segment(m, i)
+        for i, m in self.entries(doc, "apps", "app", APP_KEYS):
+            self.add_app(m, i)
+        for i, m in self.entries(doc, "rules", "rule", RULE_KEYS):
+            self.add_rule(m, i)
+
+    def check_keys(self, m: YMap, allowed: tuple[str, ...], label: str) -> None:
+        for key in m:
+            if key not in allowed:
+                self.error(m.loc(key), f"{label}: unknown key {key!r}{_suggest(key, allowed)}; "
+                                       f"allowed keys: {', '.join(allowed)}")
+
+    def add_version(self, doc: YMap) -> None:
+        loc = doc.loc("version")
+        if self.version_loc is not None:
+            self.error(loc, f"version is already set at {self.version_loc}: with several files, "
+                            "write version and settings in only one of them")
+            return
+        self.version_loc = loc
+        v = doc["version"]
+        # bool is an int subclass: `version: true` must not pass as 1.
+        if type(v) is not int or v != POLICY_VERSION:
+            self.error(loc, f"unsupported version: got {type_name(v)}; this agent reads `version: {POLICY_VERSION}`")
+
+    def add_settings(self, doc: YMap) -> None:
+        loc = doc.loc("settings")
+        if self.settings_loc is not None:
+            self.error(loc, f"settings are already set at {self.settings_loc}: with several files, "
+                            "write version and settings in only one of them")
+            return
+        self.settings_loc = loc
+        s = doc["settings"]
+        if s is None:
+            return  # `settings:` with nothing under it: all defaults
+        if not isinstance(s, YMap):
+            self.error(loc, f"settings must be a mapping, got {type_name(s)}")
+            return
+        self.check_keys(s, SETTINGS_KEYS, "settings")
+        for key, choices in SETTING_CHOICES.items():
+            value = self.choice(s, key, choices, getattr(self.settings, key), "settings")
+            setattr(self.settings, key, value)
+
+    def choice(self, m: YMap, key: str, choices: tuple[str, ...], default: str, label: str) -> str:
+        """An enumerated string value; reports and returns `default` when wrong."""
+        if key not in m:
+            return default
+        v = m[key]
+        if not isinstance(v, str) or v not in choices:
+            self.error(m.loc(key), f"{label}: {key} must be one of {' | '.join(choices)}, got {type_name(v)}")
+            return default
+        return v
+
+    def entries(self, doc: YMap, key: str, what: str, keys: tuple[str, ...]):
+        """The mappings of a top-level list, with their 1-based position."""
+        if key not in doc or doc[key] is None:
+            return
+        seq = doc[key]
+        if not isinstance(seq, YSeq):
+            self.error(doc.loc(key), f"{key} must be a list of {what}s, got {type_name(seq)}")
+            return
+        for i, item in enumerate(seq):
+            if not isinstance(item, YMap):
+                self.error(seq.loc(i), f"each entry of {key} must be a mapping with keys "
+                                       f"{', '.join(keys)}, got {type_name(item)}")
+                continue
+            yield i + 1, item
+
+    def name(self, m: YMap, kind: str, index: int, registry: dict) -> tuple[Optional[str], str]:
+        """Check the `name:` of a segment/app/rule.
+
+        Returns (name to register under, label for messages). An invalid but
+        string name is still returned, so references to it do not cascade
+        into "not defined" errors; None means do not register.
+        """
+        fallback = f"{kind} #{index} in {m.file}"
+        if "name" not in m:
+            self.error(m.loc(), f"{fallback} has no name")
+            return None, fallback
+        v = m["name"]
+        if not isinstance(v, str):
+            self.error(m.loc("name"), f"{kind} name must be a string, got {type_name(v)}")
+            return None, fallback
+        label = f"{kind} {v}"
+        if not NAME_RE.fullmatch(v):
+            self.error(m.loc("name"), f"{kind} name {v!r} is invalid: use {NAME_RULE}")
+            label = f"{kind} {v!r}"
+        if v in registry:
+            self.error(m.loc("name"), f"duplicate {kind} name {v!r} (first defined at {registry[v].loc})")
+            return None, label
+        return v, label
+
+    def string(self, m: YMap, key: str, label: str, required: bool = True) -> Optional[str]:
+        if key not in m:
+            if required:
+                self.error(m.loc(), f"{label}: {key} is required")
+            return None
+        v = m[key]
+        if not isinstance(v, str) or not v:
+            self.error(m.loc(key), f"{label}: {key} must be a non-empty string, got {type_name(v)}")
+            return None
+        return v
+
+    def string_list(self, m: YMap, key: str, label: str, what: str,
+                    absent: Optional[str] = None) -> Optional[list[tuple[str, Loc]]]:
+        """A non-empty list of strings, each with its line; None if absent or not a list.
+
+        An empty list or a bare `key:` is an error rather than "absent":
+        for `ports:` absent means *all*, and a list whose items were lost
+        must not silently widen a rule. `absent` says what leaving the key
+        out means, for the hint; None for required keys.
+        """
+        if key not in m:
+            return None
+        seq = m[key]
+        if not isinstance(seq, YSeq) or not seq:
+            hint = f" (leave {key} out to mean {absent})" if absent else ""
+            self.error(m.loc(key), f"{label}: {key} must be a non-empty list of {what}, got "
+                                   f"{type_name(seq)}{hint}")
+            return None
+        out = []
+        for i, item in enumerate(seq):
+            if not isinstance(item, str):
+                hint = ""
+                if key == "addresses" and isinstance(item, int):
+                    hint = " (quote IPv6 addresses, e.g. \"2001:db8::1\")"
+                self.error(seq.loc(i), f"{label}: each {key} entry must be a string, got {type_name(item)}{hint}")
+                continue
+            out.append((item, seq.loc(i)))
+        return out
+
+    def add_segment(self, m: YMap, index: int) -> None:
+        name, label = self.name(m, "segment", index, self.segments)
+        self.check_keys(m, SEGMENT_KEYS, label)
+        interfaces: list[str] = []
+        if "interfaces" not in m:
+            self.error(m.loc(), f"{label}: interfaces is required (the interfaces whose traffic "
+                                "belongs to this segment)")
+        for ifname, loc in self.string_list(m, "interfaces", label, "interface names") or []:
+            if not (1 <= len(ifname) <= IFNAME_MAX) or _IFNAME_BAD.search(ifname) or ifname in (".", ".."):
+                self.error(loc, f"{label}: interface name {ifname!r} is invalid: Linux interface names "
+                                f"are 1-{IFNAME_MAX} characters without '/', ':' or whitespace")
+                continue
+            owner = self.iface_owner.get(ifname)
+            if owner is not None:
+                where = "listed twice in this segment" if owner[0] == name else f"already in segment {owner[0]}"
+                self.error(loc, f"{label}: interface {ifname!r} is {where} ({owner[1]}); "
+                                "an interface belongs to one segment")
+                continue
+            self.iface_owner[ifname] = (name or label, loc)
+            interfaces.append(ifname)
+        if name is None:
+            return
+        if len(self.segments) == MAX_SEGMENTS:
+            self.error(m.loc("name"), f"{label}: too many segments (at most {MAX_SEGMENTS})")
+            return
+        self.segments[name] = Segment(name, interfaces, m.loc())
+
+    def add_app(self, m: YMap, index: int) -> None:
+        name, label = self.name(m, "app", index, self.apps)
+        self.check_keys(m, APP_KEYS, label)
+        segment = self.string(m, "segment", label)
+        addresses = []
+        for text, loc in self.string_list(m, "addresses", label, "addresses or CIDRs", "none") or []:
+            net = self.address(text, loc, label)
+            if net is not None:
+                addresses.append(Address(net, loc))
+        app_ports = self.port_specs(m, label)
+        hostnames: list[str] = []
+        for text, loc in self.string_list(m, "hostnames", label, "DNS names", "none") or []:
+            host = self.hostname(text, loc, label)
+            if host is not None and host not in hostnames:
+                hostnames.append(host)
+        tls = self.tls(m, label) if "tls" in m else None
+        if "addresses" not in m and "hostnames" not in m:
+            self.error(m.loc(), f"{label} needs addresses or hostnames (or both)")
+        if name is None:
+            return
+        self.apps[name] = App(name, segment, addresses, app_ports, hostnames, tls,
+                              m.loc(), m.loc("segment"), m.loc("ports"))
+
+    def address(self, text: str, loc: Loc, label: str):
+        """Parse an address or CIDR; host bits set is an error, not a silent mask."""
+        if "%" in text:
+            self.error(loc, f"{label}: {text!r}: scoped addresses (with %zone) are not supported")
+            return None
+        try:
+            return ipaddress.ip_network(text, strict=True)
+        except ValueError:
+            pass
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            self.error(loc, f"{label}: {text!r} is not an IPv4 or IPv6 address or CIDR")
+            return None
+        host = text.split("/", 1)[0]
+        self.error(loc, f"{label}: {text!r} has host bits set: write {loose} for the network, "
+                        f"or {host}/{loose.max_prefixlen} for the one address")
+        return None
+
+    def hostname(self, text: str, loc: Loc, label: str) -> Optional[str]:
+        """Normalize a DNS name (lowercase, no trailing dot) or report why it is not one."""
+        host = text.lower()
+        if host.endswith("."):
+            host = host[:-1]
+        labels = host.split(".")
+        check = labels[1:] if labels[0] == "*" else labels
+        try:
+            ipaddress.ip_address(host)
+            is_address = True
+        except ValueError:
+            is_address = False
+        why = None
+        if is_address:
+            why = "it is an address: put it in addresses (TLS server names are never addresses)"
+        elif not host or len(host) > HOSTNAME_MAX:
+            why = f"a DNS name is 1-{HOSTNAME_MAX} characters"
+        elif "*" in "".join(check):
+            why = "'*' is allowed only as the whole left-most label, as in *.example.com"
+        elif not check:
+            why = "a wildcard needs a domain after it, as in *.example.com"
+        elif not all(_LABEL_RE.fullmatch(lab) for lab in check):
+            why = "each label is 1-63 letters, digits or '-', not starting or ending with '-'"
+        if why:
+            self.error(loc, f"{label}: hostname {text!r} is invalid: {why}")
+            return None
+        return host
+
+    def tls(self, m: YMap, label: str) -> Optional[Tls]:
+        t = m["tls"]
+        if not isinstance(t, YMap):
+            self.error(m.loc("tls"), f"{label}: tls must be a mapping with cert and key (file paths), "
+                                     f"got {type_name(t)}")
+            return None
+        self.check_keys(t, TLS_KEYS, f"{label} tls")
+        cert = self.string(t, "cert", f"{label} tls")
+        key = self.string(t, "key", f"{label} tls")
+        if cert is None or key is None:
+            return None
+        return Tls(cert, key)
+
+    def port_specs(self, m: YMap, label: str) -> Optional[list[portlib.PortSpec]]:
+        items = self.string_list(m, "ports", label, "port specs like tcp/443", "all ports")
+        if items is None:
+            # Absent means all ports. Present but broken was reported; still
+            # build the object as "all" — the policy is rejected anyway.
+            return None
+        specs = []
+        for text, loc in items:
+            try:
+                specs.append(portlib.parse_port_spec(text))
+            except portlib.PortSpecError as e:
+                self.error(loc, f"{label}: {e}")
+        return specs or None
+
+    def add_rule(self, m: YMap, index: int) -> None:
+        name, label = self.name(m, "rule", index, self.rules)
+        self.check_keys(m, RULE_KEYS, label)
+        src = self.string(m, "from", label)
+        dst = self.string(m, "to", label)
+        action = self.choice(m, "action", RULE_ACTIONS, "allow", label)
+        mode = self.choice(m, "mode", RULE_MODES, "enforce", label)
+        rule_ports = self.port_specs(m, label)
+        http = self.http(m, label) if "http" in m else None
+        if "http" in m and action in ("deny", "reject"):
+            self.error(m.loc("http"), f"{label}: http conditions make an L7 allow rule; they cannot be "
+                                      f"combined with action: {action}")
+        if name is None:
+            return
+        self.rules[name] = Rule(name, src, dst, action, mode, rule_ports, http, m.loc(),
+                                m.loc("from"), m.loc("to"), m.loc("ports"), m.loc("http"))
+
+    def http(self, m: YMap, label: str) -> Optional[list[dict]]:
+        """Shape-check the L7 match list; its meaning is the verifier's, in a later version."""
+        seq = m["http"]
+        if not isinstance(seq, YSeq) or not seq:
+            self.error(m.loc("http"), f"{label}: http must be a non-empty list of request matches "
+                                      f"(keys {', '.join(HTTP_KEYS)}), got {type_name(seq)}")
+            return []
+        out = []
+        for i, entry in enumerate(seq):
+            if not isinstance(entry, YMap):
+                self.error(seq.loc(i), f"{label}: each http entry must be a mapping with keys "
+                                       f"{', '.join(HTTP_KEYS)}, got {type_name(entry)}")
+                continue
+            self.check_keys(entry, HTTP_KEYS, f"{label} http entry")
+            for key, value in entry.items():
+                if key in HTTP_KEYS and not isinstance(value, (YSeq, YMap)):
+                    self.error(entry.loc(key), f"{label}: http {key} must be a list or mapping, "
+                                               f"got {type_name(value)}")
+            out.append(_plain(entry))
+        return out
+
+    # ----------------------------------------------------------- meaning --
+
+    def finish(self, paths: list[str]) -> Policy:
+        if self.version_loc is None and not self.load_failed and paths:
+            self.error(Loc(paths[0], 1), f"version is required: add `version: {POLICY_VERSION}`")
+        self.check_app_segments()
+        self.check_segment_overlaps()
+        self.check_rules()
+        self.check_destination_overlaps()
+        self.collect_warnings()
+        return Policy(self.settings, list(self.segments.values()), list(self.apps.values()),
+                      list(self.rules.values()), paths)
+
+    def undefined(self, kind: str, ref: str, registry: dict) -> str:
+        return f"{kind} {ref!r} is not defined{_suggest(ref, registry)}"
+
+    def check_app_segments(self) -> None:
+        if self.load_failed:
+            return
+        for app in self.apps.values():
+            if app.segment is not None and app.segment not in self.segments:
+                self.error(app.segment_loc, f"app {app.name}: "
+                                            f"{self.undefined('segment', app.segment, self.segments)}")
+
+    def check_segment_overlaps(self) -> None:
+        """Within a segment the source trie must map each address to one app."""
+        by_segment: dict[str, list[tuple[Address, App]]] = {}
+        for app in self.apps.values():
+            if app.segment is not None:
+                by_segment.setdefault(app.segment, []).extend((a, app) for a in app.addresses)
+        for segment, items in by_segment.items():
+            for (a1, app1), (a2, app2) in _overlapping(items, lambda x, y: x is not y):
+                first, second = sorted(((a1, app1), (a2, app2)), key=lambda p: self.order(p[1]))
+                self.error(second[0].loc,
+                           f"apps {first[1].name} and {second[1].name} overlap in segment {segment}: "
+                           f"{first[0]} ({first[0].loc}) and {second[0]}; apps in one segment may "
+                           "not share addresses")
+
+    def order(self, app: App) -> int:
+        """File order of an app, so an overlap is reported at the later of the two."""
+        if self._app_order is None:
+            self._app_order = {name: i for i, name in enumerate(self.apps)}
+        return self._app_order[app.name]
+
+    def check_rules(self) -> None:
+        for rule in self.rules.values():
+            label = f"rule {rule.name}"
+            src = self.resolve_app(rule.src, rule.from_loc, label, "from")
+            dst = self.resolve_app(rule.dst, rule.to_loc, label, "to")
+            if src is not None and not src.addresses and src.hostnames:
+                self.error(rule.from_loc, f"{label}: from app {src.name} has no addresses; sources are "
+                                          "identified by address only, so the rule could never match")
+            if dst is not None and rule.ports is not None and dst.ports is not None:
+                mine, theirs = portlib.portset(rule.ports), portlib.portset(dst.ports)
+                if portlib.is_empty(portlib.intersect(mine, theirs)):
+                    self.error(rule.ports_loc,
+                               f"{label}: its ports ({portlib.format_portset(mine)}) and app {dst.name}'s "
+                               f"ports ({portlib.format_portset(theirs)}) have nothing in common, so the "
+                               "rule could never match")
+
+    def resolve_app(self, ref: Optional[str], loc: Loc, label: str, key: str) -> Optional[App]:
+        if ref is None:
+            return None
+        app = self.apps.get(ref)
+        if app is None and not self.load_failed:
+            self.error(loc, f"{label}: {key} {self.undefined('app', ref, self.apps)}")
+        return app
+
+    def destination_apps(self) -> list[App]:
+        seen: dict[str, App] = {}
+        for rule in self.rules.values():
+            app = self.apps.get(rule.dst) if rule.dst is not None else None
+            if app is not None and app.addresses:
+                seen.setdefault(app.name, app)
+        return list(seen.values())
+
+    def check_destination_overlaps(self) -> None:
+        """The destination trie has no segment in its key, so destinations must be disjoint.
+
+        Pairs in one segment were already reported by check_segment_overlaps.
+        """
+        items = [(a, app) for app in self.destination_apps() for a in app.addresses]
+        conflict = lambda x, y: x is not y and x.segment != y.segment  # noqa: E731
+        for (a1, app1), (a2, app2) in _overlapping(items, conflict):
+            first, second = sorted(((a1, app1), (a2, app2)), key=lambda p: self.order(p[1]))
+            self.error(second[0].loc,
+                       f"destination apps {first[1].name} (segment {first[1].segment}) and "
+                       f"{second[1].name} (segment {second[1].segment}) overlap: {first[0]} "
+                       f"({first[0].loc}) and {second[0]}; {DST_OVERLAP_WHY}")
+
+    def collect_warnings(self) -> None:
+        for rule in self.rules.values():
+            dst = self.apps.get(rule.dst) if rule.dst is not None else None
+            if dst is not None and dst.hostnames and not dst.addresses:
+                self.diags.warn(rule.loc, SNI_ONLY_WARNING.format(rule=rule.name, app=dst.name))
+            elif rule.l7:
+                self.diags.warn(rule.loc, L7_WARNING.format(rule=rule.name))
+            elif dst is not None and dst.hostnames and rule.action == "allow":
+                self.diags.warn(rule.loc, SNI_WARNING.format(rule=rule.name, app=dst.name))
+
+
+def _overlapping(items: list[tuple[Address, Any]], conflict: Callable[[Any, Any], bool]):
+    """Yield one overlapping address pair per pair of owners that `conflict`.
+
+    A sweep over addresses sorted by start: the heap holds the prefixes that
+    are still "open" (end at or after the current start), which are exactly
+    the earlier prefixes the current one overlaps. O(n log n) for valid
+    policies, where open prefixes are few; 100k apps must validate quickly.
+    """
+    order = sorted(range(len(items)), key=lambda i: (items[i][0].first128, -items[i][0].last128))
+    open_: list[tuple[int, int]] = []  # (last128, index)
+    reported: set[tuple[int, int]] = set()
+    for i in order:
+        addr, owner = items[i]
+        while open_ and open_[0][0] < addr.first128:
+            heapq.heappop(open_)
+        for _, j in open_:
+            other = items[j][1]
+            if conflict(other, owner):
+                pair = tuple(sorted((id(other), id(owner))))
+                if pair not in reported:
+                    reported.add(pair)
+                    yield items[j], items[i]
+        heapq.heappush(open_, (addr.last128, i))
+
+
+def _plain(value: Any) -> Any:
+    """YMap/YSeq -> dict/list, so the model holds only msgpack-able values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

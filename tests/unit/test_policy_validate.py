@@ -1,0 +1,473 @@
+"""Validation: every error kind at the right FILE:LINE, all reported in one pass.
+
+Cases are YAML texts whose expected errors are written on the offending
+line as `# ERR: fragment`; the test requires exactly those lines to carry
+errors (no more, no fewer), each containing its fragment. That keeps the
+line numbers correct by construction while the cases stay readable.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import textwrap
+
+import pytest
+
+from agent.policy import Diag, PolicyError, load_policy
+
+HERE = os.path.dirname(__file__)
+FIXTURES = os.path.join(HERE, "fixtures")
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+# A valid start that cases extend: it ends inside the apps list.
+BASE = """\
+version: 1
+segments:
+  - name: prod
+    interfaces: [bh-prod]
+  - name: dev
+    interfaces: [bh-dev]
+  - name: core
+    interfaces: [bh-core]
+apps:
+  - name: web
+    segment: prod
+    addresses: [198.18.1.0/24]
+  - name: db
+    segment: core
+    addresses: [198.19.0.5]
+    ports: [tcp/5432]
+  - name: saas
+    segment: core
+    hostnames: [api.saas.example]
+"""
+
+_MARK = re.compile(r"#\s*ERR:\s*(.+?)\s*$")
+
+
+def expected_marks(text: str) -> list[tuple[int, str]]:
+    """(line, fragment) for every `# ERR: fragment` (several per line: `# ERR: a # ERR: b`)."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if "# ERR:" in line:
+            for frag in line.split("# ERR:")[1:]:
+                out.append((n, frag.strip().rstrip("#").strip()))
+    return out
+
+
+def errors_of(paths: list[str]) -> list[Diag]:
+    with pytest.raises(PolicyError) as e:
+        load_policy(paths)
+    return e.value.errors
+
+
+def check_marks(path: str, text: str) -> None:
+    expected = expected_marks(text)
+    assert expected, "case has no ERR marker"
+    got = errors_of([path])
+    for d in got:
+        assert d.file == path
+    got_lines = sorted(d.line for d in got)
+    assert got_lines == sorted(line for line, _ in expected), "\n".join(map(str, got))
+    for line, frag in expected:
+        msgs = [d.message for d in got if d.line == line]
+        assert any(frag in m for m in msgs), f"line {line}: {frag!r} not in {msgs}"
+
+
+CASES = {
+    # --- top level ---------------------------------------------------------
+    "version-missing": "segments: []   # ERR: version is required\n",
+    "version-wrong": "version: 2     # ERR: unsupported version: got the number 2\n",
+    "version-bool": "version: true  # ERR: got the boolean true\n",
+    "version-string": "version: '1'   # ERR: unsupported version\n",
+    "top-unknown-key": "version: 1\nrulez: []     # ERR: unknown key 'rulez' (did you mean 'rules'?)\n",
+    "top-not-mapping": "- version: 1  # ERR: a policy must be a mapping\n",
+    "empty-file": "# nothing but a comment  # ERR: the file is empty\n",
+    "section-not-list": "version: 1\napps: {}      # ERR: apps must be a list of apps\n",
+    "entry-not-mapping": "version: 1\nrules:\n  - just-a-name   # ERR: each entry of rules must be a mapping\n",
+    # --- settings ----------------------------------------------------------
+    "settings-values": """\
+        version: 1
+        settings:
+          default_action: block   # ERR: default_action must be one of deny | allow
+          mode: shadow            # ERR: mode must be one of enforce | audit
+          unknown_sni: no         # ERR: got the boolean false
+          moed: audit             # ERR: unknown key 'moed' (did you mean 'mode'?)
+        """,
+    "settings-not-mapping": "version: 1\nsettings: [deny]   # ERR: settings must be a mapping\n",
+    # --- segments ----------------------------------------------------------
+    "segment-names": """\
+        version: 1
+        segments:
+          - interfaces: [a]       # ERR: segment #1 in
+          - name: 123             # ERR: segment name must be a string, got the number 123
+            interfaces: [b]
+          - name: -bad            # ERR: segment name '-bad' is invalid
+            interfaces: [c]
+          - name: "x y"           # ERR: segment name 'x y' is invalid
+            interfaces: [d]
+          - name: ok
+            interfaces: [e]
+          - name: ok              # ERR: duplicate segment name 'ok'
+            interfaces: [f]
+          - name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa  # ERR: is invalid
+            interfaces: [g]
+        """,
+    "segment-interfaces": """\
+        version: 1
+        segments:
+          - name: a               # ERR: interfaces is required
+          - name: b
+            interfaces: []        # ERR: interfaces must be a non-empty list
+          - name: c
+            interfaces: eth0      # ERR: got the string 'eth0'
+          - name: d
+            interfaces:
+              - abcdefghijklmnop  # ERR: interface name 'abcdefghijklmnop' is invalid
+              - "with space"      # ERR: interface name 'with space' is invalid
+              - "vlan:1"          # ERR: is invalid
+              - 7                 # ERR: each interfaces entry must be a string
+              - d0
+              - d0                # ERR: listed twice in this segment
+          - name: e
+            interfaces: [x0, d0]  # ERR: interface 'd0' is already in segment d
+        """,
+    "segment-unknown-key": """\
+        version: 1
+        segments:
+          - name: a
+            interfaces: [a0]
+            vlan: 10              # ERR: segment a: unknown key 'vlan'; allowed keys: name, interfaces
+        """,
+    # --- apps --------------------------------------------------------------
+    "app-fields": BASE + """\
+  - name: a1
+    segment: nowhere           # ERR: app a1: segment 'nowhere' is not defined
+    addresses:
+      - 198.18.9.5/24          # ERR: write 198.18.9.0/24 for the network, or 198.18.9.5/32
+      - "fd00::1/64"           # ERR: write fd00::/64 for the network
+      - 300.1.2.3              # ERR: '300.1.2.3' is not an IPv4 or IPv6 address or CIDR
+      - 198.18.9.0/33          # ERR: is not an IPv4 or IPv6 address
+      - "fe80::1%eth0"         # ERR: scoped addresses
+      - 1:2:3                  # ERR: quote IPv6 addresses
+  - name: a2                   # ERR: app a2: segment is required # ERR: needs addresses or hostnames
+    ports: [tcp/80]
+  - name: a3
+    segment: dev
+    addresses: []              # ERR: addresses must be a non-empty list
+  - name: a4
+    segment: dev
+    addresses: [198.18.50.0/24]
+    ports: [tcp/0, udp/70000, tcp/9-3, tcp, icmpv6, http, tcp/1-2-3, 80]  # ERR: 'tcp/0' # ERR: 'udp/70000' # ERR: range start 9 is above its end 3 # ERR: tcp/1-65535 # ERR: icmp already means both # ERR: 'http' # ERR: 'tcp/1-2-3' # ERR: must be a string
+    tls: {cert: /etc/c.pem}    # ERR: tls: key is required
+  - name: a5
+    segment: dev
+    hostnames:
+      - "*.ok.example"
+      - "a.*.example"          # ERR: '*' is allowed only as the whole left-most label
+      - "192.0.2.1"            # ERR: it is an address
+      - "-bad.example"         # ERR: each label is
+      - "*."                   # ERR: a wildcard needs a domain
+      - "under_score.example"  # ERR: each label is
+    tls: /etc/x.pem            # ERR: tls must be a mapping
+  - name: a6
+    segment: dev
+    hostnames: [ok.example]
+    tls: {cert: c, key: k, ca: x}  # ERR: app a6 tls: unknown key 'ca'
+    owner: me                  # ERR: app a6: unknown key 'owner'
+""",
+    "overlap-same-segment": BASE + """\
+  - name: web2
+    segment: prod
+    addresses: [198.18.1.128/25]  # ERR: apps web and web2 overlap in segment prod: 198.18.1.0/24
+  - name: v6a
+    segment: dev
+    addresses: ["fd00:1::/48"]
+  - name: v6b
+    segment: dev
+    addresses: ["fd00:1:0:5::1"]  # ERR: apps v6a and v6b overlap in segment dev
+  - name: mapped
+    segment: prod
+    addresses: ["::ffff:198.18.1.7"]  # ERR: apps web and mapped overlap
+""",
+    "destinations-distinct": BASE + """\
+  - name: dbclone
+    segment: dev
+    addresses: [198.19.0.0/24]   # ERR: destinations are looked up by address only, so two destination apps may not share addresses, even in different segments
+rules:
+  - name: to-db
+    from: web
+    to: db
+  - name: to-clone
+    from: web
+    to: dbclone
+""",
+    # --- rules -------------------------------------------------------------
+    "rule-fields": BASE + """\
+rules:
+  - name: r1                   # ERR: rule r1: from is required
+    to: db
+  - name: r2
+    from: wbe                  # ERR: from app 'wbe' is not defined (did you mean 'web'?)
+    to: nothere                # ERR: to app 'nothere' is not defined
+  - name: r3
+    from: web
+    to: db
+    action: drop               # ERR: action must be one of allow | deny | reject, got the string 'drop'
+    mode: shadow               # ERR: mode must be one of enforce | audit
+  - name: r4
+    from: web
+    to: db
+    ports: [udp/53]            # ERR: have nothing in common, so the rule could never match
+  - name: r5
+    from: saas                 # ERR: from app saas has no addresses
+    to: db
+  - name: r6
+    from: web
+    to: db
+    ports: []                  # ERR: leave ports out to mean all ports
+  - name: r7
+    from: web
+    to: db
+    priority: 1                # ERR: unknown key 'priority'
+""",
+    "rule-http": BASE + """\
+rules:
+  - name: h1
+    from: web
+    to: db
+    action: deny
+    http: [{methods: [GET]}]   # ERR: cannot be combined with action: deny
+  - name: h2
+    from: web
+    to: db
+    action: reject
+    http: [{paths: ["/"]}]     # ERR: cannot be combined with action: reject
+  - name: h3
+    from: web
+    to: db
+    http: {methods: [GET]}     # ERR: http must be a non-empty list of request matches
+  - name: h4
+    from: web
+    to: db
+    http:
+      - GET                    # ERR: each http entry must be a mapping
+      - methods: GET           # ERR: http methods must be a list or mapping, got the string 'GET'
+        cookies: [a]           # ERR: unknown key 'cookies'
+      - headers: {x-a: b}
+        tokens: [{jwt: /k}]
+        hosts: [a.example]
+""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_error_cases(tmp_path, name):
+    text = textwrap.dedent(CASES[name]) if not CASES[name].startswith(BASE) else CASES[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    check_marks(str(path), text)
+
+
+def test_base_is_valid(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text(BASE)
+    bundle, warnings = load_policy([str(path)])
+    assert [a["name"] for a in bundle.apps] == ["web", "db", "saas"]
+    assert warnings == []
+
+
+def test_fixture_with_many_errors_reports_them_all_at_once():
+    path = os.path.join(FIXTURES, "errors.yaml")
+    with open(path) as f:
+        text = f.read()
+    assert len(expected_marks(text)) >= 15
+    check_marks(path, text)
+
+
+def test_policy_error_formatting():
+    path = os.path.join(FIXTURES, "errors.yaml")
+    errors = errors_of([path])
+    text = str(PolicyError(errors))
+    assert text.splitlines() == [f"{d.file}:{d.line}: {d.message}" for d in errors]
+    assert [d.line for d in errors] == sorted(d.line for d in errors)
+
+
+def test_same_cidr_in_two_segments_is_fine(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE + """\
+  - name: laptops
+    segment: dev
+    addresses: [198.18.1.0/24]
+  - name: laptops6
+    segment: dev
+    addresses: ["fd00::/64"]
+  - name: web6
+    segment: prod
+    addresses: ["fd00::/64"]
+rules:
+  - name: a
+    from: laptops
+    to: db
+""")
+    bundle, _ = load_policy([str(path)])
+    assert {a["name"] for a in bundle.apps} >= {"laptops", "web6"}
+
+
+def test_overlapping_sources_in_other_segments_may_reach_one_destination(tmp_path):
+    """Only *destination* apps must be disjoint across segments; sources may share."""
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE + """\
+  - name: laptops
+    segment: dev
+    addresses: [198.18.1.0/24]
+rules:
+  - {name: a, from: web, to: db}
+  - {name: b, from: laptops, to: db}
+""")
+    load_policy([str(path)])
+
+
+def test_names_are_unique_per_kind_only(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("""\
+version: 1
+segments: [{name: web, interfaces: [w0]}]
+apps: [{name: web, segment: web, addresses: [198.18.0.1]}]
+rules: [{name: web, from: web, to: web}]
+""")
+    bundle, _ = load_policy([str(path)])
+    assert bundle.rules[0]["from"] == bundle.rules[0]["to"] == "web"
+
+
+# --- warnings -----------------------------------------------------------------
+
+def test_example_policy_warnings():
+    path = os.path.join(REPO, "policies", "example.yaml")
+    bundle, warnings = load_policy([path])
+    assert warnings == bundle.warnings
+    assert len(warnings) == 2
+    sni, l7 = warnings
+    assert sni == ("rule web-to-payments to app payments (named by hostnames) needs in-kernel SNI "
+                   "matching, not in this version: its traffic is dropped (counted as punt_no_handler)")
+    assert l7 == ("rule web-reads-catalog needs the L7 verifier, which this version does not ship: "
+                  "its traffic is dropped (counted as punt_no_handler)")
+
+
+def test_hostname_warnings(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE + """\
+  - name: pay
+    segment: core
+    addresses: [198.19.1.1]
+    hostnames: [Pay.Example.]
+rules:
+  - {name: to-saas, from: web, to: saas}
+  - {name: deny-pay, from: web, to: pay, action: deny}
+  - {name: allow-pay, from: web, to: pay}
+""")
+    bundle, warnings = load_policy([str(path)])
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("rule to-saas: app saas has hostnames but no addresses")
+    assert warnings[1].startswith("rule allow-pay to app pay (named by hostnames) needs in-kernel SNI")
+    # A deny by address needs no SNI: no warning for deny-pay.
+    assert not any("deny-pay" in w for w in warnings)
+    assert [a["hostnames"] for a in bundle.apps if a["name"] == "pay"] == [["pay.example"]]
+
+
+# --- several files --------------------------------------------------------------
+
+def test_two_files_merge_in_order():
+    base = os.path.join(FIXTURES, "split-base.yaml")
+    rules = os.path.join(FIXTURES, "split-rules.yaml")
+    bundle, warnings = load_policy([base, rules])
+    assert warnings == []
+    assert [(a["id"], a["name"]) for a in bundle.apps] == [(1, "web"), (2, "db"), (3, "metrics")]
+    assert [r["name"] for r in bundle.rules] == ["web-db", "web-metrics"]
+    assert bundle.source == [base, rules]
+
+
+def test_each_split_file_alone_is_incomplete():
+    rules = os.path.join(FIXTURES, "split-rules.yaml")
+    lines = {(d.line, d.message.split(" is ")[0]) for d in errors_of([rules])}
+    assert (1, "version") in lines
+    assert any("segment 'core' is not defined" in d.message for d in errors_of([rules]))
+
+
+def test_duplicates_across_files_point_at_the_second_file(tmp_path):
+    base = os.path.join(FIXTURES, "split-base.yaml")
+    other = tmp_path / "other.yaml"
+    other.write_text("""\
+version: 1
+settings: {mode: audit}
+segments:
+  - name: extra
+    interfaces: [bh-prod]
+apps:
+  - name: web
+    segment: extra
+    addresses: [198.18.7.0/24]
+""")
+    got = [(d.file, d.line, d.message) for d in errors_of([base, str(other)])]
+    o = str(other)
+    assert [(f, line) for f, line, _ in got] == [(o, 1), (o, 2), (o, 5), (o, 7)]
+    assert "version is already set at" in got[0][2] and base in got[0][2]
+    assert "settings are already set at" in got[1][2]
+    assert "interface 'bh-prod' is already in segment prod" in got[2][2]
+    assert f"duplicate app name 'web' (first defined at {base}:12)" in got[3][2]
+
+
+def test_unparseable_file_does_not_cascade_into_reference_errors(tmp_path):
+    """The broken file may define what the others refer to: report only its syntax."""
+    rules = os.path.join(FIXTURES, "split-rules.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nsegments: [\n")
+    got = errors_of([str(broken), rules])
+    assert len(got) == 1 and got[0].file == str(broken) and "invalid YAML" in got[0].message
+
+
+def test_errors_sort_by_file_order_then_line(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("version: 1\nbogus: 1\n")
+    b.write_text("zzz: 1\nrules: [{name: r, from: x, to: y}]\n")
+    got = [(os.path.basename(d.file), d.line) for d in errors_of([str(b), str(a)])]
+    assert got == [("b.yaml", 1), ("b.yaml", 2), ("b.yaml", 2), ("a.yaml", 2)]
+
+
+def test_same_file_twice_reports_duplicates(tmp_path):
+    src = os.path.join(FIXTURES, "split-base.yaml")
+    copy = tmp_path / "copy.yaml"
+    shutil.copy(src, copy)
+    got = errors_of([src, str(copy)])
+    assert all(d.file == str(copy) for d in got)
+    assert any("duplicate segment name 'prod'" in d.message for d in got)
+
+
+def test_no_paths():
+    with pytest.raises(PolicyError, match="no policy file given"):
+        load_policy([])
+
+
+def test_too_many_segments(tmp_path, monkeypatch):
+    from agent.policy import validate
+    monkeypatch.setattr(validate, "MAX_SEGMENTS", 2)
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nsegments:\n" + "".join(
+        f"  - name: s{i}\n    interfaces: [i{i}]\n" for i in range(3)))
+    [d] = errors_of([str(path)])
+    assert (d.line, d.message) == (7, "segment s2: too many segments (at most 2)")
+
+
+def test_anchors_and_aliases_work(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE + """\
+  - name: api
+    segment: core
+    addresses: [198.19.1.0/24]
+    ports: &api-ports [tcp/8443, udp/53]
+rules:
+  - {name: a, from: web, to: api, ports: *api-ports}
+""")
+    bundle, _ = load_policy([str(path)])
+    assert bundle.rules[0]["ports"] == ["tcp/8443", "udp/53"]
