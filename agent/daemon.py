@@ -162,6 +162,7 @@ class Agent:
                 info["segment"] = seg_of[ifname]
             self.plumbing.apply(bundle, ifindexes)
             self.bundle = bundle
+            self.checksum = bundle.checksum  # computed once: costly for 100k-rule bundles
             self.bundles[generation] = bundle
             for g in sorted(self.bundles)[:-4]:  # keep a few generations for flow names
                 del self.bundles[g]
@@ -173,7 +174,7 @@ class Agent:
                 "generation": generation,
                 "interfaces": self.interfaces,
                 "policy": bundle.source,
-                "checksum": bundle.checksum,
+                "checksum": self.checksum,
                 "pid": os.getpid(),
             })
             log.info("applied generation %d (%d rules, %d policy entries) in %.3fs",
@@ -190,7 +191,7 @@ class Agent:
             "generation": self.dp.active_generation(),
             "active_slot": self.dp.ctl().active_slot,
             "pin_dir": str(self.pin_dir),
-            "policy": {"files": b.source, "checksum": b.checksum, "settings": b.settings,
+            "policy": {"files": b.source, "checksum": self.checksum, "settings": b.settings,
                        "segments": len(b.segments), "apps": len(b.apps), "rules": len(b.rules),
                        "policy_entries": len(b.policy_entries), "warnings": b.warnings},
             "last_apply": self.last_apply,
