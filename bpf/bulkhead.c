@@ -332,8 +332,9 @@ int bulkhead_xdp(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
-	struct bh_pkt p = {};
+	struct bh_pkt p;
 
+	bh_pkt_init(&p);
 	int rc = bh_parse(data, data_end, &p);
 	if (rc == BH_PARSE_NON_IP)
 		return bh_record(BH_R_PASS_NON_IP, XDP_PASS, len);
@@ -416,9 +417,16 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			 * already held, fresh, by a flow from another segment, the
 			 * same 5-tuple is live twice (overlapping CIDRs, same ports):
 			 * replies could not tell the two apart, so refuse the newcomer.
+			 *
+			 * The key may also hold the *forward* entry of the flow this
+			 * packet answers (a flow whose reply segment was unknown: no
+			 * app and no FIB answer, peer_segment 0). That entry claims no
+			 * segment, so it is no collision: without the peer_segment
+			 * test, the reply of every such allowed flow was dropped as
+			 * FLOW_COLLISION (tests/bpf: test_reply_segment_from_fib).
 			 */
 			struct bh_flow *r = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, v.peer_segment, 1);
-			if (r && r->peer_segment != seg && r->last_seen_ns + BH_FLOW_IDLE_NS > now)
+			if (r && r->peer_segment && r->peer_segment != seg && r->last_seen_ns + BH_FLOW_IDLE_NS > now)
 				return bh_record(BH_R_FLOW_COLLISION, XDP_DROP, len);
 		}
 		if (!(ctl_flags & BH_CTL_BYPASS_FLOWS)) {
@@ -454,8 +462,9 @@ int bulkhead_reject(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
-	struct bh_pkt p = {};
+	struct bh_pkt p;
 
+	bh_pkt_init(&p);
 	if (bh_parse(data, data_end, &p) != BH_PARSE_OK)
 		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
 	if (p.proto == IPPROTO_TCP) {

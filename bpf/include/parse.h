@@ -35,10 +35,14 @@ enum bh_frag_kind {
 	BH_FRAG_LATER = 2, /* offset > 0: no L4 header, follows its datagram's verdict */
 };
 
-/* Everything the verdict needs from one packet. */
+/*
+ * Everything the verdict needs from one packet. bh_pkt_init() zeroes only
+ * the scalars: the address arrays at the end are always written before they
+ * are read (saddr/daddr by the parser or bh_pkt_addrs16(), inner_* only
+ * when icmp_error is set), and zeroing 64 bytes per packet shows in the
+ * established-flow cost.
+ */
 struct bh_pkt {
-	__u8 saddr[16]; /* IPv6, or IPv4-mapped IPv6 */
-	__u8 daddr[16];
 	__u32 saddr4_be; /* IPv4 only */
 	__u32 daddr4_be;
 	__u32 frag_id;
@@ -63,9 +67,18 @@ struct bh_pkt {
 	__u8 inner_proto;
 	__u16 inner_sport_be;
 	__u16 inner_dport_be;
+	__u16 pad;
+	/* written before read, not zeroed: */
+	__u8 saddr[16]; /* IPv6, or IPv4-mapped IPv6 */
+	__u8 daddr[16];
 	__u8 inner_saddr[16];
 	__u8 inner_daddr[16];
 };
+
+static __always_inline void bh_pkt_init(struct bh_pkt *p)
+{
+	__builtin_memset(p, 0, __builtin_offsetof(struct bh_pkt, saddr));
+}
 
 #define BH_TCP_FIN 0x01
 #define BH_TCP_SYN 0x02
