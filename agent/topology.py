@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import errno
 import ipaddress
 import itertools
 import os
@@ -56,6 +57,7 @@ CATALOG_V4, CATALOG_V6 = "198.19.0.20", "fd00:19::20"
 GW_CORE_V4, GW_CORE_V6 = "198.19.0.1", "fd00:19::1"
 
 ROLES = ("gw", "prod", "dev", "core")
+REFUSED_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EACCES, errno.ENETUNREACH, errno.EPERM)
 # gateway interface -> (peer namespace role, gateway addresses, peer addresses, peer default gw)
 LINKS = {
     "bh-prod": ("prod", ["198.18.1.1/24", "fd00:1::1/64"], ["198.18.1.10/24", "fd00:1::10/64"],
@@ -300,14 +302,18 @@ class Topology:
         return out["s"]
 
     def tcp(self, ns: str, addr: str, port: int, timeout: float = 1.5, send: bytes | None = None,
-            keep: bool = False):
+            keep: bool = False, sport: int | None = None):
         """Connect from `ns`, read the greeting, optionally send `send` and read its echo.
 
         Returns a Probe, or (Probe, socket) with keep=True (socket None unless connected).
+        sport fixes the source port.
         """
         fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
         s = self.socket(ns, fam, socket.SOCK_STREAM)
         s.settimeout(timeout)
+        if sport is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", sport))
         t0 = time.monotonic()
         probe = Probe("error")
         try:
@@ -322,7 +328,8 @@ class Topology:
         except (socket.timeout, TimeoutError) as e:
             probe = Probe("timeout", detail=str(e))
         except OSError as e:
-            probe = Probe("error", detail=f"{type(e).__name__}: {e}")
+            # ICMP errors: filtered (v4) -> EHOSTUNREACH, prohibited (v6) -> EACCES
+            probe = Probe("refused" if e.errno in REFUSED_ERRNOS else "error", detail=f"{type(e).__name__}: {e}")
         probe.seconds = time.monotonic() - t0
         if keep and probe.ok:
             return probe, s
@@ -344,7 +351,8 @@ class Topology:
         except (socket.timeout, TimeoutError) as e:
             probe = Probe("timeout", detail=str(e))
         except OSError as e:
-            probe = Probe("error", detail=f"{type(e).__name__}: {e}")
+            # ICMP errors: filtered (v4) -> EHOSTUNREACH, prohibited (v6) -> EACCES
+            probe = Probe("refused" if e.errno in REFUSED_ERRNOS else "error", detail=f"{type(e).__name__}: {e}")
         finally:
             s.close()
         probe.seconds = time.monotonic() - t0
