@@ -281,9 +281,12 @@ static __always_inline int bh_follow_fragment(const struct bh_pkt *p, __u32 seg,
 
 /*
  * An ICMP error quotes a packet A->B and travels to A. It passes only if the
- * flow of B's packets on this segment (the entry keyed B->A here) passes.
+ * flow of B's packets on this segment (the entry keyed B->A here) passes
+ * under the policy in force: an entry of an older generation is a verdict of
+ * the old policy, so it relates nothing until a packet of the flow has
+ * re-judged it (tests/bpf: test_icmp_error_not_judged_by_old_generation).
  */
-static __always_inline int bh_icmp_error(const struct bh_pkt *p, __u32 seg, __u64 len)
+static __always_inline int bh_icmp_error(const struct bh_pkt *p, __u32 seg, __u32 generation, __u64 len)
 {
 	struct bh_flow *f;
 
@@ -306,7 +309,7 @@ static __always_inline int bh_icmp_error(const struct bh_pkt *p, __u32 seg, __u6
 		k.segment_id = seg;
 		f = flows6.lookup(&k);
 	}
-	if (f && bh_reason_xdp(f->reason) == XDP_PASS)
+	if (f && f->generation == generation && bh_reason_xdp(f->reason) == XDP_PASS)
 		return bh_record(BH_R_ICMP_ERROR_RELATED, XDP_PASS, len);
 	return bh_record(BH_R_ICMP_ERROR_NO_FLOW, XDP_DROP, len);
 }
@@ -364,7 +367,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		return bh_follow_fragment(&p, seg, now, len);
 	}
 	if (p.icmp_error)
-		return bh_icmp_error(&p, seg, len);
+		return bh_icmp_error(&p, seg, cfg->generation, len);
 
 	/* Established path: one hash lookup. */
 	struct bh_flow *f = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, seg, 0);
