@@ -66,8 +66,16 @@ def leftovers(gateway, instance: str | None = None) -> list[str]:
         pin_dir = loader.PIN_ROOT / instance
         if pin_dir.exists():
             found.append(f"pins {pin_dir}")
-        found += [f"record {p}" for p in plumbing.RECORD_DIR.glob(f"*-{instance}.json")]
+        record = plumbing.RECORD_DIR / f"{gw_cookie(gateway)}-{instance}.json"
+        if record.exists():
+            found.append(f"record {record}")
     return found
+
+
+def gw_cookie(gateway) -> str:
+    """The gateway netns's name in plumbing records (other test runs have their own)."""
+    return gateway.topo.run("gw", [sys.executable, "-c", "from agent.plumbing import netns_cookie; "
+                                   "print(netns_cookie())"], cwd=str(loader.REPO)).stdout.strip()
 
 
 def test_plumbing_in_place_while_running(gateway):
