@@ -200,11 +200,16 @@ def _meta_len(frame_len: int) -> int:
 class Xdp:
     """The loaded datapath plus helpers; one per session."""
 
-    def __init__(self, dp: loader.Datapath, ifindex: dict[str, int]):
+    def __init__(self, dp: loader.Datapath, ifindex: dict[str, int], ns_fd: int, orig_ns_fd: int):
         self.dp = dp
         self.ifindex = ifindex
+        self.ns_fd, self.orig_ns_fd = ns_fd, orig_ns_fd
         self.generation = 0
         self.active: str | None = None  # checksum of the bundle in force, None = unknown
+
+    def inside(self):
+        """Context: the process in the test namespace, where `ifindex` is valid."""
+        return _inside(self.ns_fd, self.orig_ns_fd)
 
     # -- frames
     def run(self, frame, ifname: str) -> tuple[int, bytes]:
@@ -310,9 +315,25 @@ def _write_sysctl(path: str, value: str) -> None:
         f.write(value)
 
 
+@contextlib.contextmanager
+def _inside(ns_fd: int, orig_fd: int):
+    """Run the block in the namespace `ns_fd`, then return to `orig_fd` whatever happens."""
+    netns.setns(ns_fd, flags=0)
+    try:
+        yield
+    finally:
+        netns.setns(orig_fd, flags=0)
+
+
 @pytest.fixture(scope="session")
 def xdp_session():
-    """Private netns + veths + the program loaded once; everything removed at the end."""
+    """Private netns + veths + the program loaded once; everything removed at the end.
+
+    The process enters the namespace only while a test using `xdp` runs
+    (BPF_PROG_TEST_RUN resolves ctx.ingress_ifindex in the caller's
+    namespace): tests that run later in the same session, such as
+    tests/integration, start from the namespace they expect.
+    """
     pid = os.getpid()
     ns_name = f"bhbpf-{pid}"
     pin = loader.PIN_ROOT / f"test-bpf-{pid}"  # bpffs names may not contain dots
@@ -321,41 +342,44 @@ def xdp_session():
         stack.callback(os.close, orig_ns)
         netns.create(ns_name)
         stack.callback(netns.remove, ns_name)
-        netns.setns(ns_name, flags=0)
-        stack.callback(netns.setns, orig_ns, flags=0)
+        ns_fd = os.open(os.path.join(netns.NETNS_RUN_DIR, ns_name), os.O_RDONLY)
+        stack.callback(os.close, ns_fd)  # closed before the remove: the namespace then goes away
 
-        _write_sysctl("/proc/sys/net/ipv6/conf/default/accept_dad", "0")
-        _write_sysctl("/proc/sys/net/ipv6/conf/all/accept_dad", "0")
-        ipr = stack.enter_context(IPRoute())  # closed before leaving: it pins the netns
-        for name in IFACES:
-            ipr.link("add", ifname=name, kind="veth", peer=f"{name}-p")
-        for name in list(IFACES) + [f"{n}-p" for n in IFACES] + ["lo"]:
-            ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
-        # Segment interfaces, plus lo and the veth peers: interfaces no segment names.
-        ifindex = {name: ipr.link_lookup(ifname=name)[0]
-                   for name in list(IFACES) + [f"{n}-p" for n in IFACES] + ["lo"]}
-        # bpf_fib_lookup (the reply segment of a destination no app names)
-        # answers only where forwarding is on, as on a real gateway.
-        _write_sysctl("/proc/sys/net/ipv4/conf/all/forwarding", "1")
-        _write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
-        ipr.addr("add", index=ifindex["prod"], address="198.18.1.1", prefixlen=24)
-        ipr.addr("add", index=ifindex["prod"], address="fd00:1::1", prefixlen=64)
-        ipr.addr("add", index=ifindex["core"], address="198.19.7.1", prefixlen=24)
-        ipr.addr("add", index=ifindex["core"], address="fd00:19:7::1", prefixlen=64)
+        # IPRoute is closed before we leave: an open socket would keep the namespace alive.
+        with _inside(ns_fd, orig_ns), IPRoute() as ipr:
+            _write_sysctl("/proc/sys/net/ipv6/conf/default/accept_dad", "0")
+            _write_sysctl("/proc/sys/net/ipv6/conf/all/accept_dad", "0")
+            for name in IFACES:
+                ipr.link("add", ifname=name, kind="veth", peer=f"{name}-p")
+            # Segment interfaces, plus lo and the veth peers: interfaces no segment names.
+            names = list(IFACES) + [f"{n}-p" for n in IFACES] + ["lo"]
+            ifindex = {name: ipr.link_lookup(ifname=name)[0] for name in names}
+            for name in names:
+                ipr.link("set", index=ifindex[name], state="up")
+            # bpf_fib_lookup (the reply segment of a destination no app names)
+            # answers only where forwarding is on, as on a real gateway.
+            _write_sysctl("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+            _write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+            ipr.addr("add", index=ifindex["prod"], address="198.18.1.1", prefixlen=24)
+            ipr.addr("add", index=ifindex["prod"], address="fd00:1::1", prefixlen=64)
+            ipr.addr("add", index=ifindex["core"], address="198.19.7.1", prefixlen=24)
+            ipr.addr("add", index=ifindex["core"], address="fd00:19:7::1", prefixlen=64)
 
         loader.remove_pins(pin)  # a leftover of a crashed run with the same pid
         stack.callback(loader.remove_pins, pin)
         dp = loader.Datapath(pin)
         stack.callback(lambda: dp.bpf and dp.bpf.cleanup())
         dp.load()
-        yield Xdp(dp, ifindex)
+        yield Xdp(dp, ifindex, ns_fd, orig_ns)
 
 
 @pytest.fixture
-def xdp(xdp_session: Xdp) -> Xdp:
-    """The session datapath with the base policy in force and empty flow tables."""
+def xdp(xdp_session: Xdp):
+    """The session datapath with the base policy in force and empty flow tables,
+    the process inside the test namespace for the duration of the test."""
     xdp_session.reset()
-    return xdp_session
+    with xdp_session.inside():
+        yield xdp_session
 
 
 def case(id: str, frame, ifname: str, code: int, reason: abi.Reason):
