@@ -22,6 +22,7 @@ from scapy.all import (
     ICMPv6EchoRequest,
     ICMPv6ND_NS,
     ICMPv6PacketTooBig,
+    IPOption_Router_Alert,
     IPv6,
     IPv6ExtHdrFragment,
     Raw,
@@ -414,6 +415,12 @@ ICMP_ERRORS = {
         Step(FWD4, "prod", X.PASS, R.ALLOW_RULE, NEW),
         Step(E / IP(src=C4, dst=PAY4) / ICMP(type=3, code=3) / Raw(quote4(PAY4, C4, 443, 40000)),
              "prod", X.PASS, R.ICMP_ERROR_RELATED, {}),
+    ],
+    "unreachable-quoting-ip-options": [
+        Step(tcp4(C4, PAY4, 40000, 443, options=[IPOption_Router_Alert()]), "prod", X.PASS, R.ALLOW_RULE, NEW),
+        Step(E / IP(src=ROUTER4, dst=C4) / ICMP(type=3, code=1)
+             / Raw(raw(IP(src=C4, dst=PAY4, options=[IPOption_Router_Alert()]) / TCP(sport=40000, dport=443))[:32]),
+             "core", X.PASS, R.ICMP_ERROR_RELATED, {}),
     ],
     "unreachable-about-unknown-flow": [
         Step(E / IP(src=ROUTER4, dst=C4) / ICMP(type=3, code=1) / Raw(quote4(C4, PAY4, 40000, 443)),

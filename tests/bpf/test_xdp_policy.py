@@ -293,6 +293,9 @@ RST = [
                  id="fin-no-ack"),
     pytest.param(E / V4 / TCP(sport=40000, dport=22, flags="", seq=50) / Raw(b"x" * 5), "RA", 0, 55,
                  id="no-flags-data"),
+    # the segment length comes from the IP header, not from the padded frame
+    pytest.param(raw(E / V4 / TCP(sport=40000, dport=22, flags="", seq=50) / Raw(b"x" * 1)) + b"\0" * 5, "RA", 0, 51,
+                 id="no-flags-data-padded"),
     pytest.param(E / V4 / TCP(sport=40000, dport=22, flags="S", seq=1000,
                               options=[("MSS", 1460), ("NOP", None), ("WScale", 7)]), "RA", 0, 1001,
                  id="syn-tcp-options"),
