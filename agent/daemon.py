@@ -146,13 +146,20 @@ class Agent:
                         mode = self.dp.attach(ifname, self.xdp_mode)
                         newly.append(ifname)
                         self.interfaces[ifname] = {"ifindex": ifindexes[ifname], "mode": mode}
+                # Plumbing before the flip: if it fails, nothing has switched yet.
+                self.plumbing.apply(bundle, ifindexes)
                 generation = self.dp.active_generation() + 1
                 result = self.dp.apply(bundle, ifindexes, generation)
             except Exception:
-                # Undo attachments the failed apply made; the old slot is still active.
+                # The old slot is still active: put back what this attempt changed.
                 for ifname in newly:
                     loader.Datapath.detach(ifname)
                     self.interfaces.pop(ifname, None)
+                if self.bundle is not None:
+                    try:
+                        self.plumbing.apply(self.bundle, resolve_ifindexes(self.bundle))
+                    except Exception as e:
+                        log.error("restoring the previous gateway plumbing failed: %s", e)
                 raise
             for ifname in list(self.interfaces):
                 if ifname not in ifindexes:
@@ -160,7 +167,6 @@ class Agent:
                     del self.interfaces[ifname]
             for ifname, info in self.interfaces.items():
                 info["segment"] = seg_of[ifname]
-            self.plumbing.apply(bundle, ifindexes)
             self.bundle = bundle
             self.checksum = bundle.checksum  # computed once: costly for 100k-rule bundles
             self.bundles[generation] = bundle
