@@ -157,7 +157,7 @@ class Datapath:
             (build_dir / "maps").mkdir(parents=True)
         try:
             t0 = time.monotonic()
-            self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c"), cflags=cflags(build_dir / "maps", self.sizes))
+            self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(), cflags=cflags(build_dir / "maps", self.sizes))
             for name in (XDP_PROG, REJECT_PROG, EMPTY_PROG):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)
