@@ -65,9 +65,104 @@ static __always_inline int bh_reason_xdp(__u8 reason)
 	}
 }
 
+/*
+ * Slot selectors. Written as `slot ? map_1.lookup(k) : map_0.lookup(k)`,
+ * clang merges the two calls into one call site with a selected map
+ * pointer; the verifier then can't tell which map the call uses ("poisoned"
+ * map pointer), stops inlining the lookup and emits a generic helper call:
+ * ~10 ns per lookup, most of the established-flow cost. The empty asm on one
+ * branch keeps the call sites apart. (bcc refuses map calls inside macros,
+ * hence one function per map pair.)
+ */
+#define BH_KEEP_APART(v) asm volatile("" : "+r"(v))
+
+static __always_inline struct bh_seg_val *bh_sel_seg(__u32 slot, __u32 *ifindex)
+{
+	struct bh_seg_val *v;
+	if (slot) {
+		v = seg_map_1.lookup(ifindex);
+		BH_KEEP_APART(v);
+	} else {
+		v = seg_map_0.lookup(ifindex);
+	}
+	return v;
+}
+
+static __always_inline struct bh_ident *bh_sel_src_host(__u32 slot, struct bh_src_key *k)
+{
+	struct bh_ident *v;
+	if (slot) {
+		v = src_host_1.lookup(k);
+		BH_KEEP_APART(v);
+	} else {
+		v = src_host_0.lookup(k);
+	}
+	return v;
+}
+
+static __always_inline struct bh_ident *bh_sel_src_ident(__u32 slot, struct bh_src_key *k)
+{
+	struct bh_ident *v;
+	if (slot) {
+		v = src_ident_1.lookup(k);
+		BH_KEEP_APART(v);
+	} else {
+		v = src_ident_0.lookup(k);
+	}
+	return v;
+}
+
+static __always_inline struct bh_ident *bh_sel_dst_host(__u32 slot, struct bh_dst_key *k)
+{
+	struct bh_ident *v;
+	if (slot) {
+		v = dst_host_1.lookup(k);
+		BH_KEEP_APART(v);
+	} else {
+		v = dst_host_0.lookup(k);
+	}
+	return v;
+}
+
+static __always_inline struct bh_ident *bh_sel_dst_ident(__u32 slot, struct bh_dst_key *k)
+{
+	struct bh_ident *v;
+	if (slot) {
+		v = dst_ident_1.lookup(k);
+		BH_KEEP_APART(v);
+	} else {
+		v = dst_ident_0.lookup(k);
+	}
+	return v;
+}
+
+static __always_inline struct bh_policy_val *bh_sel_pol_exact(__u32 slot, struct bh_policy_key *k)
+{
+	struct bh_policy_val *v;
+	if (slot) {
+		v = pol_exact_1.lookup(k);
+		BH_KEEP_APART(v);
+	} else {
+		v = pol_exact_0.lookup(k);
+	}
+	return v;
+}
+
+static __always_inline struct bh_policy_val *bh_sel_policy(__u32 slot, struct bh_policy_key *k)
+{
+	struct bh_policy_val *v;
+	if (slot) {
+		v = policy_1.lookup(k);
+		BH_KEEP_APART(v);
+	} else {
+		v = policy_0.lookup(k);
+	}
+	return v;
+}
+
 static __always_inline __u32 bh_segment_of(__u32 slot, __u32 ifindex)
 {
-	struct bh_seg_val *sv = slot ? seg_map_1.lookup(&ifindex) : seg_map_0.lookup(&ifindex);
+	struct bh_seg_val *sv = bh_sel_seg(slot, &ifindex);
 	/* Array lookups fail only past BH_MAX_IFINDEX: no segment either way. */
 	return sv ? sv->segment_id : 0;
 }
@@ -113,14 +208,14 @@ static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cf
 	sk.prefixlen = BH_SRC_PLEN_HOST;
 	sk.segment_id = seg;
 	__builtin_memcpy(sk.addr, saddr, 16);
-	si = slot ? src_host_1.lookup(&sk) : src_host_0.lookup(&sk);
+	si = bh_sel_src_host(slot, &sk);
 	if (!si && (cfg->flags & BH_SLOTF_SRC_LPM))
-		si = slot ? src_ident_1.lookup(&sk) : src_ident_0.lookup(&sk);
+		si = bh_sel_src_ident(slot, &sk);
 	dk.prefixlen = BH_DST_PLEN_HOST;
 	__builtin_memcpy(dk.addr, daddr, 16);
-	di = slot ? dst_host_1.lookup(&dk) : dst_host_0.lookup(&dk);
+	di = bh_sel_dst_host(slot, &dk);
 	if (!di && (cfg->flags & BH_SLOTF_DST_LPM))
-		di = slot ? dst_ident_1.lookup(&dk) : dst_ident_0.lookup(&dk);
+		di = bh_sel_dst_ident(slot, &dk);
 
 	__u8 action = BH_ACT_NONE, flags = 0;
 	__u32 rule = 0;
@@ -137,18 +232,18 @@ static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cf
 		pk.dst_app = di->app_id;
 		pk.proto = proto;
 		pk.dport_be = dport_be;
-		pv = slot ? pol_exact_1.lookup(&pk) : pol_exact_0.lookup(&pk);
+		pv = bh_sel_pol_exact(slot, &pk);
 		if (!pv && (cfg->flags & BH_SLOTF_POL_LPM))
-			pv = slot ? policy_1.lookup(&pk) : policy_0.lookup(&pk);
+			pv = bh_sel_policy(slot, &pk);
 		if (!pv) {
 			pk.prefixlen = BH_POLICY_PLEN_ANY_PORT;
 			pk.dport_be = 0;
-			pv = slot ? pol_exact_1.lookup(&pk) : pol_exact_0.lookup(&pk);
+			pv = bh_sel_pol_exact(slot, &pk);
 		}
 		if (!pv) {
 			pk.prefixlen = BH_POLICY_PLEN_ANY_PROTO;
 			pk.proto = 0;
-			pv = slot ? pol_exact_1.lookup(&pk) : pol_exact_0.lookup(&pk);
+			pv = bh_sel_pol_exact(slot, &pk);
 		}
 		if (pv) {
 			action = pv->action;
@@ -213,14 +308,19 @@ static __always_inline void bh_key6(const struct bh_pkt *p, __u32 seg, int rever
 
 static __always_inline struct bh_flow *bh_flow_get(const struct bh_pkt *p, __u32 seg, int reverse)
 {
+	struct bh_flow *f;
+
 	if (p->family == 4) {
 		struct bh_flow4_key k = {};
 		bh_key4(p, seg, reverse, &k);
-		return flows4.lookup(&k);
+		f = flows4.lookup(&k);
+		BH_KEEP_APART(f); /* see the slot selectors above */
+	} else {
+		struct bh_flow6_key k = {};
+		bh_key6(p, seg, reverse, &k);
+		f = flows6.lookup(&k);
 	}
-	struct bh_flow6_key k = {};
-	bh_key6(p, seg, reverse, &k);
-	return flows6.lookup(&k);
+	return f;
 }
 
 static __always_inline int bh_flow_put(const struct bh_pkt *p, __u32 seg, int reverse, struct bh_flow *v)
