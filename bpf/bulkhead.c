@@ -21,6 +21,7 @@
 #include "types.h"
 #include "parse.h"
 #include "reject.h"
+#include "tls.h"
 #include "maps.h"
 
 /* The one place a verdict is recorded: counter by reason, then the XDP code. */
@@ -57,6 +58,8 @@ static __always_inline int bh_reason_xdp(__u8 reason)
 	case BH_R_ALLOW_REPLY:
 	case BH_R_AUDIT_RULE:
 	case BH_R_AUDIT_DEFAULT:
+	case BH_R_SNI_PENDING:
+	case BH_R_SNI_UNKNOWN_ALLOW:
 		return XDP_PASS;
 	case BH_R_REJECT_RULE:
 		return XDP_TX;
@@ -160,6 +163,18 @@ static __always_inline struct bh_policy_val *bh_sel_policy(__u32 slot, struct bh
 	return v;
 }
 
+static __always_inline struct bh_sni_val *bh_sel_sni(__u32 slot, struct bh_sni_key *k)
+{
+	struct bh_sni_val *v;
+	if (slot) {
+		v = sni_names_1.lookup(k);
+		BH_KEEP_APART(v);
+	} else {
+		v = sni_names_0.lookup(k);
+	}
+	return v;
+}
+
 static __always_inline __u32 bh_segment_of(__u32 slot, __u32 ifindex)
 {
 	struct bh_seg_val *sv = bh_sel_seg(slot, &ifindex);
@@ -222,14 +237,20 @@ static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cf
 	v->src_app = si ? si->app_id : 0;
 	v->dst_app = di ? di->app_id : 0;
 	v->peer_segment = di ? di->segment_id : 0;
-	if (si && di) {
+	/*
+	 * A destination that is no app's address may still be a hostname-only
+	 * app: the policy then has entries for BH_APP_ANY, decided by name.
+	 */
+	if (si && !di && (cfg->flags & BH_SLOTF_SNI_ANY))
+		v->dst_app = BH_APP_ANY;
+	if (si && v->dst_app) {
 		struct bh_policy_key pk = {};
 		struct bh_policy_val *pv;
 
 		/* Longest first: one port, a range block, any port, any protocol. */
 		pk.prefixlen = BH_POLICY_PLEN_EXACT;
 		pk.src_app = si->app_id;
-		pk.dst_app = di->app_id;
+		pk.dst_app = v->dst_app;
 		pk.proto = proto;
 		pk.dport_be = dport_be;
 		pv = bh_sel_pol_exact(slot, &pk);
@@ -266,8 +287,16 @@ static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cf
 	case BH_ACT_REJECT:
 		reason = (flags & BH_ACTF_AUDIT) ? BH_R_AUDIT_RULE : BH_R_REJECT_RULE;
 		break;
-	case BH_ACT_L7:
 	case BH_ACT_SNI:
+		/* Decided by the ClientHello (bulkhead_sni). Only TCP carries one. */
+		if (proto == IPPROTO_TCP)
+			reason = BH_R_SNI_PENDING;
+		else if (cfg->unknown_sni == BH_ACT_ALLOW)
+			reason = BH_R_SNI_UNKNOWN_ALLOW;
+		else
+			reason = (flags & BH_ACTF_AUDIT) ? BH_R_AUDIT_RULE : BH_R_SNI_UNKNOWN;
+		break;
+	case BH_ACT_L7:
 		/* No handler in this build: a punt is never an implicit allow. */
 		reason = (flags & BH_ACTF_AUDIT) ? BH_R_AUDIT_RULE : BH_R_PUNT_NO_HANDLER;
 		break;
@@ -414,6 +443,21 @@ static __always_inline int bh_icmp_error(const struct bh_pkt *p, __u32 seg, __u3
 	return bh_record(BH_R_ICMP_ERROR_NO_FLOW, XDP_DROP, len);
 }
 
+/*
+ * A flow waiting for its ClientHello: handshake packets and pure ACKs pass
+ * both ways; the client's payload goes to bulkhead_sni; the server's payload
+ * is held (dropped, the server resends) until the name is decided.
+ */
+static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pkt *p, int is_reply, __u64 len)
+{
+	if (p->proto != IPPROTO_TCP || p->l4_len <= p->tcp_doff)
+		return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+	if (is_reply)
+		return bh_record(BH_R_SNI_HOLD, XDP_DROP, len);
+	tails.call(ctx, BH_TAIL_SNI);
+	return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
+}
+
 /* Apply a verdict: pass, drop, or hand the packet to bulkhead_reject. */
 static __always_inline int bh_apply(struct xdp_md *ctx, const struct bh_pkt *p, __u8 reason, int is_reply,
 				    __u64 len)
@@ -475,6 +519,8 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		f->last_seen_ns = now;
 		f->packets++;
 		f->bytes += len;
+		if (f->reason == BH_R_SNI_PENDING)
+			return bh_sni_pending(ctx, &p, f->flags & BH_FLOWF_REPLY, len);
 		if (p.frag == BH_FRAG_FIRST) {
 			bh_pkt_addrs16(&p);
 			bh_remember_fragment(&p, seg, now, f->reason);
@@ -495,7 +541,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		bh_classify(slot, cfg, client_seg, p.daddr, p.saddr, p.proto,
 			    bh_has_ports(p.proto) ? p.sport_be : 0, &v);
 		is_reply = 1;
-		if (bh_reason_xdp(v.reason) == XDP_PASS) {
+		if (bh_reason_xdp(v.reason) == XDP_PASS && v.reason != BH_R_SNI_PENDING) {
 			v.reason = BH_R_ALLOW_REPLY;
 			v.action = BH_ACT_ALLOW;
 		}
@@ -506,6 +552,11 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		v.bytes = f->bytes + len;
 		bh_flow_put(&p, seg, 0, &v);
 		bh_event(BH_EV_FLOW_RECLASSIFY);
+		/* A name decided under the old policy is re-decided from its stored hashes. */
+		if (v.reason == BH_R_SNI_PENDING) {
+			tails.call(ctx, BH_TAIL_SNI);
+			return bh_sni_pending(ctx, &p, 1, len); /* tail call failed: hold */
+		}
 	} else {
 		bh_classify(slot, cfg, seg, p.saddr, p.daddr, p.proto, p.policy_dport_be, &v);
 		v.last_seen_ns = now;
@@ -533,14 +584,18 @@ int bulkhead_xdp(struct xdp_md *ctx)
 				return bh_record(BH_R_FLOW_COLLISION, XDP_DROP, len);
 		}
 		if (!(ctl_flags & BH_CTL_BYPASS_FLOWS)) {
+			if (!f && v.reason == BH_R_SNI_PENDING)
+				v.flags |= BH_FLOWF_FRESH; /* cleared by bulkhead_sni */
 			bh_flow_put(&p, seg, 0, &v);
 			if (pass && v.peer_segment) {
 				/* Reuse v for the reply entry (stack is tight); keep what follows needs. */
 				__u8 fwd_reason = v.reason;
 				__u16 reply_seg = v.peer_segment;
-				v.flags |= BH_FLOWF_REPLY;
-				v.action = BH_ACT_ALLOW;
-				v.reason = BH_R_ALLOW_REPLY;
+				v.flags = (v.flags | BH_FLOWF_REPLY) & ~BH_FLOWF_FRESH;
+				if (fwd_reason != BH_R_SNI_PENDING) {
+					v.action = BH_ACT_ALLOW;
+					v.reason = BH_R_ALLOW_REPLY;
+				}
 				v.peer_segment = seg;
 				v.packets = 0;
 				v.bytes = 0;
@@ -548,6 +603,14 @@ int bulkhead_xdp(struct xdp_md *ctx)
 				v.reason = fwd_reason;
 			}
 			bh_event(f ? BH_EV_FLOW_RECLASSIFY : BH_EV_FLOW_NEW);
+			/* bulkhead_sni starts the flow's parse state (a fresh flow must not
+			 * inherit an older connection's), parses payload on the first packet
+			 * (TCP Fast Open, a flow picked up mid-stream), or re-decides a flow
+			 * re-judged after a swap. */
+			if (v.reason == BH_R_SNI_PENDING) {
+				tails.call(ctx, BH_TAIL_SNI);
+				return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len); /* never pass unparsed */
+			}
 		}
 	}
 
@@ -579,6 +642,200 @@ int bulkhead_reject(struct xdp_md *ctx)
 		bh_event(BH_EV_REJECT_ICMP);
 		return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
 	}
+	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+}
+
+/* Forward-direction key of a flow in the 16-byte form sni_state uses. */
+static __always_inline void bh_sni_key_of(const struct bh_pkt *p, __u32 client_seg, int is_reply,
+					  struct bh_flow6_key *k)
+{
+	__builtin_memcpy(k->saddr, is_reply ? p->daddr : p->saddr, 16);
+	__builtin_memcpy(k->daddr, is_reply ? p->saddr : p->daddr, 16);
+	k->sport_be = is_reply ? p->dport_be : p->sport_be;
+	k->dport_be = is_reply ? p->sport_be : p->dport_be;
+	k->proto = p->proto;
+	k->segment_id = client_seg;
+}
+
+/* The verdict for a parsed ClientHello: exact name, then wildcard; this port, then any. */
+static __always_inline __u8 bh_sni_decide(__u32 slot, const struct bh_slot_cfg *cfg, const struct bh_flow *f,
+					  __u16 dport_be, struct bh_sni_state *st)
+{
+	struct bh_sni_key k = {};
+	struct bh_sni_val *sv = NULL;
+
+	if (!(st->flags & BH_SNIF_HAVE_NAME)) {
+		st->rule_id = 0;
+		if (cfg->unknown_sni == BH_ACT_ALLOW)
+			return BH_R_SNI_UNKNOWN_ALLOW;
+		return (cfg->flags & BH_SLOTF_AUDIT) ? BH_R_AUDIT_DEFAULT : BH_R_SNI_UNKNOWN;
+	}
+	k.src_app = f->src_app;
+	k.dst_app = f->dst_app;
+	k.proto = IPPROTO_TCP;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		int wild = i >= 2;
+		if (wild && !(st->flags & BH_SNIF_WILD))
+			break;
+		k.name_hash = wild ? st->w64 : st->h64;
+		k.dport_be = (i & 1) ? 0 : dport_be;
+		sv = bh_sel_sni(slot, &k);
+		if (sv && sv->name_check == (wild ? st->w32 : st->h32))
+			break;
+		sv = NULL;
+	}
+	__u8 audit = cfg->flags & BH_SLOTF_AUDIT;
+	if (!sv) {
+		/* Address matched, name did not: the app did not match; the default decides. */
+		st->rule_id = 0;
+		if (cfg->default_action == BH_ACT_ALLOW)
+			return BH_R_ALLOW_DEFAULT;
+		return audit ? BH_R_AUDIT_DEFAULT : BH_R_DENY_DEFAULT;
+	}
+	st->rule_id = sv->rule_id;
+	st->app_id = sv->app_id;
+	if (sv->action == BH_ACT_ALLOW)
+		return BH_R_ALLOW_RULE;
+	if (audit || (sv->flags & BH_ACTF_AUDIT))
+		return BH_R_AUDIT_RULE;
+	return sv->action == BH_ACT_REJECT ? BH_R_REJECT_RULE : BH_R_DENY_RULE;
+}
+
+/* Write a decided verdict into the flow's entry. */
+static __always_inline void bh_sni_settle(struct bh_flow *e, const struct bh_sni_state *st, __u8 reason, int reply)
+{
+	int pass = bh_reason_xdp(reason) == XDP_PASS;
+
+	e->rule_id = st->rule_id;
+	if (st->app_id)
+		e->dst_app = st->app_id;
+	if (reply) {
+		e->reason = pass ? BH_R_ALLOW_REPLY : reason;
+		e->action = pass ? BH_ACT_ALLOW : BH_ACT_DENY;
+	} else {
+		e->reason = reason;
+		e->action = pass ? BH_ACT_ALLOW : (reason == BH_R_REJECT_RULE ? BH_ACT_REJECT : BH_ACT_DENY);
+	}
+}
+
+/*
+ * Tail call target for flows waiting on their server name: parse this
+ * client segment of the ClientHello (tls.h), and once the ClientHello is
+ * complete, decide, settle both flow entries, and judge the packet in hand.
+ * Also re-decides a flow whose name was parsed under an older generation.
+ */
+int bulkhead_sni(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+	struct bh_pkt p;
+
+	bh_pkt_init(&p);
+	if (bh_parse(data, data_end, &p) != BH_PARSE_OK || p.proto != IPPROTO_TCP)
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	__u32 zero = 0;
+	struct bh_ctl *gc = ctl.lookup(&zero);
+	if (!gc)
+		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
+	__u32 slot = gc->active_slot & 1;
+	struct bh_slot_cfg *cfg = slot_cfg.lookup(&slot);
+	if (!cfg || !cfg->generation)
+		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
+	__u32 seg = bh_segment_of(slot, ctx->ingress_ifindex);
+	bh_pkt_addrs16(&p);
+	struct bh_flow *f = bh_flow_get(&p, seg, 0);
+	if (!seg || !f)
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	int is_reply = f->flags & BH_FLOWF_REPLY;
+	__u32 client_seg = is_reply ? f->peer_segment : seg;
+	__u32 paylen = p.l4_len > p.tcp_doff ? p.l4_len - p.tcp_doff : 0;
+
+	struct bh_flow6_key k = {};
+	bh_sni_key_of(&p, client_seg, is_reply, &k);
+	if (f->flags & BH_FLOWF_FRESH) {
+		/* A new connection on a reused 5-tuple: forget the old one's name. */
+		f->flags &= ~BH_FLOWF_FRESH;
+		sni_state.delete(&k);
+	}
+	struct bh_sni_state *st = sni_state.lookup(&k);
+	if (!st || !(st->flags & BH_SNIF_DONE)) {
+		if (is_reply)
+			return bh_record(paylen ? BH_R_SNI_HOLD : BH_R_SNI_PENDING, paylen ? XDP_DROP : XDP_PASS, len);
+		__u32 seq = bpf_ntohl(p.seq_be);
+		int syn = p.tcp_flags & BH_TCP_SYN;
+		if (!paylen && !(syn && !st))
+			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+		if (!st) {
+			/* Anchor offsets at the SYN (ISN + 1) when we saw it, so a first
+			 * segment that arrives late is seen as out of order; a flow picked
+			 * up mid-stream starts at the first payload. */
+			struct bh_sni_state *tmpl = sni_scratch.lookup(&zero);
+			if (!tmpl)
+				return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+			bh_sni_state_init(tmpl, syn ? seq + 1 : seq);
+			sni_state.update(&k, tmpl);
+			st = sni_state.lookup(&k);
+			if (!st) {
+				bh_event(BH_EV_SNI_STATE_FAILED);
+				return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+			}
+		}
+		if (!paylen) /* the SYN */
+			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+		if (syn)
+			seq++; /* TCP Fast Open: data follows the SYN's sequence number */
+		__u32 rel = seq - st->base_seq;
+		if (rel != st->next_rel) {
+			/* Already parsed (a retransmission): it may pass again. Anything else waits. */
+			if ((__s32)(st->next_rel - (rel + paylen)) >= 0)
+				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+			return bh_record(BH_R_SNI_OUT_OF_ORDER, XDP_DROP, len);
+		}
+		int rc = bh_tls_chunk(data, data_end, p.l4_off + p.tcp_doff, rel, paylen, st);
+		/*
+		 * Every path out of the parser ends here, short: more of this segment
+		 * (CONT) or a finished ClientHello (DONE/BAD) continue in a fresh call,
+		 * which then takes the decision branch above. Keeping the decision out
+		 * of the parser's exits keeps the verifier's work linear.
+		 */
+		if (rc == BH_TLS_MORE) {
+			st->next_rel = rel + paylen;
+			bh_event(BH_EV_SNI_SEGMENT);
+			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+		}
+		if (rc != BH_TLS_CONT) {
+			if (rc == BH_TLS_BAD)
+				st->flags &= ~BH_SNIF_HAVE_NAME;
+			st->flags |= BH_SNIF_DONE;
+			st->next_rel = rel + paylen;
+			bh_event(BH_EV_SNI_SEGMENT);
+		}
+		tails.call(ctx, BH_TAIL_SNI);
+		/* Tail-call chain exhausted (33 calls): a ClientHello we can't follow. */
+		st->flags = (st->flags & ~BH_SNIF_HAVE_NAME) | BH_SNIF_DONE;
+		st->next_rel = rel + paylen;
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	}
+
+	__u8 reason = bh_sni_decide(slot, cfg, f, is_reply ? p.sport_be : p.dport_be, st);
+	st->verdict = reason;
+	bh_event(BH_EV_SNI_DECIDED);
+	/* Settle both entries: this packet's, and its other direction's. */
+	bh_sni_settle(f, st, reason, is_reply);
+	__u32 other_seg = is_reply ? client_seg : f->peer_segment;
+	if (other_seg) {
+		struct bh_flow *o = bh_flow_get(&p, other_seg, 1);
+		if (o)
+			bh_sni_settle(o, st, reason, !is_reply);
+	}
+	int code = bh_reason_xdp(reason);
+	if (is_reply)
+		return code == XDP_PASS ? bh_record(BH_R_ALLOW_REPLY, XDP_PASS, len) : bh_record(reason, XDP_DROP, len);
+	if (code != XDP_TX)
+		return bh_record(reason, code, len);
+	tails.call(ctx, BH_TAIL_REJECT);
 	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
 }
 

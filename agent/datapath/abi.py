@@ -21,6 +21,7 @@ class Action(enum.IntEnum):
 
 ACTF_AUDIT = 0x01
 FLOWF_REPLY = 0x02
+FLOWF_FRESH = 0x04
 
 
 class Reason(enum.IntEnum):
@@ -49,6 +50,11 @@ class Reason(enum.IntEnum):
     ICMP_ERROR_RELATED = 22
     ICMP_ERROR_NO_FLOW = 23
     REJECT_FAILED = 24
+    SNI_PENDING = 25
+    SNI_HOLD = 26
+    SNI_UNKNOWN = 27
+    SNI_UNKNOWN_ALLOW = 28
+    SNI_OUT_OF_ORDER = 29
 
 
 class Event(enum.IntEnum):
@@ -60,6 +66,9 @@ class Event(enum.IntEnum):
     REJECT_ICMP = 5
     FRAG_FIRST = 6
     FRAG_FOLLOW = 7
+    SNI_SEGMENT = 8
+    SNI_DECIDED = 9
+    SNI_STATE_FAILED = 10
 
 
 # The verdict class of each reason: what a user sees in `status`.
@@ -90,6 +99,11 @@ REASON_VERDICT = {
     Reason.ICMP_ERROR_RELATED: PASS,
     Reason.ICMP_ERROR_NO_FLOW: DROP,
     Reason.REJECT_FAILED: DROP,
+    Reason.SNI_PENDING: PASS,
+    Reason.SNI_HOLD: DROP,
+    Reason.SNI_UNKNOWN: DROP,
+    Reason.SNI_UNKNOWN_ALLOW: PASS,
+    Reason.SNI_OUT_OF_ORDER: DROP,
 }
 
 # consts.h
@@ -109,6 +123,16 @@ SLOTF_AUDIT = 0x1
 SLOTF_SRC_LPM = 0x2
 SLOTF_DST_LPM = 0x4
 SLOTF_POL_LPM = 0x8
+SLOTF_SNI_ANY = 0x10
+APP_ANY = 0xFFFFFFFF
+TLS_EXTS_PER_CALL = 32
+TLS_NAME_PER_CALL = 64
+TLS_NAME_MAX = 255
+SNI_LOG_LEN = 64
+SNIF_HAVE_NAME = 0x01
+SNIF_WILD = 0x02
+SNIF_DONE = 0x08
+SNIF_SEEN_SNI = 0x10
 POLICY_PLEN_EXACT = POLICY_PLEN_PORT_BASE + 16
 SRC_PLEN_HOST = SEG_BITS + 128
 DST_PLEN_HOST = 128
@@ -120,6 +144,8 @@ DEFAULT_SIZES = {
     "BH_MAX_POLICY": 524288,
     "BH_MAX_FLOWS": 262144,
     "BH_MAX_FRAGS": 16384,
+    "BH_MAX_SNI": 262144,
+    "BH_MAX_SNI_PARSE": 65536,
 }
 
 u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
@@ -231,6 +257,55 @@ class Frag(C.Structure):
     ]
 
 
+class SniKey(C.Structure):
+    _fields_ = [
+        ("name_hash", u64),
+        ("src_app", u32),
+        ("dst_app", u32),
+        ("dport_be", u16),
+        ("proto", u8),
+        ("pad", u8 * 5),
+    ]
+
+
+class SniVal(C.Structure):
+    _fields_ = [
+        ("action", u8),
+        ("flags", u8),
+        ("pad", u16),
+        ("rule_id", u32),
+        ("app_id", u32),
+        ("name_check", u32),
+    ]
+
+
+class SniState(C.Structure):
+    _fields_ = [
+        ("h64", u64),
+        ("w64", u64),
+        ("h32", u32),
+        ("w32", u32),
+        ("base_seq", u32),
+        ("next_rel", u32),
+        ("want", u32),
+        ("body_end", u32),
+        ("ext_end", u32),
+        ("name_off", u32),
+        ("name_len", u16),
+        ("name_got", u16),
+        ("step", u8),
+        ("got", u8),
+        ("flags", u8),
+        ("verdict", u8),
+        ("field", u8 * 6),
+        ("last", u8),
+        ("wild_at", u8),
+        ("rule_id", u32),
+        ("app_id", u32),
+        ("name", u8 * 64),
+    ]
+
+
 class Counter(C.Structure):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
@@ -250,7 +325,15 @@ STRUCTS = {
     "bh_flow": Flow,
     "bh_frag_key": FragKey,
     "bh_frag": Frag,
+    "bh_sni_key": SniKey,
+    "bh_sni_val": SniVal,
+    "bh_sni_state": SniState,
     "bh_counter": Counter,
 }
 
-ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event}
+class Tail(enum.IntEnum):
+    REJECT = 0
+    SNI = 1
+
+
+ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event, "bh_tail": Tail}

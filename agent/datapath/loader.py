@@ -34,6 +34,9 @@ PIN_ROOT = BPFFS / "bulkhead"
 DEFAULT_STATE_DIR = "/run/bulkhead"
 XDP_PROG = "bulkhead_xdp"
 REJECT_PROG = "bulkhead_reject"
+SNI_PROG = "bulkhead_sni"
+# enum bh_tail slot -> the program the loader puts there
+TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG}
 EMPTY_PROG = "bulkhead_empty"
 
 # linux/bpf.h map types
@@ -79,6 +82,8 @@ def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
         "stats": (MAP_PERCPU_ARRAY, 4, s(abi.Counter), abi.REASON_MAX),
         "events": (MAP_PERCPU_ARRAY, 4, 8, abi.EVENT_MAX),
         "tails": (MAP_PROG_ARRAY, 4, 4, 4),
+        "sni_state": (MAP_LRU_HASH, s(abi.Flow6Key), s(abi.SniState), sizes["BH_MAX_SNI_PARSE"]),
+        "sni_scratch": (MAP_PERCPU_ARRAY, 4, s(abi.SniState), 1),
     }
     for n in range(abi.NUM_SLOTS):
         specs[f"seg_map_{n}"] = (MAP_ARRAY, 4, s(abi.SegVal), sizes["BH_MAX_IFINDEX"])
@@ -88,6 +93,7 @@ def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
         specs[f"dst_ident_{n}"] = (MAP_LPM_TRIE, s(abi.DstKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
         specs[f"pol_exact_{n}"] = (MAP_HASH, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
         specs[f"policy_{n}"] = (MAP_LPM_TRIE, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
+        specs[f"sni_names_{n}"] = (MAP_HASH, s(abi.SniKey), s(abi.SniVal), sizes["BH_MAX_SNI"])
     return specs
 
 
@@ -158,13 +164,14 @@ class Datapath:
         try:
             t0 = time.monotonic()
             self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(), cflags=cflags(build_dir / "maps", self.sizes))
-            for name in (XDP_PROG, REJECT_PROG, EMPTY_PROG):
+            for name in (XDP_PROG, REJECT_PROG, SNI_PROG, EMPTY_PROG):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)
             tails = self.bpf.get_table(b"tails")
-            tails[C.c_int(0)] = C.c_int(self.fns[REJECT_PROG].fd)
+            for slot, prog in TAIL_PROGS.items():
+                tails[C.c_int(slot)] = C.c_int(self.fns[prog].fd)
             # Pin programs: to a temp name, then rename over the old pin (atomic).
-            for name in (XDP_PROG, REJECT_PROG):
+            for name in (XDP_PROG, REJECT_PROG, SNI_PROG):
                 tmp = build_dir / f"new-{name}"
                 if tmp.exists():
                     tmp.unlink()
@@ -263,7 +270,8 @@ class Datapath:
         self._upd("slot_cfg", C.c_uint32(slot), abi.SlotCfg(generation=0))
         self._zero_seg_map(slot)
         for name, key_t in (("src_host", abi.SrcKey), ("src_ident", abi.SrcKey), ("dst_host", abi.DstKey),
-                            ("dst_ident", abi.DstKey), ("pol_exact", abi.PolicyKey), ("policy", abi.PolicyKey)):
+                            ("dst_ident", abi.DstKey), ("pol_exact", abi.PolicyKey), ("policy", abi.PolicyKey),
+                            ("sni_names", abi.SniKey)):
             self._clear(f"{name}_{slot}", key_t)
 
         for seg in bundle.segments:
@@ -304,6 +312,16 @@ class Datapath:
                 flags |= abi.SLOTF_POL_LPM
             self._upd(f"pol_exact_{slot}" if plen in exact else f"policy_{slot}", k,
                       abi.PolicyVal(action=action, flags=aflags, rule_id=rule_id))
+
+        for name_hash, name_check, s_app, d_app, dport, action, aflags, rule_id, app_id in bundle.sni_entries:
+            k = abi.SniKey(name_hash=name_hash, src_app=s_app, dst_app=d_app, dport_be=socket.htons(dport),
+                           proto=6)
+            if d_app == abi.APP_ANY:
+                flags |= abi.SLOTF_SNI_ANY
+            self._upd(f"sni_names_{slot}", k, abi.SniVal(action=action, flags=aflags, rule_id=rule_id,
+                                                         app_id=app_id, name_check=name_check))
+        if any(e[2] == abi.APP_ANY for e in bundle.policy_entries):
+            flags |= abi.SLOTF_SNI_ANY
 
         st = bundle.settings
         cfg = abi.SlotCfg(

@@ -16,6 +16,12 @@ Map entries are plain tuples so the bundle packs small and fast:
                   pad(8) port(16): 64 = any protocol, 72 = any port of
                   `proto`, 80+n = the first n bits of `dport` fixed.
                   Precedence is already resolved: the longest match is the verdict.
+                  dst_app 0xFFFFFFFF (abi.APP_ANY) means "any destination that is
+                  no app's address": hostname-only apps.
+  sni_entries:    (name_hash64, name_check32, src_app, dst_app, dport, action, flags, rule_id, app_id)
+                  the server-name verdicts of flows whose policy entry says SNI;
+                  hashes are FNV-1a of the lowercased name (agent.policy.sni);
+                  dport 0 = any port; dst_app as above.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ class Bundle:
     src_entries: list[tuple]
     dst_entries: list[tuple]
     policy_entries: list[tuple]
+    sni_entries: list[tuple] = dataclasses.field(default_factory=list)
     source: list[str] = dataclasses.field(default_factory=list)  # policy file paths
     warnings: list[str] = dataclasses.field(default_factory=list)
     format: int = BUNDLE_FORMAT
@@ -47,6 +54,7 @@ class Bundle:
         d["src_entries"] = [list(e) for e in self.src_entries]
         d["dst_entries"] = [list(e) for e in self.dst_entries]
         d["policy_entries"] = [list(e) for e in self.policy_entries]
+        d["sni_entries"] = [list(e) for e in self.sni_entries]
         return d
 
     @staticmethod
@@ -76,6 +84,7 @@ class Bundle:
         b.src_entries = [tuple(e) for e in b.src_entries]
         b.dst_entries = [tuple(e) for e in b.dst_entries]
         b.policy_entries = [tuple(e) for e in b.policy_entries]
+        b.sni_entries = [tuple(e) for e in b.sni_entries]
         if checksum != cls._digest(d):
             raise ValueError("bundle checksum mismatch")
         return b

@@ -26,12 +26,14 @@ from typing import NamedTuple, Optional
 
 from ..datapath.abi import (
     ACTF_AUDIT,
+    APP_ANY,
     POLICY_PLEN_ANY_PORT,
     POLICY_PLEN_ANY_PROTO,
     POLICY_PLEN_PORT_BASE,
     Action,
 )
 from . import ports as portlib
+from . import sni as snilib
 from .bundle import Bundle
 from .model import App, Policy, Rule
 
@@ -66,10 +68,20 @@ def rule_verdict(rule: Rule, rule_id: int, dst: App, settings_mode: str) -> Verd
                        int(_ACTIONS[rule.action]), ACTF_AUDIT if audit else 0)
     if rule.l7:
         return Verdict(RANK_L7, rule_id, int(Action.L7), 0)
-    # A destination named by hostnames is only allowed once the ClientHello's
-    # server name matched: the kernel decides that flow on its first payload.
-    action = Action.SNI if dst.hostnames else Action.ALLOW
-    return Verdict(RANK_ALLOW, rule_id, int(action), 0)
+    return Verdict(RANK_ALLOW, rule_id, int(Action.ALLOW), 0)
+
+
+def l4_verdict(rule: Rule, rule_id: int, dst: App, settings_mode: str) -> Verdict:
+    """What the (src, dst, proto, port) entry says for `rule`.
+
+    Traffic to an app named by hostnames belongs to it only if the ClientHello
+    names it ("where both are given, both must match"), so every rule to such
+    an app, allow or deny, becomes an SNI gate: the kernel decides on the
+    ClientHello, from the server-name table (sni_entries).
+    """
+    if dst.hostnames and not rule.l7:
+        return Verdict(RANK_ALLOW, rule_id, int(Action.SNI), 0)
+    return rule_verdict(rule, rule_id, dst, settings_mode)
 
 
 def compile_policy(policy: Policy) -> Bundle:
@@ -92,20 +104,29 @@ def compile_policy(policy: Policy) -> Bundle:
         for addr in app.addresses
     ]
 
-    # Group each rule's (verdict, match set) by the app pair it governs.
+    # Group each rule's (verdict, match set) by the app pair it governs. A
+    # hostname-only app has no address: its pair is (src, APP_ANY).
     pairs: dict[tuple[int, int], list[tuple[Verdict, portlib.PortSet]]] = {}
+    named: dict[tuple[int, int], list[tuple[int, Rule, App, portlib.PortSet]]] = {}
     for rule_id, rule in enumerate(policy.rules, 1):
         dst = apps[rule.dst]
         match = portlib.intersect(portlib.portset(rule.ports), portlib.portset(dst.ports))
         if portlib.is_empty(match):
             continue  # validation rejects this; defensive for direct callers
-        verdict = rule_verdict(rule, rule_id, dst, policy.settings.mode)
-        pairs.setdefault((app_ids[rule.src], app_ids[dst.name]), []).append((verdict, match))
+        dst_key = app_ids[dst.name] if dst.addresses else APP_ANY
+        verdict = l4_verdict(rule, rule_id, dst, policy.settings.mode)
+        pairs.setdefault((app_ids[rule.src], dst_key), []).append((verdict, match))
+        if dst.hostnames and not rule.l7:
+            named.setdefault((app_ids[rule.src], dst_key), []).append((rule_id, rule, dst, match))
 
     policy_entries = []
     for (src_id, dst_id), cands in sorted(pairs.items()):
         for plen, proto, dport, v in pair_entries(cands):
             policy_entries.append((plen, src_id, dst_id, proto, dport, v.action, v.flags, v.rule_id))
+
+    sni_entries = []
+    for (src_id, dst_key), group in sorted(named.items()):
+        sni_entries += sni_group_entries(src_id, dst_key, group, app_ids, policy.settings.mode)
 
     return Bundle(
         settings=policy.settings.as_dict(),
@@ -122,9 +143,69 @@ def compile_policy(policy: Policy) -> Bundle:
         src_entries=src_entries,
         dst_entries=dst_entries,
         policy_entries=policy_entries,
+        sni_entries=sni_entries,
         source=list(policy.sources),
         warnings=list(policy.warnings),
     )
+
+
+# Ports of a hostname rule are expanded one by one into the name table; a
+# rule with more explicit TCP ports than this is refused (use no ports).
+SNI_MAX_PORTS = 4096
+
+
+def _tcp_ports(match: portlib.PortSet) -> Optional[set[int]]:
+    """The TCP ports a match set covers: None = any TCP port, set() = none."""
+    if match is None:
+        return None
+    ivs = match.get(6, [])
+    if ivs == [(1, 65535)] or ivs == [(0, 65535)]:
+        return None
+    ports = set()
+    for lo, hi in ivs:
+        ports.update(range(lo, hi + 1))
+        if len(ports) > SNI_MAX_PORTS:
+            raise ValueError(f"a rule to a hostname app covers more than {SNI_MAX_PORTS} TCP ports: "
+                             "name them individually or leave ports out")
+    return ports
+
+
+def sni_group_entries(src_id: int, dst_key: int, group, app_ids: dict[str, int], mode: str) -> list[tuple]:
+    """Server-name table entries for one (src app, dst key) group of hostname rules.
+
+    The kernel tries, in order: exact name at the port, exact name at any
+    port (0), then the wildcard form likewise, and takes the first hit. So
+    each entry must already be the precedence winner among *every* rule
+    whose app matches that name at that port: an exact name's entry also
+    weighs wildcard rules that cover it, and a port's entry also weighs
+    any-port rules.
+    """
+    cands = []  # (verdict, rule, app, ports or None)
+    for rule_id, rule, app, match in group:
+        tcp = _tcp_ports(match)
+        if tcp is not None and not tcp:
+            continue  # no TCP ports: nothing to decide by ClientHello
+        cands.append((rule_verdict(rule, rule_id, app, mode), rule, app, tcp))
+    patterns = sorted({snilib.normalize(h).decode() for _, _, app, _ in cands for h in app.hostnames})
+    out = []
+    for pat in patterns:
+        is_wild = pat.startswith("*.")
+
+        def covers(app: App) -> bool:
+            if is_wild:  # a wildcard lookup finds only wildcard patterns
+                return any(snilib.normalize(h).decode() == pat for h in app.hostnames)
+            return any(snilib.matches(h, pat) for h in app.hostnames)
+
+        mine = [c for c in cands if covers(c[2])]
+        ports = sorted({p for c in mine if c[3] is not None for p in c[3]})
+        h64, h32 = snilib.name_hashes(pat)
+        for port in [0] + ports:
+            here = [c for c in mine if c[3] is None or (port and port in c[3])]
+            if not here:
+                continue
+            v, rule, app, _ = min(here, key=lambda c: c[0].key)
+            out.append((h64, h32, src_id, dst_key, port, v.action, v.flags, v.rule_id, app_ids[app.name]))
+    return out
 
 
 def _best(verdicts) -> Optional[Verdict]:

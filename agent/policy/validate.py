@@ -60,15 +60,6 @@ L7_WARNING = (
     "rule {rule} needs the L7 verifier, which this version does not ship: "
     "its traffic is dropped (counted as punt_no_handler)"
 )
-SNI_WARNING = (
-    "rule {rule} to app {app} (named by hostnames) needs in-kernel SNI matching, not in this "
-    "version: its traffic is dropped (counted as punt_no_handler)"
-)
-SNI_ONLY_WARNING = (
-    "rule {rule}: app {app} has hostnames but no addresses, and finding a destination by "
-    "hostname needs in-kernel SNI matching, not in this version: the rule matches nothing "
-    "and settings.default_action decides its traffic"
-)
 DST_OVERLAP_WHY = (
     "destinations are looked up by address only, so two destination apps may not share "
     "addresses, even in different segments"
@@ -524,12 +515,8 @@ class _Builder:
     def collect_warnings(self) -> None:
         for rule in self.rules.values():
             dst = self.apps.get(rule.dst) if rule.dst is not None else None
-            if dst is not None and dst.hostnames and not dst.addresses:
-                self.diags.warn(rule.loc, SNI_ONLY_WARNING.format(rule=rule.name, app=dst.name))
-            elif rule.l7:
+            if rule.l7:
                 self.diags.warn(rule.loc, L7_WARNING.format(rule=rule.name))
-            elif dst is not None and dst.hostnames and rule.action == "allow":
-                self.diags.warn(rule.loc, SNI_WARNING.format(rule=rule.name, app=dst.name))
 
 
 def _overlapping(items: list[tuple[Address, Any]], conflict: Callable[[Any, Any], bool]):

@@ -18,6 +18,12 @@
 #ifndef BH_MAX_FLOWS
 #define BH_MAX_FLOWS 262144 /* LRU flow entries per family (two per flow) */
 #endif
+#ifndef BH_MAX_SNI
+#define BH_MAX_SNI 262144 /* server-name entries per slot */
+#endif
+#ifndef BH_MAX_SNI_PARSE
+#define BH_MAX_SNI_PARSE 65536 /* LRU ClientHellos being parsed / recently decided */
+#endif
 #ifndef BH_MAX_FRAGS
 #define BH_MAX_FRAGS 16384 /* LRU in-flight fragmented datagrams */
 #endif
@@ -28,6 +34,11 @@
 #define BH_TAIL_MAX 4    /* size of the tails program array */
 
 /* Parser bounds. Hitting one drops the packet under its own reason. */
+#define BH_TLS_EXTS_PER_CALL 32 /* extension headers walked per bulkhead_sni call */
+#define BH_TLS_NAME_PER_CALL 64   /* server-name bytes hashed per bulkhead_sni call */
+#define BH_TLS_NAME_MAX 255       /* longest server name accepted (RFC 6066 allows 2^16-1; DNS 253) */
+#define BH_SNI_LOG_LEN 64     /* bytes of the server name kept for flow logs */
+#define BH_APP_ANY 0xffffffff /* dst app id of hostname-only apps: any destination address */
 #define BH_VLAN_MAX_DEPTH 2 /* 802.1Q + 802.1ad (QinQ) */
 #define BH_IPV6_EXT_MAX 6   /* extension headers walked before giving up */
 

@@ -23,6 +23,7 @@ enum bh_action {
 /* Flags on a policy entry / flow entry (bitmask, u8). */
 #define BH_ACTF_AUDIT 0x01 /* deny/reject in shadow mode: pass, count as would-deny */
 #define BH_FLOWF_REPLY 0x02 /* flow entry keyed by the reply direction of a flow */
+#define BH_FLOWF_FRESH 0x04 /* entry just created: sni_state left by an older flow of this tuple is stale */
 
 /*
  * Why a packet got its verdict. Index into the per-CPU `stats` array, so
@@ -54,6 +55,11 @@ enum bh_reason {
 	BH_R_ICMP_ERROR_RELATED = 22, /* ICMP error about a flow we allowed */
 	BH_R_ICMP_ERROR_NO_FLOW = 23, /* ICMP error about no flow we allowed */
 	BH_R_REJECT_FAILED      = 24, /* reject wanted, reply could not be built: dropped */
+	BH_R_SNI_PENDING        = 25, /* flow waits for its ClientHello: handshake/ACKs pass */
+	BH_R_SNI_HOLD           = 26, /* server payload before the server-name verdict: dropped */
+	BH_R_SNI_UNKNOWN        = 27, /* no server name (no SNI, malformed, not TLS): unknown_sni deny */
+	BH_R_SNI_UNKNOWN_ALLOW  = 28, /* no server name, passed by settings.unknown_sni: allow */
+	BH_R_SNI_OUT_OF_ORDER   = 29, /* ClientHello segment not the next expected: dropped, resent */
 };
 
 /* Datapath events (not verdicts): index into the per-CPU `events` array. */
@@ -66,11 +72,15 @@ enum bh_event {
 	BH_EV_REJECT_ICMP        = 5, /* ICMP/ICMPv6 unreachable sent back */
 	BH_EV_FRAG_FIRST         = 6, /* first fragment recorded */
 	BH_EV_FRAG_FOLLOW        = 7, /* non-first fragment followed its flow's verdict */
+	BH_EV_SNI_SEGMENT        = 8, /* a ClientHello segment was parsed */
+	BH_EV_SNI_DECIDED        = 9, /* a flow got its server-name verdict */
+	BH_EV_SNI_STATE_FAILED   = 10, /* sni_state update failed: flow judged unknown_sni */
 };
 
 /* Slots of the `tails` program array (tail calls keep cold paths off the main stack). */
 enum bh_tail {
 	BH_TAIL_REJECT = 0, /* bulkhead_reject: build and bounce the reject answer */
+	BH_TAIL_SNI    = 1, /* bulkhead_sni: parse a ClientHello segment, decide by server name */
 };
 
 #endif /* BH_ENUMS_H */

@@ -49,7 +49,10 @@ BPF_TABLE_PINNED("array", __u32, struct bh_slot_cfg, slot_cfg, BH_NUM_SLOTS, BH_
 			 BH_MAX_POLICY, BH_PIN_DIR "/pol_exact_" #n, BPF_F_NO_PREALLOC);            \
 	/* policy_N: port-range blocks -> action. */                                               \
 	BPF_TABLE_PINNED("lpm_trie", struct bh_policy_key, struct bh_policy_val, policy_##n,       \
-			 BH_MAX_POLICY, BH_PIN_DIR "/policy_" #n, BPF_F_NO_PREALLOC)
+			 BH_MAX_POLICY, BH_PIN_DIR "/policy_" #n, BPF_F_NO_PREALLOC);              \
+	/* sni_names_N: (src app, dst app, port, server name hash) -> verdict. */                  \
+	BPF_TABLE_PINNED("hash", struct bh_sni_key, struct bh_sni_val, sni_names_##n, BH_MAX_SNI,  \
+			 BH_PIN_DIR "/sni_names_" #n, BPF_F_NO_PREALLOC)
 
 BH_SLOT_MAPS(0);
 BH_SLOT_MAPS(1);
@@ -64,6 +67,13 @@ BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_flow, flows6, BH_MAX
 
 /* frags: verdict of each fragmented datagram, written by its first fragment. */
 BPF_TABLE_PINNED("lru_hash", struct bh_frag_key, struct bh_frag, frags, BH_MAX_FRAGS, BH_PIN_DIR "/frags");
+
+/* sni_state: ClientHellos being parsed across segments, then the name asked for. */
+BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_sni_state, sni_state, BH_MAX_SNI_PARSE,
+		 BH_PIN_DIR "/sni_state");
+
+/* sni_scratch: one per-CPU bh_sni_state to build a new entry in (too big for the stack). */
+BPF_TABLE_PINNED("percpu_array", __u32, struct bh_sni_state, sni_scratch, 1, BH_PIN_DIR "/sni_scratch");
 
 /* stats: per-CPU packets/bytes per enum bh_reason. Summed by the agent at read time. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct bh_counter, stats, BH_REASON_MAX, BH_PIN_DIR "/stats");

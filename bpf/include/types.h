@@ -31,6 +31,7 @@ struct bh_slot_cfg {
 #define BH_SLOTF_SRC_LPM 0x2 /* the slot has source prefixes (not only hosts): consult src_ident */
 #define BH_SLOTF_DST_LPM 0x4 /* likewise destinations: consult dst_ident */
 #define BH_SLOTF_POL_LPM 0x8 /* the slot has port-range blocks: consult policy */
+#define BH_SLOTF_SNI_ANY 0x10 /* the slot has hostname-only apps: unknown destinations may match by name */
 
 /* seg_map_N: ingress ifindex -> segment. */
 struct bh_seg_val {
@@ -140,6 +141,65 @@ struct bh_frag {
 	__u8 pad[6];
 };
 
+/*
+ * sni_names_N (hash): (src app, dst app, port, server name) -> verdict.
+ * dst_app is BH_APP_ANY for hostname-only apps; dport_be 0 means any port.
+ * name_hash is FNV-1a 64 of the lowercased name without a trailing dot;
+ * wildcard entries hash "*.rest" (one left-most label). name_check is
+ * FNV-1a 32 of the same bytes: a false match needs both to collide.
+ */
+struct bh_sni_key {
+	__u64 name_hash;
+	__u32 src_app;
+	__u32 dst_app;
+	__u16 dport_be;
+	__u8 proto;
+	__u8 pad[5];
+};
+
+struct bh_sni_val {
+	__u8 action; /* BH_ACT_ALLOW / DENY / REJECT */
+	__u8 flags;  /* BH_ACTF_AUDIT */
+	__u16 pad;
+	__u32 rule_id;
+	__u32 app_id;     /* the hostname app the name matched */
+	__u32 name_check;
+};
+
+/*
+ * sni_state (LRU, keyed like flows6 with IPv4 mapped): a ClientHello being
+ * parsed across TCP segments, then the name it asked for (flow logs).
+ * Offsets are relative to the first client payload byte (base_seq).
+ */
+struct bh_sni_state {
+	__u64 h64; /* streaming FNV-1a 64 of the name */
+	__u64 w64; /* ... of its wildcard form "*.rest" */
+	__u32 h32;
+	__u32 w32;
+	__u32 base_seq;  /* TCP seq of payload offset 0 (host order) */
+	__u32 next_rel;  /* payload offset the next segment must start at */
+	__u32 want;      /* payload offset of the next field to read */
+	__u32 body_end;  /* end of the ClientHello */
+	__u32 ext_end;   /* end of the extensions block */
+	__u32 name_off;  /* payload offset of the name's first byte */
+	__u16 name_len;
+	__u16 name_got;  /* name bytes hashed so far */
+	__u8 step;       /* enum bh_tls_step */
+	__u8 got;        /* bytes of the current field collected */
+	__u8 flags;      /* BH_SNIF_* */
+	__u8 verdict;    /* enum bh_reason once decided, 0 before */
+	__u8 field[6];   /* the current field's bytes (the longest field is 5) */
+	__u8 last;       /* the name's last byte so far */
+	__u8 wild_at;    /* index of the name's first dot (when BH_SNIF_WILD) */
+	__u32 rule_id;   /* once decided */
+	__u32 app_id;
+	__u8 name[BH_SNI_LOG_LEN]; /* first bytes of the name, lowercased (not NUL-terminated if full) */
+};
+#define BH_SNIF_HAVE_NAME 0x01
+#define BH_SNIF_WILD 0x02       /* a first dot was seen: w64/w32 hash "*.rest" */
+#define BH_SNIF_DONE 0x08
+#define BH_SNIF_SEEN_SNI 0x10 /* a server_name extension was met (a second one is malformed) */
+
 /* stats (per-CPU array, BH_REASON_MAX): indexed by enum bh_reason. */
 struct bh_counter {
 	__u64 packets;
@@ -159,6 +219,9 @@ _Static_assert(sizeof(struct bh_flow6_key) == 40, "bh_flow6_key");
 _Static_assert(sizeof(struct bh_flow) == 48, "bh_flow");
 _Static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key");
 _Static_assert(sizeof(struct bh_frag) == 16, "bh_frag");
+_Static_assert(sizeof(struct bh_sni_key) == 24, "bh_sni_key");
+_Static_assert(sizeof(struct bh_sni_val) == 16, "bh_sni_val");
+_Static_assert(sizeof(struct bh_sni_state) == 136, "bh_sni_state");
 #endif
 
 #endif /* BH_TYPES_H */

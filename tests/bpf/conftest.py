@@ -274,7 +274,8 @@ class Xdp:
         return self.generation
 
     def clear_flows(self) -> None:
-        for name, key in (("flows4", abi.Flow4Key), ("flows6", abi.Flow6Key), ("frags", abi.FragKey)):
+        for name, key in (("flows4", abi.Flow4Key), ("flows6", abi.Flow6Key), ("frags", abi.FragKey),
+                          ("sni_state", abi.Flow6Key)):
             fd = self.dp.map_fds[name]
             for k in libbpf.map_keys(fd, key):
                 libbpf.map_delete(fd, k)

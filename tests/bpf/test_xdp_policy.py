@@ -81,7 +81,8 @@ POLICY = [
     case("audit-rule-deny-v6", syn6(8080), "prod", X.PASS, R.AUDIT_RULE),
     case("l7-punt-without-handler", syn4(80), "prod", X.DROP, R.PUNT_NO_HANDLER),
     case("l7-punt-without-handler-v6", syn6(80), "prod", X.DROP, R.PUNT_NO_HANDLER),
-    case("sni-punt-without-handler", syn4(9443), "prod", X.DROP, R.PUNT_NO_HANDLER),
+    # SNI-gated: the handshake passes and waits for the ClientHello (tests/bpf/test_xdp_sni.py)
+    case("sni-handshake-waits-for-clienthello", syn4(9443), "prod", X.PASS, R.SNI_PENDING),
     # prefix 64: any protocol, any port
     case("any-protocol-tcp", syn4(1234, dst=CAT4), "prod", X.PASS, R.ALLOW_RULE),
     case("any-protocol-udp", E / IP(src=C4, dst=CAT4) / UDP(sport=5000, dport=999), "prod", X.PASS, R.ALLOW_RULE),

@@ -24,12 +24,9 @@ INCLUDE = Path(__file__).resolve().parents[2] / "bpf" / "include"
 C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s8": 1, "__s16": 2, "__s32": 4, "__s64": 8}
 
 # Enum member prefix -> IntEnum, per C enum.
-ENUM_PREFIX = {"bh_action": "BH_ACT_", "bh_reason": "BH_R_", "bh_event": "BH_EV_"}
+ENUM_PREFIX = {"bh_action": "BH_ACT_", "bh_reason": "BH_R_", "bh_event": "BH_EV_", "bh_tail": "BH_TAIL_"}
 # C enums with no Python mirror, and why each may stay C-only.
-C_ONLY_ENUMS = {
-    # tail-call slots: the loader fills slot 0 with bulkhead_reject (checked below)
-    "bh_tail",
-}
+C_ONLY_ENUMS: set[str] = set()
 # Constants with no abi.py mirror, and why each may stay C-only.
 C_ONLY_DEFINES = {
     "BH_FLOW_IDLE_NS": "collision freshness, used only by the data path",
@@ -67,8 +64,10 @@ def parse_enums(text: str) -> dict[str, dict[str, int]]:
     return enums
 
 
-def parse_structs(text: str) -> dict[str, list[tuple[str, str, int]]]:
-    """struct name -> [(field, C type, array length or 0)] in declaration order."""
+def parse_structs(text: str, defines: dict[str, int] | None = None) -> dict[str, list[tuple[str, str, int]]]:
+    """struct name -> [(field, C type, array length or 0)] in declaration order.
+
+    Array lengths may be integer literals or BH_ names from `defines`."""
     structs = {}
     for name, body in re.findall(r"\bstruct\s+(\w+)\s*\{(.*?)\}\s*;", text, flags=re.S):
         fields = []
@@ -79,6 +78,8 @@ def parse_structs(text: str) -> dict[str, list[tuple[str, str, int]]]:
             assert m, f"struct {name}: cannot parse field {decl!r}"
             ctype, field, length = m.groups()
             assert ctype in C_TYPES, f"struct {name}.{field}: type {ctype} is not a fixed-width integer"
+            if length and length in (defines or {}):
+                length = str(defines[length])
             fields.append((field, ctype, _int(length) if length else 0))
         structs[name] = fields
     return structs
@@ -127,10 +128,10 @@ def c_layout(fields) -> tuple[list[tuple[str, int, int]], int]:
 
 
 ENUMS = parse_enums(_read("enums.h"))
-STRUCTS = parse_structs(_read("types.h"))
 DEFINES: dict[str, int] = {}
 for _h in ("consts.h", "types.h", "enums.h"):  # in include order: later values may use earlier names
     DEFINES.update(parse_defines(_read(_h), DEFINES))
+STRUCTS = parse_structs(_read("types.h"), DEFINES)
 ASSERTS = parse_static_asserts(_read("types.h"))
 
 
@@ -188,10 +189,9 @@ def test_every_reason_has_a_verdict_class():
 
 
 def test_tail_slots_match_loader():
-    """bh_tail is C-only: the loader puts bulkhead_reject at index 0 of a BH_TAIL_MAX array."""
-    assert ENUMS["bh_tail"] == {"BH_TAIL_REJECT": 0}
-    src = (Path(loader.__file__)).read_text()
-    assert re.search(r"tails\[C\.c_int\(0\)\]\s*=\s*C\.c_int\(self\.fns\[REJECT_PROG\]\.fd\)", src)
+    """Every bh_tail slot gets a program from the loader, within BH_TAIL_MAX."""
+    assert set(loader.TAIL_PROGS) == set(abi.Tail)
+    assert all(0 <= t < DEFINES["BH_TAIL_MAX"] for t in abi.Tail)
     assert loader.map_specs(abi.DEFAULT_SIZES)["tails"][3] == DEFINES["BH_TAIL_MAX"]
 
 

@@ -347,15 +347,15 @@ def test_example_policy_warnings():
     path = os.path.join(REPO, "policies", "example.yaml")
     bundle, warnings = load_policy([path])
     assert warnings == bundle.warnings
-    assert len(warnings) == 2
-    sni, l7 = warnings
-    assert sni == ("rule web-to-payments to app payments (named by hostnames) needs in-kernel SNI "
-                   "matching, not in this version: its traffic is dropped (counted as punt_no_handler)")
-    assert l7 == ("rule web-reads-catalog needs the L7 verifier, which this version does not ship: "
-                  "its traffic is dropped (counted as punt_no_handler)")
+    assert warnings == ["rule web-reads-catalog needs the L7 verifier, which this version does not ship: "
+                        "its traffic is dropped (counted as punt_no_handler)"]
 
 
-def test_hostname_warnings(tmp_path):
+def test_hostname_rules_compile_to_name_table(tmp_path):
+    """Rules to hostname apps need no warning: the kernel decides them by SNI."""
+    from agent.datapath.abi import APP_ANY, Action
+    from agent.policy import sni
+
     path = tmp_path / "p.yaml"
     path.write_text(BASE + """\
   - name: pay
@@ -368,12 +368,19 @@ rules:
   - {name: allow-pay, from: web, to: pay}
 """)
     bundle, warnings = load_policy([str(path)])
-    assert len(warnings) == 2, warnings
-    assert warnings[0].startswith("rule to-saas: app saas has hostnames but no addresses")
-    assert warnings[1].startswith("rule allow-pay to app pay (named by hostnames) needs in-kernel SNI")
-    # A deny by address needs no SNI: no warning for deny-pay.
-    assert not any("deny-pay" in w for w in warnings)
+    assert warnings == []
     assert [a["hostnames"] for a in bundle.apps if a["name"] == "pay"] == [["pay.example"]]
+    ids = {a["name"]: a["id"] for a in bundle.apps}
+    h_pay, c_pay = sni.name_hashes("pay.example")
+    h_saas, c_saas = sni.name_hashes("api.saas.example")
+    # (hash, check, src, dst key, port, action, flags, rule, app): deny-pay (rule 2) beats allow-pay
+    assert sorted(bundle.sni_entries) == sorted([
+        (h_saas, c_saas, ids["web"], APP_ANY, 0, int(Action.ALLOW), 0, 1, ids["saas"]),
+        (h_pay, c_pay, ids["web"], ids["pay"], 0, int(Action.DENY), 0, 2, ids["pay"]),
+    ])
+    # The trie entries only gate: both pairs are decided on the ClientHello.
+    gates = {(e[1], e[2]): e[5] for e in bundle.policy_entries}
+    assert gates == {(ids["web"], APP_ANY): int(Action.SNI), (ids["web"], ids["pay"]): int(Action.SNI)}
 
 
 # --- several files --------------------------------------------------------------

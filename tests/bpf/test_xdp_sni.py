@@ -1,0 +1,293 @@
+"""In-kernel TLS SNI: ClientHellos through BPF_PROG_TEST_RUN.
+
+The base policy gates web -> payments tcp/9443 on the server name
+(RULE_PAY_SNI); this module adds the name table. Each case opens the flow
+with a SYN, then sends the ClientHello in one or more segments and checks
+the verdict of every segment.
+"""
+from __future__ import annotations
+
+import struct
+
+import pytest
+from scapy.all import IP, TCP, IPv6, Raw
+
+from agent.datapath import abi
+from agent.policy import sni
+
+from .conftest import APP_PAY, APP_WEB, C4, C6, PAY4, PAY6, E, R, X, base_bundle
+
+PORT = 9443
+RULE_NAME_ALLOW, RULE_WILD_ALLOW, RULE_NAME_DENY, RULE_NAME_REJECT, RULE_ANYPORT = 20, 21, 22, 23, 24
+
+
+def name_entry(pattern: str, action: int, rule: int, port: int = PORT) -> tuple:
+    h64, h32 = sni.name_hashes(pattern)
+    return (h64, h32, APP_WEB, APP_PAY, port, action, 0, rule, APP_PAY)
+
+
+NAMES = [
+    name_entry("pay.example.internal", abi.Action.ALLOW, RULE_NAME_ALLOW),
+    name_entry("*.svc.example.internal", abi.Action.ALLOW, RULE_WILD_ALLOW),
+    name_entry("blocked.example.internal", abi.Action.DENY, RULE_NAME_DENY),
+    name_entry("rej.example.internal", abi.Action.REJECT, RULE_NAME_REJECT),
+    name_entry("any.example.internal", abi.Action.ALLOW, RULE_ANYPORT, port=0),
+]
+
+
+def sni_bundle(**settings):
+    b = base_bundle(settings or None)
+    b.sni_entries = list(NAMES)
+    return b
+
+
+# ------------------------------------------------------------- ClientHello
+def ext(etype: int, data: bytes) -> bytes:
+    return struct.pack("!HH", etype, len(data)) + data
+
+
+def sni_ext(*names: bytes) -> bytes:
+    entries = b"".join(b"\x00" + struct.pack("!H", len(n)) + n for n in names)
+    return ext(0, struct.pack("!H", len(entries)) + entries)
+
+
+def client_hello(name: bytes | None = b"pay.example.internal", before: int = 3, after: int = 3,
+                 sid_len: int = 32, pad: int = 0, extra_sni: bool = False, grease: bool = True) -> bytes:
+    """A TLS record holding a ClientHello; the SNI extension after `before` others."""
+    filler = [ext(0x0a, b"\x00\x04\x00\x1d\x00\x17"), ext(0x0d, b"\x00\x04\x04\x03\x08\x04"),
+              ext(0x2b, b"\x04\x03\x04\x03\x03"), ext(0x33, b"\x00\x26\x00\x1d\x00\x20" + b"k" * 32),
+              ext(0x10, b"\x00\x03\x02h2"), ext(0x17, b""), ext(0xff01, b"\x00")]
+    exts = []
+    if grease:
+        exts.append(ext(0x0a0a, b""))
+    exts += [filler[i % len(filler)] for i in range(before)]
+    if name is not None:
+        exts.append(sni_ext(name))
+    exts += [filler[(before + i) % len(filler)] for i in range(after)]
+    if extra_sni:
+        exts.append(sni_ext(b"other.example.internal"))
+    if pad:
+        exts.append(ext(0x15, b"\x00" * pad))  # RFC 7685 padding
+    ext_block = b"".join(exts)
+    body = (b"\x03\x03" + b"r" * 32 + bytes([sid_len]) + b"s" * sid_len
+            + struct.pack("!H", 4) + b"\x13\x01\x13\x02" + b"\x01\x00"
+            + struct.pack("!H", len(ext_block)) + ext_block)
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
+
+
+# ----------------------------------------------------------------- helpers
+SPORT, ISN = 40123, 1000
+
+
+def l3(v6: bool):
+    return IPv6(src=C6, dst=PAY6) if v6 else IP(src=C4, dst=PAY4)
+
+
+def l3_reply(v6: bool):
+    return IPv6(src=PAY6, dst=C6) if v6 else IP(src=PAY4, dst=C4)
+
+
+def syn(v6=False):
+    return E / l3(v6) / TCP(sport=SPORT, dport=PORT, flags="S", seq=ISN - 1)
+
+
+def seg(payload: bytes, offset: int, v6=False):
+    return E / l3(v6) / TCP(sport=SPORT, dport=PORT, flags="PA", seq=ISN + offset, ack=1) / Raw(payload)
+
+
+def server_data(v6=False):
+    return E / l3_reply(v6) / TCP(sport=PORT, dport=SPORT, flags="PA", seq=5000, ack=ISN) / Raw(b"hello")
+
+
+def res(v) -> tuple[X, R]:
+    """(XDP code, the one reason that counted the packet, exactly once)."""
+    assert len(v.reasons) == 1 and list(v.reasons.values()) == [1], v.reasons
+    return X(v.retval), next(iter(v.reasons))
+
+
+def send_hello(xdp, hello: bytes, cuts=(), v6=False):
+    """Open the flow, send `hello` cut at `cuts`; return the deciding segment's verdict.
+
+    Segments pass as sni_pending until one decides; the parser may decide
+    before the last segment (once every extension has been walked, the rest
+    of the last one is not needed), and every later segment must then get
+    the same verdict from the flow cache.
+    """
+    xdp.expect(syn(v6), "prod", X.PASS, R.SNI_PENDING)
+    bounds = [0, *cuts, len(hello)]
+    decided = None
+    for a, b in zip(bounds, bounds[1:]):
+        v = xdp.judge(seg(hello[a:b], a, v6), "prod")
+        code, reason = res(v)
+        if decided is None:
+            if reason == R.SNI_PENDING and b < len(hello):
+                assert code == X.PASS
+                continue
+            decided = v
+        elif res(decided)[1] != R.REJECT_RULE:  # a reset flow's later segments: reset again
+            assert (code, reason) == res(decided), (a, b)
+    return decided
+
+
+@pytest.fixture
+def sx(xdp):
+    xdp.apply(sni_bundle())
+    return xdp
+
+
+# ------------------------------------------------------------------- cases
+@pytest.mark.parametrize("name,code,reason", [
+    (b"pay.example.internal", X.PASS, R.ALLOW_RULE),
+    (b"PAY.Example.Internal", X.PASS, R.ALLOW_RULE),
+    (b"pay.example.internal.", X.PASS, R.ALLOW_RULE),
+    (b"a.svc.example.internal", X.PASS, R.ALLOW_RULE),  # wildcard: one label
+    (b"a.b.svc.example.internal", X.DROP, R.DENY_DEFAULT),  # two labels: no match
+    (b"svc.example.internal", X.DROP, R.DENY_DEFAULT),  # no label at all
+    (b"blocked.example.internal", X.DROP, R.DENY_RULE),
+    (b"rej.example.internal", X.TX, R.REJECT_RULE),
+    (b"any.example.internal", X.PASS, R.ALLOW_RULE),  # any-port entry
+    (b"nobody.example.internal", X.DROP, R.DENY_DEFAULT),
+    (b"x" * 255, X.DROP, R.DENY_DEFAULT),  # max-length name
+    (b".", X.DROP, R.SNI_UNKNOWN),  # names nothing
+], ids=lambda v: v.decode()[:40] if isinstance(v, bytes) else None)
+def test_name_verdicts(sx, name, code, reason):
+    v = send_hello(sx, client_hello(name))
+    assert res(v) == (code, reason)
+
+
+@pytest.mark.parametrize("before,after", [(0, 15), (7, 8), (15, 0), (30, 2)], ids=["first", "middle", "last", "after-30"])
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_sni_position_among_extensions(sx, before, after, v6):
+    v = send_hello(sx, client_hello(before=before, after=after), v6=v6)
+    assert res(v) == (X.PASS, R.ALLOW_RULE)
+
+
+@pytest.mark.parametrize("sid_len", [0, 1, 16, 31, 32])
+def test_session_id_lengths(sx, sid_len):
+    assert res(send_hello(sx, client_hello(sid_len=sid_len)))[1] == R.ALLOW_RULE
+
+
+def test_every_split_point_gives_the_same_verdict(sx):
+    """Two segments, cut at every byte: fields and the name straddle segments."""
+    hello = client_hello(b"blocked.example.internal", before=2, after=2, sid_len=8)
+    for cut in range(1, len(hello)):
+        sx.clear_flows()
+        v = send_hello(sx, hello, cuts=(cut,))
+        assert res(v) == (X.DROP, R.DENY_RULE), f"cut at {cut}"
+
+
+def test_small_mss_many_segments(sx):
+    hello = client_hello(pad=600)
+    cuts = tuple(range(200, len(hello), 200))  # an MSS of 200
+    assert res(send_hello(sx, hello, cuts=cuts))[1] == R.ALLOW_RULE
+
+
+def test_padded_past_1500_bytes_in_two_segments(sx):
+    hello = client_hello(b"a.svc.example.internal", before=5, after=1, pad=1600)
+    assert len(hello) > 1500
+    v = send_hello(sx, hello, cuts=(1400,))
+    assert res(v) == (X.PASS, R.ALLOW_RULE)
+
+
+@pytest.mark.parametrize("hello", [
+    pytest.param(client_hello(None), id="no-sni"),
+    pytest.param(client_hello(extra_sni=True), id="two-server-name-extensions"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: pay.example.internal\r\n\r\n", id="not-tls"),
+    pytest.param(client_hello(sid_len=33), id="session-id-33"),
+], )
+def test_unknown_server_name(sx, hello):
+    v = send_hello(sx, hello)
+    assert res(v) == (X.DROP, R.SNI_UNKNOWN)
+
+
+def test_unknown_server_name_allowed_by_setting(xdp):
+    xdp.apply(sni_bundle(unknown_sni="allow"))
+    v = send_hello(xdp, client_hello(None))
+    assert res(v) == (X.PASS, R.SNI_UNKNOWN_ALLOW)
+
+
+def _lie(hello: bytes, offset: int, value: bytes) -> bytes:
+    return hello[:offset] + value + hello[offset + len(value):]
+
+
+@pytest.mark.parametrize("field,off,width,delta,expect", [
+    # a record may carry more than the ClientHello: one byte longer is legal
+    ("record+1", 3, 2, 1, R.ALLOW_RULE),
+    ("record-1", 3, 2, -1, R.SNI_UNKNOWN),
+    ("handshake+1", 6, 3, 1, R.SNI_UNKNOWN),
+    ("handshake-1", 6, 3, -1, R.SNI_UNKNOWN),
+    ("extensions+1", 5 + 4 + 2 + 32 + 1 + 32 + 2 + 4 + 2, 2, 1, R.SNI_UNKNOWN),
+    ("extensions-1", 5 + 4 + 2 + 32 + 1 + 32 + 2 + 4 + 2, 2, -1, R.SNI_UNKNOWN),
+    ("sni-list+1", None, 2, 1, R.SNI_UNKNOWN),
+    ("sni-name+1", None, 2, 1, R.SNI_UNKNOWN),
+    ("sni-name-1", None, 2, -1, R.SNI_UNKNOWN),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_lying_lengths_are_malformed(sx, field, off, width, delta, expect):
+    hello = client_hello(before=0, after=2, grease=False)
+    if off is None:  # inside the server_name extension, right after the extensions length
+        sni_at = 5 + 4 + 2 + 32 + 1 + 32 + 2 + 4 + 2 + 2 + 4
+        off = sni_at if field.startswith("sni-list") else sni_at + 3
+    v0 = int.from_bytes(hello[off:off + width], "big")
+    bad = hello[:off] + (v0 + delta).to_bytes(width, "big") + hello[off + width:]
+    v = send_hello(sx, bad)
+    assert res(v)[1] == expect
+
+
+def test_truncated_clienthello_never_passes_server_data(sx):
+    hello = client_hello()
+    for cut in range(1, len(hello), 7):
+        sx.clear_flows()
+        sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+        sx.expect(seg(hello[:cut], 0), "prod", X.PASS, R.SNI_PENDING)
+        sx.expect(server_data(), "core", X.DROP, R.SNI_HOLD)
+
+
+def test_server_payload_held_until_allowed(sx):
+    sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+    sx.expect(server_data(), "core", X.DROP, R.SNI_HOLD)
+    hello = client_hello()
+    sx.expect(seg(hello, 0), "prod", X.PASS, R.ALLOW_RULE)
+    sx.expect(server_data(), "core", X.PASS, R.ALLOW_REPLY)
+
+
+def test_denied_flow_stays_denied(sx):
+    hello = client_hello(b"blocked.example.internal")
+    assert res(send_hello(sx, hello))[1] == R.DENY_RULE
+    sx.expect(seg(b"more", len(hello)), "prod", X.DROP, R.DENY_RULE)
+    sx.expect(server_data(), "core", X.DROP, R.DENY_RULE)
+
+
+def test_out_of_order_segment_waits(sx):
+    hello = client_hello(pad=300)
+    sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+    sx.expect(seg(hello[200:], 200), "prod", X.DROP, R.SNI_OUT_OF_ORDER)  # gap: the client resends
+    sx.expect(seg(hello[:200], 0), "prod", X.PASS, R.SNI_PENDING)
+    sx.expect(seg(hello[:200], 0), "prod", X.PASS, R.SNI_PENDING)  # retransmission of parsed bytes
+    sx.expect(seg(hello[200:], 200), "prod", X.PASS, R.ALLOW_RULE)
+
+
+def test_policy_swap_redecides_from_stored_name(sx):
+    hello = client_hello()
+    assert res(send_hello(sx, hello))[1] == R.ALLOW_RULE
+    b = sni_bundle()
+    b.sni_entries = [name_entry("pay.example.internal", abi.Action.DENY, RULE_NAME_DENY)]
+    sx.apply(b)
+    sx.expect(server_data(), "core", X.DROP, R.DENY_RULE)
+
+
+def test_kernel_hashes_match_the_compiler(sx):
+    """The name the kernel streamed hashes exactly like agent.policy.sni."""
+    import ctypes as C
+
+    from agent.datapath import libbpf
+
+    send_hello(sx, client_hello(b"Mixed.Case.Example."))
+    fd = sx.dp.map_fds["sni_state"]
+    keys = libbpf.map_keys(fd, abi.Flow6Key)
+    assert len(keys) == 1
+    st = abi.SniState()
+    assert libbpf.lib().bpf_map_lookup_elem(fd, C.byref(keys[0]), C.byref(st)) == 0
+    assert (st.h64, st.h32) == sni.name_hashes("mixed.case.example")
+    assert (st.w64, st.w32) == sni.name_hashes("*.case.example")
+    assert bytes(st.name).rstrip(b"\0") == b"mixed.case.example"
