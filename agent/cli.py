@@ -196,11 +196,11 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, interval: flo
             return
         if header:
             click.echo(f"{'SEGMENT':<10} {'DIR':<7} {'PROTO':<6} {'SOURCE':<28} {'DESTINATION':<28} "
-                       f"{'FROM':<12} {'TO':<12} {'VERDICT':<7} {'REASON':<16} {'RULE':<20} {'PKTS':>6}")
+                       f"{'FROM':<12} {'TO':<12} {'VERDICT':<7} {'REASON':<16} {'RULE':<20} {'PKTS':>6}  SNI")
         for f in fl:
             click.echo(f"{f['segment']:<10} {f['direction']:<7} {f['proto']:<6} {f['src'] + ':' + str(f['sport']):<28} "
                        f"{f['dst'] + ':' + str(f['dport']):<28} {f['src_app']:<12} {f['dst_app']:<12} "
-                       f"{f['verdict']:<7} {f['reason']:<16} {f['rule']:<20} {f['packets']:>6}")
+                       f"{f['verdict']:<7} {f['reason']:<16} {f['rule']:<20} {f['packets']:>6}  {f.get('sni') or ''}")
 
     reply = _agent_request(state_dir, "flows", limit=limit)
     if not reply.get("ok"):

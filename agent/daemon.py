@@ -222,6 +222,7 @@ class Agent:
                     dst = str(ipaddress.IPv4Address(socket.ntohl(k.daddr_be)))
                 else:
                     src, dst = _addr(k.saddr), _addr(k.daddr)
+                sni = self._sni_name(fam, k, v)
                 bundle = self.bundles.get(v.generation) or self.bundle
                 apps, rules, segs = bundle.app_names(), bundle.rule_names(), bundle.segment_names()
                 out.append({
@@ -230,7 +231,8 @@ class Agent:
                     "proto": PROTO_NAMES.get(k.proto, str(k.proto)),
                     "src": src, "sport": socket.ntohs(k.sport_be),
                     "dst": dst, "dport": socket.ntohs(k.dport_be),
-                    "src_app": apps.get(v.src_app, "-"), "dst_app": apps.get(v.dst_app, "-"),
+                    "src_app": apps.get(v.src_app, "-"),
+                    "dst_app": apps.get(v.dst_app, "(by name)" if v.dst_app == abi.APP_ANY else "-"),
                     "rule": rules.get(v.rule_id, "(default)"),
                     "reason": abi.Reason(v.reason).name.lower() if v.reason in abi.Reason._value2member_map_ else str(v.reason),
                     "verdict": abi.REASON_VERDICT.get(v.reason, "drop"),
@@ -238,9 +240,35 @@ class Agent:
                     "generation": v.generation,
                     "packets": v.packets, "bytes": v.bytes,
                     "idle_s": round(max(0, now_ns - v.last_seen_ns) / 1e9, 1),
+                    "sni": sni,
                 })
         out.sort(key=lambda f: f["idle_s"])
         return out[:limit]
+
+    def _sni_name(self, fam: str, k, v) -> str | None:
+        """The server name a TLS flow asked for, from sni_state (keyed by the
+        forward 5-tuple in 16-byte form on the client's segment)."""
+        if "sni_state" not in self.dp.map_fds or k.proto != 6:
+            return None
+        sk = abi.Flow6Key()
+        if fam == "flows4":
+            s16 = loader.v4mapped(ipaddress.IPv4Address(socket.ntohl(k.saddr_be)))
+            d16 = loader.v4mapped(ipaddress.IPv4Address(socket.ntohl(k.daddr_be)))
+        else:
+            s16, d16 = bytes(k.saddr), bytes(k.daddr)
+        reply = bool(v.flags & abi.FLOWF_REPLY)
+        C.memmove(sk.saddr, d16 if reply else s16, 16)
+        C.memmove(sk.daddr, s16 if reply else d16, 16)
+        sk.sport_be, sk.dport_be = (k.dport_be, k.sport_be) if reply else (k.sport_be, k.dport_be)
+        sk.proto = k.proto
+        sk.segment_id = v.peer_segment if reply else k.segment_id
+        st = abi.SniState()
+        if libbpf.lib().bpf_map_lookup_elem(self.dp.map_fds["sni_state"], C.byref(sk), C.byref(st)) < 0:
+            return None
+        if not st.flags & abi.SNIF_HAVE_NAME and st.name_got == 0:
+            return None
+        name = bytes(st.name[: min(st.name_got, abi.SNI_LOG_LEN)]).rstrip(b"\0").decode("ascii", "replace")
+        return name + ("…" if st.name_len > abi.SNI_LOG_LEN else "")
 
     # -------------------------------------------------------------- control
     def handle(self, req: dict) -> dict:
