@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import control
-from .datapath import abi, libbpf, loader
+from .datapath import abi, libbpf, loader, probe
 from .policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.agent")
@@ -311,6 +311,7 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
     try:
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         server.ensure_free()  # before touching the kernel: never fight a live agent
+        probe.require(log)  # logs missing kernel features; raises naming a required one
         gen = agent.start(bundle)
         server.start()
     except (AgentError, loader.DatapathError, control.ControlError) as e:
