@@ -8,6 +8,7 @@
 #   make bench   setup, then the benchmarks (root)
 #   make lint    byte-compile everything, plus ruff if it is installed
 #   make clean   remove .venv and caches (never touches the system)
+#   make vm-test the tests on Debian 12's stock kernel in a qemu VM (root; image cached in /var/cache/bulkhead-vm)
 #
 # Knobs: PYTEST_ARGS="-k foo -x", PYTEST_TIMEOUT=300 (seconds per test), BENCH_ARGS=...
 
@@ -58,3 +59,9 @@ lint:
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build dist *.egg-info
 	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+# Debian 12's stock kernel (6.1) in qemu: builds the image once (debootstrap, cached outside
+# the repo), boots it, runs the suite inside, exits with its status. See docs/testing-vm.md.
+.PHONY: vm-test
+vm-test:
+	bash scripts/vm-test.sh

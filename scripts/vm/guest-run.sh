@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# guest-run.sh — the part of `make vm-test` that runs INSIDE the guest, at boot.
+#
+# Started by /usr/local/sbin/bulkhead-vm-boot (see provision.sh) from the read-only 9p share
+# of the repo at /mnt/repo; results go to the read-write share /mnt/results:
+#   pytest.log   pytest's output (the host streams it while the tests run)
+#   junit.xml    per-test results
+#   probe.txt    the kernel's BPF features as agent/datapath/probe.py finds them
+#   status       the exit status the host's `make vm-test` exits with (written last)
+#
+# Not in the image on purpose: editing this file needs no image rebuild.
+# The host passes its settings in /mnt/results/config (VM_TESTS, VM_PYTEST_ARGS,
+# VM_PYTEST_TIMEOUT, VM_ACCEL).
+
+set -uo pipefail
+
+SHARE=/mnt/repo
+RESULTS=/mnt/results
+REPO=/root/bulkhead          # where the image's .venv was built (provision.sh)
+T0=$SECONDS
+
+log() { printf '[vm] [guest +%ds] %s\n' "$((SECONDS - T0))" "$*"; }
+finish() {
+    echo "$1" > "$RESULTS/status"
+    sync
+    log "status $1 after $((SECONDS - T0))s; powering off"
+    exit "$1"
+}
+
+# shellcheck disable=SC1091
+[[ -r "$RESULTS/config" ]] && . "$RESULTS/config"
+VM_PYTEST_TIMEOUT="${VM_PYTEST_TIMEOUT:-1200}"
+
+# The default selection: every unit and BPF_PROG_TEST_RUN test, and the integration tests
+# that cover each verdict (allow/deny/reject over TCP, UDP, ICMP, IPv4 and IPv6), audit
+# mode, directionality, overlapping CIDRs in two segments, atomic re-apply, a failed apply,
+# and an agent restart that reuses its pins, then `bulkhead down`.
+DEFAULT_TESTS=(
+    tests/unit
+    tests/bpf
+    tests/integration/test_enforcement.py
+    tests/integration/test_overlap.py
+    tests/integration/test_apply.py
+    "tests/integration/test_lifecycle.py::test_restart_keeps_enforcing_and_reuses_pins"
+    "tests/integration/test_lifecycle.py::test_down_leaves_nothing"
+)
+
+log "kernel $(uname -r), $(nproc) cpus, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB, accel ${VM_ACCEL:-?}"
+
+# The tree under test replaces the image's copy; the image's .venv stays (it was built for
+# this path, from the same pyproject.toml and setup.sh: they are part of the image's key).
+log "copying the repo from the host share"
+find "$REPO" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
+tar -C "$SHARE" --exclude=./.venv --exclude=./.git --exclude='__pycache__' \
+    --exclude=./.pytest_cache --exclude='*.egg-info' --exclude=./.benchmarks -cf - . \
+    | tar -C "$REPO" -xf - || { log "ERROR: copying the repo failed"; finish 1; }
+cd "$REPO" || finish 1
+
+# The same set-up the host runs; here it must find everything in place (no network).
+log "scripts/setup.sh (expected: nothing to install)"
+if ! bash scripts/setup.sh; then
+    log "ERROR: setup.sh failed in the guest: the image is stale or broken (VM_REBUILD=1 rebuilds it)"
+    finish 1
+fi
+
+log "kernel feature probes (agent/datapath/probe.py)"
+if .venv/bin/python -m agent.datapath.probe > "$RESULTS/probe.txt" 2>&1; then :; fi
+sed 's/^/  /' "$RESULTS/probe.txt"
+
+if [[ -n "${VM_TESTS:-}" ]]; then
+    read -r -a TESTS <<< "$VM_TESTS"
+else
+    TESTS=("${DEFAULT_TESTS[@]}")
+fi
+# shellcheck disable=SC2206
+EXTRA=(${VM_PYTEST_ARGS:-})
+
+# Skips don't fail pytest here (BULKHEAD_STRICT_SKIPS=0); instead every skip must name a
+# kernel feature this kernel lacks (the one legitimate reason), checked below from junit.xml.
+log "pytest ${TESTS[*]} ${EXTRA[*]} (timeout ${VM_PYTEST_TIMEOUT}s per test)"
+export BULKHEAD_STRICT_SKIPS=0 CI= PYTHONUNBUFFERED=1
+# Straight to the results share, which the host streams: the serial console is slow under
+# TCG, and a verifier log can be tens of thousands of lines.
+.venv/bin/python -m pytest -ra -v -p no:cacheprovider --timeout="$VM_PYTEST_TIMEOUT" \
+    --junitxml="$RESULTS/junit.xml" --durations=15 "${TESTS[@]}" "${EXTRA[@]}" \
+    > "$RESULTS/pytest.log" 2>&1
+rc=$?
+log "pytest exit status $rc"
+[[ "$rc" -eq 5 ]] && log "ERROR: pytest collected no tests"
+
+if [[ -r "$RESULTS/junit.xml" ]]; then
+    bad_skips="$(.venv/bin/python - "$RESULTS/junit.xml" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+
+bad = []
+for case in ET.parse(sys.argv[1]).iter("testcase"):
+    for sk in case.findall("skipped"):
+        reason = (sk.get("message") or "") + " " + (sk.text or "")
+        if "kernel feature" not in reason:
+            bad.append(f"{case.get('classname')}::{case.get('name')}: {reason.strip()}")
+print("\n".join(bad))
+EOF
+)"
+    if [[ -n "$bad_skips" ]]; then
+        log "ERROR: skips that do not name a missing kernel feature:"
+        printf '%s\n' "$bad_skips" | sed 's/^/  /'
+        [[ "$rc" -eq 0 ]] && rc=1
+    fi
+fi
+finish "$rc"
