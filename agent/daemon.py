@@ -265,10 +265,12 @@ class Agent:
         st = abi.SniState()
         if libbpf.lib().bpf_map_lookup_elem(self.dp.map_fds["sni_state"], C.byref(sk), C.byref(st)) < 0:
             return None
-        if not st.flags & abi.SNIF_HAVE_NAME and st.name_got == 0:
-            return None
-        name = bytes(st.name[: min(st.name_got, abi.SNI_LOG_LEN)]).rstrip(b"\0").decode("ascii", "replace")
-        return name + ("…" if st.name_len > abi.SNI_LOG_LEN else "")
+        if not st.flags & abi.SNIF_HAVE_NAME:
+            return None  # still parsing, or no readable name (counted as sni_unknown)
+        if st.name_len > abi.SNI_LOG_LEN:
+            # The kernel keeps the first SNI_LOG_LEN - 1 bytes; later ones overwrite the last slot.
+            return bytes(st.name[: abi.SNI_LOG_LEN - 1]).decode("ascii", "replace") + "…"
+        return bytes(st.name[: st.name_len]).rstrip(b"\0").rstrip(b".").decode("ascii", "replace")
 
     # -------------------------------------------------------------- control
     def handle(self, req: dict) -> dict:
