@@ -634,7 +634,7 @@ int bulkhead_reject(struct xdp_md *ctx)
 	if (bh_parse(data, data_end, &p) != BH_PARSE_OK)
 		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
 	if (p.proto == IPPROTO_TCP) {
-		if (bh_build_tcp_rst(ctx, &p) == 0) {
+		if (bh_build_tcp_rst(ctx, &p, 0) == 0) {
 			bh_event(BH_EV_REJECT_TCP_RST);
 			return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
 		}
@@ -835,8 +835,30 @@ int bulkhead_sni(struct xdp_md *ctx)
 		return code == XDP_PASS ? bh_record(BH_R_ALLOW_REPLY, XDP_PASS, len) : bh_record(reason, XDP_DROP, len);
 	if (code != XDP_TX)
 		return bh_record(reason, code, len);
-	tails.call(ctx, BH_TAIL_REJECT);
+	/*
+	 * Reject by name: RST to both ends. XDP sends one packet per packet, so
+	 * this segment becomes a RST for the server (it has the connection open
+	 * and is waiting for the ClientHello); the client's retransmission of it
+	 * then meets the cached reject and gets its RST from bulkhead_reject.
+	 */
+	tails.call(ctx, BH_TAIL_RESET_ONWARD);
 	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+}
+
+/* Tail call target: this segment of a rejected flow, rewritten as a RST for its receiver. */
+int bulkhead_reset_onward(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+	struct bh_pkt p;
+
+	bh_pkt_init(&p);
+	if (bh_parse(data, data_end, &p) != BH_PARSE_OK || p.proto != IPPROTO_TCP ||
+	    bh_build_tcp_rst(ctx, &p, 1))
+		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+	bh_event(BH_EV_RESET_ONWARD);
+	return bh_record(BH_R_REJECT_RULE, XDP_PASS, len);
 }
 
 /* Reference program for benchmarks: the cost of XDP itself. */

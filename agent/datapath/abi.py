@@ -69,6 +69,7 @@ class Event(enum.IntEnum):
     SNI_SEGMENT = 8
     SNI_DECIDED = 9
     SNI_STATE_FAILED = 10
+    RESET_ONWARD = 11
 
 
 # The verdict class of each reason: what a user sees in `status`.
@@ -334,6 +335,7 @@ STRUCTS = {
 class Tail(enum.IntEnum):
     REJECT = 0
     SNI = 1
+    RESET_ONWARD = 2
 
 
 ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event, "bh_tail": Tail}

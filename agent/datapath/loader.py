@@ -35,8 +35,9 @@ DEFAULT_STATE_DIR = "/run/bulkhead"
 XDP_PROG = "bulkhead_xdp"
 REJECT_PROG = "bulkhead_reject"
 SNI_PROG = "bulkhead_sni"
+RESET_ONWARD_PROG = "bulkhead_reset_onward"
 # enum bh_tail slot -> the program the loader puts there
-TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG}
+TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RESET_ONWARD: RESET_ONWARD_PROG}
 EMPTY_PROG = "bulkhead_empty"
 
 # linux/bpf.h map types
@@ -164,14 +165,14 @@ class Datapath:
         try:
             t0 = time.monotonic()
             self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(), cflags=cflags(build_dir / "maps", self.sizes))
-            for name in (XDP_PROG, REJECT_PROG, SNI_PROG, EMPTY_PROG):
+            for name in (XDP_PROG, *TAIL_PROGS.values(), EMPTY_PROG):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)
             tails = self.bpf.get_table(b"tails")
             for slot, prog in TAIL_PROGS.items():
                 tails[C.c_int(slot)] = C.c_int(self.fns[prog].fd)
             # Pin programs: to a temp name, then rename over the old pin (atomic).
-            for name in (XDP_PROG, REJECT_PROG, SNI_PROG):
+            for name in (XDP_PROG, *TAIL_PROGS.values()):
                 tmp = build_dir / f"new-{name}"
                 if tmp.exists():
                     tmp.unlink()

@@ -75,12 +75,14 @@ enum bh_event {
 	BH_EV_SNI_SEGMENT        = 8, /* a ClientHello segment was parsed */
 	BH_EV_SNI_DECIDED        = 9, /* a flow got its server-name verdict */
 	BH_EV_SNI_STATE_FAILED   = 10, /* sni_state update failed: flow judged unknown_sni */
+	BH_EV_RESET_ONWARD       = 11, /* a rejected flow's segment was turned into a RST for the server */
 };
 
 /* Slots of the `tails` program array (tail calls keep cold paths off the main stack). */
 enum bh_tail {
 	BH_TAIL_REJECT = 0, /* bulkhead_reject: build and bounce the reject answer */
 	BH_TAIL_SNI    = 1, /* bulkhead_sni: parse a ClientHello segment, decide by server name */
+	BH_TAIL_RESET_ONWARD = 2, /* bulkhead_reset_onward: turn the segment into a RST for its receiver */
 };
 
 #endif /* BH_ENUMS_H */

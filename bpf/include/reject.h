@@ -61,8 +61,8 @@ static __always_inline __u32 bh_csum_pseudo(const struct bh_pkt *p, __u8 proto, 
 	return sum;
 }
 
-/* Copy the L2 header (Ethernet + tags) to the stack with the MACs swapped. */
-static __always_inline int bh_save_l2(void *data, void *data_end, __u32 l2_len, __u8 *l2)
+/* Copy the L2 header (Ethernet + tags) to the stack; swap the MACs for an answer. */
+static __always_inline int bh_save_l2(void *data, void *data_end, __u32 l2_len, __u8 *l2, int swap)
 {
 	if (data + BH_L2_MAX <= data_end) {
 		__builtin_memcpy(l2, data, BH_L2_MAX);
@@ -73,6 +73,8 @@ static __always_inline int bh_save_l2(void *data, void *data_end, __u32 l2_len, 
 	} else {
 		return -1;
 	}
+	if (!swap)
+		return 0;
 	__u8 mac[6];
 	__builtin_memcpy(mac, l2, 6);
 	__builtin_memcpy(l2, l2 + 6, 6);
@@ -93,9 +95,9 @@ static __always_inline int bh_write_l2(void *data, void *data_end, __u32 l2_len,
 	return 0;
 }
 
-/* Fresh IP header from the answer's point of view (source = original destination). */
+/* Fresh IP header: an answer's (swap: source = original destination), or the packet's own. */
 static __always_inline int bh_write_ip(void *ip, void *data_end, const struct bh_pkt *p, __u8 proto,
-				       __u32 l4_len)
+				       __u32 l4_len, int swap)
 {
 	if (p->family == 4) {
 		struct iphdr h = {};
@@ -107,8 +109,8 @@ static __always_inline int bh_write_ip(void *ip, void *data_end, const struct bh
 		h.frag_off = bpf_htons(0x4000); /* DF */
 		h.ttl = BH_REPLY_TTL;
 		h.protocol = proto;
-		h.saddr = p->daddr4_be;
-		h.daddr = p->saddr4_be;
+		h.saddr = swap ? p->daddr4_be : p->saddr4_be;
+		h.daddr = swap ? p->saddr4_be : p->daddr4_be;
 		h.check = bh_csum_fold(bh_csum_buf(&h, sizeof(h), 0));
 		__builtin_memcpy(ip, &h, sizeof(h));
 	} else {
@@ -119,15 +121,20 @@ static __always_inline int bh_write_ip(void *ip, void *data_end, const struct bh
 		h.payload_len = bpf_htons(l4_len);
 		h.nexthdr = proto;
 		h.hop_limit = BH_REPLY_TTL;
-		__builtin_memcpy(&h.saddr, p->daddr, 16);
-		__builtin_memcpy(&h.daddr, p->saddr, 16);
+		__builtin_memcpy(&h.saddr, swap ? p->daddr : p->saddr, 16);
+		__builtin_memcpy(&h.daddr, swap ? p->saddr : p->daddr, 16);
 		__builtin_memcpy(ip, &h, sizeof(h));
 	}
 	return 0;
 }
 
-/* RFC 9293 3.10.7.1: a reset that the sender of this segment will accept. */
-static __always_inline int bh_build_tcp_rst(struct xdp_md *ctx, const struct bh_pkt *p)
+/*
+ * RFC 9293 3.10.7.1: a reset that the sender of this segment will accept
+ * (onward = 0, bounced back with XDP_TX); or, onward = 1, the segment itself
+ * turned into a reset for its receiver (seq = this segment's, which is the
+ * receiver's next expected byte), passed on with XDP_PASS.
+ */
+static __always_inline int bh_build_tcp_rst(struct xdp_md *ctx, const struct bh_pkt *p, int onward)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -136,15 +143,19 @@ static __always_inline int bh_build_tcp_rst(struct xdp_md *ctx, const struct bh_
 
 	if (p->tcp_flags & BH_TCP_RST)
 		return -1; /* never answer a reset */
-	if (l2_len > BH_L2_MAX || bh_save_l2(data, data_end, l2_len, l2))
+	if (l2_len > BH_L2_MAX || bh_save_l2(data, data_end, l2_len, l2, !onward))
 		return -1;
 
 	struct tcphdr th = {};
-	th.source = p->dport_be;
-	th.dest = p->sport_be;
+	th.source = onward ? p->sport_be : p->dport_be;
+	th.dest = onward ? p->dport_be : p->sport_be;
 	th.doff = 5;
 	th.rst = 1;
-	if (p->tcp_flags & BH_TCP_ACK) {
+	if (onward) {
+		th.seq = p->seq_be;
+		th.ack_seq = p->ack_seq_be;
+		th.ack = !!(p->tcp_flags & BH_TCP_ACK);
+	} else if (p->tcp_flags & BH_TCP_ACK) {
 		th.seq = p->ack_seq_be;
 	} else {
 		__u32 seg_len = p->l4_len - p->tcp_doff;
@@ -170,7 +181,7 @@ static __always_inline int bh_build_tcp_rst(struct xdp_md *ctx, const struct bh_
 	if (bh_write_l2(data, data_end, l2_len, l2))
 		return -1;
 	void *ip = data + l2_len;
-	if (bh_write_ip(ip, data_end, p, IPPROTO_TCP, sizeof(th)))
+	if (bh_write_ip(ip, data_end, p, IPPROTO_TCP, sizeof(th), !onward))
 		return -1;
 	void *tcp = ip + ip_hlen;
 	if (tcp + sizeof(th) > data_end)
@@ -197,7 +208,7 @@ static __always_inline int bh_build_icmp_unreach(struct xdp_md *ctx, const struc
 		return -1; /* broadcast / multicast */
 	if (p->family == 6 && p->daddr[0] == 0xff)
 		return -1;
-	if (l2_len > BH_L2_MAX || bh_save_l2(data, data_end, l2_len, l2))
+	if (l2_len > BH_L2_MAX || bh_save_l2(data, data_end, l2_len, l2, 1))
 		return -1;
 
 	__u32 quote_len = p->l4_off - p->l3_off + 8;
@@ -227,7 +238,7 @@ static __always_inline int bh_build_icmp_unreach(struct xdp_md *ctx, const struc
 	void *ip = data + l2_len;
 	__u8 proto = p->family == 4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
 	__u32 icmp_len = 8 + quote_len;
-	if (bh_write_ip(ip, data_end, p, proto, icmp_len))
+	if (bh_write_ip(ip, data_end, p, proto, icmp_len, 1))
 		return -1;
 
 	__u8 ih[8] = {};

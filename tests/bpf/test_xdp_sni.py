@@ -145,7 +145,7 @@ def sx(xdp):
     (b"a.b.svc.example.internal", X.DROP, R.DENY_DEFAULT),  # two labels: no match
     (b"svc.example.internal", X.DROP, R.DENY_DEFAULT),  # no label at all
     (b"blocked.example.internal", X.DROP, R.DENY_RULE),
-    (b"rej.example.internal", X.TX, R.REJECT_RULE),
+    (b"rej.example.internal", X.PASS, R.REJECT_RULE),  # passed on as a RST to the server
     (b"any.example.internal", X.PASS, R.ALLOW_RULE),  # any-port entry
     (b"nobody.example.internal", X.DROP, R.DENY_DEFAULT),
     (b"x" * 255, X.DROP, R.DENY_DEFAULT),  # max-length name
@@ -274,6 +274,31 @@ def test_policy_swap_redecides_from_stored_name(sx):
     b.sni_entries = [name_entry("pay.example.internal", abi.Action.DENY, RULE_NAME_DENY)]
     sx.apply(b)
     sx.expect(server_data(), "core", X.DROP, R.DENY_RULE)
+
+
+def test_reject_by_name_resets_both_ends(sx):
+    """The deciding segment becomes a RST for the server; the client's
+    retransmission of it gets a RST back (XDP sends one packet per packet)."""
+    from scapy.all import Ether
+
+    hello = client_hello(b"rej.example.internal")
+    v = send_hello(sx, hello)
+    assert res(v) == (X.PASS, R.REJECT_RULE) and v.events.get(abi.Event.RESET_ONWARD) == 1
+    out = Ether(v.data_out)
+    ip, tcp = out[IP], out[TCP]
+    assert (ip.src, ip.dst, tcp.sport, tcp.dport) == (C4, PAY4, SPORT, PORT)  # onward, not bounced
+    assert tcp.flags == "RA" and tcp.seq == ISN and not bytes(tcp.payload)
+    assert ip.len == 40
+    ip_ok, tcp_ok = ip.chksum, tcp.chksum
+    del ip.chksum, tcp.chksum
+    again = Ether(bytes(out))
+    assert (again[IP].chksum, again[TCP].chksum) == (ip_ok, tcp_ok)
+    # the client, unanswered, retransmits: now it is reset
+    r = sx.judge(seg(hello, 0), "prod")
+    assert res(r) == (X.TX, R.REJECT_RULE)
+    back = Ether(r.data_out)
+    assert (back[IP].src, back[IP].dst, back[TCP].sport, back[TCP].dport) == (PAY4, C4, PORT, SPORT)
+    assert "R" in back[TCP].flags
 
 
 def test_kernel_hashes_match_the_compiler(sx):
