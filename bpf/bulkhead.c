@@ -448,12 +448,20 @@ static __always_inline int bh_icmp_error(const struct bh_pkt *p, __u32 seg, __u3
  * both ways; the client's payload goes to bulkhead_sni; the server's payload
  * is held (dropped, the server resends) until the name is decided.
  */
-static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pkt *p, int is_reply, __u64 len)
+static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pkt *p, int is_reply, __u64 len,
+					  __u32 ctl_flags)
 {
 	if (p->proto != IPPROTO_TCP || p->l4_len <= p->tcp_doff)
 		return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
 	if (is_reply)
 		return bh_record(BH_R_SNI_HOLD, XDP_DROP, len);
+	if (ctl_flags & BH_CTL_SNI_BENCH) {
+		/* Benchmarks: every run parses this ClientHello afresh (see bulkhead_sni). */
+		__u32 zero = 0;
+		struct bh_sni_state *t = sni_scratch.lookup(&zero);
+		if (t)
+			bh_sni_state_init(t, bpf_ntohl(p->seq_be));
+	}
 	tails.call(ctx, BH_TAIL_SNI);
 	return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
 }
@@ -520,7 +528,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		f->packets++;
 		f->bytes += len;
 		if (f->reason == BH_R_SNI_PENDING)
-			return bh_sni_pending(ctx, &p, f->flags & BH_FLOWF_REPLY, len);
+			return bh_sni_pending(ctx, &p, f->flags & BH_FLOWF_REPLY, len, ctl_flags);
 		if (p.frag == BH_FRAG_FIRST) {
 			bh_pkt_addrs16(&p);
 			bh_remember_fragment(&p, seg, now, f->reason);
@@ -555,7 +563,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		/* A name decided under the old policy is re-decided from its stored hashes. */
 		if (v.reason == BH_R_SNI_PENDING) {
 			tails.call(ctx, BH_TAIL_SNI);
-			return bh_sni_pending(ctx, &p, 1, len); /* tail call failed: hold */
+			return bh_sni_pending(ctx, &p, 1, len, 0); /* tail call failed: hold */
 		}
 	} else {
 		bh_classify(slot, cfg, seg, p.saddr, p.daddr, p.proto, p.policy_dport_be, &v);
@@ -754,12 +762,14 @@ int bulkhead_sni(struct xdp_md *ctx)
 
 	struct bh_flow6_key k = {};
 	bh_sni_key_of(&p, client_seg, is_reply, &k);
-	if (f->flags & BH_FLOWF_FRESH) {
+	int bench = gc->flags & BH_CTL_SNI_BENCH;
+	if ((f->flags & BH_FLOWF_FRESH) && !bench) {
 		/* A new connection on a reused 5-tuple: forget the old one's name. */
 		f->flags &= ~BH_FLOWF_FRESH;
 		sni_state.delete(&k);
 	}
-	struct bh_sni_state *st = sni_state.lookup(&k);
+	/* Benchmarks parse into the per-CPU scratch state bh_sni_pending reset. */
+	struct bh_sni_state *st = bench ? sni_scratch.lookup(&zero) : sni_state.lookup(&k);
 	if (!st || !(st->flags & BH_SNIF_DONE)) {
 		if (is_reply)
 			return bh_record(paylen ? BH_R_SNI_HOLD : BH_R_SNI_PENDING, paylen ? XDP_DROP : XDP_PASS, len);
@@ -822,6 +832,8 @@ int bulkhead_sni(struct xdp_md *ctx)
 	__u8 reason = bh_sni_decide(slot, cfg, f, is_reply ? p.sport_be : p.dport_be, st);
 	st->verdict = reason;
 	bh_event(BH_EV_SNI_DECIDED);
+	if (bench)
+		return bh_record(reason, bh_reason_xdp(reason) == XDP_PASS ? XDP_PASS : XDP_DROP, len);
 	/* Settle both entries: this packet's, and its other direction's. */
 	bh_sni_settle(f, st, reason, is_reply);
 	__u32 other_seg = is_reply ? client_seg : f->peer_segment;

@@ -418,18 +418,40 @@ static __always_inline int bh_tls_chunk(void *data, void *data_end, __u32 poff, 
 {
 	__u32 end = rel + len;
 
+	int rc;
+
 	if (st->got) /* a field straddling segments is being collected */
 		return bh_tls_one_field(data, data_end, poff, rel, end, st);
-	switch (st->step) {
-	case BH_TLS_REC_HDR:
-		return bh_tls_head(data, data_end, poff, rel, end, st);
-	case BH_TLS_EXT_HDR:
-		return bh_tls_exts(data, data_end, poff, rel, end, st);
-	case BH_TLS_NAME:
-		return bh_tls_name(data, data_end, poff, rel, end, st);
-	default:
-		return bh_tls_one_field(data, data_end, poff, rel, end, st);
+	/*
+	 * The common shape, back to back in one call: header, extensions up to
+	 * the name, the name, the rest of the extensions. Each phase exits
+	 * early (MORE/DONE/BAD, or CONT at a shape it doesn't take); every tail
+	 * call saved is a packet re-parse and two map lookups.
+	 */
+	if (st->step == BH_TLS_REC_HDR) {
+		rc = bh_tls_head(data, data_end, poff, rel, end, st);
+		if (rc != BH_TLS_CONT || st->got || st->step != BH_TLS_EXT_HDR)
+			return rc;
 	}
+	if (st->step == BH_TLS_EXT_HDR) {
+		rc = bh_tls_exts(data, data_end, poff, rel, end, st);
+		if (rc != BH_TLS_CONT || st->got)
+			return rc;
+	}
+	if (st->step == BH_TLS_SNI_HDR) {
+		rc = bh_tls_one_field(data, data_end, poff, rel, end, st);
+		if (rc != BH_TLS_CONT || st->got)
+			return rc;
+	}
+	if (st->step == BH_TLS_NAME) {
+		rc = bh_tls_name(data, data_end, poff, rel, end, st);
+		if (rc != BH_TLS_CONT || st->got || st->step != BH_TLS_EXT_HDR)
+			return rc;
+		return bh_tls_exts(data, data_end, poff, rel, end, st);
+	}
+	if (st->step == BH_TLS_EXT_HDR)
+		return BH_TLS_CONT; /* the walk stopped after BH_TLS_EXTS_PER_CALL: next call */
+	return bh_tls_one_field(data, data_end, poff, rel, end, st);
 }
 
 #endif /* BH_TLS_H */

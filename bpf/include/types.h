@@ -18,6 +18,7 @@ struct bh_ctl {
 };
 #define BH_CTL_BYPASS_FLOWS 0x1 /* benchmarks: ignore the flow cache (every packet is new) */
 #define BH_CTL_L7_READY 0x2     /* a verifier listens: BH_ACT_L7 flows may be steered */
+#define BH_CTL_SNI_BENCH 0x4    /* benchmarks: parse ClientHellos in a scratch state, never settle the flow */
 
 /* slot_cfg[slot]: settings that swap together with the slot's maps. */
 struct bh_slot_cfg {
