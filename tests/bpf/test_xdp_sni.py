@@ -201,6 +201,35 @@ def test_unknown_server_name(sx, hello):
     assert res(v) == (X.DROP, R.SNI_UNKNOWN)
 
 
+def test_two_names_in_one_server_name_list_is_malformed(sx):
+    """RFC 6066: one host_name per list. Two entries in the same extension."""
+    two = sni_ext(b"pay.example.internal", b"other.example.internal")
+    hello = client_hello(None, before=2, after=0)
+    ext_block_len_off = 5 + 4 + 2 + 32 + 1 + 32 + 2 + 4 + 2
+    old_len = int.from_bytes(hello[ext_block_len_off:ext_block_len_off + 2], "big")
+    body = hello[9:] + two
+    body = (body[:ext_block_len_off - 9] + (old_len + len(two)).to_bytes(2, "big")
+            + body[ext_block_len_off - 9 + 2:])
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    v = send_hello(sx, b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs)
+    assert res(v) == (X.DROP, R.SNI_UNKNOWN)
+
+
+def test_truncated_at_every_byte_never_decides_or_passes_server_data(sx):
+    """A ClientHello cut short at any byte waits for the rest: no verdict, no server payload."""
+    hello = client_hello(b"blocked.example.internal", before=3, after=3)
+    for cut in range(1, len(hello)):
+        sx.clear_flows()
+        sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+        v = sx.judge(seg(hello[:cut], 0), "prod")
+        code, reason = res(v)
+        # waiting, or already decided by name if the cut only removed the tail of the
+        # last extension; never allowed (the name is denied) and never unknown on a prefix
+        assert reason in (R.SNI_PENDING, R.DENY_RULE), (cut, reason)
+        if reason == R.SNI_PENDING:
+            sx.expect(server_data(), "core", X.DROP, R.SNI_HOLD)
+
+
 def test_unknown_server_name_allowed_by_setting(xdp):
     xdp.apply(sni_bundle(unknown_sni="allow"))
     v = send_hello(xdp, client_hello(None))
