@@ -61,6 +61,7 @@ WORK=""        # per-run temp dir (console log, results share)
 BUILD_DIR=""   # image build in progress (removed unless it completed)
 QEMU_PID=""
 TAIL_PID=""
+BUILD_PID=""   # unshare running the image build
 stop_tails() {
     [[ -n "$TAIL_PID" ]] || return 0
     pkill -P "$TAIL_PID" 2>/dev/null || true   # the tails and filters of this run's subshell only
@@ -79,6 +80,13 @@ cleanup() {
         wait "$QEMU_PID" 2>/dev/null || true
     fi
     stop_tails
+    if [[ -n "$BUILD_PID" ]] && kill -0 "$BUILD_PID" 2>/dev/null; then
+        log "stopping the image build (pid $BUILD_PID and its namespace)"
+        # unshare --fork ignores SIGTERM while it waits; SIGKILL it and --kill-child's
+        # death signal kills the namespace's init, which takes every process in it along.
+        kill -KILL "$BUILD_PID" 2>/dev/null || true
+        wait "$BUILD_PID" 2>/dev/null || true
+    fi
     [[ -n "$BUILD_DIR" && -d "$BUILD_DIR" ]] && rm -rf --one-file-system "$BUILD_DIR"
     [[ -n "$WORK" && -d "$WORK" ]] && rm -rf --one-file-system "$WORK"
     exit "$rc"
@@ -136,10 +144,12 @@ build_image() {
         | tar -C "$root/root/bulkhead" -xf -
     cp /etc/ssl/certs/ca-certificates.crt "$BUILD_DIR/host-ca.crt" 2>/dev/null || true
 
-    # Everything runs in a private mount namespace: debootstrap's and the chroot's mounts
-    # (proc, sys, dev) vanish with it, even if this script is killed.
+    # Everything runs in private mount and PID namespaces: debootstrap's and the chroot's
+    # mounts (proc, sys, dev) vanish with them, and when unshare dies (cleanup kills it) its
+    # child, the namespace's init, gets SIGKILL and takes every build process with it.
+    # In the background, so that a signal to this script is handled at once.
     # shellcheck disable=SC2016
-    if ! unshare --mount --propagation private env -i \
+    unshare --mount --propagation private --pid --fork --kill-child env -i \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         ROOT="$root" BUILD_DIR="$BUILD_DIR" SUITE="$SUITE" \
         VM_MIRROR="$VM_MIRROR" VM_SECURITY_MIRROR="$VM_SECURITY_MIRROR" \
@@ -166,11 +176,15 @@ build_image() {
                 | tee -a "$BUILD_DIR/build.log" | grep --line-buffered -E "^\[(vm|setup)\]"
             st=("${PIPESTATUS[@]}")
             test "${st[0]}" -eq 0
-        '; then
+        ' &
+    BUILD_PID=$!
+    if ! wait "$BUILD_PID"; then
+        BUILD_PID=""
         echo "----- last lines of $BUILD_DIR/build.log"
         tail -n 60 "$BUILD_DIR/build.log" || true
         die "image build failed"
     fi
+    BUILD_PID=""
     [[ -s "$root/etc/bulkhead-vm-kernel" ]] || die "provisioning did not finish (no /etc/bulkhead-vm-kernel)"
     rm -f "$root/tmp/host-ca.crt" "$BUILD_DIR/host-ca.crt"
     : > "$root/etc/resolv.conf"
@@ -219,14 +233,14 @@ chmod 777 "$WORK/results"
 # banner within seconds (then panics on the missing root and qemu exits on -no-reboot).
 kvm_works() {
     [[ -r /dev/kvm && -w /dev/kvm ]] || return 1
-    local out="$WORK/kvm-probe.log" ok=1 i
+    local out="$WORK/kvm-probe.log" ok=1
     : > "$out"
     qemu-system-x86_64 -accel kvm -cpu host -m 256 -nodefaults -display none \
         -no-reboot -serial "file:$out" -kernel "$IMAGE_DIR/vmlinuz" \
         -append "console=ttyS0 panic=-1 root=/dev/nonexistent" </dev/null >/dev/null 2>&1 &
     QEMU_PID=$!
     # Where nested KVM is broken the guest spins without printing anything.
-    for i in $(seq 1 40); do
+    for _ in $(seq 1 40); do
         if grep -q "Linux version" "$out" 2>/dev/null; then ok=0; break; fi
         kill -0 "$QEMU_PID" 2>/dev/null || break
         sleep 0.2
@@ -236,6 +250,7 @@ kvm_works() {
     QEMU_PID=""
     return "$ok"
 }
+# shellcheck disable=SC2054  # the commas belong to qemu's -accel option
 case "$VM_ACCEL" in
     kvm) ACCEL=(-accel kvm -cpu host) ;;
     tcg) ACCEL=(-accel tcg,thread=multi -cpu max) ;;

@@ -78,7 +78,7 @@ EXTRA=(${VM_PYTEST_ARGS:-})
 # Skips don't fail pytest here (BULKHEAD_STRICT_SKIPS=0); instead every skip must name a
 # kernel feature this kernel lacks (the one legitimate reason), checked below from junit.xml.
 log "pytest ${TESTS[*]} ${EXTRA[*]} (timeout ${VM_PYTEST_TIMEOUT}s per test)"
-export BULKHEAD_STRICT_SKIPS=0 CI= PYTHONUNBUFFERED=1
+export BULKHEAD_STRICT_SKIPS=0 CI='' PYTHONUNBUFFERED=1
 # Straight to the results share, which the host streams: the serial console is slow under
 # TCG, and a verifier log can be tens of thousands of lines.
 .venv/bin/python -m pytest -ra -v -p no:cacheprovider --timeout="$VM_PYTEST_TIMEOUT" \
