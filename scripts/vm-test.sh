@@ -322,15 +322,16 @@ log "guest ran $(elapsed "$T_BOOT") (qemu exit $qrc); total $(elapsed); results 
 
 # pytest's summary, and on failure the start of the first failure (the full log is in $LAST).
 if [[ -s "$LAST/pytest.log" ]]; then
-    sed -n '/^=* short test summary info =*$/,$p' "$LAST/pytest.log" | head -n 80 | sed 's/^/[pytest] /'
+    # (|| true: head closing the pipe early is not an error)
+    sed -n '/^=* short test summary info =*$/,$p' "$LAST/pytest.log" | head -n 80 | sed 's/^/[pytest] /' || true
     if grep -qE '^=+ (FAILURES|ERRORS) =+$' "$LAST/pytest.log"; then
         log "first failure (the full output is in $LAST/pytest.log):"
-        sed -n '/^=\+ \(FAILURES\|ERRORS\) =\+$/,$p' "$LAST/pytest.log" | head -n 60 | sed 's/^/[pytest] /'
+        sed -n '/^=\+ \(FAILURES\|ERRORS\) =\+$/,$p' "$LAST/pytest.log" | head -n 40 | sed 's/^/[pytest] /' || true
         # A program the verifier refused: its verdict is the line before "processed N insns".
         if grep -q '^processed [0-9]* insns' "$LAST/pytest.log"; then
             log "verifier verdicts:"
             grep -h -B1 '^processed [0-9]* insns' "$LAST/pytest.log" | grep -v '^processed\|^--' \
-                | sort | uniq -c | sed 's/^/[pytest] /'
+                | sort | uniq -c | sed 's/^/[pytest] /' || true
         fi
     fi
 fi
