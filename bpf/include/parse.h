@@ -110,6 +110,19 @@ static __always_inline void bh_pkt_addrs16(struct bh_pkt *p)
 	}
 }
 
+/*
+ * A 16-bit length from the packet in host order, with a range the verifier
+ * keeps. Older verifiers (seen on 6.1) forget a value's bounds across a byte
+ * swap and then refuse packet-pointer math with it; the mask restores them,
+ * and the empty asm stops clang from dropping the mask as redundant.
+ */
+static __always_inline __u32 bh_len16(__u16 be)
+{
+	__u32 v = bpf_ntohs(be);
+	asm volatile("" : "+r"(v));
+	return v & 0xffff;
+}
+
 static __always_inline int bh_is_v6_ext(__u8 nh)
 {
 	return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS ||
@@ -258,7 +271,7 @@ static __always_inline int bh_parse_ipv4(void *data, void *data_end, struct bh_p
 	__u32 hl = iph->ihl * 4;
 	if (hl < sizeof(*iph))
 		return BH_R_MALFORMED_IPV4;
-	__u32 tot = bpf_ntohs(iph->tot_len);
+	__u32 tot = bh_len16(iph->tot_len);
 	/* Ethernet may pad a frame past tot_len; a frame shorter than tot_len is truncated. */
 	if (tot < hl || (void *)iph + tot > data_end)
 		return BH_R_MALFORMED_IPV4;
@@ -289,7 +302,7 @@ static __always_inline int bh_parse_ipv6(void *data, void *data_end, struct bh_p
 		return BH_R_MALFORMED_IPV6;
 	if (ip6->version != 6)
 		return BH_R_MALFORMED_IPV6;
-	__u32 plen = bpf_ntohs(ip6->payload_len);
+	__u32 plen = bh_len16(ip6->payload_len);
 	/* payload_len 0 is a jumbogram (hop-by-hop option): not on gateway links. */
 	if (plen == 0 || (void *)(ip6 + 1) + plen > data_end)
 		return BH_R_MALFORMED_IPV6;

@@ -170,7 +170,10 @@ static __always_inline int bh_build_tcp_rst(struct xdp_md *ctx, const struct bh_
 
 	__u32 ip_hlen = p->family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
 	int new_len = l2_len + ip_hlen + sizeof(th);
-	int delta = new_len - (int)(data_end - data);
+	__u32 cur_len = data_end - data;
+	/* Keep clang from re-associating this into pointer math on data_end (refused). */
+	asm volatile("" : "+r"(cur_len));
+	int delta = new_len - (int)cur_len;
 	if (delta > 0)
 		return -1;
 	if (delta && bpf_xdp_adjust_tail(ctx, delta))
@@ -225,7 +228,10 @@ static __always_inline int bh_build_icmp_unreach(struct xdp_md *ctx, const struc
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	int new_len = l2_len + add + quote_len;
-	int delta = new_len - (int)(data_end - data);
+	__u32 cur_len = data_end - data;
+	/* Keep clang from re-associating this into pointer math on data_end (refused). */
+	asm volatile("" : "+r"(cur_len));
+	int delta = new_len - (int)cur_len;
 	if (delta > 0)
 		return -1;
 	if (delta && bpf_xdp_adjust_tail(ctx, delta))
