@@ -155,6 +155,17 @@ class Probe:
         return self.result == "connected"
 
 
+def failed_probe(e: OSError) -> "Probe":
+    """What a socket error says about a probe: refused fast (RST, or an ICMP
+    unreachable: filtered (v4) -> EHOSTUNREACH, prohibited (v6) -> EACCES),
+    timed out (dropped), or some other error."""
+    if isinstance(e, ConnectionRefusedError):
+        return Probe("refused", detail=str(e))
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return Probe("timeout", detail=str(e))
+    return Probe("refused" if e.errno in REFUSED_ERRNOS else "error", detail=f"{type(e).__name__}: {e}")
+
+
 class Topology:
     def __init__(self, kind: str = "bht"):
         if kind not in ("bht", "bhdemo"):
@@ -323,13 +334,8 @@ class Topology:
                 s.sendall(send)
                 reply += _recv_exact(s, len(send)).decode(errors="replace")
             probe = Probe("connected", reply.strip())
-        except ConnectionRefusedError as e:
-            probe = Probe("refused", detail=str(e))
-        except (socket.timeout, TimeoutError) as e:
-            probe = Probe("timeout", detail=str(e))
         except OSError as e:
-            # ICMP errors: filtered (v4) -> EHOSTUNREACH, prohibited (v6) -> EACCES
-            probe = Probe("refused" if e.errno in REFUSED_ERRNOS else "error", detail=f"{type(e).__name__}: {e}")
+            probe = failed_probe(e)
         probe.seconds = time.monotonic() - t0
         if keep and probe.ok:
             return probe, s
@@ -346,13 +352,8 @@ class Topology:
             s.send(payload)
             data = s.recv(2048)
             probe = Probe("connected", data.decode(errors="replace"))
-        except ConnectionRefusedError as e:
-            probe = Probe("refused", detail=str(e))
-        except (socket.timeout, TimeoutError) as e:
-            probe = Probe("timeout", detail=str(e))
         except OSError as e:
-            # ICMP errors: filtered (v4) -> EHOSTUNREACH, prohibited (v6) -> EACCES
-            probe = Probe("refused" if e.errno in REFUSED_ERRNOS else "error", detail=f"{type(e).__name__}: {e}")
+            probe = failed_probe(e)
         finally:
             s.close()
         probe.seconds = time.monotonic() - t0
