@@ -2,10 +2,11 @@
 the established-flow path (target <= 60 ns, ../shared/BENCHMARKS.md).
 
 A decided flow is cached, so to run the same ClientHello `repeat` times the
-ctl flag BH_CTL_SNI_BENCH makes bulkhead_sni parse into a per-CPU scratch
-state that is reset for every packet, and never settle the flow: every run
-does the whole parse and decision, warm, like the new-flow figure. Measured
-interleaved with an established-flow packet of another (allowed) app pair.
+ctl flag BH_CTL_SNI_BENCH makes bulkhead_sni, after it has done everything a
+real ClientHello does (parse state lookup, parse, decision, both flow entries
+settled), put the flow back as it was: pending, the parse not started. Every
+run is the real path, warm, plus those few stores. Measured interleaved with
+an established-flow packet of another (allowed) app pair.
 """
 from __future__ import annotations
 

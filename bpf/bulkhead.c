@@ -455,13 +455,6 @@ static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pk
 		return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
 	if (is_reply)
 		return bh_record(BH_R_SNI_HOLD, XDP_DROP, len);
-	if (ctl_flags & BH_CTL_SNI_BENCH) {
-		/* Benchmarks: every run parses this ClientHello afresh (see bulkhead_sni). */
-		__u32 zero = 0;
-		struct bh_sni_state *t = sni_scratch.lookup(&zero);
-		if (t)
-			bh_sni_state_init(t, bpf_ntohl(p->seq_be));
-	}
 	tails.call(ctx, BH_TAIL_SNI);
 	return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
 }
@@ -762,14 +755,12 @@ int bulkhead_sni(struct xdp_md *ctx)
 
 	struct bh_flow6_key k = {};
 	bh_sni_key_of(&p, client_seg, is_reply, &k);
-	int bench = gc->flags & BH_CTL_SNI_BENCH;
-	if ((f->flags & BH_FLOWF_FRESH) && !bench) {
+	if (f->flags & BH_FLOWF_FRESH) {
 		/* A new connection on a reused 5-tuple: forget the old one's name. */
 		f->flags &= ~BH_FLOWF_FRESH;
 		sni_state.delete(&k);
 	}
-	/* Benchmarks parse into the per-CPU scratch state bh_sni_pending reset. */
-	struct bh_sni_state *st = bench ? sni_scratch.lookup(&zero) : sni_state.lookup(&k);
+	struct bh_sni_state *st = sni_state.lookup(&k);
 	if (!st || !(st->flags & BH_SNIF_DONE)) {
 		if (is_reply)
 			return bh_record(paylen ? BH_R_SNI_HOLD : BH_R_SNI_PENDING, paylen ? XDP_DROP : XDP_PASS, len);
@@ -786,14 +777,18 @@ int bulkhead_sni(struct xdp_md *ctx)
 				return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 			bh_sni_state_init(tmpl, syn ? seq + 1 : seq);
 			sni_state.update(&k, tmpl);
-			st = sni_state.lookup(&k);
-			if (!st) {
+			if (!sni_state.lookup(&k)) {
 				bh_event(BH_EV_SNI_STATE_FAILED);
 				return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 			}
+			if (!paylen) /* the SYN */
+				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+			/* Payload on the first packet seen (TCP Fast Open, a flow picked up
+			 * mid-stream): parsed by a fresh call, which finds the state (one
+			 * way into the parsers keeps the verifier's work down). */
+			tails.call(ctx, BH_TAIL_SNI);
+			return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 		}
-		if (!paylen) /* the SYN */
-			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
 		if (syn)
 			seq++; /* TCP Fast Open: data follows the SYN's sequence number */
 		__u32 rel = seq - st->base_seq;
@@ -803,44 +798,85 @@ int bulkhead_sni(struct xdp_md *ctx)
 				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
 			return bh_record(BH_R_SNI_OUT_OF_ORDER, XDP_DROP, len);
 		}
-		int rc = bh_tls_chunk(data, data_end, p.l4_off + p.tcp_doff, rel, paylen, st);
-		/*
-		 * Every path out of the parser ends here, short: more of this segment
-		 * (CONT) or a finished ClientHello (DONE/BAD) continue in a fresh call,
-		 * which then takes the decision branch above. Keeping the decision out
-		 * of the parser's exits keeps the verifier's work linear.
-		 */
-		if (rc == BH_TLS_MORE) {
-			st->next_rel = rel + paylen;
-			bh_event(BH_EV_SNI_SEGMENT);
-			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
-		}
-		if (rc != BH_TLS_CONT) {
-			if (rc == BH_TLS_BAD)
-				st->flags &= ~BH_SNIF_HAVE_NAME;
+		__u32 poff = p.l4_off + p.tcp_doff;
+		if (rel == 0 && st->step == BH_TLS_REC_HDR && !st->got && !(st->flags & BH_SNIF_STREAM)) {
+			if (bh_tls_whole(ctx, poff, paylen, st) != BH_TLS_DONE) {
+				/*
+				 * Not a whole, well-formed ClientHello: the streaming parser
+				 * takes it from the start, in a fresh call. Entered from here,
+				 * the verifier would walk all of it again for each of the
+				 * one-shot parser's exits.
+				 */
+				st->flags |= BH_SNIF_STREAM;
+				tails.call(ctx, BH_TAIL_SNI);
+				return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+			}
+			/* The whole ClientHello in this segment: decide below, in this call. */
 			st->flags |= BH_SNIF_DONE;
-			st->next_rel = rel + paylen;
+			st->next_rel = paylen;
 			bh_event(BH_EV_SNI_SEGMENT);
+		} else {
+			int rc = bh_tls_chunk(data, data_end, poff, rel, paylen, st);
+			/*
+			 * Every path out of the streaming parser ends here, short: more
+			 * of this segment (CONT) or a finished ClientHello (DONE/BAD)
+			 * continue in a fresh call, which then takes the decision
+			 * branch. Keeping the decision out of this parser's exits
+			 * keeps the verifier's work linear.
+			 */
+			if (rc == BH_TLS_MORE) {
+				st->next_rel = rel + paylen;
+				bh_event(BH_EV_SNI_SEGMENT);
+				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+			}
+			if (rc != BH_TLS_CONT) {
+				if (rc == BH_TLS_BAD)
+					st->flags &= ~BH_SNIF_HAVE_NAME;
+				st->flags |= BH_SNIF_DONE;
+				st->next_rel = rel + paylen;
+				bh_event(BH_EV_SNI_SEGMENT);
+			}
+			tails.call(ctx, BH_TAIL_SNI);
+			/* Tail-call chain exhausted (33 calls): a ClientHello we can't follow. */
+			st->flags = (st->flags & ~BH_SNIF_HAVE_NAME) | BH_SNIF_DONE;
+			st->next_rel = rel + paylen;
+			return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 		}
-		tails.call(ctx, BH_TAIL_SNI);
-		/* Tail-call chain exhausted (33 calls): a ClientHello we can't follow. */
-		st->flags = (st->flags & ~BH_SNIF_HAVE_NAME) | BH_SNIF_DONE;
-		st->next_rel = rel + paylen;
-		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 	}
 
 	__u8 reason = bh_sni_decide(slot, cfg, f, is_reply ? p.sport_be : p.dport_be, st);
 	st->verdict = reason;
 	bh_event(BH_EV_SNI_DECIDED);
-	if (bench)
-		return bh_record(reason, bh_reason_xdp(reason) == XDP_PASS ? XDP_PASS : XDP_DROP, len);
 	/* Settle both entries: this packet's, and its other direction's. */
+	int bench = gc->flags & BH_CTL_SNI_BENCH;
+	__u32 f_rule = f->rule_id, f_dst = f->dst_app; /* for benchmarks (below) */
 	bh_sni_settle(f, st, reason, is_reply);
 	__u32 other_seg = is_reply ? client_seg : f->peer_segment;
+	struct bh_flow *o = NULL;
 	if (other_seg) {
-		struct bh_flow *o = bh_flow_get(&p, other_seg, 1);
+		o = bh_flow_get(&p, other_seg, 1);
 		if (o)
 			bh_sni_settle(o, st, reason, !is_reply);
+	}
+	if (bench) {
+		/*
+		 * Benchmarks: the same ClientHello runs `repeat` times, so put the
+		 * flow back as it was before it (pending, the parse not started):
+		 * every run then does what the real one did, plus these stores.
+		 */
+		f->reason = BH_R_SNI_PENDING;
+		f->action = BH_ACT_SNI;
+		f->rule_id = f_rule;
+		f->dst_app = f_dst;
+		if (o) {
+			o->reason = BH_R_SNI_PENDING;
+			o->action = BH_ACT_SNI;
+			o->rule_id = f_rule;
+			o->dst_app = f_dst;
+		}
+		st->flags = 0;
+		st->step = BH_TLS_REC_HDR;
+		st->next_rel = 0;
 	}
 	int code = bh_reason_xdp(reason);
 	if (is_reply)

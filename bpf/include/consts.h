@@ -36,6 +36,8 @@
 /* Parser bounds. Hitting one drops the packet under its own reason. */
 #define BH_TLS_EXTS_PER_CALL 32 /* extension headers walked per bulkhead_sni call */
 #define BH_TLS_NAME_PER_CALL 64   /* server-name bytes hashed per bulkhead_sni call */
+#define BH_TLS_WHOLE_EXTS 32      /* extensions the one-shot path walks; more: the streaming parser */
+#define BH_TLS_WHOLE_NAME 64      /* longest name the one-shot path hashes (<= BH_SNI_LOG_LEN); longer: streaming */
 #define BH_TLS_NAME_MAX 255       /* longest server name accepted (RFC 6066 allows 2^16-1; DNS 253) */
 #define BH_SNI_LOG_LEN 64     /* bytes of the server name kept for flow logs */
 #define BH_APP_ANY 0xffffffff /* dst app id of hostname-only apps: any destination address */

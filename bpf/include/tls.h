@@ -408,6 +408,199 @@ static __always_inline int bh_tls_name(void *data, void *data_end, __u32 poff, _
 	return BH_TLS_CONT;
 }
 
+/* ASCII lowercase without a branch: c | 0x20 iff 'A' <= c <= 'Z'. */
+static __always_inline __u32 bh_tls_lower(__u32 c)
+{
+	__u32 x = c - 'A';
+	return c | ((((x - 26) & ~x) >> 26) & 0x20);
+}
+
+/*
+ * `v` passed through a field of st: read back from the map value it carries
+ * no range. Loop exits reach the code after a loop with ranges that differ
+ * by iteration (the verifier refines them at each comparison); laundered
+ * this way they become one state for the verifier instead of one per exit.
+ */
+#define BH_TLS_FORGET(field, v) ({ (field) = (v); *(volatile __typeof__(field) *)&(field); })
+
+/*
+ * One-shot path: the whole ClientHello in the client's first payload segment,
+ * as nearly always. Every field is read straight from the packet and the walk
+ * stays in registers: extension headers are skipped by their lengths and the
+ * server_name extension is only noted; then its name is hashed. Returns
+ * BH_TLS_DONE with st holding the result (hashes, flags, the name's log) for a
+ * well-formed ClientHello; anything else (continued in a later segment,
+ * malformed, more than BH_TLS_WHOLE_EXTS extensions, a name longer than
+ * BH_TLS_WHOLE_NAME) returns BH_TLS_CONT, and the streaming parser, from the
+ * start, gives the answer (st's parse fields are rewritten by it before use).
+ * The checks are the streaming parser's, each field inside its container, so
+ * the two agree on every ClientHello this path takes (tests/bpf/test_xdp_sni.py
+ * sends each case whole and split).
+ *
+ * For the verifier, the loop bodies have no branch but their exits: a branch
+ * inside a long loop makes it walk the rest of the loop again for each
+ * iteration the branch was taken at (states of other iterations are evicted
+ * from its cache before they can match).
+ */
+static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 paylen, struct bh_sni_state *st)
+{
+	/* Fresh packet pointers: the caller's carry the range its header parse proved,
+	 * one per header layout, and would make each layout a walk of its own. */
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *h = bh_tls_ptr(data, data_end, poff, 0, 0, BH_TLS_RANDOM_END + 1);
+	if (!h || paylen < BH_TLS_RANDOM_END + 1)
+		return BH_TLS_CONT;
+	__u32 rec_len = ((__u32)h[3] << 8) | h[4];
+	__u32 hs_len = ((__u32)h[6] << 16) | ((__u32)h[7] << 8) | h[8];
+	if (h[0] != BH_TLS_REC_HANDSHAKE || h[1] != 3 || h[5] != BH_TLS_HS_CLIENT_HELLO || hs_len < 38 ||
+	    hs_len + 4 > rec_len)
+		return BH_TLS_CONT;
+	__u32 body_end = 9 + hs_len;
+	if (body_end > paylen)
+		return BH_TLS_CONT; /* continues in a later segment */
+	__u32 sid = h[BH_TLS_RANDOM_END];
+	if (sid > 32)
+		return BH_TLS_CONT;
+
+	/* cipher suites, compression methods, extensions length: each inside the ClientHello */
+	__u32 at = BH_TLS_RANDOM_END + 1 + sid;
+	__u8 *b = bh_tls_ptr(data, data_end, poff, 0, at, 2);
+	if (!b || at + 2 > body_end)
+		return BH_TLS_CONT;
+	__u32 cs = ((__u32)b[0] << 8) | b[1];
+	if (cs < 2 || (cs & 1))
+		return BH_TLS_CONT;
+	at += 2 + cs;
+	b = bh_tls_ptr(data, data_end, poff, 0, at, 1);
+	if (!b || at + 1 > body_end || b[0] < 1)
+		return BH_TLS_CONT;
+	at += 1 + b[0];
+	if (at != body_end) { /* else no extensions at all: no server name */
+		b = bh_tls_ptr(data, data_end, poff, 0, at, 2);
+		if (!b || at + 2 + ((((__u32)b[0] << 8) | b[1])) != body_end)
+			return BH_TLS_CONT;
+		at += 2;
+	}
+
+	/*
+	 * The walk: the headers must add up to the block; server_name (type 0) is
+	 * counted and noted. Every way here carries other ranges for `at` and
+	 * body_end: forgotten, they make the walk one state for the verifier.
+	 * Offsets are 64-bit from here (no zero-extension in the JIT's code), and
+	 * bounded once: every offset below the ClientHello's end is inside the
+	 * mask, which is then only for the verifier.
+	 */
+	__u64 q = poff + BH_TLS_FORGET(st->want, at);          /* packet offsets from here */
+	__u64 q_end = poff + BH_TLS_FORGET(st->body_end, body_end);
+	if (q_end > BH_TLS_PKT_OFF_MAX)
+		return BH_TLS_CONT;
+	__u64 acc = 0; /* server_name extensions seen << 32 | the offset of the one */
+	for (int i = 0; i < BH_TLS_WHOLE_EXTS; i++) {
+		asm volatile("" : "+r"(i)); /* keep i as the bound the verifier sees */
+		if (q == q_end)
+			break;
+		b = data + (q & BH_TLS_PKT_OFF_MAX);
+		if ((void *)(b + 4) > data_end)
+			return BH_TLS_CONT;
+		__u64 type = b[0] | b[1]; /* 0: server_name */
+		__u64 next = q + 4 + (((__u64)b[2] << 8) | b[3]);
+		if (next > q_end)
+			return BH_TLS_CONT;
+		asm volatile("" : "+r"(type)); /* keep clang from turning the next line into a branch */
+		__u64 sni = (type - 1) >> 63;  /* 1 iff type 0 */
+		acc += (sni << 32) | (q & -sni);
+		q = next;
+	}
+	/* more extensions than this path walks; a second server_name */
+	if (q != q_end || acc >= (2ULL << 32))
+		return BH_TLS_CONT;
+	__u64 end = q_end - poff;
+	__u64 seen = acc >> 32, sni_at = (__u32)acc - poff;
+	if (seen) {
+		sni_at = BH_TLS_FORGET(st->name_off, sni_at);
+		/* Exactly one host_name entry filling the list, filling the extension (RFC 6066 3). */
+		b = data + ((poff + sni_at) & BH_TLS_PKT_OFF_MAX);
+		if ((void *)(b + 9) > data_end || sni_at + 9 > end)
+			return BH_TLS_CONT;
+		__u32 ext_len = ((__u32)b[2] << 8) | b[3];
+		__u32 list_len = ((__u32)b[4] << 8) | b[5];
+		__u32 name_len = ((__u32)b[7] << 8) | b[8];
+		if (list_len + 2 != ext_len || b[6] != 0 || name_len + 3 != list_len || name_len < 1 ||
+		    name_len > BH_TLS_WHOLE_NAME)
+			return BH_TLS_CONT;
+		__u64 name_at = poff + sni_at + 9; /* packet offset of the name */
+		b = data + ((name_at + name_len - 1) & BH_TLS_PKT_OFF_MAX);
+		if ((void *)(b + 1) > data_end)
+			return BH_TLS_CONT;
+		__u8 last = *b;
+		/* A trailing dot is not part of the name (a fully qualified spelling): not hashed. */
+		__u64 n = name_len - (last == '.');
+		st->flags |= BH_SNIF_SEEN_SNI | (n ? BH_SNIF_HAVE_NAME : 0); /* "." alone names nothing */
+
+		/* The first label, up to and with its dot, into the name's hash and the log. */
+		__u64 h64 = BH_FNV64_BASIS;
+		__u32 h32 = BH_FNV32_BASIS;
+		__u64 i;
+		for (i = 0; i < BH_TLS_WHOLE_NAME; i++) {
+			asm volatile("" : "+r"(i)); /* keep i as the bound the verifier sees */
+			if (i >= n)
+				break;
+			b = data + ((name_at + i) & BH_TLS_PKT_OFF_MAX);
+			if ((void *)(b + 1) > data_end)
+				goto undo;
+			__u32 c = bh_tls_lower(*b);
+			h64 = (h64 ^ c) * BH_FNV64_PRIME;
+			h32 = (h32 ^ c) * BH_FNV32_PRIME;
+			st->name[i & (BH_SNI_LOG_LEN - 1)] = c;
+			if (c == '.')
+				break;
+		}
+		/* The rest into both hashes: the wildcard form is "*" then the rest from that dot. */
+		__u64 dot = BH_TLS_FORGET(st->wild_at, i); /* n when there is none */
+		n = BH_TLS_FORGET(st->name_got, n);
+		__u64 w64 = 0;
+		__u32 w32 = 0;
+		if (dot < n) {
+			st->flags |= BH_SNIF_WILD;
+			w64 = (((BH_FNV64_BASIS ^ '*') * BH_FNV64_PRIME) ^ '.') * BH_FNV64_PRIME;
+			w32 = (((BH_FNV32_BASIS ^ '*') * BH_FNV32_PRIME) ^ '.') * BH_FNV32_PRIME;
+		}
+		for (__u64 k = dot + 1, j = 0; j < BH_TLS_WHOLE_NAME; j++, k++) {
+			asm volatile("" : "+r"(j)); /* keep j as the bound the verifier sees */
+			if (k >= n)
+				break;
+			b = data + ((name_at + k) & BH_TLS_PKT_OFF_MAX);
+			if ((void *)(b + 1) > data_end)
+				goto undo;
+			__u32 c = bh_tls_lower(*b);
+			h64 = (h64 ^ c) * BH_FNV64_PRIME;
+			h32 = (h32 ^ c) * BH_FNV32_PRIME;
+			w64 = (w64 ^ c) * BH_FNV64_PRIME;
+			w32 = (w32 ^ c) * BH_FNV32_PRIME;
+			st->name[k & (BH_SNI_LOG_LEN - 1)] = c;
+		}
+		st->h64 = h64;
+		st->h32 = h32;
+		st->w64 = w64;
+		st->w32 = w32;
+		st->last = last;
+		st->name_off = sni_at + 9;
+		st->name_len = name_len;
+		st->name_got = name_len;
+	}
+	st->body_end = body_end;
+	st->ext_end = body_end;
+	st->want = body_end;
+	st->step = BH_TLS_EXT_HDR;
+	return BH_TLS_DONE;
+undo:
+	/* Unreachable (the IP length was checked against the frame), but leave no half result. */
+	st->flags &= ~(BH_SNIF_SEEN_SNI | BH_SNIF_HAVE_NAME | BH_SNIF_WILD);
+	__builtin_memset(st->name, 0, sizeof(st->name));
+	return BH_TLS_CONT;
+}
+
 /*
  * Advance the parse over one in-order segment by a bounded amount of work
  * (the verifier explores every loop iteration; bounded chunks keep each

@@ -18,7 +18,7 @@ struct bh_ctl {
 };
 #define BH_CTL_BYPASS_FLOWS 0x1 /* benchmarks: ignore the flow cache (every packet is new) */
 #define BH_CTL_L7_READY 0x2     /* a verifier listens: BH_ACT_L7 flows may be steered */
-#define BH_CTL_SNI_BENCH 0x4    /* benchmarks: parse ClientHellos in a scratch state, never settle the flow */
+#define BH_CTL_SNI_BENCH 0x4    /* benchmarks: after deciding a ClientHello, put its flow back to pending */
 
 /* slot_cfg[slot]: settings that swap together with the slot's maps. */
 struct bh_slot_cfg {
@@ -198,6 +198,7 @@ struct bh_sni_state {
 };
 #define BH_SNIF_HAVE_NAME 0x01
 #define BH_SNIF_WILD 0x02       /* a first dot was seen: w64/w32 hash "*.rest" */
+#define BH_SNIF_STREAM 0x04     /* not whole in its first segment: the streaming parser reads it */
 #define BH_SNIF_DONE 0x08
 #define BH_SNIF_SEEN_SNI 0x10 /* a server_name extension was met (a second one is malformed) */
 

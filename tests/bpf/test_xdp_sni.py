@@ -345,3 +345,41 @@ def test_kernel_hashes_match_the_compiler(sx):
     assert (st.h64, st.h32) == sni.name_hashes("mixed.case.example")
     assert (st.w64, st.w32) == sni.name_hashes("*.case.example")
     assert bytes(st.name).rstrip(b"\0") == b"mixed.case.example"
+
+
+def _parse_state(xdp) -> tuple:
+    """The parse result the one flow's sni_state holds, in the fields both parsers fill."""
+    import ctypes as C
+
+    from agent.datapath import libbpf
+
+    fd = xdp.dp.map_fds["sni_state"]
+    keys = libbpf.map_keys(fd, abi.Flow6Key)
+    assert len(keys) == 1
+    st = abi.SniState()
+    assert libbpf.lib().bpf_map_lookup_elem(fd, C.byref(keys[0]), C.byref(st)) == 0
+    flags = st.flags & ~abi.SNIF_STREAM
+    wild = flags & abi.SNIF_WILD
+    return (flags, st.verdict, st.h64, st.h32, st.w64 if wild else None, st.w32 if wild else None,
+            st.wild_at if wild else None, st.name_len, bytes(st.name), st.flags & abi.SNIF_STREAM)
+
+
+@pytest.mark.parametrize("name", [
+    b"pay.example.internal", b"Mixed.Case.Example.", b"a.svc.example.internal", b"noDotAtAll", b"a.", b".",
+    b"..", b"a..b", b"x" * 64, b"y" * 63 + b".", b"A" * 30 + b"." + b"b" * 33, b"z" * 65, b"w." * 40,
+], ids=lambda v: v.decode()[:24])
+def test_one_shot_and_streaming_parsers_agree(sx, name):
+    """A ClientHello whole in its segment takes the one-shot path (names up to
+    BH_TLS_WHOLE_NAME); cut after its first byte, the streaming parser. Both
+    must leave the same verdict, hashes, flags and name log."""
+    hello = client_hello(name, before=5, after=5)
+    got = []
+    for cuts in ((), (1,)):
+        sx.clear_flows()
+        v = send_hello(sx, hello, cuts=cuts)
+        got.append((res(v), _parse_state(sx)))
+    (whole_v, whole), (split_v, split) = got
+    assert whole_v == split_v
+    assert whole[:-1] == split[:-1]
+    # which parser ran: the streaming one marks the state
+    assert bool(whole[-1]) == (len(name) > abi.TLS_WHOLE_NAME) and split[-1]
