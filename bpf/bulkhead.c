@@ -677,6 +677,8 @@ static __always_inline __u8 bh_sni_decide(__u32 slot, const struct bh_slot_cfg *
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		int wild = i >= 2;
+		if (i == 2 && (st->flags & BH_SNIF_WILD_LATER))
+			bh_sni_wild_from_log(st); /* the exact name matched nothing: make its wildcard form */
 		if (wild && !(st->flags & BH_SNIF_WILD))
 			break;
 		k.name_hash = wild ? st->w64 : st->h64;

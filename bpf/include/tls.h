@@ -408,6 +408,26 @@ static __always_inline int bh_tls_name(void *data, void *data_end, __u32 poff, _
 	return BH_TLS_CONT;
 }
 
+/*
+ * Eight bytes (as loaded from the packet) lowercased at once, exactly as
+ * bh_tls_lower does each: per byte, bit 7 of lo7 + 0x3f is "low 7 bits >= 'A'",
+ * of lo7 + 0x25 "> 'Z'" (no carry crosses bytes: lo7 <= 0x7f); a byte with
+ * bit 7 set is no letter.
+ */
+static __always_inline __u64 bh_tls_lower8(__u64 v)
+{
+	__u64 lo7 = v & 0x7f7f7f7f7f7f7f7fULL;
+	__u64 upper = (lo7 + 0x3f3f3f3f3f3f3f3fULL) & ~(lo7 + 0x2525252525252525ULL) & ~v & 0x8080808080808080ULL;
+	return v | (upper >> 2);
+}
+
+/* Shift that brings the k-th byte in memory of a loaded 64-bit word to the bottom. */
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define BH_TLS_BYTE_SHIFT(k) (56 - 8 * (k))
+#else
+#define BH_TLS_BYTE_SHIFT(k) (8 * (k))
+#endif
+
 /* ASCII lowercase without a branch: c | 0x20 iff 'A' <= c <= 'Z'. */
 static __always_inline __u32 bh_tls_lower(__u32 c)
 {
@@ -422,6 +442,41 @@ static __always_inline __u32 bh_tls_lower(__u32 c)
  * this way they become one state for the verifier instead of one per exit.
  */
 #define BH_TLS_FORGET(field, v) ({ (field) = (v); *(volatile __typeof__(field) *)&(field); })
+
+/*
+ * The wildcard form of a name the one-shot path hashed (BH_SNIF_WILD_LATER),
+ * made from the log when the exact name matched nothing: that path takes only
+ * names the log holds whole, lowercased, without a trailing dot. Same result
+ * as the streaming parser's (tests/bpf: test_one_shot_and_streaming_parsers_agree).
+ */
+static __always_inline void bh_sni_wild_from_log(struct bh_sni_state *st)
+{
+	__u64 n = st->name_len - (st->last == '.');
+	__u64 i;
+	for (i = 0; i < BH_SNI_LOG_LEN; i++) {
+		asm volatile("" : "+r"(i)); /* keep i as the bound the verifier sees */
+		if (i >= n || st->name[i & (BH_SNI_LOG_LEN - 1)] == '.')
+			break;
+	}
+	st->flags &= ~BH_SNIF_WILD_LATER;
+	__u64 dot = BH_TLS_FORGET(st->wild_at, i);
+	n = st->name_len - (st->last == '.'); /* read again: no range from the loop's exits */
+	if (dot >= n)
+		return; /* no dot: no wildcard form */
+	__u64 w64 = (((BH_FNV64_BASIS ^ '*') * BH_FNV64_PRIME) ^ '.') * BH_FNV64_PRIME;
+	__u32 w32 = (((BH_FNV32_BASIS ^ '*') * BH_FNV32_PRIME) ^ '.') * BH_FNV32_PRIME;
+	for (__u64 k = dot + 1, j = 0; j < BH_SNI_LOG_LEN; j++, k++) {
+		asm volatile("" : "+r"(j)); /* keep j as the bound the verifier sees */
+		if (k >= n)
+			break;
+		__u32 c = st->name[k & (BH_SNI_LOG_LEN - 1)];
+		w64 = (w64 ^ c) * BH_FNV64_PRIME;
+		w32 = (w32 ^ c) * BH_FNV32_PRIME;
+	}
+	st->w64 = w64;
+	st->w32 = w32;
+	st->flags |= BH_SNIF_WILD;
+}
 
 /*
  * One-shot path: the whole ClientHello in the client's first payload segment,
@@ -536,14 +591,40 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 		__u8 last = *b;
 		/* A trailing dot is not part of the name (a fully qualified spelling): not hashed. */
 		__u64 n = name_len - (last == '.');
-		st->flags |= BH_SNIF_SEEN_SNI | (n ? BH_SNIF_HAVE_NAME : 0); /* "." alone names nothing */
+		/* "." alone names nothing; a name's wildcard form is made later, if needed (below) */
+		st->flags |= BH_SNIF_SEEN_SNI | (n ? BH_SNIF_HAVE_NAME | BH_SNIF_WILD_LATER : 0);
 
-		/* The first label, up to and with its dot, into the name's hash and the log. */
+		/*
+		 * The name into its hash and the log. Its wildcard form ("*" + the
+		 * rest from the first dot) is left for the decision to make from the
+		 * log, only if the exact name matches nothing (bh_sni_wild_from_log):
+		 * two hash chains here instead of four keep the loop in registers.
+		 */
 		__u64 h64 = BH_FNV64_BASIS;
 		__u32 h32 = BH_FNV32_BASIS;
-		__u64 i;
-		for (i = 0; i < BH_TLS_WHOLE_NAME; i++) {
-			asm volatile("" : "+r"(i)); /* keep i as the bound the verifier sees */
+		__u64 i = 0;
+		/* Eight bytes at a time: one load, lowercased together, logged with one store. */
+		for (int w = 0; w < BH_TLS_WHOLE_NAME / 8; w++) {
+			asm volatile("" : "+r"(w)); /* keep w as the bound the verifier sees */
+			if (i + 8 > n)
+				break;
+			b = data + ((name_at + i) & BH_TLS_PKT_OFF_MAX);
+			if ((void *)(b + 8) > data_end)
+				goto undo;
+			__u64 v = bh_tls_lower8(*(__u64 *)b);
+			*(__u64 *)&st->name[i & (BH_SNI_LOG_LEN - 8)] = v;
+#pragma unroll
+			for (int k = 0; k < 8; k++) {
+				__u32 c = (v >> BH_TLS_BYTE_SHIFT(k)) & 0xff;
+				h64 = (h64 ^ c) * BH_FNV64_PRIME;
+				h32 = (h32 ^ c) * BH_FNV32_PRIME;
+			}
+			i += 8;
+		}
+		/* The last bytes, fewer than eight, one by one. */
+		i = BH_TLS_FORGET(st->name_got, i);
+		for (int k = 0; k < 7; k++) {
+			asm volatile("" : "+r"(k)); /* keep k as the bound the verifier sees */
 			if (i >= n)
 				break;
 			b = data + ((name_at + i) & BH_TLS_PKT_OFF_MAX);
@@ -553,37 +634,10 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 			h64 = (h64 ^ c) * BH_FNV64_PRIME;
 			h32 = (h32 ^ c) * BH_FNV32_PRIME;
 			st->name[i & (BH_SNI_LOG_LEN - 1)] = c;
-			if (c == '.')
-				break;
-		}
-		/* The rest into both hashes: the wildcard form is "*" then the rest from that dot. */
-		__u64 dot = BH_TLS_FORGET(st->wild_at, i); /* n when there is none */
-		n = BH_TLS_FORGET(st->name_got, n);
-		__u64 w64 = 0;
-		__u32 w32 = 0;
-		if (dot < n) {
-			st->flags |= BH_SNIF_WILD;
-			w64 = (((BH_FNV64_BASIS ^ '*') * BH_FNV64_PRIME) ^ '.') * BH_FNV64_PRIME;
-			w32 = (((BH_FNV32_BASIS ^ '*') * BH_FNV32_PRIME) ^ '.') * BH_FNV32_PRIME;
-		}
-		for (__u64 k = dot + 1, j = 0; j < BH_TLS_WHOLE_NAME; j++, k++) {
-			asm volatile("" : "+r"(j)); /* keep j as the bound the verifier sees */
-			if (k >= n)
-				break;
-			b = data + ((name_at + k) & BH_TLS_PKT_OFF_MAX);
-			if ((void *)(b + 1) > data_end)
-				goto undo;
-			__u32 c = bh_tls_lower(*b);
-			h64 = (h64 ^ c) * BH_FNV64_PRIME;
-			h32 = (h32 ^ c) * BH_FNV32_PRIME;
-			w64 = (w64 ^ c) * BH_FNV64_PRIME;
-			w32 = (w32 ^ c) * BH_FNV32_PRIME;
-			st->name[k & (BH_SNI_LOG_LEN - 1)] = c;
+			i++;
 		}
 		st->h64 = h64;
 		st->h32 = h32;
-		st->w64 = w64;
-		st->w32 = w32;
 		st->last = last;
 		st->name_off = sni_at + 9;
 		st->name_len = name_len;
@@ -596,7 +650,7 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 	return BH_TLS_DONE;
 undo:
 	/* Unreachable (the IP length was checked against the frame), but leave no half result. */
-	st->flags &= ~(BH_SNIF_SEEN_SNI | BH_SNIF_HAVE_NAME | BH_SNIF_WILD);
+	st->flags &= ~(BH_SNIF_SEEN_SNI | BH_SNIF_HAVE_NAME | BH_SNIF_WILD | BH_SNIF_WILD_LATER);
 	__builtin_memset(st->name, 0, sizeof(st->name));
 	return BH_TLS_CONT;
 }

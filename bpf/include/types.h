@@ -201,6 +201,7 @@ struct bh_sni_state {
 #define BH_SNIF_STREAM 0x04     /* not whole in its first segment: the streaming parser reads it */
 #define BH_SNIF_DONE 0x08
 #define BH_SNIF_SEEN_SNI 0x10 /* a server_name extension was met (a second one is malformed) */
+#define BH_SNIF_WILD_LATER 0x20 /* w64/w32 not made yet: bh_sni_wild_from_log makes them from the name */
 
 /* stats (per-CPU array, BH_REASON_MAX): indexed by enum bh_reason. */
 struct bh_counter {
