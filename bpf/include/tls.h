@@ -276,49 +276,22 @@ static __always_inline int bh_tls_head(void *data, void *data_end, __u32 poff, _
 	rc = bh_tls_field(st); /* handshake header */
 	if (rc != BH_TLS_CONT)
 		return rc;
-	/* session id, cipher suites, compression, extensions length: variable offsets */
-	__u32 at = BH_TLS_RANDOM_END;
-	__u8 sid = h[BH_TLS_RANDOM_END];
-	if (sid > 32)
-		return BH_TLS_BAD;
-	at += 1 + sid;
-	__u8 *b = bh_tls_ptr(data, data_end, poff, rel, at, 2);
-	if (!b || at + 2 > end)
-		goto generic;
-	__u32 cs = ((__u32)b[0] << 8) | b[1];
-	if (cs < 2 || (cs & 1))
-		return BH_TLS_BAD;
-	at += 2 + cs;
-	b = bh_tls_ptr(data, data_end, poff, rel, at, 1);
-	if (!b || at + 1 > end)
-		goto generic_cs;
-	if (b[0] < 1)
-		return BH_TLS_BAD;
-	at += 1 + b[0];
-	if (at == st->body_end)
-		return BH_TLS_DONE; /* no extensions: no server name */
-	b = bh_tls_ptr(data, data_end, poff, rel, at, 2);
-	if (!b || at + 2 > end)
-		goto generic_comp;
-	st->ext_end = at + 2 + (((__u32)b[0] << 8) | b[1]);
-	if (st->ext_end != st->body_end)
-		return BH_TLS_BAD;
-	st->want = at + 2;
-	st->step = BH_TLS_EXT_HDR;
-	if (st->want == st->ext_end)
-		return BH_TLS_DONE;
-	return BH_TLS_CONT;
-generic:
-	st->want = BH_TLS_RANDOM_END + 1 + sid;
-	st->step = BH_TLS_CS_LEN;
-	return BH_TLS_CONT;
-generic_cs:
-	st->want = at;
-	st->step = BH_TLS_COMP_LEN;
-	return BH_TLS_CONT;
-generic_comp:
-	st->want = at;
-	st->step = BH_TLS_EXT_TOTAL;
+	/*
+	 * Session id, cipher suites, compression, extensions length: at variable
+	 * offsets, each taken whole from the packet when it lies in this segment
+	 * and checked by bh_tls_field like any other; one that straddles the
+	 * segment is left to the generic path (st says which and where).
+	 */
+	for (int j = 0; j < 4 && st->step != BH_TLS_EXT_HDR; j++) {
+		__u8 *b = bh_tls_ptr(data, data_end, poff, rel, st->want, 2);
+		if (!b || st->want + bh_tls_field_len(st->step) > end)
+			return BH_TLS_CONT;
+		st->field[0] = b[0];
+		st->field[1] = b[1];
+		rc = bh_tls_field(st);
+		if (rc != BH_TLS_CONT)
+			return rc;
+	}
 	return BH_TLS_CONT;
 }
 
