@@ -802,7 +802,15 @@ int bulkhead_sni(struct xdp_md *ctx)
 		}
 		__u32 poff = p.l4_off + p.tcp_doff;
 		if (rel == 0 && st->step == BH_TLS_REC_HDR && !st->got && !(st->flags & BH_SNIF_STREAM)) {
-			if (bh_tls_whole(ctx, poff, paylen, st) != BH_TLS_DONE) {
+			int rc = bh_tls_whole(ctx, poff, paylen, st);
+			if (rc == BH_TLS_MORE) {
+				/* The rest is in later segments: the streaming parser goes on from where this stopped. */
+				st->flags |= BH_SNIF_STREAM;
+				st->next_rel = paylen;
+				bh_event(BH_EV_SNI_SEGMENT);
+				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+			}
+			if (rc != BH_TLS_DONE) {
 				/*
 				 * Not a whole, well-formed ClientHello: the streaming parser
 				 * takes it from the start, in a fresh call. Entered from here,

@@ -485,28 +485,28 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 	    hs_len + 4 > rec_len)
 		return BH_TLS_CONT;
 	__u32 body_end = 9 + hs_len;
-	if (body_end > paylen)
-		return BH_TLS_CONT; /* continues in a later segment */
+	/* The fixed part must be in this segment (and inside the ClientHello); the extensions may go on. */
+	__u32 lim = body_end < paylen ? body_end : paylen;
 	__u32 sid = h[BH_TLS_RANDOM_END];
 	if (sid > 32)
 		return BH_TLS_CONT;
 
-	/* cipher suites, compression methods, extensions length: each inside the ClientHello */
+	/* cipher suites, compression methods, extensions length */
 	__u32 at = BH_TLS_RANDOM_END + 1 + sid;
 	__u8 *b = bh_tls_ptr(data, data_end, poff, 0, at, 2);
-	if (!b || at + 2 > body_end)
+	if (!b || at + 2 > lim)
 		return BH_TLS_CONT;
 	__u32 cs = ((__u32)b[0] << 8) | b[1];
 	if (cs < 2 || (cs & 1))
 		return BH_TLS_CONT;
 	at += 2 + cs;
 	b = bh_tls_ptr(data, data_end, poff, 0, at, 1);
-	if (!b || at + 1 > body_end || b[0] < 1)
+	if (!b || at + 1 > lim || b[0] < 1)
 		return BH_TLS_CONT;
 	at += 1 + b[0];
 	if (at != body_end) { /* else no extensions at all: no server name */
 		b = bh_tls_ptr(data, data_end, poff, 0, at, 2);
-		if (!b || at + 2 + ((((__u32)b[0] << 8) | b[1])) != body_end)
+		if (!b || at + 2 > lim || at + 2 + ((((__u32)b[0] << 8) | b[1])) != body_end)
 			return BH_TLS_CONT;
 		at += 2;
 	}
@@ -521,13 +521,15 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 	 */
 	__u64 q = poff + BH_TLS_FORGET(st->want, at);          /* packet offsets from here */
 	__u64 q_end = poff + BH_TLS_FORGET(st->body_end, body_end);
+	/* headers are read up to the ClientHello's end or this segment's, whichever is first */
+	__u64 q_stop = poff + (body_end < paylen ? body_end : paylen);
 	if (q_end > BH_TLS_PKT_OFF_MAX)
 		return BH_TLS_CONT;
 	__u64 acc = 0; /* server_name extensions seen << 32 | the offset of the one */
 	for (int i = 0; i < BH_TLS_WHOLE_EXTS; i++) {
 		asm volatile("" : "+r"(i)); /* keep i as the bound the verifier sees */
-		if (q == q_end)
-			break;
+		if (q + 4 > q_stop)
+			break; /* all walked (q at the end); or the next header is not (whole) in this segment */
 		b = data + (q & BH_TLS_PKT_OFF_MAX);
 		if ((void *)(b + 4) > data_end)
 			return BH_TLS_CONT;
@@ -540,10 +542,19 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 		acc += (sni << 32) | (q & -sni);
 		q = next;
 	}
-	/* more extensions than this path walks; a second server_name */
-	if (q != q_end || acc >= (2ULL << 32))
-		return BH_TLS_CONT;
+	/*
+	 * Where the walk stopped: the end (DONE), or, for a ClientHello that goes
+	 * on in later segments, a header that starts in one of them (MORE: the
+	 * streaming parser goes on from there; a ClientHello larger than the MSS,
+	 * e.g. with post-quantum key shares, needs no extra call). Anything else
+	 * is the streaming parser's, from the start: a header straddling the
+	 * segment's end, more extensions than this path walks, a second
+	 * server_name, one that ends in a later segment.
+	 */
 	__u64 end = q_end - poff;
+	__u64 stop = BH_TLS_FORGET(st->want, q - poff);
+	if ((stop != end && (body_end <= paylen || stop < paylen)) || acc >= (2ULL << 32))
+		return BH_TLS_CONT;
 	__u64 seen = acc >> 32, sni_at = (__u32)acc - poff;
 	if (seen) {
 		sni_at = BH_TLS_FORGET(st->name_off, sni_at);
@@ -555,7 +566,7 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 		__u32 list_len = ((__u32)b[4] << 8) | b[5];
 		__u32 name_len = ((__u32)b[7] << 8) | b[8];
 		if (list_len + 2 != ext_len || b[6] != 0 || name_len + 3 != list_len || name_len < 1 ||
-		    name_len > BH_TLS_WHOLE_NAME)
+		    name_len > BH_TLS_WHOLE_NAME || sni_at + 4 + ext_len > paylen /* ends in a later segment */)
 			return BH_TLS_CONT;
 		__u64 name_at = poff + sni_at + 9; /* packet offset of the name */
 		b = data + ((name_at + name_len - 1) & BH_TLS_PKT_OFF_MAX);
@@ -618,9 +629,9 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 	}
 	st->body_end = body_end;
 	st->ext_end = body_end;
-	st->want = body_end;
+	st->want = stop;
 	st->step = BH_TLS_EXT_HDR;
-	return BH_TLS_DONE;
+	return stop == end ? BH_TLS_DONE : BH_TLS_MORE;
 undo:
 	/* Unreachable (the IP length was checked against the frame), but leave no half result. */
 	st->flags &= ~(BH_SNIF_SEEN_SNI | BH_SNIF_HAVE_NAME | BH_SNIF_WILD | BH_SNIF_WILD_LATER);

@@ -347,7 +347,7 @@ def test_kernel_hashes_match_the_compiler(sx):
     assert bytes(st.name).rstrip(b"\0") == b"mixed.case.example"
 
 
-def _parse_state(xdp) -> tuple:
+def _parse_state(xdp) -> dict:
     """The parse result the one flow's sni_state holds, in the fields both parsers fill."""
     import ctypes as C
 
@@ -358,16 +358,18 @@ def _parse_state(xdp) -> tuple:
     assert len(keys) == 1
     st = abi.SniState()
     assert libbpf.lib().bpf_map_lookup_elem(fd, C.byref(keys[0]), C.byref(st)) == 0
-    flags = st.flags & ~abi.SNIF_STREAM
-    if flags & abi.SNIF_WILD_LATER:
-        # The one-shot path left the wildcard form to the decision, which needed none
-        # (the exact name matched): only the exact name's fields compare.
-        flags &= ~(abi.SNIF_WILD_LATER | abi.SNIF_WILD)
-        return (flags, st.verdict, st.h64, st.h32, "later", "later", "later", st.name_len, bytes(st.name),
-                st.flags & abi.SNIF_STREAM)
-    wild = flags & abi.SNIF_WILD
-    return (flags, st.verdict, st.h64, st.h32, st.w64 if wild else None, st.w32 if wild else None,
-            st.wild_at if wild else None, st.name_len, bytes(st.name), st.flags & abi.SNIF_STREAM)
+    wild = st.flags & abi.SNIF_WILD
+    return {"flags": st.flags & ~(abi.SNIF_STREAM | abi.SNIF_WILD_LATER), "later": bool(st.flags & abi.SNIF_WILD_LATER),
+            "streamed": bool(st.flags & abi.SNIF_STREAM), "verdict": st.verdict, "h": (st.h64, st.h32),
+            "w": (st.w64, st.w32, st.wild_at) if wild else None, "name_len": st.name_len, "log": bytes(st.name)}
+
+
+def _same_parse(a: dict, b: dict) -> None:
+    """A state whose wildcard form was left for later (the exact name matched) compares without it."""
+    skip = {"later", "streamed"} | ({"w"} if a["later"] or b["later"] else set())
+    if skip & {"w"}:
+        a, b = dict(a, flags=a["flags"] & ~abi.SNIF_WILD), dict(b, flags=b["flags"] & ~abi.SNIF_WILD)
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
 
 
 @pytest.mark.parametrize("name", [
@@ -377,20 +379,29 @@ def _parse_state(xdp) -> tuple:
 ], ids=lambda v: v.decode("latin-1")[:24])
 def test_one_shot_and_streaming_parsers_agree(sx, name):
     """A ClientHello whole in its segment takes the one-shot path (names up to
-    BH_TLS_WHOLE_NAME); cut after its first byte, the streaming parser. Both
-    must leave the same verdict, hashes, flags and name log."""
+    BH_TLS_WHOLE_NAME); cut inside the extensions after the name, the one-shot
+    path hands over to the streaming parser; cut after its first byte, the
+    streaming parser does it all. All three must leave the same verdict,
+    hashes, flags and name log."""
     hello = client_hello(name, before=5, after=5)
-    got = []
-    for cuts in ((), (1,)):
+    last_ext = len(hello) - 9  # the last extension (5 data bytes) starts a segment of its own
+    got = {}
+    for how, cuts in (("whole", ()), ("late", (last_ext,)), ("first-byte", (1,))):
         sx.clear_flows()
-        v = send_hello(sx, hello, cuts=cuts)
-        got.append((res(v), _parse_state(sx)))
-    (whole_v, whole), (split_v, split) = got
-    assert whole_v == split_v
-    if whole[4] == "later":
+        if how == "late" and 0 < len(name.rstrip(b".")) and len(name) <= abi.TLS_WHOLE_NAME:
+            # the one-shot path read the first segment, name included, and handed over
+            sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+            sx.expect(seg(hello[:last_ext], 0), "prod", X.PASS, R.SNI_PENDING)
+            assert _parse_state(sx)["later"]
+            v = sx.judge(seg(hello[last_ext:], last_ext), "prod")
+        else:
+            v = send_hello(sx, hello, cuts=cuts)
+        got[how] = (res(v), _parse_state(sx))
+    (whole_v, whole), (late_v, late), (split_v, split) = got["whole"], got["late"], got["first-byte"]
+    assert whole_v == late_v == split_v
+    if whole["later"]:
         assert whole_v[1] == R.ALLOW_RULE  # only an exact match skips the wildcard form
-        split = split[:2] + (split[2], split[3], "later", "later", "later") + split[7:]
-        whole = (whole[0] | (split[0] & abi.SNIF_WILD),) + whole[1:]
-    assert whole[:-1] == split[:-1]
+    _same_parse(whole, split)
+    _same_parse(late, split)
     # which parser ran: the streaming one marks the state
-    assert bool(whole[-1]) == (len(name) > abi.TLS_WHOLE_NAME) and split[-1]
+    assert whole["streamed"] == (len(name) > abi.TLS_WHOLE_NAME) and late["streamed"] and split["streamed"]
