@@ -165,6 +165,17 @@ def _fmt_status(st: dict) -> str:
     for name, c in sorted(st["counters"].items(), key=lambda kv: -kv[1]["packets"]):
         if c["packets"]:
             lines.append(f"  {name:<22} {c['verdict']:<7} {c['packets']:>12} pkts {c['bytes']:>14} bytes")
+    v = st.get("verifier") or {}
+    if v.get("running"):
+        req = v.get("requests", {})
+        by = ", ".join(f"{k} {n}" for k, n in sorted(req.get("by_verdict", {}).items())) or "none yet"
+        lines.append(f"L7 verifier: pid {v.get('pid') or 'restarting'}, port {v.get('port')}, "
+                     f"restarts {v.get('restarts', 0)}, requests: {by}")
+        conns = req.get("connections", {})
+        if conns:
+            lines.append("  connections: " + ", ".join(f"{k} {n}" for k, n in sorted(conns.items())))
+    else:
+        lines.append("L7 verifier: not running (L7 flows are dropped, counted as punt_no_handler)")
     return "\n".join(lines)
 
 
@@ -221,6 +232,52 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, interval: flo
                     seen[k] = f["generation"]
                     new.append(f)
             show(new, False)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@STATE_DIR_OPT
+@JSON_OPT
+@click.option("--follow", is_flag=True, help="Keep printing requests as the verifier decides them.")
+@click.option("--limit", default=50, show_default=True, help="Most recent requests to show.")
+@click.option("--verdict", type=click.Choice(["allow", "deny", "audit", "error"]), help="Only this verdict.")
+def requests(state_dir: str, as_json: bool, follow: bool, limit: int, verdict: str | None) -> None:
+    """HTTP requests the L7 verifier decided: verdict, rule, status, latency.
+
+    Each line: time, verdict, status, method, host and path, source app ->
+    destination app, the rule that allowed or denied it, the reason, bytes
+    and the latency split (decision / upstream connect / upstream first byte
+    / total, in ms). The agent keeps the last 2000.
+    """
+    def show(recs: list[dict], header: bool) -> None:
+        recs = [r for r in recs if not verdict or r.get("verdict") == verdict]
+        if as_json:
+            for r in recs:
+                click.echo(json.dumps(r, default=str))
+            return
+        if header:
+            click.echo(f"{'TIME':<8} {'VERDICT':<7} {'ST':>3} {'METHOD':<7} {'HOST+PATH':<40} {'FROM':<12} "
+                       f"{'TO':<12} {'RULE':<20} {'IN':>8} {'OUT':>9}  MS(dec/conn/ttfb/total)  REASON")
+        for r in recs:
+            ms = "/".join(f"{(r.get(k) or 0) * 1000:.1f}" for k in ("decision_s", "connect_s", "ttfb_s", "total_s"))
+            url = (r.get("host") or "") + (r.get("path") or "")
+            click.echo(f"{time.strftime('%H:%M:%S', time.localtime(r.get('time', 0))):<8} {r.get('verdict', '?'):<7} "
+                       f"{r.get('status') or 0:>3} {r.get('method') or '-':<7} {url[:40]:<40} "
+                       f"{r.get('src_app') or '-':<12} {r.get('dst_app') or '-':<12} {r.get('rule') or '-':<20} "
+                       f"{r.get('bytes_in') or 0:>8} {r.get('bytes_out') or 0:>9}  {ms:<23}  {r.get('reason') or ''}")
+
+    reply = _agent_request(state_dir, "requests", limit=limit)
+    if not reply.get("ok"):
+        _fail(reply.get("error", "requests failed"))
+    show(reply["requests"], True)
+    seq = reply.get("seq", 0)
+    try:
+        while follow:
+            time.sleep(0.5)
+            reply = _agent_request(state_dir, "requests", after=seq, limit=0)
+            seq = reply.get("seq", seq)
+            show(reply.get("requests", []), False)
     except KeyboardInterrupt:
         pass
 

@@ -249,7 +249,7 @@ def test_trie_matches_naive_precedence_random(tmp_path, seed):
 
 def test_example_compiles_to_expected_entries():
     bundle, warnings = load_policy([EXAMPLE])
-    assert len(warnings) == 1  # the L7 rule: no verifier in this version
+    assert warnings == []
     assert bundle.settings == {"default_action": "deny", "mode": "enforce", "unknown_sni": "deny"}
     assert [(s["id"], s["name"], s["interfaces"]) for s in bundle.segments] == [
         (1, "prod", ["bh-prod"]), (2, "dev", ["bh-dev"]), (3, "core", ["bh-core"])]
@@ -259,7 +259,8 @@ def test_example_compiles_to_expected_entries():
     assert payments["addresses"] == ["198.19.0.10/32"] and payments["ports"] == ["tcp/443"]
     assert payments["hostnames"] == ["pay.example.internal"]
     assert bundle.rules[1] == {"id": 2, "name": "web-reads-catalog", "from": "web", "to": "catalog",
-                               "action": "allow", "mode": "enforce", "ports": [], "l7": True}
+                               "action": "allow", "mode": "enforce", "ports": [], "l7": True,
+                               "http": [{"methods": ["GET", "HEAD"], "paths": ["/items", "/items/*"]}]}
     assert bundle.rules[2]["mode"] == "audit" and bundle.rules[2]["action"] == "deny"
 
     v4 = lambda a: b"\0" * 10 + b"\xff\xff" + ipaddress.IPv4Address(a).packed  # noqa: E731
