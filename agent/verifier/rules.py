@@ -327,7 +327,7 @@ def _compile_headers(spec: Any, where: tuple, errors: list[RuleError]) -> list[C
         elif isinstance(cond, dict):
             unknown = [k for k in cond if k not in HEADER_COND_KEYS]
             if unknown or len(cond) != 1:
-                errors.append(RuleError(w, f"header {low}: a condition mapping has exactly one of "
+                errors.append(RuleError(w + tuple(unknown[:1]), f"header {low}: a condition mapping has exactly one of "
                                            f"{', '.join(HEADER_COND_KEYS)}, got {sorted(map(str, cond))}"))
                 continue
             (k, v), = cond.items()

@@ -253,7 +253,7 @@ COMPILE_ERRORS = [
     ([{"headers": {"x-a": 1}}], [((0, "headers", "x-a"), "quote numbers")]),
     ([{"headers": {"x-a": None}}], [((0, "headers", "x-a"), "got nothing (null)")]),
     ([{"headers": {"x-a": {"equals": "1", "glob": "2"}}}], [((0, "headers", "x-a"), "exactly one of")]),
-    ([{"headers": {"x-a": {"regex": "."}}}], [((0, "headers", "x-a"), "exactly one of")]),
+    ([{"headers": {"x-a": {"regex": "."}}}], [((0, "headers", "x-a", "regex"), "exactly one of")]),
     ([{"headers": {"x-a": {"present": "yes"}}}], [((0, "headers", "x-a", "present"), "true or false")]),
     ([{"headers": {"x-a": {"glob": 3}}}], [((0, "headers", "x-a", "glob"), "must be a string")]),
     ([{"headers": {"X-A": "1", "x-a": "2"}}], [((0, "headers", "x-a"), "given twice")]),
