@@ -175,6 +175,9 @@ def normalize_host(value: str) -> str:
     """
     if not value:
         raise Refused(400, "empty host")
+    if not value.isascii():
+        # Before any case folding: str.lower() maps e.g. KELVIN SIGN to "k".
+        raise Refused(400, "malformed host")
     if "@" in value:
         raise Refused(400, "userinfo in host")
     if value[0] == "[":

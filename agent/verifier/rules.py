@@ -89,7 +89,9 @@ class _Ctx:
 
     def __init__(self, req: Request, now: Optional[float]):
         self.req = req
-        self.method = req.method.upper()
+        m = req.method
+        # ASCII only: str.upper() folds some non-ASCII letters into ASCII ones.
+        self.method = m.upper() if m.isascii() else m
         self.now = now
         self._hdr: Optional[dict] = None
 
@@ -243,8 +245,9 @@ def _path_pattern(p: str, where: tuple, errors: list[RuleError]):
 
 def _host_pattern(h: Any, where: tuple, errors: list[RuleError]):
     """-> ("exact", name) | ("wild", suffix after "*.") | None."""
-    if not isinstance(h, str) or not h:
-        errors.append(RuleError(where, f"a host must be a DNS name, got {_describe(h)}"))
+    if not isinstance(h, str) or not h or not h.isascii():
+        errors.append(RuleError(where, f"a host must be an ASCII DNS name (IDNs in their xn-- form), "
+                                       f"got {_describe(h)}"))
         return None
     name = h.lower()
     if name.endswith("."):

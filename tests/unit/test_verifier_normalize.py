@@ -139,6 +139,7 @@ BAD_HOSTS = [
     ("a\\b", "malformed"),
     ("h\x00", "malformed"),
     ("caf\u00e9.example", "malformed"),
+    ("\u212aey.example", "malformed"),  # KELVIN SIGN lowercases to "k": refused, not folded
     ("[fd00::1", "malformed"),
     ("[fd00::1]x", "malformed"),
     ("[zz::1]", "malformed"),

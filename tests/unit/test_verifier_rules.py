@@ -25,6 +25,12 @@ def test_methods():
     assert d == Decision(False, "r", 0, "method DELETE not allowed")
 
 
+def test_non_ascii_method_is_not_case_folded_into_an_allowed_one():
+    rule = compile_rule("r", [{"methods": ["POST"]}])
+    assert "\u017f".upper() == "S"  # LATIN SMALL LETTER LONG S
+    assert not rule.check(req("po\u017ft")).allowed
+
+
 def test_method_in_reason_is_bounded_and_printable():
     d = compile_rule("r", [{"methods": ["GET"]}]).check(req("X" * 200))
     assert not d.allowed and len(d.reason) < 80
@@ -246,6 +252,7 @@ COMPILE_ERRORS = [
     ([{"hosts": ["a.*.example"]}], [((0, "hosts", 0), "left-most label")]),
     ([{"hosts": ["-a.example"]}], [((0, "hosts", 0), "each label")]),
     ([{"hosts": ["[zz]"]}], [((0, "hosts", 0), "IPv6")]),
+    ([{"hosts": ["caf\u00e9.example"]}], [((0, "hosts", 0), "xn--")]),
     ([{"headers": {}}], [((0, "headers"), "non-empty mapping")]),
     ([{"headers": []}], [((0, "headers"), "non-empty mapping or list")]),
     ([{"headers": "x-a"}], [((0, "headers"), "got the string 'x-a'")]),
