@@ -26,6 +26,7 @@ HEAD_END = b"\r\n\r\n"
 
 # llhttp error messages -> the status the client gets. Anything else is 400.
 _LLHTTP_STATUS = (
+    ("Content-Length", 400),  # "Transfer-Encoding can't be present with Content-Length", duplicates
     ("Invalid HTTP version", 505),
     ("Pause on PRI/Upgrade", 505),
     ("Transfer-Encoding", 501),  # "Request has invalid `Transfer-Encoding`", "Invalid `Transfer-Encoding` header value"

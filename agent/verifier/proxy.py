@@ -1315,8 +1315,8 @@ class Verifier:
                 log.warning("verifier: accept failed: %s", e)
                 return
             if self.connections >= self.max_connections:
+                self._sink_conn(None, "overload", f"{addr[0]}:{addr[1]}: {self.max_connections} connections")
                 _reset(sock)
-                self._sink_conn(None, "overload", f"{self.max_connections} connections")
                 continue
             sock.setblocking(False)
             try:
@@ -1336,8 +1336,8 @@ class Verifier:
                 log.exception("verifier: resolver failed")
                 ctx = None
             if ctx is None:
-                _reset(sock)
                 self._sink_conn(None, "no_flow", _peer(sock))
+                _reset(sock)
                 return
             self._sink_conn(ctx, "accepted", "")
             tls = False
