@@ -313,5 +313,55 @@ def demo() -> None:
     sys.exit(demo_mod.main())
 
 
+# ---------------------------------------------------------------- verifier
+@main.group()
+def verifier() -> None:
+    """The L7 (HTTP) verifier on its own, without a gateway."""
+
+
+@verifier.command("serve")
+@click.option("--listen", required=True, metavar="HOST:PORT",
+              help="Where clients connect (IPv6 as [ADDR]:PORT; port 0 picks one).")
+@click.option("--upstream", required=True, metavar="HOST:PORT", help="The origin allowed requests go to.")
+@click.option("--policy", "policy_file", required=True, type=click.Path(dir_okay=False),
+              help="Policy file holding the rule.")
+@click.option("--rule", "rules", required=True, multiple=True, metavar="NAME",
+              help="L7 rule whose http: entries decide each request (repeatable: any rule may allow).")
+@click.option("--tls-app", metavar="APP",
+              help="Terminate TLS with APP's tls cert/key (re-encrypting to the upstream, verified with "
+                   "its tls ca); plain HTTP is still served on the same port.")
+@JSON_OPT
+@click.option("--quiet", is_flag=True, help="No line per request (benchmarks).")
+@click.option("--max-connections", default=10000, show_default=True,
+              help="Connections beyond this are reset at once.")
+def verifier_serve(listen, upstream, policy_file, rules, tls_app, as_json, quiet, max_connections) -> None:
+    """Check every request to --listen against a policy rule; forward the allowed ones.
+
+    A fixed-upstream reverse proxy running the gateway verifier's engine: the
+    same HTTP/1.1 framing checks (ambiguous requests are refused, never passed
+    on), the same matching of the rule's http: entries (methods, paths, hosts,
+    headers, JWTs, API keys), 403 with `denied by rule R: reason` for the rest.
+    If the rule's destination app has hostnames, the Host must name one of them.
+    Prints one line per request (--json: one JSON record). Ctrl-C stops.
+
+    \b
+    Example:
+      bulkhead verifier serve --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000 \\
+          --policy policies/example.yaml --rule web-reads-catalog
+      curl -i http://127.0.0.1:8080/items      # allowed: the origin answers
+      curl -i -X DELETE http://127.0.0.1:8080/items   # 403 denied by rule ...
+
+    Exit codes: 0 stopped, 1 cannot listen, 2 bad input (invalid policy,
+    unknown rule, a rule without http:).
+    """
+    from .verifier.standalone import StandaloneError, serve
+
+    try:
+        code = serve(listen, upstream, policy_file, list(rules), tls_app, as_json, quiet, max_connections)
+    except StandaloneError as e:
+        _fail(str(e), 2)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()

@@ -156,3 +156,113 @@ def test_reused_upstream_closed_by_origin(target):
         c.close()
     finally:
         eng.stop()
+
+
+# ---------------------------------------------------------------- standalone (bulkhead verifier serve)
+
+import json as _json  # noqa: E402
+import os as _os  # noqa: E402
+import signal as _signal  # noqa: E402
+import subprocess as _sp  # noqa: E402
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+_REPO = _Path(__file__).resolve().parents[2]
+_BULKHEAD = [_sys.executable, "-m", "agent.cli"]
+
+
+def _serve(args: list[str]) -> tuple[_sp.Popen, int]:
+    p = _sp.Popen(_BULKHEAD + ["verifier", "serve", "--listen", "127.0.0.1:0", *args],
+                  stdout=_sp.PIPE, stderr=_sp.PIPE, cwd=_REPO)
+    line = p.stderr.readline().decode()
+    if "listening on" not in line:
+        p.kill()
+        raise AssertionError(f"standalone did not start: {line!r} {p.stderr.read().decode()[:1000]}")
+    port = int(line.split("listening on ")[1].split(" ")[0].rsplit(":", 1)[1])
+    return p, port
+
+
+def _stop(p: _sp.Popen) -> tuple[int, str, str]:
+    p.send_signal(_signal.SIGTERM)
+    try:
+        out, err = p.communicate(timeout=10)
+    except _sp.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    return p.returncode, out.decode(), err.decode()
+
+
+def test_standalone_serve_json(target):
+    p, port = _serve(["--upstream", f"127.0.0.1:{target.catalog_port}", "--policy", str(target.material.policy_path),
+                      "--rule", "catalog-read", "--rule", "catalog-glob", "--json"])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        r = _sp.run(["curl", "-sS", "-w", "%{http_code} ", "-o", "/dev/null", f"{base}/items/1",
+                     "-o", "/dev/null", f"{base}/admin", "-o", "/dev/null", f"{base}/reports/x/summary"],
+                    capture_output=True, timeout=20)
+        assert r.stdout.split() == [b"200", b"403", b"200"], r
+        c = Raw(socket.create_connection(("127.0.0.1", port)))
+        c.send(b"GET /items HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        assert c.final().status == 400
+        c.close()
+    finally:
+        code, out, err = _stop(p)
+    assert code == 0, err
+    lines = [_json.loads(x) for x in out.splitlines()]
+    assert [(x["verdict"], x["status"], x["path"]) for x in lines] == [
+        ("allow", 200, "/items/1"), ("deny", 403, "/admin"), ("allow", 200, "/reports/x/summary"),
+        ("error", 400, "/items")], lines
+    assert lines[0]["rule"] == "catalog-read" and lines[2]["rule"] == "catalog-glob"
+    assert "client" in lines[0] and "time" in lines[0] and "total_s" in lines[0]
+    assert "stopped; 2 allowed, 1 denied, 1 errors" in err
+
+
+def test_standalone_tls_app_and_text_output(target):
+    p, port = _serve(["--upstream", f"127.0.0.1:{target.vault_port}", "--policy", str(target.material.policy_path),
+                      "--rule", "vault-read", "--tls-app", "vault"])
+    try:
+        url = f"https://vault.l7.internal:{port}"
+        r = _sp.run(["curl", "-sS", "--cacert", str(target.ca_file), "--resolve", f"vault.l7.internal:{port}:127.0.0.1",
+                     f"{url}/secret/x"], capture_output=True, timeout=20)
+        e = _json.loads(r.stdout)
+        assert e["tls"] is True and e["target"] == "/secret/x"
+        # plain HTTP on the same port, Host not the app's name
+        c = Raw(socket.create_connection(("127.0.0.1", port)))
+        c.send(req("GET", "/secret/y", host="catalog.l7.internal"))
+        r = c.final()
+        assert r.status == 403 and b"is not app vault's" in r.body
+        c.close()
+    finally:
+        code, out, err = _stop(p)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 2 and "ALLOW 200 GET vault.l7.internal/secret/x rule=vault-read" in lines[0], out
+    assert "DENY  403 GET catalog.l7.internal/secret/y" in lines[1], out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rule", "no-such-rule"], "rule 'no-such-rule' is not in"),
+    (["--rule", "catalog-reed"], "did you mean 'catalog-read'"),
+    (["--rule", "catalog-read", "--tls-app", "nope"], "--tls-app 'nope' is not an app"),
+    (["--rule", "catalog-read", "--tls-app", "catalog"], "has no tls"),
+])
+def test_standalone_bad_input(target, args, message):
+    r = _sp.run(_BULKHEAD + ["verifier", "serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+                             "--policy", str(target.material.policy_path), *args],
+                capture_output=True, timeout=30, cwd=_REPO)
+    assert r.returncode == 2 and message in r.stderr.decode(), r
+
+
+def test_standalone_not_l7_rule_and_bad_policy(tmp_path):
+    r = _sp.run(_BULKHEAD + ["verifier", "serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+                             "--policy", "policies/example.yaml", "--rule", "web-to-payments"],
+                capture_output=True, timeout=30, cwd=_REPO)
+    assert r.returncode == 2 and "has no http: entries" in r.stderr.decode(), r
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules: 3\n")
+    r = _sp.run(_BULKHEAD + ["verifier", "serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9",
+                             "--policy", str(bad), "--rule", "x"], capture_output=True, timeout=30, cwd=_REPO)
+    assert r.returncode == 2 and "bad.yaml:2:" in r.stderr.decode(), r
+    r = _sp.run(_BULKHEAD + ["verifier", "serve", "--listen", "127.0.0.1", "--upstream", "127.0.0.1:9",
+                             "--policy", str(bad), "--rule", "x"], capture_output=True, timeout=30, cwd=_REPO)
+    assert r.returncode == 2 and "--listen must be HOST:PORT" in r.stderr.decode(), r
