@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 import httptools
 
 from . import http1
-from .http1 import CRLF
+from .http1 import CRLF, HEAD_END
 
 log = logging.getLogger("bulkhead.verifier")
 _clock = time.perf_counter  # record timings (uvloop's loop.time() has 1 ms resolution)
@@ -156,6 +156,8 @@ NOBODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 # parse phases of the client side
 IDLE, HEAD, BODY = 0, 1, 2
 
+_METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")}
+
 PIPELINE_MAX = 32          # queued requests beyond the one being served: pause reading
 PENDING_MAX = 256 * 1024   # buffered upstream-bound bytes of not-yet-sent requests: pause reading
 WRITE_HIGH = 256 * 1024    # transport write buffer high-water marks
@@ -163,60 +165,52 @@ LINGER_S = 2.0             # after answering and closing: keep reading (dropping
 HEADERS_MAX = 200          # header lines per request
 
 
-def _is_info(status: int) -> bool:
-    return 100 <= status < 200 and status != 101
-
-
 class _Exchange:
-    """One request and its response."""
+    """One request and its response.
 
-    __slots__ = (
-        "method", "target", "version", "headers", "trailers", "keep_alive", "body", "expect",
-        "host_hdr", "n_host", "n_cl", "n_te", "te_chunked", "upgrade",
-        "action", "status", "reason", "rule", "verdict", "path", "host", "final",
-        "out", "out_bytes", "streaming", "discard", "head_out", "req_done", "resp_done",
-        "resp_started", "resp_status", "sent_1xx", "close_after", "reused",
-        "t0", "t_sent", "decision_s", "connect_s", "ttfb_s", "bytes_in", "bytes_out", "recorded",
-    )
+    No __slots__: the defaults are class attributes, so making one (per request,
+    on the hot path) assigns only what differs.
+    """
+
+    method = b""
+    target = b""
+    version = "1.1"
+    trailers: Optional[list] = None
+    keep_alive = True
+    body = NOBODY
+    expect = False
+    host_hdr: Optional[bytes] = None
+    n_host = n_cl = n_te = 0
+    te_chunked = False
+    upgrade = False
+    action = 0
+    status = 0
+    reason = ""
+    rule: Optional[str] = None
+    verdict = ""
+    path = ""
+    host: Optional[str] = None
+    final = False          # the connection ends after this exchange (parsing stopped at it)
+    out: Optional[list] = None  # upstream-bound bytes waiting for the upstream
+    out_bytes = 0
+    streaming = False
+    discard = False
+    head_out = b""
+    req_done = False
+    resp_done = False
+    resp_started = False   # bytes of a final response went to the client
+    resp_status = 0
+    sent_1xx = False
+    close_after = False
+    reused = False
+    t_sent = 0.0
+    decision_s = connect_s = ttfb_s = 0.0
+    bytes_in = bytes_out = 0
+    recorded = False
 
     def __init__(self, t0: float):
-        self.method = b""
-        self.target = b""
-        self.version = "1.1"
-        self.headers: list = []
-        self.trailers: Optional[list] = None
-        self.keep_alive = True
-        self.body = NOBODY
-        self.expect = False
-        self.host_hdr: Optional[bytes] = None
-        self.n_host = self.n_cl = self.n_te = 0
-        self.te_chunked = False
-        self.upgrade = False
-        self.action = 0
-        self.status = 0
-        self.reason = ""
-        self.rule: Optional[str] = None
-        self.verdict = ""
-        self.path = ""
-        self.host: Optional[str] = None
-        self.final = False        # the connection ends after this exchange (parsing stopped at it)
-        self.out: Optional[list] = None   # upstream-bound bytes waiting for the upstream
-        self.out_bytes = 0
-        self.streaming = False
-        self.discard = False
-        self.head_out = b""
-        self.req_done = False
-        self.resp_done = False
-        self.resp_started = False  # bytes of a final response went to the client
-        self.resp_status = 0
-        self.sent_1xx = False
-        self.close_after = False
-        self.reused = False
         self.t0 = t0
-        self.t_sent = 0.0
-        self.decision_s = self.connect_s = self.ttfb_s = 0.0
-        self.bytes_in = self.bytes_out = 0
-        self.recorded = False
+        self.headers: list = []
 
 
 class _Upstream(asyncio.Protocol):
@@ -243,6 +237,8 @@ class _Upstream(asyncio.Protocol):
         self.paused_writing = False
         self.reading_paused = False
         self.trailers: Optional[list] = None
+        self.done: Optional[_Exchange] = None  # response complete, handled after the current feed
+        self.raw = False  # forward the validated response bytes as received (see begin)
 
     # -- transport callbacks
     def connection_made(self, transport):
@@ -250,10 +246,22 @@ class _Upstream(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def begin(self, ex: _Exchange) -> None:
-        """A new request is about to be sent: expect its response."""
+        """A new request is about to be sent: expect its response.
+
+        Raw mode (HTTP/1.1 clients, not HEAD): llhttp validates the response
+        (it refuses CL with TE, repeated CL, obs-fold, bad chunks, ...) and the
+        bytes it accepted are relayed as received, without re-building heads or
+        re-framing bodies. Otherwise (HTTP/1.0 clients: no 1xx may reach them;
+        HEAD: heads fed one by one) the response is re-built from its parts.
+        """
         self.ex = ex
-        self.parser = httptools.HttpResponseParser(self)
-        self.head_only = ex.method == b"HEAD"
+        self.head_only = head = ex.method == b"HEAD"
+        raw = not head and ex.version == "1.1"
+        if self.parser is None or head or raw != self.raw:
+            # a parser is reused while responses end cleanly (llhttp resets itself);
+            # HEAD needs a fresh one (llhttp can't be told that no body follows)
+            self.raw = raw
+            self.parser = httptools.HttpResponseParser(_RawView(self) if raw else self)
         self.tail = b""
         self.got_bytes = False
         self.in_body = False
@@ -270,21 +278,38 @@ class _Upstream(asyncio.Protocol):
             self.got_bytes = True
             ex.ttfb_s = _clock() - ex.t_sent
             conn.dl_up = 0.0
-        conn.dl_stall = conn.loop.time() + conn.idle_timeout if conn.dl_stall else 0.0
+        if conn.dl_stall:
+            conn.dl_stall = conn.loop.time() + conn.idle_timeout
+        raw = self.raw
         try:
             if self.head_only:
                 self._feed_heads(data)
             else:
                 self.parser.feed_data(data)
-        except _Stop:
-            pass
         except httptools.HttpParserUpgrade:
             self._bad("origin switched protocols")
+            raw = False
         except httptools.HttpParserError as e:
-            if isinstance(e.__context__, _Stop) or isinstance(getattr(e, "__cause__", None), _Stop):
-                pass
-            else:
+            self.parser = None  # llhttp is in its error state now
+            if not isinstance(e.__context__, _Stop):
                 self._bad(f"malformed response from origin: {e}")
+            elif raw and self.done is not None:
+                # bytes after a complete response, in the same read: this read can't
+                # be relayed whole, and the response in it can't be cut out
+                self.done = None
+                self.usable = False
+                conn.abort_all("the origin sent bytes after its response")
+                return
+            raw = False
+        else:
+            if raw:
+                conn.cl_buf.append(data)
+                if ex.resp_status:
+                    ex.resp_started = True
+        done = self.done
+        if done is not None:
+            self.done = None
+            conn.response_done(done, self)
         conn.flush_client()
 
     def _feed_heads(self, data: bytes) -> None:
@@ -329,6 +354,8 @@ class _Upstream(asyncio.Protocol):
     # -- parser callbacks
     def on_message_begin(self):
         if self.ex is None:
+            # bytes after the response, before any new request: not ours to read
+            self.usable = False
             raise _Stop()
         self.status = 0
         self.reason = b""
@@ -340,6 +367,16 @@ class _Upstream(asyncio.Protocol):
 
     def on_status(self, reason: bytes):
         self.reason += reason
+
+    def on_header_raw(self, name: bytes, value: bytes):
+        """Raw mode: only what framing needs (llhttp refuses CL+TE and repeated CL itself)."""
+        if not self.in_body and len(name) in (14, 17):
+            ln = name.lower()
+            if ln == b"content-length":
+                self.n_cl += 1
+            elif ln == b"transfer-encoding":
+                self.n_te += 1
+                self.chunked = http1.is_token_chunked(value.rsplit(b",", 1)[-1])
 
     def on_header(self, name: bytes, value: bytes):
         if self.in_body:  # trailers of a chunked response
@@ -363,10 +400,11 @@ class _Upstream(asyncio.Protocol):
         status = p.get_status_code()
         self.status = status
         version = p.get_http_version()
-        if _is_info(status):
+        if 100 <= status < 200 and status != 101:
             # 100 Continue, 103 Early Hints: relay to HTTP/1.1 clients (never to 1.0 ones)
             if ex.version == "1.1" and not ex.resp_started:
-                conn.cl_buf.append(self._head(version, status, self.headers))
+                if not self.raw:
+                    conn.cl_buf.append(self._head(version, status, self.headers))
                 ex.sent_1xx = True
             return
         if status == 101:  # upgrades are refused, so the origin switched unasked
@@ -389,33 +427,37 @@ class _Upstream(asyncio.Protocol):
         if not self.keep_alive:
             self.usable = False
         ex.resp_status = status
-        ex.resp_started = True
         client_close = ex.close_after or not ex.keep_alive or self.framing == UNTIL_CLOSE
         if client_close:
             ex.close_after = True
-        conn.cl_buf.append(self._head(version, status, self.headers))
         self.in_body = True
+        if self.raw:
+            return  # the bytes go out as received once this read is parsed
+        ex.resp_started = True
+        conn.cl_buf.append(self._head(version, status, self.headers))
         if self.head_only:
             # llhttp would wait for the body a HEAD response announces: done here
             self.parser = None
             self._complete()
-            raise _Stop()
+            raise _Stop()  # (feed_data raises; data_received hands `done` on)
 
     def on_body(self, data: bytes):
         ex = self.ex
         ex.bytes_out += len(data)
+        if self.raw:
+            return
         if self.framing == CHUNKED:
             self.conn.cl_buf.extend(http1.chunk(data))
         else:
             self.conn.cl_buf.append(data)
 
     def on_message_complete(self):
-        if _is_info(self.status):
+        status = self.status
+        if 100 <= status < 200 and status != 101:
             return
-        if self.framing == CHUNKED:
+        if self.framing == CHUNKED and not self.raw:
             self.conn.cl_buf.append(http1.last_chunk(self.trailers))
         self._complete()
-        raise _Stop()  # anything after the response is not ours to parse
 
     # -- helpers
     def _head(self, version: str, status: int, headers: list) -> bytes:
@@ -426,12 +468,12 @@ class _Upstream(asyncio.Protocol):
         return b"".join(parts)
 
     def _complete(self) -> None:
+        """The response is complete; the connection moves on once the current feed returns."""
         ex = self.ex
         self.ex = None
-        self.parser = None
         self.in_body = False
         ex.resp_done = True
-        self.conn.response_done(ex, self)
+        self.done = ex
 
     def _bad(self, why: str) -> None:
         ex = self.ex
@@ -447,8 +489,24 @@ class _Upstream(asyncio.Protocol):
         """EOF: a response delimited by close is complete now."""
         if self.ex is not None and self.in_body and self.framing == UNTIL_CLOSE:
             self._complete()
+            done, self.done = self.done, None
+            self.conn.response_done(done, self)
             return True
         return False
+
+
+class _RawView:
+    """The parser callbacks of an _Upstream in raw mode: no on_status, a minimal on_header
+    (httptools only calls what the protocol object has)."""
+
+    __slots__ = ("on_message_begin", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+
+    def __init__(self, up: _Upstream):
+        self.on_message_begin = up.on_message_begin
+        self.on_header = up.on_header_raw
+        self.on_headers_complete = up.on_headers_complete
+        self.on_body = up.on_body
+        self.on_message_complete = up.on_message_complete
 
 
 class _Conn(asyncio.Protocol):
@@ -473,6 +531,9 @@ class _Conn(asyncio.Protocol):
         self.extra_headers = b"".join(extra)
         self.tls = tls
         self.sni: Optional[str] = None
+        self.host_raw: Optional[bytes] = None
+        self.raw_head: Optional[bytes] = None  # the read being parsed, when it is exactly one head
+        self.host_norm: Optional[str] = None
         self.transport: Optional[asyncio.Transport] = None
         self.parser = httptools.HttpRequestParser(self)
         self.phase = IDLE
@@ -648,6 +709,14 @@ class _Conn(asyncio.Protocol):
             self._feed(data)
             if self.phase == HEAD:  # the next (pipelined) head started in this read
                 self.tail = data[-3:]
+        elif not self.tail and data.find(HEAD_END) == len(data) - 4:
+            # the common case: this read is exactly one whole head
+            self.head_count += len(data)
+            self.raw_head = data
+            self._feed(data)
+            self.raw_head = None
+            if self.phase != BODY and not self.stopped and self.head_count > self.max_head:
+                self._too_big()
         else:
             self._feed_heads(data)
         self.flush_upstream()
@@ -892,13 +961,18 @@ class _Conn(asyncio.Protocol):
 
     def _decide(self, ex: _Exchange) -> None:
         ctx = self.ctx
-        method = ex.method.decode("ascii")
+        method = _METHODS.get(ex.method) or ex.method.decode("ascii")
         target = ex.target.decode("latin-1")
         path, query, authority = normalize_target(method, target)
         ex.path = path
         host = None
-        if ex.host_hdr is not None:
-            host = normalize_host(ex.host_hdr.decode("latin-1"))
+        hh = ex.host_hdr
+        if hh is not None:
+            if hh == self.host_raw:  # keep-alive: the same Host again
+                host = self.host_norm
+            else:
+                host = normalize_host(hh.decode("latin-1"))
+                self.host_raw, self.host_norm = hh, host
         if authority is not None:
             a = normalize_host(authority)
             if host is not None and a != host:
@@ -913,7 +987,7 @@ class _Conn(asyncio.Protocol):
             ex.action, ex.status, ex.verdict = DENY, 403, "deny"
             ex.reason = f"host {host} is not app {ctx.dst_app}'s"
             return
-        headers = tuple((n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in ex.headers)
+        headers = tuple([(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in ex.headers])
         d = ctx.rules.check(Request(method, path, query, host, headers))
         ex.rule = d.rule
         ex.reason = d.reason
@@ -921,6 +995,15 @@ class _Conn(asyncio.Protocol):
             ex.action, ex.verdict = ALLOW, "allow"
             # The origin gets the normalized target: exactly what was checked.
             fwd = ex.target if (path == target and query is None) else request_target(path, query).encode("ascii")
+            rh = self.raw_head
+            if rh is not None and fwd is ex.target and not (authority is not None and ex.host_hdr is None):
+                line = b"%s %s HTTP/%s\r\n" % (ex.method, fwd, ex.version.encode())
+                if rh.startswith(line):  # canonical request line: relay the head as received
+                    ex.head_out = rh[:-2] + self.extra_headers + CRLF if self.extra_headers else rh
+                    ex.out = [ex.head_out]
+                    ex.out_bytes = len(ex.head_out)
+                    self.pending_bytes += ex.out_bytes
+                    return
             parts = [ex.method, b" ", fwd, b" HTTP/", ex.version.encode(), CRLF]
             for n, v in ex.headers:
                 parts += (n, b": ", v, CRLF)
@@ -992,8 +1075,9 @@ class _Conn(asyncio.Protocol):
     def start(self, ex: _Exchange) -> None:
         """`ex` is at the head of the queue: answer or forward it."""
         if ex.action == ALLOW:
-            self.dl_stall = self.loop.time() + self.idle_timeout
-            self.arm(self.dl_stall)
+            self.dl_stall = d = self.loop.time() + self.idle_timeout
+            if self.timer is None or d < self.timer_at:
+                self.arm(d)
             up = self.up
             if up is not None and up.usable and not up.closed and up.ex is None:
                 ex.reused = True
@@ -1080,8 +1164,9 @@ class _Conn(asyncio.Protocol):
         self.pending_bytes -= ex.out_bytes
         ex.out_bytes = 0
         ex.t_sent = _clock()
-        self.dl_up = self.loop.time() + self.response_timeout
-        self.arm(self.dl_up)
+        self.dl_up = d = self.loop.time() + self.response_timeout
+        if self.timer is None or d < self.timer_at:
+            self.arm(d)
         if out:
             up.transport.writelines(out)
 
@@ -1116,8 +1201,9 @@ class _Conn(asyncio.Protocol):
             return
         else:
             if self.cur is None:
-                self.dl_idle = self.loop.time() + self.idle_timeout
-                self.arm(self.dl_idle)
+                self.dl_idle = d = self.loop.time() + self.idle_timeout
+                if self.timer is None or d < self.timer_at:
+                    self.arm(d)
         self.update_reading()
 
     def record(self, ex: _Exchange, status: Optional[int] = None, verdict: Optional[str] = None,
