@@ -227,3 +227,17 @@ def test_no_verifier_no_l7_traffic(l7):
     finally:
         l7.agent.start(l7.write(l7.policy_yaml(*l7_rules(), apps=APPS)))
     assert l7.counters().get("punt_no_handler", 0) >= 1
+
+
+def test_audit_mode_forwards_and_records_would_be_denials(l7):
+    l7.apply(*l7_rules(), apps=APPS, mode="audit")
+    try:
+        seq = last_seq(l7)
+        status, _, body, s = http(l7.topo, "prod", CATALOG_V4, get("/admin"))
+        s.close()
+        assert status == 200, body  # audit: forwarded to the origin
+        recs = l7.wait_for(lambda: records(l7, seq))
+        assert [(r["verdict"], r["rule"]) for r in recs] == [("audit", "web-reads-catalog")]
+        assert recs[0]["reason"].startswith("audit: would deny")
+    finally:
+        l7.apply(*l7_rules(), apps=APPS)
