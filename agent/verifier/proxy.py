@@ -885,7 +885,7 @@ class _Conn(asyncio.Protocol):
                 return 400, "HTTP/0.9 is not supported"
             return 505, f"HTTP/{v} is not supported on this port"
         if ex.method == b"CONNECT":
-            return 501, "CONNECT is not supported"
+            return 405, "CONNECT not allowed"
         if ex.method == b"PRI":
             return 505, "HTTP/2 is not supported on this port"
         if ex.upgrade:

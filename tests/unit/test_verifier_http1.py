@@ -308,7 +308,7 @@ REFUSED = [
     ("http/0.9", b"GET /ok\r\n\r\n", 400),
     ("http/2.0", b"GET /ok HTTP/2.0\r\nHost: a\r\n\r\n", 505),
     ("h2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
-    ("connect", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
+    ("connect", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
     ("upgrade", b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
     ("encoded slash", b"GET /ok/%2f.. HTTP/1.1\r\nHost: a\r\n\r\n", 400),
 ]
