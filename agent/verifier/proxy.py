@@ -1133,11 +1133,14 @@ class _Conn(asyncio.Protocol):
                     sock.close()
                 self.upstream_failed(ex, 504, f"connecting to the origin timed out after {self.connect_timeout:g}s")
                 return
-            except (OSError, ssl.SSLError, ConnectionError) as e:
+            except Exception as e:  # OSError, SSLError, and anything an opener may raise
                 self.connecting = None
                 if sock is not None:
                     sock.close()
-                self.upstream_failed(ex, 502, f"cannot reach the origin: {e.strerror or e}" if isinstance(e, OSError) else f"cannot reach the origin: {e}")
+                if not isinstance(e, (OSError, ssl.SSLError, ConnectionError)):
+                    log.warning("verifier: opening the upstream for %s failed: %r", self.ctx.flow_id, e)
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+                self.upstream_failed(ex, 502, f"cannot reach the origin: {why}")
                 return
         except asyncio.CancelledError:
             if sock is not None:

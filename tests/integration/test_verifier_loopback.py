@@ -266,3 +266,53 @@ def test_standalone_not_l7_rule_and_bad_policy(tmp_path):
     r = _sp.run(_BULKHEAD + ["verifier", "serve", "--listen", "127.0.0.1", "--upstream", "127.0.0.1:9",
                              "--policy", str(bad), "--rule", "x"], capture_output=True, timeout=30, cwd=_REPO)
     assert r.returncode == 2 and "--listen must be HOST:PORT" in r.stderr.decode(), r
+
+
+def test_opener_error_is_502_not_a_hang(target):
+    async def broken_opener(ctx):
+        raise ValueError("opener bug")
+
+    eng, port = _engine(target, ("127.0.0.1", target.catalog_port), opener=broken_opener)
+    try:
+        c = Raw(socket.create_connection(("127.0.0.1", port)))
+        c.send(req("GET", "/items"))
+        r = c.final()
+        assert r.status == 502 and b"opener bug" in r.body
+        c.close()
+    finally:
+        eng.stop()
+
+
+def test_standalone_ipv6_listen(target):
+    p = _sp.Popen(_BULKHEAD + ["verifier", "serve", "--listen", "[::1]:0", "--upstream",
+                               f"127.0.0.1:{target.catalog_port}", "--policy", str(target.material.policy_path),
+                               "--rule", "catalog-read"], stdout=_sp.PIPE, stderr=_sp.PIPE, cwd=_REPO)
+    try:
+        line = p.stderr.readline().decode()
+        assert "listening on [::1]:" in line, line
+        port = int(line.split("listening on [::1]:")[1].split(" ")[0])
+        c = Raw(socket.create_connection(("::1", port)))
+        c.send(req("GET", "/items/v6"))
+        r = c.final()
+        assert r.status == 200 and r.json()["target"] == "/items/v6"
+        c.close()
+    finally:
+        code, out, _ = _stop(p)
+    assert code == 0 and "ALLOW 200 GET catalog.l7.internal/items/v6" in out
+
+
+def test_stalled_upload_cut_after_idle_timeout(target):
+    settings = dict(target.policy.settings, idle_timeout=1.0)
+    eng, port = _engine(target, ("127.0.0.1", target.catalog_port), settings)
+    try:
+        c = Raw(socket.create_connection(("127.0.0.1", port)))
+        c.send(req("POST", "/upload/stall", headers=[("Content-Length", "1000")]) + b"x" * 10)
+        t0 = time.monotonic()
+        assert c.closed(wait=5)
+        assert 0.8 < time.monotonic() - t0 < 4
+        c.close()
+        recs = cases.wait_records(eng, 1)
+        assert recs and recs[0]["verdict"] == "error" and recs[0]["bytes_in"] == 10, recs
+        assert any(e[1] == "timeout" and e[2] == "stall" for e in eng.events())
+    finally:
+        eng.stop()
