@@ -1060,16 +1060,24 @@ class _Conn(asyncio.Protocol):
             self.pending_bytes += n
 
     def flush_upstream(self) -> None:
-        if self.up_buf:
+        buf = self.up_buf
+        if buf:
             up = self.up
             if up is not None and up.transport is not None and not up.closed:
-                up.transport.writelines(self.up_buf)
+                if len(buf) == 1:
+                    up.transport.write(buf[0])  # uvloop: write() is the fast path
+                else:
+                    up.transport.writelines(buf)
             self.up_buf = []
 
     def flush_client(self) -> None:
-        if self.cl_buf:
+        buf = self.cl_buf
+        if buf:
             if not self.closed:
-                self.transport.writelines(self.cl_buf)
+                if len(buf) == 1:
+                    self.transport.write(buf[0])
+                else:
+                    self.transport.writelines(buf)
             self.cl_buf = []
 
     def start(self, ex: _Exchange) -> None:
@@ -1171,7 +1179,10 @@ class _Conn(asyncio.Protocol):
         if self.timer is None or d < self.timer_at:
             self.arm(d)
         if out:
-            up.transport.writelines(out)
+            if len(out) == 1:
+                up.transport.write(out[0])
+            else:
+                up.transport.writelines(out)
 
     def response_done(self, ex: _Exchange, up: _Upstream) -> None:
         self.dl_up = 0.0
