@@ -5,7 +5,7 @@
 #   make test    setup, then unit + BPF + integration tests (root; what CI runs)
 #   make unit    unit tests only, no root (needs an existing .venv)
 #   make demo    setup, then `bulkhead demo` (root)
-#   make bench   setup, then the benchmarks (root)
+#   make bench   setup (+ the bench packages: haproxy, wrk), then the benchmarks (root)
 #   make lint    byte-compile everything, plus ruff if it is installed
 #   make clean   remove .venv and caches (never touches the system)
 #   make vm-test the tests on Debian 12's stock kernel in a qemu VM (root; image cached in /var/cache/bulkhead-vm)
@@ -46,7 +46,9 @@ unit:
 demo: setup
 	$(VENV)/bin/bulkhead demo
 
-bench: setup
+# Not `bench: setup`: the same setup, plus the bench-only packages (BULKHEAD_SETUP_BENCH=1).
+bench:
+	BULKHEAD_SETUP_BENCH=1 bash scripts/setup.sh
 	@if [ ! -d benchmarks ]; then echo "make bench: no benchmarks/ directory yet; nothing to run"; exit 0; fi; \
 	$(PY) -m pytest benchmarks/ --benchmark-only -ra --timeout=$(PYTEST_TIMEOUT) $(BENCH_ARGS)
 

@@ -165,6 +165,17 @@ def _fmt_status(st: dict) -> str:
     for name, c in sorted(st["counters"].items(), key=lambda kv: -kv[1]["packets"]):
         if c["packets"]:
             lines.append(f"  {name:<22} {c['verdict']:<7} {c['packets']:>12} pkts {c['bytes']:>14} bytes")
+    v = st.get("verifier") or {}
+    if v.get("running"):
+        req = v.get("requests", {})
+        by = ", ".join(f"{k} {n}" for k, n in sorted(req.get("by_verdict", {}).items())) or "none yet"
+        lines.append(f"L7 verifier: pid {v.get('pid') or 'restarting'}, port {v.get('port')}, "
+                     f"restarts {v.get('restarts', 0)}, requests: {by}")
+        conns = req.get("connections", {})
+        if conns:
+            lines.append("  connections: " + ", ".join(f"{k} {n}" for k, n in sorted(conns.items())))
+    else:
+        lines.append("L7 verifier: not running (L7 flows are dropped, counted as punt_no_handler)")
     return "\n".join(lines)
 
 
@@ -225,6 +236,52 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, interval: flo
         pass
 
 
+@main.command()
+@STATE_DIR_OPT
+@JSON_OPT
+@click.option("--follow", is_flag=True, help="Keep printing requests as the verifier decides them.")
+@click.option("--limit", default=50, show_default=True, help="Most recent requests to show.")
+@click.option("--verdict", type=click.Choice(["allow", "deny", "audit", "error"]), help="Only this verdict.")
+def requests(state_dir: str, as_json: bool, follow: bool, limit: int, verdict: str | None) -> None:
+    """HTTP requests the L7 verifier decided: verdict, rule, status, latency.
+
+    Each line: time, verdict, status, method, host and path, source app ->
+    destination app, the rule that allowed or denied it, the reason, bytes
+    and the latency split (decision / upstream connect / upstream first byte
+    / total, in ms). The agent keeps the last 2000.
+    """
+    def show(recs: list[dict], header: bool) -> None:
+        recs = [r for r in recs if not verdict or r.get("verdict") == verdict]
+        if as_json:
+            for r in recs:
+                click.echo(json.dumps(r, default=str))
+            return
+        if header:
+            click.echo(f"{'TIME':<8} {'VERDICT':<7} {'ST':>3} {'METHOD':<7} {'HOST+PATH':<40} {'FROM':<12} "
+                       f"{'TO':<12} {'RULE':<20} {'IN':>8} {'OUT':>9}  MS(dec/conn/ttfb/total)  REASON")
+        for r in recs:
+            ms = "/".join(f"{(r.get(k) or 0) * 1000:.1f}" for k in ("decision_s", "connect_s", "ttfb_s", "total_s"))
+            url = (r.get("host") or "") + (r.get("path") or "")
+            click.echo(f"{time.strftime('%H:%M:%S', time.localtime(r.get('time', 0))):<8} {r.get('verdict', '?'):<7} "
+                       f"{r.get('status') or 0:>3} {r.get('method') or '-':<7} {url[:40]:<40} "
+                       f"{r.get('src_app') or '-':<12} {r.get('dst_app') or '-':<12} {r.get('rule') or '-':<20} "
+                       f"{r.get('bytes_in') or 0:>8} {r.get('bytes_out') or 0:>9}  {ms:<23}  {r.get('reason') or ''}")
+
+    reply = _agent_request(state_dir, "requests", limit=limit)
+    if not reply.get("ok"):
+        _fail(reply.get("error", "requests failed"))
+    show(reply["requests"], True)
+    seq = reply.get("seq", 0)
+    try:
+        while follow:
+            time.sleep(0.5)
+            reply = _agent_request(state_dir, "requests", after=seq, limit=0)
+            seq = reply.get("seq", seq)
+            show(reply.get("requests", []), False)
+    except KeyboardInterrupt:
+        pass
+
+
 # -------------------------------------------------------------------- down
 @main.command()
 @STATE_DIR_OPT
@@ -254,6 +311,56 @@ def demo() -> None:
     from . import demo as demo_mod
 
     sys.exit(demo_mod.main())
+
+
+# ---------------------------------------------------------------- verifier
+@main.group()
+def verifier() -> None:
+    """The L7 (HTTP) verifier on its own, without a gateway."""
+
+
+@verifier.command("serve")
+@click.option("--listen", required=True, metavar="HOST:PORT",
+              help="Where clients connect (IPv6 as [ADDR]:PORT; port 0 picks one).")
+@click.option("--upstream", required=True, metavar="HOST:PORT", help="The origin allowed requests go to.")
+@click.option("--policy", "policy_file", required=True, type=click.Path(dir_okay=False),
+              help="Policy file holding the rule.")
+@click.option("--rule", "rules", required=True, multiple=True, metavar="NAME",
+              help="L7 rule whose http: entries decide each request (repeatable: any rule may allow).")
+@click.option("--tls-app", metavar="APP",
+              help="Terminate TLS with APP's tls cert/key (re-encrypting to the upstream, verified with "
+                   "its tls ca); plain HTTP is still served on the same port.")
+@JSON_OPT
+@click.option("--quiet", is_flag=True, help="No line per request (benchmarks).")
+@click.option("--max-connections", default=10000, show_default=True,
+              help="Connections beyond this are reset at once.")
+def verifier_serve(listen, upstream, policy_file, rules, tls_app, as_json, quiet, max_connections) -> None:
+    """Check every request to --listen against a policy rule; forward the allowed ones.
+
+    A fixed-upstream reverse proxy running the gateway verifier's engine: the
+    same HTTP/1.1 framing checks (ambiguous requests are refused, never passed
+    on), the same matching of the rule's http: entries (methods, paths, hosts,
+    headers, JWTs, API keys), 403 with `denied by rule R: reason` for the rest.
+    If the rule's destination app has hostnames, the Host must name one of them.
+    Prints one line per request (--json: one JSON record). Ctrl-C stops.
+
+    \b
+    Example:
+      bulkhead verifier serve --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000 \\
+          --policy policies/example.yaml --rule web-reads-catalog
+      curl -i http://127.0.0.1:8080/items      # allowed: the origin answers
+      curl -i -X DELETE http://127.0.0.1:8080/items   # 403 denied by rule ...
+
+    Exit codes: 0 stopped, 1 cannot listen, 2 bad input (invalid policy,
+    unknown rule, a rule without http:).
+    """
+    from .verifier.standalone import StandaloneError, serve
+
+    try:
+        code = serve(listen, upstream, policy_file, list(rules), tls_app, as_json, quiet, max_connections)
+    except StandaloneError as e:
+        _fail(str(e), 2)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

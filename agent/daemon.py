@@ -1,14 +1,16 @@
 """The agent: owns the data path of one state dir, applies policy, answers the CLI.
 
 Lifecycle: load the policy (bad policy: exit 2 before touching the kernel),
-load/reuse the pinned programs and maps, attach XDP to every interface the
-policy names, apply, set up the gateway plumbing, then serve the control
-socket until SIGTERM/SIGINT. Exiting leaves XDP, pins and plumbing in place
+load/reuse the pinned programs and maps, start the L7 verifier (a supervised
+child process, agent/verifier/), attach XDP and the TC steering program to
+every interface the policy names, apply, set up the gateway plumbing, then
+serve the control socket until SIGTERM/SIGINT. Exiting leaves XDP, pins and plumbing in place
 on purpose: enforcement continues, and the next agent picks it all up.
 `bulkhead down` is what removes them.
 """
 from __future__ import annotations
 
+import collections
 import ctypes as C
 import ipaddress
 import json
@@ -95,6 +97,63 @@ def _addr(raw: bytes) -> str:
     return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
 
 
+class L7Records:
+    """What the verifier reported: recent requests (bounded), totals, latency histograms."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    PHASES = ("decision_s", "connect_s", "ttfb_s", "total_s")
+
+    def __init__(self, keep: int = 2000):
+        self.lock = threading.Lock()
+        self.recent: collections.deque = collections.deque(maxlen=keep)
+        self.seq = 0
+        self.requests: collections.Counter = collections.Counter()  # (verdict, rule, src, dst, status) -> n
+        self.connections: collections.Counter = collections.Counter()  # event -> n
+        # (phase, src, dst) -> [bucket counts..., +Inf count, sum]
+        self.latency: dict[tuple, list] = {}
+
+    def add(self, rec: dict) -> None:
+        kind = rec.get("t")
+        with self.lock:
+            if kind == "request":
+                self.seq += 1
+                rec["seq"] = self.seq
+                self.recent.append(rec)
+                src, dst = rec.get("src_app") or "-", rec.get("dst_app") or "-"
+                self.requests[(rec.get("verdict") or "?", rec.get("rule") or "", src, dst,
+                               str(rec.get("status") or 0))] += 1
+                for phase in self.PHASES:
+                    v = rec.get(phase)
+                    if v is None:
+                        continue
+                    h = self.latency.setdefault((phase, src, dst), [0] * (len(self.BUCKETS) + 2))
+                    for i, b in enumerate(self.BUCKETS):
+                        if v <= b:
+                            h[i] += 1
+                    h[-2] += 1
+                    h[-1] += v
+            elif kind == "conn":
+                self.connections[rec.get("event") or "?"] += 1
+        if kind == "request" and rec.get("verdict") in ("deny", "error", "audit"):
+            log.info("L7 %s %s %s %s%s from %s (%s) to %s: rule %s: %s", rec.get("verdict"), rec.get("status"),
+                     rec.get("method"), rec.get("host") or "", rec.get("path"), rec.get("src_app"),
+                     rec.get("client"), rec.get("dst_app"), rec.get("rule") or "-", rec.get("reason"))
+        elif kind == "conn" and rec.get("event") not in ("accepted", "closed", "ready"):
+            log.warning("L7 connection %s %s: %s", rec.get("event"), rec.get("flow_id") or "", rec.get("detail"))
+
+    def since(self, after: int, limit: int) -> tuple[int, list[dict]]:
+        with self.lock:
+            out = [r for r in self.recent if r["seq"] > after]
+            return self.seq, out[-limit:] if limit else out
+
+    def totals(self) -> dict:
+        with self.lock:
+            by_verdict: collections.Counter = collections.Counter()
+            for (verdict, *_), n in self.requests.items():
+                by_verdict[verdict] += n
+            return {"by_verdict": dict(by_verdict), "connections": dict(self.connections)}
+
+
 class Agent:
     def __init__(self, state_dir: str, xdp_mode: str = "auto"):
         self.state_dir = Path(state_dir)
@@ -110,6 +169,8 @@ class Agent:
         self.last_apply: dict = {}
         self.started = time.time()
         self.stop_event = threading.Event()
+        self.verifier = None  # agent.verifier.supervisor.Supervisor
+        self.l7 = L7Records()
 
     # ---------------------------------------------------------------- start
     def start(self, bundle: Bundle) -> int:
@@ -120,6 +181,11 @@ class Agent:
 
         self.plumbing = Plumbing(self.instance)
         previous = read_state(self.state_dir)
+        if os.environ.get("BULKHEAD_NO_VERIFIER") != "1":
+            from .verifier.supervisor import Supervisor
+
+            self.verifier = Supervisor(str(self.pin_dir / "maps"), self.l7.add, self._set_l7_ready)
+            self.verifier.start()
         gen = self.apply(bundle)
         # Interfaces a previous agent attached that this policy no longer names.
         for ifname in previous.get("interfaces", {}):
@@ -131,7 +197,21 @@ class Agent:
         pid = xdp_prog_ids().get(ifname)
         if pid and prog_name(pid).startswith(loader.XDP_PROG[:15]):
             loader.Datapath.detach(ifname)
+            loader.Datapath.detach_tc(ifname)
             log.info("detached XDP from %s (no longer in policy)", ifname)
+
+    def _set_l7_ready(self, ready: bool) -> None:
+        """ctl flag L7_READY: steer L7 flows (a verifier listens) or drop them, counted."""
+        with self.lock:
+            if ready:
+                self.dp.set_ctl_flags(set_bits=abi.CTL_L7_READY)
+            else:
+                self.dp.set_ctl_flags(clear_bits=abi.CTL_L7_READY)
+
+    def stop(self) -> None:
+        """Agent exit: stop the verifier; L7 flows are dropped (counted) until the next agent."""
+        if self.verifier:
+            self.verifier.stop()
 
     # ---------------------------------------------------------------- apply
     def apply(self, bundle: Bundle) -> int:
@@ -146,14 +226,28 @@ class Agent:
                         mode = self.dp.attach(ifname, self.xdp_mode)
                         newly.append(ifname)
                         self.interfaces[ifname] = {"ifindex": ifindexes[ifname], "mode": mode}
+                    self.dp.attach_tc(ifname)  # idempotent: also re-takes interfaces of a previous agent
                 # Plumbing before the flip: if it fails, nothing has switched yet.
-                self.plumbing.apply(bundle, ifindexes)
+                self.plumbing.apply(bundle, ifindexes, self.verifier.port if self.verifier else None)
                 generation = self.dp.active_generation() + 1
+                # The verifier compiles the L7 rules (and loads key files) before the kernel switches.
+                if self.verifier:
+                    from .verifier.supervisor import VerifierRefused
+
+                    try:
+                        self.verifier.prepare(bundle.pack(), generation)
+                    except VerifierRefused:
+                        raise
+                    except Exception as e:  # down: apply anyway, L7 flows fail closed until it is back
+                        log.error("L7 verifier unavailable (%s): L7 flows are dropped until it is back", e)
                 result = self.dp.apply(bundle, ifindexes, generation)
             except Exception:
                 # The old slot is still active: put back what this attempt changed.
+                if self.verifier:
+                    self.verifier.abort()
                 for ifname in newly:
                     loader.Datapath.detach(ifname)
+                    loader.Datapath.detach_tc(ifname)
                     self.interfaces.pop(ifname, None)
                 if self.bundle is not None:
                     try:
@@ -161,9 +255,16 @@ class Agent:
                     except Exception as e:
                         log.error("restoring the previous gateway plumbing failed: %s", e)
                 raise
+            if self.verifier:
+                try:
+                    self.verifier.commit(generation)
+                    self.dp.set_ctl_flags(set_bits=abi.CTL_L7_READY)
+                except Exception as e:  # the kernel switched: L7 flows fail closed until it recovers
+                    log.error("verifier did not take generation %d: %s", generation, e)
             for ifname in list(self.interfaces):
                 if ifname not in ifindexes:
                     loader.Datapath.detach(ifname)
+                    loader.Datapath.detach_tc(ifname)
                     del self.interfaces[ifname]
             for ifname, info in self.interfaces.items():
                 info["segment"] = seg_of[ifname]
@@ -205,7 +306,15 @@ class Agent:
             "counters": self.dp.counters(),
             "events": self.dp.events(),
             "flows": self.dp.flow_count(),
+            "verifier": self.verifier_status(),
         }
+
+    def verifier_status(self) -> dict:
+        if not self.verifier:
+            return {"running": False}
+        st = {"running": True, **self.verifier.status()}
+        st["requests"] = self.l7.totals()
+        return st
 
     def flows(self, limit: int = 1000) -> list[dict]:
         """Current flow-table entries with names, most recent first."""
@@ -281,6 +390,9 @@ class Agent:
             return {"ok": True, "status": self.status()}
         if op == "flows":
             return {"ok": True, "flows": self.flows(int(req.get("limit", 1000)))}
+        if op == "requests":
+            seq, recs = self.l7.since(int(req.get("after", 0)), int(req.get("limit", 1000)))
+            return {"ok": True, "seq": seq, "requests": recs}
         if op == "apply":
             try:
                 bundle = Bundle.unpack(req["bundle"])
@@ -316,7 +428,10 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
         probe.require(log)  # logs missing kernel features; raises naming a required one
         gen = agent.start(bundle)
         server.start()
-    except (AgentError, loader.DatapathError, control.ControlError) as e:
+    except Exception as e:  # noqa: BLE001 -- any start failure: say why, exit 1, leave no child behind
+        agent.stop()
+        if not isinstance(e, (AgentError, loader.DatapathError, control.ControlError)):
+            log.exception("agent start failed")
         log.error("%s", e)
         return 1
     if metrics_addr:
@@ -335,5 +450,6 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
             pass
     finally:
         server.stop()
+        agent.stop()
     log.info("agent exiting; XDP stays attached and enforcing (use `bulkhead down` to remove)")
     return 0

@@ -27,6 +27,7 @@ from .topology import (
     AgentRunner,
     Probe,
     Topology,
+    failed_probe,
     reap_stale,
 )
 
@@ -61,6 +62,67 @@ CHECKS = [
     Check("dev", "laptops", "catalog", CATALOG_V4, None, "refused", "rule laptops-to-catalog: reject (ICMP)"),
     Check("dev", "laptops", "payments", PAYMENTS_V4, 8443, "timeout", "rule laptops-to-payments: deny (drop)"),
 ]
+
+
+@dataclasses.dataclass
+class HttpCheck:
+    segment: str
+    app: str
+    method: str
+    path: str
+    expect: str  # "200", "403", or a probe result (refused / timeout)
+    why: str
+
+
+HTTP_PORT = 8081
+HTTP_CHECKS = [
+    HttpCheck("prod", "web", "GET", "/items/42", "200", "rule web-reads-catalog-api: GET /items/* allowed"),
+    HttpCheck("prod", "web", "DELETE", "/items/42", "403", "rule web-reads-catalog-api: only GET/HEAD"),
+    HttpCheck("prod", "web", "GET", "/admin/../items/7", "200", "normalized to /items/7 before matching"),
+    HttpCheck("prod", "web", "GET", "/%61dmin", "403", "normalized to /admin: not under /items"),
+    HttpCheck("dev", "laptops", "GET", "/items/42", "refused", "rule laptops-to-catalog: reject (TCP RST)"),
+]
+
+
+def http_probe(topo: Topology, c: HttpCheck) -> tuple[str, str]:
+    """(result, detail): the HTTP status, or refused/timeout/error."""
+    s = topo.socket(c.segment)
+    s.settimeout(TIMEOUT_S)
+    try:
+        s.connect((CATALOG_V4, HTTP_PORT))
+        s.sendall(f"{c.method} {c.path} HTTP/1.1\r\nHost: catalog\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1].decode() if head.startswith(b"HTTP/") else "?"
+        return status, body.decode(errors="replace").strip().splitlines()[0] if body.strip() else ""
+    except OSError as e:
+        p = failed_probe(e)
+        return p.result, p.detail
+    finally:
+        s.close()
+
+
+def print_http(topo: Topology) -> int:
+    print(f"\nHTTP to catalog {CATALOG_V4}:{HTTP_PORT}, decided per request by the L7 verifier:")
+    rows = [("FROM", "REQUEST", "RESULT", "EXPECTED", "MATCH", "WHY")]
+    bad = 0
+    for c in HTTP_CHECKS:
+        result, detail = http_probe(topo, c)
+        ok = result == c.expect
+        bad += not ok
+        rows.append((f"{c.segment}/{c.app}", f"{c.method} {c.path}", f"{result} {detail}".strip()[:60],
+                     c.expect, "ok" if ok else "MISMATCH", c.why))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(col.ljust(w) for col, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    return bad
 
 
 def describe(p: Probe, is_ping: bool) -> str:
@@ -138,7 +200,7 @@ def main() -> int:
         t0 = time.monotonic()
         print(f"building namespaces {topo.prefix}-{{gw,prod,dev,core}} ...", flush=True)
         topo.create()
-        topo.start_core_servers(payments_ports=(8443,), catalog_ports=(8080,))
+        topo.start_core_servers(payments_ports=(8443,), catalog_ports=(8080,), catalog_http_ports=(HTTP_PORT,))
         print(f"starting the agent with {POLICY.relative_to(POLICY.parents[1])} (compiles the XDP program) ...",
               flush=True)
         gen = agent.start(POLICY)
@@ -146,6 +208,7 @@ def main() -> int:
         print(f"prod and dev clients both have address {CLIENT_V4} (and fd00:1::10): "
               "segments tell them apart.\n")
         bad = print_table(run_checks(topo))
+        bad += print_http(topo)
         print_counters(agent)
         print_plumbing(topo)
         if bad:

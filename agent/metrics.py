@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 log = logging.getLogger("bulkhead.metrics")
 
@@ -43,6 +43,34 @@ class DatapathCollector:
         dur.add_metric([], float(self.agent.last_apply.get("seconds") or 0.0))
         errors.add_metric([], self.errors)
         yield from (pkts, byts, ev, gen, dur, errors)
+        yield from self.verifier_metrics()
+
+    def verifier_metrics(self):
+        """The L7 verifier's requests and latency, from the records the agent aggregates."""
+        l7 = getattr(self.agent, "l7", None)
+        if l7 is None:
+            return
+        up = GaugeMetricFamily("bulkhead_verifier_up", "1 while the L7 verifier process runs")
+        restarts = CounterMetricFamily("bulkhead_verifier_restarts", "Times the agent restarted the verifier")
+        sup = getattr(self.agent, "verifier", None)
+        running = bool(sup and sup.proc and sup.proc.poll() is None)
+        up.add_metric([], 1 if running else 0)
+        restarts.add_metric([], sup.restarts if sup else 0)
+        reqs = CounterMetricFamily("bulkhead_l7_requests", "HTTP requests decided by the verifier",
+                                   labels=["verdict", "rule", "src_app", "dst_app", "status"])
+        conns = CounterMetricFamily("bulkhead_l7_connections", "Verifier connection events", labels=["event"])
+        hist = HistogramMetricFamily("bulkhead_l7_request_seconds",
+                                     "Verifier latency split: decision, upstream connect, upstream time to "
+                                     "first byte, total", labels=["phase", "src_app", "dst_app"])
+        with l7.lock:
+            for key, n in l7.requests.items():
+                reqs.add_metric(list(key), n)
+            for event, n in l7.connections.items():
+                conns.add_metric([event], n)
+            for (phase, src, dst), h in l7.latency.items():
+                buckets = [(str(b), h[i]) for i, b in enumerate(l7.BUCKETS)] + [("+Inf", h[-2])]
+                hist.add_metric([phase.removesuffix("_s"), src, dst], buckets, h[-1])
+        yield from (up, restarts, reqs, conns, hist)
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

@@ -31,6 +31,19 @@ Table ids equal the mark value, so `ip rule` and `ip route show table` read
 alike. A miss in a segment table (a destination the segment has no route to)
 falls through to the main table.
 
+L7 steering (when the agent runs the verifier, apply(verifier_port=P)):
+  XDP marks the packets of L7 flows (BH_MARK_L7 | segment, copied into
+  skb->mark by bulkhead_tc) and the replies to the verifier's upstream
+  connections. In the same nft table:
+    prerouting: meta mark & 0xff000000 == MARK_L7, tcp  ->  tproxy to :P
+      (an established socket of the 4-tuple first -- the verifier's upstream
+      connections -- else the verifier's listener on port P)
+  ip rule (v4 and v6), priority L7_RULE_PRIORITY:
+      fwmark MARK_L7/0xff000000 lookup table L7_TABLE
+  table L7_TABLE: local 0.0.0.0/0 dev lo, local ::/0 dev lo (deliver locally)
+  The verifier's upstream sockets carry the destination segment's mark
+  (SO_MARK), so they leave through that segment's table.
+
 Ownership: everything is named after the instance (loader.instance_name) or
 tagged with RT_PROTO (rules and routes), and what apply() changed is recorded
 in RECORD_DIR/<netns cookie>-<instance>.json, so remove() undoes exactly that,
@@ -62,6 +75,11 @@ MARK_BASE = 0x0B000000  # "bulkhead" in the top byte of skb->mark / ct mark
 MARK_MASK = 0xFF00FFFF  # bits compared by our ip rules; 0x00ff0000 belongs to others
 MARK_KEEP = 0x00FF0000  # bits every write of ours preserves
 RULE_PRIORITY = 20000  # our ip rules; 20000-20099 reserved for bulkhead
+MARK_L7 = 0x0C000000  # bpf/include/consts.h BH_MARK_L7 (| segment id): steer to the verifier
+MARK_L7_MASK = 0xFF000000
+L7_TABLE = MARK_L7  # local delivery of steered packets
+L7_RULE_PRIORITY = RULE_PRIORITY + 1
+RTN_LOCAL = 2
 RT_PROTO = 176  # routes and rules we create (unassigned in /etc/iproute2/rt_protos)
 TABLE_PREFIX = "bulkhead_"
 RECORD_DIR = Path(os.environ.get("BULKHEAD_PLUMBING_DIR", "/run/bulkhead-plumbing"))
@@ -158,7 +176,8 @@ def _nft_delete_table(name: str) -> None:
     _nft(f"table inet {name}\ndelete table inet {name}\n")
 
 
-def ruleset(table: str, instance: str, segments: list[tuple[int, list[str]]]) -> str:
+def ruleset(table: str, instance: str, segments: list[tuple[int, list[str]]],
+            verifier_port: int | None = None) -> str:
     """The nft script that (re)creates our table atomically. segments: (id, [ifname])."""
     lines = [f"table inet {table}", f"delete table inet {table}", f"table inet {table} {{"]
     lines.append(f'  comment "bulkhead gateway plumbing, instance {instance}"')
@@ -181,6 +200,10 @@ def ruleset(table: str, instance: str, segments: list[tuple[int, list[str]]]) ->
         lines.append(f"    ct direction original iifname vmap {{ {', '.join(ingress)} }}")
     if replies:
         lines.append(reply_rule)
+    if verifier_port:
+        steer = f"meta mark and {MARK_L7_MASK:#010x} == {MARK_L7:#010x} meta l4proto tcp"
+        lines += [f"    meta nfproto ipv4 {steer} tproxy ip to :{int(verifier_port)}",
+                  f"    meta nfproto ipv6 {steer} tproxy ip6 to :{int(verifier_port)}"]
     lines += ["  }", "  chain output {", "    type route hook output priority mangle; policy accept;"]
     if replies:
         lines.append(reply_rule)
@@ -347,6 +370,29 @@ def sync_table(ipr, table: int, oifs: set[int]) -> int:
 def flush_table(ipr, table: int) -> None:
     for spec in _routes_in(ipr, table):
         _del_route(ipr, spec)
+    for fam, dst_len in _local_routes(ipr, table):
+        _set_local_route(ipr, table, fam, dst_len, add=False)
+
+
+def _local_routes(ipr, table: int) -> set[tuple[int, int]]:
+    """(family, dst_len) of our `local` routes in `table` (the L7 table holds default ones)."""
+    out = set()
+    for fam in _families():
+        for msg in ipr.get_routes(family=fam, table=table):
+            if (_attr(msg, "RTA_TABLE", msg.get("table")) == table and msg.get("proto") == RT_PROTO
+                    and msg.get("type") == RTN_LOCAL):
+                out.add((fam, msg["dst_len"]))
+    return out
+
+
+def _set_local_route(ipr, table: int, fam: int, dst_len: int, add: bool) -> None:
+    dst = "0.0.0.0" if fam == socket.AF_INET else "::"
+    try:
+        ipr.route("add" if add else "del", family=fam, dst=dst, dst_len=dst_len, table=table,
+                  type=RTN_LOCAL, proto=RT_PROTO, scope=254, oif=socket.if_nametoindex("lo"))
+    except Exception as e:
+        if getattr(e, "code", None) not in ((errno.EEXIST,) if add else (errno.ESRCH, errno.ENOENT)):
+            raise
 
 
 def _all_our_tables(ipr) -> set[int]:
@@ -393,8 +439,9 @@ class Plumbing:
         self.record_path = RECORD_DIR / f"{netns_cookie()}-{instance}.json"
 
     # ---------------------------------------------------------------- apply
-    def apply(self, bundle, ifindexes: dict[str, int]) -> None:
-        """Make the plumbing match `bundle`'s segments. Idempotent."""
+    def apply(self, bundle, ifindexes: dict[str, int], verifier_port: int | None = None) -> None:
+        """Make the plumbing match `bundle`'s segments (and steer to a verifier on
+        `verifier_port`, if given). Idempotent."""
         segments = []  # (segment id, [ifname], {ifindex})
         for seg in bundle.segments:
             names = [n for n in seg["interfaces"] if n in ifindexes]
@@ -434,7 +481,10 @@ class Plumbing:
         # 2. Routing: tables and rules before the marks that use them.
         want_tables = {segment_mark(sid): oifs for sid, _, oifs in segments}
         want_rules = {(fam, RULE_PRIORITY, t, MARK_MASK, t) for t in want_tables for fam in _families()}
-        rec["tables"] = sorted(set(rec["tables"]) | set(want_tables))
+        l7_tables = {L7_TABLE} if verifier_port else set()
+        want_rules |= {(fam, L7_RULE_PRIORITY, MARK_L7, MARK_L7_MASK, L7_TABLE)
+                       for _ in l7_tables for fam in _families()}
+        rec["tables"] = sorted(set(rec["tables"]) | set(want_tables) | l7_tables)
         rec["rules"] = sorted({tuple(r) for r in rec["rules"]} | want_rules)
         _save(self.record_path, rec)
         with _ipr() as ipr:
@@ -442,18 +492,23 @@ class Plumbing:
                 n = sync_table(ipr, table, oifs)
                 if n:
                     log.info("table %#x: %d route(s) synced from main", table, n)
+            for table in l7_tables:
+                have_local = _local_routes(ipr, table)
+                for fam in _families():
+                    if (fam, 0) not in have_local:
+                        _set_local_route(ipr, table, fam, 0, add=True)
             have = our_rules(ipr)
             for key in sorted(want_rules - have):
                 _add_rule(ipr, key)
             for key in sorted(r for r in have if r not in want_rules and r[4] in set(rec["tables"])):
                 _del_rule(ipr, key)
-            for table in sorted(set(rec["tables"]) - set(want_tables)):
+            for table in sorted(set(rec["tables"]) - set(want_tables) - l7_tables):
                 flush_table(ipr, table)
-        rec["tables"] = sorted(want_tables)
+        rec["tables"] = sorted(set(want_tables) | l7_tables)
         rec["rules"] = sorted(want_rules)
 
         # 3. Marks: one atomic nft transaction replaces the whole table.
-        _nft(ruleset(self.table, self.instance, [(sid, names) for sid, names, _ in segments]))
+        _nft(ruleset(self.table, self.instance, [(sid, names) for sid, names, _ in segments], verifier_port))
         _save(self.record_path, rec)
         log.info("plumbing: %d segment(s), nft table inet %s", len(segments), self.table)
 

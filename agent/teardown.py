@@ -55,6 +55,14 @@ def down(state_dir: str) -> dict:
         if ours:
             loader.Datapath.detach(ifname)
             actions.append(f"detached XDP from {ifname}")
+    # The TC steering filter (bulkhead_tc, our preference on clsact ingress).
+    for ifname in sorted(recorded | {n for n, pid in attached.items()}):
+        try:
+            if loader.Datapath.tc_attached(ifname):
+                loader.Datapath.detach_tc(ifname)
+                actions.append(f"detached TC steering from {ifname}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"detaching TC from {ifname}: {e}")
 
     try:
         from .plumbing import Plumbing, remove_all

@@ -373,13 +373,16 @@ class Topology:
         return Probe("timeout", seconds=secs, detail=out[-1] if out else "")
 
     # -------------------------------------------------------------- servers
-    def serve(self, ns: str, name: str, tcp: list[str] = (), udp: list[str] = ()) -> subprocess.Popen:
-        """Start a greeting/echo server in `ns` and wait until it listens."""
+    def serve(self, ns: str, name: str, tcp: list[str] = (), udp: list[str] = (),
+              http: list[str] = ()) -> subprocess.Popen:
+        """Start a greeting/echo server (and HTTP origin) in `ns` and wait until it listens."""
         argv = [sys.executable, "-m", "agent.topology", "serve", name]
         for a in tcp:
             argv += ["--tcp", a]
         for a in udp:
             argv += ["--udp", a]
+        for a in http:
+            argv += ["--http", a]
         p = self.spawn(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
         line = p.stdout.readline()
@@ -388,13 +391,17 @@ class Topology:
             raise RuntimeError(f"server {name} did not start: {line!r} {p.stderr.read()[-2000:]}")
         return p
 
-    def start_core_servers(self, payments_ports=(8443,), catalog_ports=(8080,), udp_port=5353) -> None:
-        """payments on 198.19.0.10/fd00:19::10, catalog on .20/::20: TCP ports + UDP echo."""
-        for name, (v4, v6), ports in (("payments", (PAYMENTS_V4, PAYMENTS_V6), payments_ports),
-                                      ("catalog", (CATALOG_V4, CATALOG_V6), catalog_ports)):
+    def start_core_servers(self, payments_ports=(8443,), catalog_ports=(8080,), udp_port=5353,
+                           catalog_http_ports=()) -> None:
+        """payments on 198.19.0.10/fd00:19::10, catalog on .20/::20: TCP ports + UDP echo
+        (+ catalog_http_ports: a minimal HTTP origin)."""
+        for name, (v4, v6), ports, http in (
+                ("payments", (PAYMENTS_V4, PAYMENTS_V6), payments_ports, ()),
+                ("catalog", (CATALOG_V4, CATALOG_V6), catalog_ports, catalog_http_ports)):
             self.serve("core", name,
                        tcp=[f"{v4}:{p}" for p in ports] + [f"[{v6}]:{p}" for p in ports],
-                       udp=[f"{v4}:{udp_port}", f"[{v6}]:{udp_port}"])
+                       udp=[f"{v4}:{udp_port}", f"[{v6}]:{udp_port}"],
+                       http=[f"{v4}:{p}" for p in http] + [f"[{v6}]:{p}" for p in http])
 
 
 def bulkhead_argv() -> list[str]:
@@ -549,16 +556,51 @@ def _parse_addr(text: str) -> tuple[int, tuple]:
     return fam, (host, int(port))
 
 
-def _serve(name: str, tcp: list[str], udp: list[str]) -> None:
+def _http_conn(name: str, c: socket.socket, peer) -> None:
+    """A minimal HTTP/1.1 origin: answers every request (keep-alive) with one text line."""
+    buf = b""
+    with c:
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = c.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                    if len(buf) > 65536:
+                        return
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target = (lines[0].split() + ["?", "?"])[:2]
+                length = 0
+                for ln in lines[1:]:
+                    k, _, v = ln.partition(":")
+                    if k.strip().lower() == "content-length" and v.strip().isdigit():
+                        length = int(v.strip())
+                while len(buf) < length:
+                    data = c.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                buf = buf[length:]
+                body = f"{name}: {method} {target} from {peer[0]}\n".encode()
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(body), body if method != "HEAD" else b""))
+        except OSError:
+            return
+
+
+def _serve(name: str, tcp: list[str], udp: list[str], http: list[str] = ()) -> None:
     greeting = f"hello from {name}\n".encode()
     sel = selectors.DefaultSelector()
-    for spec in tcp:
-        fam, addr = _parse_addr(spec)
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(addr)
-        s.listen(128)
-        sel.register(s, selectors.EVENT_READ, "accept")
+    for kind, specs in (("accept", tcp), ("http", http)):
+        for spec in specs:
+            fam, addr = _parse_addr(spec)
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+            s.listen(128)
+            sel.register(s, selectors.EVENT_READ, kind)
     for spec in udp:
         fam, addr = _parse_addr(spec)
         s = socket.socket(fam, socket.SOCK_DGRAM)
@@ -582,12 +624,15 @@ def _serve(name: str, tcp: list[str], udp: list[str]) -> None:
     while True:
         for key, _ in sel.select():
             s = key.fileobj
-            if key.data == "accept":
+            if key.data in ("accept", "http"):
                 try:
-                    c, _ = s.accept()
+                    c, peer = s.accept()
                 except OSError:
                     continue
-                threading.Thread(target=conn, args=(c,), daemon=True).start()
+                if key.data == "http":
+                    threading.Thread(target=_http_conn, args=(name, c, peer), daemon=True).start()
+                else:
+                    threading.Thread(target=conn, args=(c,), daemon=True).start()
             else:
                 try:
                     data, peer = s.recvfrom(65536)
@@ -603,10 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("name")
     sp.add_argument("--tcp", action="append", default=[], metavar="ADDR:PORT")
     sp.add_argument("--udp", action="append", default=[], metavar="ADDR:PORT")
+    sp.add_argument("--http", action="append", default=[], metavar="ADDR:PORT",
+                    help="a minimal HTTP/1.1 origin answering each request with one line")
     sub.add_parser("reap", help="delete namespaces of crashed topologies")
     a = ap.parse_args(argv)
     if a.cmd == "serve":
-        _serve(a.name, a.tcp, a.udp)
+        _serve(a.name, a.tcp, a.udp, a.http)
     else:
         for n in reap_stale():
             print(f"deleted netns {n}")

@@ -16,6 +16,8 @@
  * Map accesses live in this file because bcc only rewrites map calls in the
  * main source file; headers hold pure parsing and packet building.
  */
+#include <linux/pkt_cls.h>
+
 #include "consts.h"
 #include "enums.h"
 #include "types.h"
@@ -60,6 +62,8 @@ static __always_inline int bh_reason_xdp(__u8 reason)
 	case BH_R_AUDIT_DEFAULT:
 	case BH_R_SNI_PENDING:
 	case BH_R_SNI_UNKNOWN_ALLOW:
+	case BH_R_L7_STEER:
+	case BH_R_L7_UPSTREAM:
 		return XDP_PASS;
 	case BH_R_REJECT_RULE:
 		return XDP_TX;
@@ -297,8 +301,13 @@ static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cf
 			reason = (flags & BH_ACTF_AUDIT) ? BH_R_AUDIT_RULE : BH_R_SNI_UNKNOWN;
 		break;
 	case BH_ACT_L7:
-		/* No handler in this build: a punt is never an implicit allow. */
-		reason = (flags & BH_ACTF_AUDIT) ? BH_R_AUDIT_RULE : BH_R_PUNT_NO_HANDLER;
+		/*
+		 * Decided per request by the userspace verifier, which speaks TCP
+		 * (HTTP) only. Steered also in audit mode: the verifier forwards
+		 * every request then, and logs what it would deny. Whether a
+		 * verifier listens is checked per packet (bh_steer), not cached.
+		 */
+		reason = proto == IPPROTO_TCP ? BH_R_L7_STEER : BH_R_PUNT_NO_HANDLER;
 		break;
 	default: /* BH_ACT_DENY, or a corrupt entry: fail closed */
 		if (flags & BH_ACTF_AUDIT)
@@ -387,6 +396,13 @@ static __always_inline void bh_remember_fragment(const struct bh_pkt *p, __u32 s
 
 	bh_frag_key(p, seg, &k);
 	v.last_seen_ns = now;
+	/*
+	 * A steered flow's later fragments can't carry the mark (they have no
+	 * flow entry to find): the datagram is punted whole or not at all, so
+	 * they are dropped, counted as a punt without handler.
+	 */
+	if (reason == BH_R_L7_STEER || reason == BH_R_L7_UPSTREAM)
+		reason = BH_R_PUNT_NO_HANDLER;
 	v.reason = reason;
 	v.xdp_action = bh_reason_xdp(reason) == XDP_PASS ? XDP_PASS : XDP_DROP;
 	if (frags.update(&k, &v))
@@ -459,12 +475,36 @@ static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pk
 	return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
 }
 
-/* Apply a verdict: pass, drop, or hand the packet to bulkhead_reject. */
+/*
+ * Pass a packet of an L7 flow with the mark that steers it to the verifier
+ * (nftables TPROXY on BH_MARK_L7, see agent/plumbing.py). XDP can't set
+ * skb->mark: the mark travels as packet metadata, and bulkhead_tc (TC
+ * ingress) copies it. No verifier, or a driver without XDP metadata: the
+ * packet is dropped, counted; a punt is never an implicit allow.
+ */
+static __always_inline int bh_steer(struct xdp_md *ctx, __u8 reason, __u32 seg, __u32 ctl_flags, __u64 len)
+{
+	if (!(ctl_flags & BH_CTL_L7_READY))
+		return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
+		return bh_record(BH_R_L7_NO_META, XDP_DROP, len);
+	void *data = (void *)(long)ctx->data;
+	struct bh_meta *m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 1) > data)
+		return bh_record(BH_R_L7_NO_META, XDP_DROP, len);
+	m->magic = BH_META_MAGIC;
+	m->mark = BH_MARK_L7 | (seg & 0xffff);
+	return bh_record(reason, XDP_PASS, len);
+}
+
+/* Apply a verdict: pass, drop, steer to the verifier, or hand the packet to bulkhead_reject. */
 static __always_inline int bh_apply(struct xdp_md *ctx, const struct bh_pkt *p, __u8 reason, int is_reply,
-				    __u64 len)
+				    __u64 len, __u32 seg, __u32 ctl_flags)
 {
 	int code = bh_reason_xdp(reason);
 
+	if (reason == BH_R_L7_STEER || reason == BH_R_L7_UPSTREAM)
+		return bh_steer(ctx, reason, seg, ctl_flags, len);
 	if (code != XDP_TX)
 		return bh_record(reason, code, len);
 	/* Replies of a flow now rejected are only dropped: the client is not waiting on us. */
@@ -526,7 +566,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			bh_pkt_addrs16(&p);
 			bh_remember_fragment(&p, seg, now, f->reason);
 		}
-		return bh_apply(ctx, &p, f->reason, f->flags & BH_FLOWF_REPLY, len);
+		return bh_apply(ctx, &p, f->reason, f->flags & BH_FLOWF_REPLY, len, seg, ctl_flags);
 	}
 
 	/* Slow path from here: classification and fragment keys need 16-byte addresses. */
@@ -543,7 +583,9 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			    bh_has_ports(p.proto) ? p.sport_be : 0, &v);
 		is_reply = 1;
 		if (bh_reason_xdp(v.reason) == XDP_PASS && v.reason != BH_R_SNI_PENDING) {
-			v.reason = BH_R_ALLOW_REPLY;
+			/* The reply side of a verifier's upstream connection stays steered to it. */
+			int upstream = f->reason == BH_R_L7_UPSTREAM && v.reason == BH_R_L7_STEER;
+			v.reason = upstream ? BH_R_L7_UPSTREAM : BH_R_ALLOW_REPLY;
 			v.action = BH_ACT_ALLOW;
 		}
 		v.flags |= BH_FLOWF_REPLY;
@@ -617,7 +659,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 
 	if (p.frag == BH_FRAG_FIRST)
 		bh_remember_fragment(&p, seg, now, v.reason);
-	return bh_apply(ctx, &p, v.reason, is_reply, len);
+	return bh_apply(ctx, &p, v.reason, is_reply, len, seg, ctl_flags);
 }
 
 /*
@@ -917,6 +959,23 @@ int bulkhead_reset_onward(struct xdp_md *ctx)
 		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
 	bh_event(BH_EV_RESET_ONWARD);
 	return bh_record(BH_R_REJECT_RULE, XDP_PASS, len);
+}
+
+/*
+ * TC ingress on every segment interface: copy the steering mark XDP left in
+ * the metadata (bh_steer) into skb->mark, before netfilter sees the packet.
+ * Packets without bulkhead metadata pass untouched.
+ */
+int bulkhead_tc(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	struct bh_meta *m = (void *)(long)skb->data_meta;
+
+	if ((void *)(m + 1) > data)
+		return TC_ACT_OK;
+	if (m->magic == BH_META_MAGIC)
+		skb->mark = (skb->mark & BH_MARK_KEEP) | m->mark;
+	return TC_ACT_OK;
 }
 
 /* Reference program for benchmarks: the cost of XDP itself. */

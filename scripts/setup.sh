@@ -27,6 +27,8 @@
 #   BULKHEAD_SETUP_KERNEL_RELEASE=X   act for kernel release X instead of `uname -r`
 #                                     (only for testing the headers fallback)
 #   BULKHEAD_SETUP_FORCE=1            reinstall the Python packages even if the stamp matches
+#   BULKHEAD_SETUP_BENCH=1            also install the benchmarks' packages (BENCH below: haproxy,
+#                                     wrk); `make bench` sets it, `make setup`/`make test` don't
 
 set -euo pipefail
 
@@ -35,6 +37,7 @@ VENV="$REPO_ROOT/.venv"
 STAMP="$VENV/.setup-stamp"
 SYSTEM_PYTHON=/usr/bin/python3   # the only interpreter the distribution's bcc bindings load in
 DRY_RUN="${BULKHEAD_SETUP_DRY_RUN:-0}"
+WANT_BENCH="${BULKHEAD_SETUP_BENCH:-0}"
 KVER="${BULKHEAD_SETUP_KERNEL_RELEASE:-$(uname -r)}"
 
 export DEBIAN_FRONTEND=noninteractive
@@ -141,8 +144,14 @@ elif installed libbpf0 && ! installed libbpf1; then
 fi
 USEFUL+=("$LIBBPF_PKG")
 
+# Bench-only (BULKHEAD_SETUP_BENCH=1, i.e. `make bench`): the L7 verifier benchmark compares
+# the verifier with HAProxy, loaded by wrk (benchmarks/test_verifier_http.py). A missing one
+# is reported, not fatal: that benchmark then skips with the reason.
+BENCH=(haproxy wrk)
+[[ "$WANT_BENCH" == 1 ]] || BENCH=()
+
 missing=()
-for p in "${ESSENTIAL[@]}" "${USEFUL[@]}"; do
+for p in "${ESSENTIAL[@]}" "${USEFUL[@]}" "${BENCH[@]}"; do
     installed "$p" || missing+=("$p")
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -233,6 +242,9 @@ if [[ "$DRY_RUN" != 1 ]]; then
     [[ ${#fatal[@]} -eq 0 ]] || die "essential packages missing: ${fatal[*]} (check the apt sources; Ubuntu needs 'universe' for python3-bpfcc)"
     for p in "${USEFUL[@]}"; do
         installed "$p" || warn "package $p is not installed; some tests or the demo may fail"
+    done
+    for p in "${BENCH[@]}"; do
+        installed "$p" || warn "package $p is not installed; the benchmarks that need it will skip"
     done
     [[ -d "$MODDIR/build" ]] || die "kernel headers missing: $MODDIR/build does not exist"
 fi

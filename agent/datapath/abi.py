@@ -55,6 +55,9 @@ class Reason(enum.IntEnum):
     SNI_UNKNOWN = 27
     SNI_UNKNOWN_ALLOW = 28
     SNI_OUT_OF_ORDER = 29
+    L7_STEER = 30
+    L7_UPSTREAM = 31
+    L7_NO_META = 32
 
 
 class Event(enum.IntEnum):
@@ -105,6 +108,9 @@ REASON_VERDICT = {
     Reason.SNI_UNKNOWN: DROP,
     Reason.SNI_UNKNOWN_ALLOW: PASS,
     Reason.SNI_OUT_OF_ORDER: DROP,
+    Reason.L7_STEER: PASS,
+    Reason.L7_UPSTREAM: PASS,
+    Reason.L7_NO_META: DROP,
 }
 
 # consts.h
@@ -127,6 +133,9 @@ SLOTF_DST_LPM = 0x4
 SLOTF_POL_LPM = 0x8
 SLOTF_SNI_ANY = 0x10
 APP_ANY = 0xFFFFFFFF
+META_MAGIC = 0xB4E7A11D
+MARK_L7 = 0x0C000000
+MARK_KEEP = 0x00FF0000
 TLS_EXTS_PER_CALL = 32
 TLS_NAME_PER_CALL = 64
 TLS_WHOLE_EXTS = 32
@@ -155,6 +164,10 @@ DEFAULT_SIZES = {
 }
 
 u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
+
+
+class Meta(C.Structure):
+    _fields_ = [("magic", u32), ("mark", u32)]
 
 
 class Ctl(C.Structure):
@@ -318,6 +331,7 @@ class Counter(C.Structure):
 
 # C struct name -> mirror, for the drift test.
 STRUCTS = {
+    "bh_meta": Meta,
     "bh_ctl": Ctl,
     "bh_slot_cfg": SlotCfg,
     "bh_seg_val": SegVal,

@@ -39,6 +39,9 @@ RESET_ONWARD_PROG = "bulkhead_reset_onward"
 # enum bh_tail slot -> the program the loader puts there
 TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RESET_ONWARD: RESET_ONWARD_PROG}
 EMPTY_PROG = "bulkhead_empty"
+TC_PROG = "bulkhead_tc"  # clsact ingress: copies XDP's steering mark into skb->mark
+# Our filter's preference on clsact ingress: lets us replace and delete exactly ours.
+TC_PREF = 0xB0C
 
 # linux/bpf.h map types
 MAP_HASH, MAP_ARRAY, MAP_PROG_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 2, 3, 6, 9, 11
@@ -167,12 +170,13 @@ class Datapath:
             self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(), cflags=cflags(build_dir / "maps", self.sizes))
             for name in (XDP_PROG, *TAIL_PROGS.values(), EMPTY_PROG):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
+            self.fns[TC_PROG] = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)
             log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)
             tails = self.bpf.get_table(b"tails")
             for slot, prog in TAIL_PROGS.items():
                 tails[C.c_int(slot)] = C.c_int(self.fns[prog].fd)
             # Pin programs: to a temp name, then rename over the old pin (atomic).
-            for name in (XDP_PROG, *TAIL_PROGS.values()):
+            for name in (XDP_PROG, *TAIL_PROGS.values(), TC_PROG):
                 tmp = build_dir / f"new-{name}"
                 if tmp.exists():
                     tmp.unlink()
@@ -219,6 +223,41 @@ class Datapath:
                 BPF.remove_xdp(ifname, flags)
             except Exception:
                 pass
+
+    def attach_tc(self, ifname: str) -> None:
+        """Attach (or replace) bulkhead_tc on the interface's clsact ingress.
+
+        It only copies the steering mark of L7 flows (see bh_steer); packets
+        without bulkhead metadata pass untouched. A clsact qdisc is added if
+        the interface has none (and removed by detach_tc once it is empty)."""
+        qd = subprocess.run(["tc", "qdisc", "add", "dev", ifname, "clsact"], capture_output=True, text=True)
+        if qd.returncode and "File exists" not in qd.stderr and "Exclusivity" not in qd.stderr:
+            raise DatapathError(f"{ifname}: adding a clsact qdisc failed: {qd.stderr.strip()}")
+        pinned = self.pin_dir / TC_PROG
+        r = subprocess.run(["tc", "filter", "replace", "dev", ifname, "ingress", "pref", str(TC_PREF),
+                            "handle", "1", "bpf", "direct-action", "object-pinned", str(pinned)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise DatapathError(f"{ifname}: attaching {TC_PROG} on TC ingress failed: {r.stderr.strip()}")
+
+    @staticmethod
+    def detach_tc(ifname: str) -> bool:
+        """Remove our TC filter (only ours, by preference); drop clsact if nothing else uses it."""
+        r = subprocess.run(["tc", "filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF)],
+                           capture_output=True, text=True)
+        left = ""
+        for direction in ("ingress", "egress"):
+            left += subprocess.run(["tc", "filter", "show", "dev", ifname, direction],
+                                   capture_output=True, text=True).stdout.strip()
+        if not left:
+            subprocess.run(["tc", "qdisc", "del", "dev", ifname, "clsact"], capture_output=True)
+        return r.returncode == 0
+
+    @staticmethod
+    def tc_attached(ifname: str) -> bool:
+        out = subprocess.run(["tc", "filter", "show", "dev", ifname, "ingress", "pref", str(TC_PREF)],
+                             capture_output=True, text=True).stdout
+        return TC_PROG in out
 
     # -------------------------------------------------------------- policy
     def _upd(self, name: str, key, value) -> None:

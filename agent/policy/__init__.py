@@ -30,7 +30,7 @@ def load_policy(paths: list[str]) -> tuple[Bundle, list[str]]:
     Several files are merged: their segments, apps and rules lists are
     concatenated in the order given (ids follow that order); version and
     settings may appear in at most one of them. Returns the bundle and its
-    warnings (messages such as "rule X needs the L7 verifier, ..."), which
+    warnings (non-fatal messages), which
     are also in bundle.warnings.
     Raises PolicyError carrying every problem found.
     """

@@ -38,8 +38,10 @@ BUNDLE_FORMAT = 1
 class Bundle:
     settings: dict[str, str]  # default_action, mode, unknown_sni
     segments: list[dict[str, Any]]  # {"id", "name", "interfaces": [str]}
-    apps: list[dict[str, Any]]  # {"id", "name", "segment", "addresses", "ports", "hostnames"}
-    rules: list[dict[str, Any]]  # {"id", "name", "from", "to", "action", "mode", "ports", "l7": bool}
+    apps: list[dict[str, Any]]  # {"id", "name", "segment", "addresses", "ports", "hostnames", "tls": {cert, key, ca}|None}
+    # {"id", "name", "from", "to", "action", "mode", "ports", "l7": bool, "http": [entries]|None}
+    # (http entries as written, file paths made absolute: the verifier compiles them)
+    rules: list[dict[str, Any]]
     src_entries: list[tuple]
     dst_entries: list[tuple]
     policy_entries: list[tuple]

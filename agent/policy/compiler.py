@@ -135,10 +135,14 @@ def compile_policy(policy: Policy) -> Bundle:
         apps=[{"id": app_ids[a.name], "name": a.name, "segment": a.segment,
                "addresses": [str(x) for x in a.addresses],
                "ports": [str(p) for p in a.ports or []],
-               "hostnames": list(a.hostnames)}
+               "hostnames": list(a.hostnames),
+               # L7 verifier: TLS termination material (file paths, never contents)
+               "tls": ({k: v for k, v in vars(a.tls).items() if k in ("cert", "key", "ca") and v}
+                       if a.tls else None)}
               for a in policy.apps],
         rules=[{"id": i, "name": r.name, "from": r.src, "to": r.dst, "action": r.action,
-                "mode": r.mode, "ports": [str(p) for p in r.ports or []], "l7": r.l7}
+                "mode": r.mode, "ports": [str(p) for p in r.ports or []], "l7": r.l7,
+                "http": r.http}
                for i, r in enumerate(policy.rules, 1)],
         src_entries=src_entries,
         dst_entries=dst_entries,

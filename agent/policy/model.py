@@ -94,13 +94,32 @@ class Diags:
 
 
 @dataclasses.dataclass
+class HttpSettings:
+    """`settings.http`: how the L7 verifier proxies requests."""
+
+    via: bool = False  # add `Via: 1.1 bulkhead` to forwarded requests
+    x_forwarded_for: bool = False  # append the client address to X-Forwarded-For
+    max_header_bytes: int = 16384  # request line + headers; larger -> 431
+    header_timeout: float = 10  # seconds to receive a request's head
+    idle_timeout: float = 60  # seconds a client connection may sit between requests
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"via": self.via, "x_forwarded_for": self.x_forwarded_for,
+                "max_header_bytes": self.max_header_bytes, "header_timeout": self.header_timeout,
+                "idle_timeout": self.idle_timeout}
+
+
+@dataclasses.dataclass
 class Settings:
     default_action: str = "deny"  # deny | allow
     mode: str = "enforce"  # enforce | audit
     unknown_sni: str = "deny"  # deny | allow
+    http: HttpSettings = dataclasses.field(default_factory=HttpSettings)
 
-    def as_dict(self) -> dict[str, str]:
-        return {"default_action": self.default_action, "mode": self.mode, "unknown_sni": self.unknown_sni}
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values only (the bundle is msgpack)."""
+        return {"default_action": self.default_action, "mode": self.mode, "unknown_sni": self.unknown_sni,
+                "http": self.http.as_dict()}
 
 
 @dataclasses.dataclass
@@ -145,8 +164,11 @@ class Address:
 
 @dataclasses.dataclass
 class Tls:
+    """An app's TLS material for the L7 verifier: absolute file paths, never contents."""
+
     cert: str
     key: str
+    ca: Optional[str] = None  # CA bundle to verify the origin when re-encrypting; None = system store
 
 
 @dataclasses.dataclass
@@ -170,7 +192,7 @@ class Rule:
     action: str  # allow | deny | reject
     mode: str  # enforce | audit
     ports: Optional[list[PortSpec]]  # None = all
-    http: Optional[list[dict[str, Any]]]  # L7 match entries, kept as written
+    http: Optional[list[dict[str, Any]]]  # L7 match entries as written, file paths made absolute
     loc: Loc
     from_loc: Loc
     to_loc: Loc

@@ -6,8 +6,14 @@ Validation runs in two passes so that one run reports every problem:
    ports, hostnames. A malformed field is reported and left out; the rest of
    its object is still built, so later checks can use it.
 2. meaning: across all files — references between segments, apps and
-   rules, address overlaps, port intersections, and the warnings about
-   features this version does not have.
+   rules, address overlaps, port intersections, L7 rules on TLS ports.
+
+L7 `http:` lists are compiled by the verifier's own compiler
+(agent.verifier.rules.compile_rule), so validation and enforcement can never
+disagree; its errors are mapped back to the line of the offending item. Key
+files, API-key files and TLS material are loaded at validation time, and
+their paths are stored absolute (relative paths are relative to the policy
+file's directory), so the bundle is self-contained.
 
 Nothing here raises until the end: `validate_files` raises one PolicyError
 carrying every Diag, sorted by file and line.
@@ -17,22 +23,28 @@ from __future__ import annotations
 import difflib
 import heapq
 import ipaddress
+import os
 import re
+import ssl
 from typing import Any, Callable, Optional
 
 from . import ports as portlib
 from .loader import YMap, YSeq, load_yaml, type_name
-from .model import Address, App, Diags, Loc, Policy, PolicyError, Rule, Segment, Settings, Tls
+from ..verifier.rules import HTTP_KEYS, RuleErrors, compile_rule
+from ..verifier.tokens import resolve as resolve_path
+from .model import Address, App, Diags, HttpSettings, Loc, Policy, PolicyError, Rule, Segment, Settings, Tls
 
 POLICY_VERSION = 1
 
 TOP_KEYS = ("version", "settings", "segments", "apps", "rules")
-SETTINGS_KEYS = ("default_action", "mode", "unknown_sni")
+SETTINGS_KEYS = ("default_action", "mode", "unknown_sni", "http")
+HTTP_SETTINGS_KEYS = ("via", "x_forwarded_for", "max_header_bytes", "header_timeout", "idle_timeout")
+MAX_HEADER_BYTES = (1024, 1048576)
+TIMEOUT_MAX = {"header_timeout": 3600, "idle_timeout": 86400}
 SEGMENT_KEYS = ("name", "interfaces")
 APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls")
-TLS_KEYS = ("cert", "key")
+TLS_KEYS = ("cert", "key", "ca")
 RULE_KEYS = ("name", "from", "to", "action", "ports", "mode", "http")
-HTTP_KEYS = ("methods", "paths", "hosts", "headers", "tokens")
 
 SETTING_CHOICES = {
     "default_action": ("deny", "allow"),
@@ -56,10 +68,8 @@ MAX_SEGMENTS = 65535
 HOSTNAME_MAX = 253
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
-L7_WARNING = (
-    "rule {rule} needs the L7 verifier, which this version does not ship: "
-    "its traffic is dropped (counted as punt_no_handler)"
-)
+# L7 rules on these ports carry TLS: the verifier must terminate it to see requests.
+TLS_PORTS = (443, 8443)
 DST_OVERLAP_WHY = (
     "destinations are looked up by address only, so two destination apps may not share "
     "addresses, even in different segments"
@@ -104,6 +114,7 @@ class _Builder:
         self.apps: dict[str, App] = {}
         self.rules: dict[str, Rule] = {}
         self.iface_owner: dict[str, tuple[str, Loc]] = {}
+        self.tls_broken: set[str] = set()  # apps whose tls was given but invalid (already reported)
         self._app_order: Optional[dict[str, int]] = None
 
     def error(self, loc: Loc, message: str) -> None:
@@ -171,6 +182,41 @@ class _Builder:
         for key, choices in SETTING_CHOICES.items():
             value = self.choice(s, key, choices, getattr(self.settings, key), "settings")
             setattr(self.settings, key, value)
+        if "http" in s:
+            self.add_http_settings(s)
+
+    def add_http_settings(self, s: YMap) -> None:
+        h = s["http"]
+        out = self.settings.http = HttpSettings()
+        if h is None:
+            return
+        if not isinstance(h, YMap):
+            self.error(s.loc("http"), f"settings: http must be a mapping with keys "
+                                      f"{', '.join(HTTP_SETTINGS_KEYS)}, got {type_name(h)}")
+            return
+        self.check_keys(h, HTTP_SETTINGS_KEYS, "settings http")
+        for key in ("via", "x_forwarded_for"):
+            if key in h:
+                if isinstance(h[key], bool):
+                    setattr(out, key, h[key])
+                else:
+                    self.error(h.loc(key), f"settings http: {key} must be true or false, got {type_name(h[key])}")
+        if "max_header_bytes" in h:
+            v = h["max_header_bytes"]
+            lo, hi = MAX_HEADER_BYTES
+            if type(v) is int and lo <= v <= hi:
+                out.max_header_bytes = v
+            else:
+                self.error(h.loc("max_header_bytes"), f"settings http: max_header_bytes must be an integer "
+                                                      f"from {lo} to {hi}, got {type_name(v)}")
+        for key, hi in TIMEOUT_MAX.items():
+            if key in h:
+                v = h[key]
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= hi:
+                    setattr(out, key, v)
+                else:
+                    self.error(h.loc(key), f"settings http: {key} must be a number of seconds above 0 and "
+                                           f"at most {hi}, got {type_name(v)}")
 
     def choice(self, m: YMap, key: str, choices: tuple[str, ...], default: str, label: str) -> str:
         """An enumerated string value; reports and returns `default` when wrong."""
@@ -303,6 +349,8 @@ class _Builder:
             if host is not None and host not in hostnames:
                 hostnames.append(host)
         tls = self.tls(m, label) if "tls" in m else None
+        if "tls" in m and tls is None and name is not None:
+            self.tls_broken.add(name)
         if "addresses" not in m and "hostnames" not in m:
             self.error(m.loc(), f"{label} needs addresses or hostnames (or both)")
         if name is None:
@@ -358,17 +406,49 @@ class _Builder:
         return host
 
     def tls(self, m: YMap, label: str) -> Optional[Tls]:
+        """cert + key (+ ca): paths made absolute, and checked to load as the verifier will load them."""
         t = m["tls"]
         if not isinstance(t, YMap):
-            self.error(m.loc("tls"), f"{label}: tls must be a mapping with cert and key (file paths), "
-                                     f"got {type_name(t)}")
+            self.error(m.loc("tls"), f"{label}: tls must be a mapping with cert and key (file paths) and "
+                                     f"optionally ca, got {type_name(t)}")
             return None
-        self.check_keys(t, TLS_KEYS, f"{label} tls")
-        cert = self.string(t, "cert", f"{label} tls")
-        key = self.string(t, "key", f"{label} tls")
-        if cert is None or key is None:
+        what = f"{label} tls"
+        self.check_keys(t, TLS_KEYS, what)
+        base = _base_dir(t.file)
+        paths = {}
+        for key in TLS_KEYS:
+            text = self.string(t, key, what, required=key != "ca")
+            if text is None:
+                continue
+            path = resolve_path(text, base)
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                self.error(t.loc(key), f"{what}: cannot read {key} file {path}: {e.strerror or e}")
+                continue
+            paths[key] = path
+        ok = True
+        if "cert" in paths and "key" in paths:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                # A password callback that gives none: an encrypted key fails instead of prompting.
+                ctx.load_cert_chain(paths["cert"], paths["key"], password=lambda: b"")
+            except (ssl.SSLError, OSError, ValueError) as e:
+                ok = False
+                self.error(t.loc("cert"), f"{what}: cert {paths['cert']} and key {paths['key']} do not load "
+                                          f"together ({_ssl_reason(e)}): give a PEM certificate (chain) and "
+                                          "its unencrypted PEM private key")
+        if "ca" in paths:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            try:
+                ctx.load_verify_locations(cafile=paths["ca"])
+            except (ssl.SSLError, OSError, ValueError) as e:
+                ok = False
+                self.error(t.loc("ca"), f"{what}: ca {paths['ca']} is not a PEM CA bundle ({_ssl_reason(e)})")
+        if not ok or "cert" not in paths or "key" not in paths or ("ca" in t and "ca" not in paths):
             return None
-        return Tls(cert, key)
+        return Tls(paths["cert"], paths["key"], paths.get("ca"))
 
     def port_specs(self, m: YMap, label: str) -> Optional[list[portlib.PortSpec]]:
         items = self.string_list(m, "ports", label, "port specs like tcp/443", "all ports")
@@ -392,7 +472,7 @@ class _Builder:
         action = self.choice(m, "action", RULE_ACTIONS, "allow", label)
         mode = self.choice(m, "mode", RULE_MODES, "enforce", label)
         rule_ports = self.port_specs(m, label)
-        http = self.http(m, label) if "http" in m else None
+        http = self.http(m, label, name) if "http" in m else None
         if "http" in m and action in ("deny", "reject"):
             self.error(m.loc("http"), f"{label}: http conditions make an L7 allow rule; they cannot be "
                                       f"combined with action: {action}")
@@ -401,26 +481,24 @@ class _Builder:
         self.rules[name] = Rule(name, src, dst, action, mode, rule_ports, http, m.loc(),
                                 m.loc("from"), m.loc("to"), m.loc("ports"), m.loc("http"))
 
-    def http(self, m: YMap, label: str) -> Optional[list[dict]]:
-        """Shape-check the L7 match list; its meaning is the verifier's, in a later version."""
+    def http(self, m: YMap, label: str, name: Optional[str]) -> Optional[list[dict]]:
+        """Compile the L7 match list with the verifier's compiler; report each problem at its line.
+
+        Returns the entries as plain values with token file paths made absolute.
+        """
         seq = m["http"]
         if not isinstance(seq, YSeq) or not seq:
             self.error(m.loc("http"), f"{label}: http must be a non-empty list of request matches "
                                       f"(keys {', '.join(HTTP_KEYS)}), got {type_name(seq)}")
             return []
-        out = []
-        for i, entry in enumerate(seq):
-            if not isinstance(entry, YMap):
-                self.error(seq.loc(i), f"{label}: each http entry must be a mapping with keys "
-                                       f"{', '.join(HTTP_KEYS)}, got {type_name(entry)}")
-                continue
-            self.check_keys(entry, HTTP_KEYS, f"{label} http entry")
-            for key, value in entry.items():
-                if key in HTTP_KEYS and not isinstance(value, (YSeq, YMap)):
-                    self.error(entry.loc(key), f"{label}: http {key} must be a list or mapping, "
-                                               f"got {type_name(value)}")
-            out.append(_plain(entry))
-        return out
+        base = _base_dir(seq.file)
+        entries = _plain(seq)
+        try:
+            compile_rule(name or label, entries, base)
+        except RuleErrors as e:
+            for err in e.errors:
+                self.error(_where_loc(seq, err.where), f"{label}: {err}")
+        return [_absolute_paths(entry, base) for entry in entries]
 
     # ----------------------------------------------------------- meaning --
 
@@ -481,6 +559,22 @@ class _Builder:
                                f"{label}: its ports ({portlib.format_portset(mine)}) and app {dst.name}'s "
                                f"ports ({portlib.format_portset(theirs)}) have nothing in common, so the "
                                "rule could never match")
+                    continue
+            if dst is not None and rule.l7 and rule.action == "allow":
+                self.check_l7_tls(rule, dst, label)
+
+    def check_l7_tls(self, rule: Rule, dst: App, label: str) -> None:
+        """An L7 rule whose ports include a TLS port needs the destination's TLS material."""
+        if dst.tls is not None or dst.name in self.tls_broken:
+            return
+        ports = portlib.intersect(portlib.portset(rule.ports), portlib.portset(dst.ports))
+        for port in TLS_PORTS:
+            if _has_port(ports, 6, port):
+                self.error(rule.http_loc,
+                           f"{label}: http rules on TLS port tcp/{port} need the verifier to terminate TLS: "
+                           f"give app {dst.name} `tls: {{cert, key}}`, or limit the rule's ports to "
+                           "plain-HTTP ports")
+                return
 
     def resolve_app(self, ref: Optional[str], loc: Loc, label: str, key: str) -> Optional[App]:
         if ref is None:
@@ -513,10 +607,7 @@ class _Builder:
                        f"({first[0].loc}) and {second[0]}; {DST_OVERLAP_WHY}")
 
     def collect_warnings(self) -> None:
-        for rule in self.rules.values():
-            dst = self.apps.get(rule.dst) if rule.dst is not None else None
-            if rule.l7:
-                self.diags.warn(rule.loc, L7_WARNING.format(rule=rule.name))
+        """No check warns at present; Diags.warn is kept for the next one."""
 
 
 def _overlapping(items: list[tuple[Address, Any]], conflict: Callable[[Any, Any], bool]):
@@ -542,6 +633,52 @@ def _overlapping(items: list[tuple[Address, Any]], conflict: Callable[[Any, Any]
                     reported.add(pair)
                     yield items[j], items[i]
         heapq.heappush(open_, (addr.last128, i))
+
+
+def _base_dir(file: str) -> str:
+    """Relative paths in a policy are relative to the directory of the file that holds them."""
+    return os.path.dirname(os.path.abspath(file))
+
+
+def _where_loc(seq: YSeq, where: tuple) -> Loc:
+    """The deepest YAML location a RuleError's `where` (a path into the http list) reaches."""
+    node: Any = seq
+    loc = seq.loc()
+    for w in where:
+        if isinstance(node, YSeq) and isinstance(w, int) and 0 <= w < len(node):
+            loc, node = node.loc(w), node[w]
+        elif isinstance(node, YMap) and not isinstance(w, int) and w in node:
+            loc, node = node.loc(w), node[w]
+        else:
+            break
+    return loc
+
+
+def _absolute_paths(entry: Any, base: str) -> Any:
+    """An http entry with its tokens' key-file paths resolved against `base`."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("tokens"), list):
+        return entry
+    items = []
+    for item in entry["tokens"]:
+        if isinstance(item, dict):
+            item = dict(item)
+            for key in ("jwt", "api_key"):
+                if isinstance(item.get(key), str) and item[key]:
+                    item[key] = resolve_path(item[key], base)
+        items.append(item)
+    return dict(entry, tokens=items)
+
+
+def _has_port(ports: portlib.PortSet, proto: int, port: int) -> bool:
+    if ports is None:
+        return True
+    return any(lo <= port <= hi for lo, hi in ports.get(proto, ()))
+
+
+def _ssl_reason(e: Exception) -> str:
+    if isinstance(e, ssl.SSLError) and e.reason:
+        return str(e.reason).lower().replace("_", " ")
+    return getattr(e, "strerror", None) or str(e)
 
 
 def _plain(value: Any) -> Any:

@@ -40,6 +40,15 @@
 #define BH_TLS_WHOLE_NAME 64      /* longest name the one-shot path hashes (<= BH_SNI_LOG_LEN); longer: streaming */
 #define BH_TLS_NAME_MAX 255       /* longest server name accepted (RFC 6066 allows 2^16-1; DNS 253) */
 #define BH_SNI_LOG_LEN 64     /* bytes of the server name kept for flow logs */
+/*
+ * Steering L7 flows to the verifier: XDP leaves a struct bh_meta in the
+ * packet's metadata, bulkhead_tc copies its mark into skb->mark, nftables
+ * TPROXY and an ip rule on the mark deliver the packet to the verifier.
+ * agent/plumbing.py uses the same values.
+ */
+#define BH_META_MAGIC 0xb4e7a11d /* "this metadata is bulkhead's" */
+#define BH_MARK_L7 0x0c000000    /* | client segment id: steer to the verifier */
+#define BH_MARK_KEEP 0x00ff0000  /* skb->mark bits that belong to others: kept */
 #define BH_APP_ANY 0xffffffff /* dst app id of hostname-only apps: any destination address */
 #define BH_VLAN_MAX_DEPTH 2 /* 802.1Q + 802.1ad (QinQ) */
 #define BH_IPV6_EXT_MAX 6   /* extension headers walked before giving up */

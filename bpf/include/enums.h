@@ -60,6 +60,9 @@ enum bh_reason {
 	BH_R_SNI_UNKNOWN        = 27, /* no server name (no SNI, malformed, not TLS): unknown_sni deny */
 	BH_R_SNI_UNKNOWN_ALLOW  = 28, /* no server name, passed by settings.unknown_sni: allow */
 	BH_R_SNI_OUT_OF_ORDER   = 29, /* ClientHello segment not the next expected: dropped, resent */
+	BH_R_L7_STEER           = 30, /* L7 flow: passed with a mark that steers it to the verifier */
+	BH_R_L7_UPSTREAM        = 31, /* reply to a verifier's upstream connection: steered to its socket */
+	BH_R_L7_NO_META         = 32, /* L7 flow, but the driver can't carry the steering mark: dropped */
 };
 
 /* Datapath events (not verdicts): index into the per-CPU `events` array. */

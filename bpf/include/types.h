@@ -20,6 +20,12 @@ struct bh_ctl {
 #define BH_CTL_L7_READY 0x2     /* a verifier listens: BH_ACT_L7 flows may be steered */
 #define BH_CTL_SNI_BENCH 0x4    /* benchmarks: after deciding a ClientHello, put its flow back to pending */
 
+/* XDP metadata in front of a steered packet (bpf_xdp_adjust_meta), read by bulkhead_tc. */
+struct bh_meta {
+	__u32 magic; /* BH_META_MAGIC */
+	__u32 mark;  /* BH_MARK_L7 | client segment id */
+};
+
 /* slot_cfg[slot]: settings that swap together with the slot's maps. */
 struct bh_slot_cfg {
 	__u32 generation;     /* 0 = slot never filled: judge nothing by it */

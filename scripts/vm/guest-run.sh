@@ -34,13 +34,15 @@ VM_PYTEST_TIMEOUT="${VM_PYTEST_TIMEOUT:-1200}"
 # The default selection: every unit and BPF_PROG_TEST_RUN test, and the integration tests
 # that cover each verdict (allow/deny/reject over TCP, UDP, ICMP, IPv4 and IPv6), audit
 # mode, directionality, overlapping CIDRs in two segments, atomic re-apply, a failed apply,
-# and an agent restart that reuses its pins, then `bulkhead down`.
+# and an agent restart that reuses its pins, then `bulkhead down`; and L7 steering through
+# the gateway (XDP metadata -> TC mark -> TPROXY -> the verifier, transparent upstream).
 DEFAULT_TESTS=(
     tests/unit
     tests/bpf
     tests/integration/test_enforcement.py
     tests/integration/test_overlap.py
     tests/integration/test_apply.py
+    tests/integration/test_l7_gateway.py
     "tests/integration/test_lifecycle.py::test_restart_keeps_enforcing_and_reuses_pins"
     "tests/integration/test_lifecycle.py::test_down_leaves_nothing"
 )

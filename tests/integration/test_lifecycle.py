@@ -50,6 +50,9 @@ def leftovers(gateway, instance: str | None = None) -> list[str]:
     for ifname in GW_IFS:
         if gateway.xdp_attached(ifname):
             found.append(f"XDP on {ifname}")
+        tc = gateway.gw("tc", "qdisc", "show", "dev", ifname) + gateway.gw("tc", "filter", "show", "dev", ifname, "ingress")
+        if "clsact" in tc or "bulkhead_tc" in tc:
+            found.append(f"TC on {ifname}: {tc.strip()}")
     if "bulkhead" in gateway.gw("nft", "list", "tables"):
         found.append("nft: " + gateway.gw("nft", "list", "tables"))
     for fam in ("-4", "-6"):
@@ -86,7 +89,14 @@ def test_plumbing_in_place_while_running(gateway):
     assert all(gateway.sysctl(RP.format(i)) == "2" for i in GW_IFS)
     for fam in ("-4", "-6"):
         rules = [ln for ln in gateway.gw("ip", fam, "rule").splitlines() if "proto 176" in ln]
-        assert len(rules) == 3, rules
+        # one per segment, and the L7 verifier's local delivery of steered packets
+        assert len([r for r in rules if r.startswith("20000:")]) == 3, rules
+        assert [r.split("\t", 1)[1] for r in rules if r.startswith("20001:")] == [
+            "from all fwmark 0xc000000/0xff000000 lookup 201326592 proto 176"], rules
+        assert "local default dev lo" in gateway.gw("ip", fam, "route", "show", "table", "201326592")
+    for ifname in GW_IFS:
+        assert "bulkhead_tc" in gateway.gw("tc", "filter", "show", "dev", ifname, "ingress")
+    assert "tproxy" in gateway.gw("nft", "list", "ruleset")
 
 
 def test_restart_keeps_enforcing_and_reuses_pins(gateway):

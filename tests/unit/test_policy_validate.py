@@ -160,7 +160,7 @@ CASES = {
     segment: dev
     addresses: [198.18.50.0/24]
     ports: [tcp/0, udp/70000, tcp/9-3, tcp, icmpv6, http, tcp/1-2-3, 80]  # ERR: 'tcp/0' # ERR: 'udp/70000' # ERR: range start 9 is above its end 3 # ERR: tcp/1-65535 # ERR: icmp already means both # ERR: 'http' # ERR: 'tcp/1-2-3' # ERR: must be a string
-    tls: {cert: /etc/c.pem}    # ERR: tls: key is required
+    tls: {cert: /etc/c.pem}    # ERR: tls: key is required # ERR: cannot read cert file /etc/c.pem
   - name: a5
     segment: dev
     hostnames:
@@ -174,7 +174,7 @@ CASES = {
   - name: a6
     segment: dev
     hostnames: [ok.example]
-    tls: {cert: c, key: k, ca: x}  # ERR: app a6 tls: unknown key 'ca'
+    tls: {cert: c, key: k, cas: x}  # ERR: app a6 tls: unknown key 'cas' (did you mean 'ca'?) # ERR: cannot read cert file # ERR: cannot read key file
     owner: me                  # ERR: app a6: unknown key 'owner'
 """,
     "overlap-same-segment": BASE + """\
@@ -252,13 +252,101 @@ rules:
     from: web
     to: db
     http:
-      - GET                    # ERR: each http entry must be a mapping
-      - methods: GET           # ERR: http methods must be a list or mapping, got the string 'GET'
-        cookies: [a]           # ERR: unknown key 'cookies'
+      - GET                    # ERR: rule h4: http entry 1: each http entry must be a mapping
+      - methods: GET           # ERR: http entry 2 methods: methods must be a non-empty list of HTTP methods like [GET, HEAD], got the string 'GET'
+        cookies: [a]           # ERR: http entry 2 cookies: unknown key 'cookies'
       - headers: {x-a: b}
-        tokens: [{jwt: /k}]
+        tokens: [{jwt: /nonexistent/k}]  # ERR: http entry 3 tokens[0].jwt: cannot read key file /nonexistent/k
         hosts: [a.example]
 """,
+    # Every problem of the verifier's compiler, at the line of the offending item.
+    "rule-http-items": BASE + """\
+  - name: plain
+    segment: core
+    addresses: [198.19.0.80]
+    ports: [tcp/80]
+rules:
+  - name: h1
+    from: web
+    to: plain
+    http:
+      - {}                     # ERR: rule h1: http entry 1: this entry has no conditions, so it matches every request: remove http to allow all
+      - methods: [GET, "BAD ONE"]  # ERR: http entry 2 methods[1]: a method must be a token
+        paths:
+          - /ok/*
+          - nope               # ERR: http entry 2 paths[1]: a path must be a string starting with '/'
+          - /a/../b            # ERR: dot-segment
+          - /%61dmin           # ERR: without %-escapes
+        hosts: ["*", ok.example]  # ERR: '*' alone matches any host
+      - headers:
+          x-tenant: blue
+          X-Tenant: red        # ERR: header x-tenant is given twice
+          x-n: 5               # ERR: quote numbers
+          x-m:
+            regex: "a.*"       # ERR: exactly one of equals, glob, present
+          x-p: {present: maybe}  # ERR: present must be true or false
+      - tokens:
+          - jwt: missing.pem   # ERR: tokens[0].jwt: cannot read key file
+            algorithms: [none, RS256]  # ERR: algorithm none is never accepted
+            colour: red        # ERR: unknown key 'colour'
+          - api_key: keys.txt  # ERR: cannot read API key file
+            header: "a b"      # ERR: header must be a header name
+          - {}                 # ERR: exactly one of jwt (a key file) or api_key
+""",
+    "rule-http-tls-port": BASE + """\
+  - name: web443
+    segment: core
+    addresses: [198.19.0.43]
+    ports: [tcp/443, tcp/80]
+  - name: anyport
+    segment: core
+    addresses: [198.19.0.44]
+  - name: alt
+    segment: core
+    addresses: [198.19.0.45]
+    ports: [tcp/8000-9000]
+rules:
+  - name: t1
+    from: web
+    to: web443
+    http: [{methods: [GET]}]   # ERR: rule t1: http rules on TLS port tcp/443 need the verifier to terminate TLS: give app web443 `tls: {cert, key}`, or limit the rule's ports to plain-HTTP ports
+  - name: t2
+    from: web
+    to: web443
+    ports: [tcp/80]
+    http: [{methods: [GET]}]
+  - name: t3
+    from: web
+    to: anyport
+    http: [{methods: [GET]}]   # ERR: http rules on TLS port tcp/443
+  - name: t4
+    from: web
+    to: alt
+    http: [{methods: [GET]}]   # ERR: http rules on TLS port tcp/8443 need the verifier
+  - name: t5
+    from: web
+    to: anyport
+    ports: [tcp/8080, tcp/3000-3999]
+    http: [{methods: [GET]}]
+  - name: t6
+    from: web
+    to: web443
+    ports: [tcp/1-1000]
+    http:                      # ERR: on TLS port tcp/443
+      - methods: [GET]
+""",
+    "settings-http": """\
+        version: 1
+        settings:
+          http:
+            via: yes
+            x_forwarded_for: 1       # ERR: settings http: x_forwarded_for must be true or false, got the number 1
+            max_header_bytes: 512    # ERR: max_header_bytes must be an integer from 1024 to 1048576, got the number 512
+            header_timeout: 0        # ERR: header_timeout must be a number of seconds above 0
+            idle_timeout: "60"       # ERR: idle_timeout must be a number of seconds above 0 and at most 86400, got the string '60'
+            keepalive: 5             # ERR: settings http: unknown key 'keepalive'
+        """,
+    "settings-http-shape": "version: 1\nsettings:\n  http: [via]   # ERR: settings: http must be a mapping\n",
 }
 
 
@@ -343,12 +431,12 @@ rules: [{name: web, from: web, to: web}]
 
 # --- warnings -----------------------------------------------------------------
 
-def test_example_policy_warnings():
+def test_example_policy_has_no_warnings():
+    """L7 rules no longer warn: the verifier ships."""
     path = os.path.join(REPO, "policies", "example.yaml")
     bundle, warnings = load_policy([path])
-    assert warnings == bundle.warnings
-    assert warnings == ["rule web-reads-catalog needs the L7 verifier, which this version does not ship: "
-                        "its traffic is dropped (counted as punt_no_handler)"]
+    assert warnings == bundle.warnings == []
+    assert bundle.rules[1]["l7"] is True
 
 
 def test_hostname_rules_compile_to_name_table(tmp_path):
@@ -478,3 +566,188 @@ rules:
 """)
     bundle, _ = load_policy([str(path)])
     assert bundle.rules[0]["ports"] == ["tcp/8443", "udp/53"]
+
+
+# --- L7: key files, TLS material, settings.http ------------------------------------
+
+def _write_cert(dir_, stem: str):
+    """A self-signed cert and its key as PEM files; returns (cert path, key path)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(datetime.datetime(2020, 1, 1))
+            .not_valid_after(datetime.datetime(2040, 1, 1)).sign(key, hashes.SHA256()))
+    crt, pem = dir_ / f"{stem}.crt", dir_ / f"{stem}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return crt, pem
+
+
+TLS_APP = BASE + """\
+  - name: shop
+    segment: core
+    addresses: [198.19.0.43]
+    ports: [tcp/443]
+    tls: {TLS}
+rules:
+  - name: reads
+    from: web
+    to: shop
+    http:
+      - methods: [GET]
+"""
+
+
+def test_app_tls_paths_resolve_against_the_policy_file_and_load(tmp_path, monkeypatch):
+    sub = tmp_path / "certs"
+    sub.mkdir()
+    _write_cert(sub, "shop")
+    path = tmp_path / "p.yaml"
+    path.write_text(TLS_APP.replace("{TLS}", "{cert: certs/shop.crt, key: certs/shop.key, ca: certs/shop.crt}"))
+    monkeypatch.chdir("/")  # relative to the policy file, not to the working directory
+    bundle, warnings = load_policy([str(path)])
+    assert warnings == []
+    shop = [a for a in bundle.apps if a["name"] == "shop"][0]
+    assert shop["tls"] == {"cert": str(sub / "shop.crt"), "key": str(sub / "shop.key"), "ca": str(sub / "shop.crt")}
+    from agent.policy import validate_files
+    app = [a for a in validate_files([str(path)]).apps if a.name == "shop"][0]
+    assert (app.tls.cert, app.tls.key, app.tls.ca) == (str(sub / "shop.crt"), str(sub / "shop.key"),
+                                                       str(sub / "shop.crt"))
+
+
+def test_app_tls_ca_is_optional(tmp_path):
+    _write_cert(tmp_path, "shop")
+    path = tmp_path / "p.yaml"
+    path.write_text(TLS_APP.replace("{TLS}", "{cert: shop.crt, key: shop.key}"))
+    from agent.policy import validate_files
+    app = [a for a in validate_files([str(path)]).apps if a.name == "shop"][0]
+    assert app.tls.ca is None and os.path.isabs(app.tls.cert)
+
+
+def test_app_tls_errors_at_their_lines(tmp_path):
+    _write_cert(tmp_path, "a")
+    _write_cert(tmp_path, "b")
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    path = tmp_path / "p.yaml"
+    text = BASE + """\
+  - name: t1
+    segment: core
+    addresses: [198.19.0.41]
+    tls:
+      cert: a.crt              # ERR: app t1 tls: cert {D}/a.crt and key {D}/b.key do not load together
+      key: b.key
+  - name: t2
+    segment: core
+    addresses: [198.19.0.42]
+    tls:
+      cert: a.crt
+      key: a.key
+      ca: junk.pem             # ERR: app t2 tls: ca {D}/junk.pem is not a PEM CA bundle
+  - name: t3
+    segment: core
+    addresses: [198.19.0.43]
+    tls:
+      cert: junk.pem           # ERR: do not load together
+      key: a.key
+  - name: t4
+    segment: core
+    addresses: [198.19.0.44]
+    tls:
+      cert: a.crt
+      key: nope.key            # ERR: app t4 tls: cannot read key file {D}/nope.key: No such file or directory
+rules:
+  - {name: r1, from: web, to: t1, http: [{methods: [GET]}]}
+  - {name: r4, from: web, to: t4, http: [{methods: [GET]}]}
+""".replace("{D}", str(tmp_path))
+    path.write_text(text)
+    # A broken tls is reported once: the L7 rules to t1 and t4 do not add "give app tls" errors.
+    check_marks(str(path), text)
+
+
+def test_token_files_resolve_against_the_policy_file_and_are_stored_absolute(tmp_path, monkeypatch):
+    sub = tmp_path / "secrets"
+    sub.mkdir()
+    (sub / "hs.secret").write_bytes(b"k" * 32 + b"\n")
+    (sub / "keys.txt").write_text("key-1\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE + """\
+  - name: api
+    segment: core
+    addresses: [198.19.0.8]
+    ports: [tcp/8080]
+rules:
+  - name: calls
+    from: web
+    to: api
+    http:
+      - methods: [GET]
+        tokens:
+          - {jwt: secrets/hs.secret, aud: api}
+          - {api_key: ./secrets/keys.txt, header: x-key}
+      - paths: [/health]
+""")
+    monkeypatch.chdir("/")
+    bundle, warnings = load_policy([str(path)])
+    assert warnings == []
+    assert bundle.rules[0]["http"] == [
+        {"methods": ["GET"], "tokens": [{"jwt": str(sub / "hs.secret"), "aud": "api"},
+                                        {"api_key": str(sub / "keys.txt"), "header": "x-key"}]},
+        {"paths": ["/health"]},
+    ]
+    # What the bundle carries compiles on its own, from anywhere.
+    from agent.verifier.rules import Request, compile_rule
+    rule = compile_rule("calls", bundle.rules[0]["http"])
+    assert rule.check(Request("GET", "/x", None, None, (("x-key", "key-1"),))).allowed
+
+
+def test_short_hmac_secret_is_an_error_at_its_line(tmp_path):
+    (tmp_path / "short.secret").write_text("only-twenty-bytes-xx\n")
+    path = tmp_path / "p.yaml"
+    text = BASE + """\
+rules:
+  - name: r
+    from: web
+    to: db
+    http:
+      - tokens:
+          - jwt: short.secret  # ERR: rule r: http entry 1 tokens[0].jwt: key file {D}/short.secret: not a PEM key or certificate, and as an HMAC secret it is 20 bytes; HS256 secrets must be at least 32 bytes
+""".replace("{D}", str(tmp_path))
+    path.write_text(text)
+    check_marks(str(path), text)
+
+
+def test_l7_rule_on_tls_port_with_app_tls_is_valid(tmp_path):
+    _write_cert(tmp_path, "shop")
+    path = tmp_path / "p.yaml"
+    path.write_text(TLS_APP.replace("{TLS}", "{cert: shop.crt, key: shop.key}"))
+    bundle, warnings = load_policy([str(path)])
+    assert warnings == [] and bundle.rules[0]["l7"]
+
+
+def test_settings_http_defaults_and_values(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(BASE)
+    bundle, _ = load_policy([str(path)])
+    assert bundle.settings == {"default_action": "deny", "mode": "enforce", "unknown_sni": "deny",
+                               "http": {"via": False, "x_forwarded_for": False, "max_header_bytes": 16384,
+                                        "header_timeout": 10, "idle_timeout": 60}}
+    path.write_text(BASE.replace("version: 1\n", """\
+version: 1
+settings:
+  mode: audit
+  http: {via: true, x_forwarded_for: true, max_header_bytes: 1024, header_timeout: 2.5, idle_timeout: 300}
+"""))
+    bundle, _ = load_policy([str(path)])
+    assert bundle.settings["mode"] == "audit"
+    assert bundle.settings["http"] == {"via": True, "x_forwarded_for": True, "max_header_bytes": 1024,
+                                       "header_timeout": 2.5, "idle_timeout": 300}
+    import msgpack
+    assert msgpack.unpackb(msgpack.packb(bundle.settings)) == bundle.settings

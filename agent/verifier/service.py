@@ -1,0 +1,399 @@
+"""The verifier process: what the agent supervises (agent/verifier/supervisor.py).
+
+Started as `python -m agent.verifier.service` with inherited descriptors:
+  --listen-fds  the listening sockets (IP_TRANSPARENT, owned by the agent so
+                connections queue across a restart)
+  --cmd-fd      request/reply channel from the agent (length-prefixed msgpack):
+                {"op": "prepare", "generation", "bundle"}  compile, hold
+                {"op": "commit", "generation"}             switch to it
+                {"op": "abort"} / {"op": "stats"} / {"op": "ping"}
+  --event-fd    SOCK_SEQPACKET to the agent: one msgpack record per message
+                (requests and connection events); never blocks -- a full
+                socket drops the record and counts it (events_lost)
+  --maps-dir    the instance's pinned maps (flows4/flows6)
+
+Per accepted connection (resolve): the original destination is the socket's
+own address (TPROXY keeps it), the client its peer; the kernel's flow entry
+for (client -> destination) says which apps and segment it belongs to. CIDRs
+overlap across segments, so the entry is looked up in every segment of the
+policy; the data path refuses the same 5-tuple live from two segments
+(flow_collision), so at most one fresh L7 entry can match. No entry, no
+policy: the connection is reset (a punt is never an implicit allow).
+
+Upstream (open_upstream): a socket bound to the client's own IP
+(IP_TRANSPARENT, a port the kernel picks) with the origin segment's routing
+mark, so the origin sees the client and answers through the gateway; the
+reply-direction flow entry is written before connecting, so XDP steers the
+origin's answers to this socket (reason l7_upstream).
+
+Rules are looked up per request in the policy in force, by app names: a
+`policy apply` changes what the next request on an open connection may do.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import errno
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from typing import Any
+
+import msgpack
+
+from .. import control
+from ..datapath import abi
+from ..datapath.flowtable import FlowTable
+from ..policy import ports as portlib
+from ..policy.bundle import Bundle
+
+log = logging.getLogger("bulkhead.verifier")
+
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+SO_MARK = 36
+MARK_BASE = 0x0B000000  # agent/plumbing.py segment_mark()
+HTTP_DEFAULTS = {"via": False, "x_forwarded_for": False, "max_header_bytes": 16384,
+                 "header_timeout": 10.0, "idle_timeout": 60.0}
+NO_RULE = "no L7 rule for this flow in the policy in force"
+
+
+class PolicyError(ValueError):
+    """The bundle's L7 part can't be used (a key file that won't load...): apply fails."""
+
+
+@dataclasses.dataclass
+class _L7Rule:
+    name: str
+    src: str
+    dst: str
+    audit: bool
+    ports: Any  # portlib.PortSet
+    compiled: Any  # rules.HttpRule
+
+
+class PolicyView:
+    """The L7 part of one bundle, compiled: rule sets per (src app, dst app, port)."""
+
+    def __init__(self, bundle: Bundle, generation: int):
+        from .rules import RuleErrors, compile_rule
+
+        self.generation = generation
+        self.settings = dict(bundle.settings)
+        self.http = {**HTTP_DEFAULTS, **(self.settings.get("http") or {})}
+        self.audit_all = self.settings.get("mode") == "audit"
+        self.segments = {int(s["id"]): s["name"] for s in bundle.segments}
+        self.app_by_id = {int(a["id"]): a for a in bundle.apps}
+        self.app_by_name = {a["name"]: a for a in bundle.apps}
+        self.rules: list[_L7Rule] = []
+        problems = []
+        for r in bundle.rules:
+            if not r.get("l7"):
+                continue
+            try:
+                compiled = compile_rule(r["name"], r.get("http") or [])
+            except RuleErrors as e:
+                problems += [f"rule {r['name']}: {err}" for err in e.errors]
+                continue
+            dst = self.app_by_name.get(r["to"], {})
+            ports = portlib.intersect(
+                portlib.portset([portlib.parse_port_spec(p) for p in r.get("ports") or []] or None),
+                portlib.portset([portlib.parse_port_spec(p) for p in dst.get("ports") or []] or None))
+            self.rules.append(_L7Rule(r["name"], r["from"], r["to"], r.get("mode") == "audit", ports, compiled))
+        self.tls: dict[str, tuple[ssl.SSLContext, ssl.SSLContext]] = {}
+        for a in bundle.apps:
+            t = a.get("tls")
+            if not t:
+                continue
+            try:
+                server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                server.load_cert_chain(t["cert"], t["key"])
+                client = ssl.create_default_context(cafile=t.get("ca"))
+            except (OSError, ssl.SSLError, KeyError) as e:
+                problems.append(f"app {a['name']}: tls: {e}")
+                continue
+            self.tls[a["name"]] = (server, client)
+        if problems:
+            raise PolicyError("; ".join(problems))
+        self._cache: dict[tuple, tuple] = {}
+
+    def app_name(self, app_id: int) -> str | None:
+        a = self.app_by_id.get(app_id)
+        return a["name"] if a else None
+
+    def ruleset(self, src: str, dst: str | None, dport: int):
+        """(RuleSet or None, hostnames the Host must name, audit) for a flow's apps and port.
+        dst None: a hostname-only destination (matched by name): every L7 rule from
+        src to such an app applies, and the Host decides which app it is."""
+        key = (src, dst, dport)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        from .rules import RuleSet
+
+        chosen, hostnames = [], []
+        for r in self.rules:
+            if r.src != src:
+                continue
+            app = self.app_by_name.get(r.dst, {})
+            if dst is None:
+                if app.get("addresses"):
+                    continue
+            elif r.dst != dst:
+                continue
+            if r.ports is not None and not any(lo <= dport <= hi for lo, hi in r.ports.get(6, ())):
+                continue
+            chosen.append(r)
+            hostnames += [h for h in app.get("hostnames") or [] if h not in hostnames]
+        if dst is not None:
+            hostnames = list(self.app_by_name.get(dst, {}).get("hostnames") or [])
+        audit = self.audit_all or (bool(chosen) and all(r.audit for r in chosen))
+        out = (RuleSet([r.compiled for r in chosen]) if chosen else None, hostnames, audit)
+        self._cache[key] = out
+        return out
+
+
+class LiveRules:
+    """FlowContext.rules: the rules of the policy in force, looked up per request."""
+
+    def __init__(self, svc: "Service", src: str, dst: str | None, dport: int):
+        self.svc, self.src, self.dst, self.dport = svc, src, dst, dport
+
+    def check(self, req, now: float | None = None):
+        from .rules import Decision
+
+        view = self.svc.current
+        rs, _, audit = view.ruleset(self.src, self.dst, self.dport) if view else (None, [], False)
+        if rs is None:
+            return Decision(False, None, None, NO_RULE)
+        d = rs.check(req, now)
+        if not d.allowed and audit:
+            return Decision(True, d.rule, d.entry, "audit: would deny: " + d.reason)
+        return d
+
+
+class EventSink:
+    """Records to the agent over SOCK_SEQPACKET; never blocks the event loop."""
+
+    def __init__(self, sock: socket.socket | None):
+        self.sock = sock
+        self.lost = 0
+        self.sent = 0
+        if sock is not None:
+            sock.setblocking(False)
+
+    def _send(self, rec: dict) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.send(msgpack.packb(rec, use_bin_type=True))
+            self.sent += 1
+        except (BlockingIOError, InterruptedError):
+            self.lost += 1
+        except OSError:
+            self.lost += 1
+
+    @staticmethod
+    def _flow(ctx) -> dict:
+        if ctx is None:
+            return {}
+        return {"segment": ctx.segment, "src_app": ctx.src_app, "dst_app": ctx.dst_app,
+                "client": f"{ctx.client[0]}:{ctx.client[1]}",
+                "dst": f"{ctx.original_dst[0]}:{ctx.original_dst[1]}", "flow_id": ctx.flow_id}
+
+    def request(self, ctx, rec) -> None:
+        d = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
+        if d.get("verdict") == "allow" and str(d.get("reason") or "").startswith("audit:"):
+            d["verdict"] = "audit"  # forwarded, but a rule would have denied it
+        self._send({"t": "request", "time": time.time(), **self._flow(ctx), **d})
+
+    def connection(self, ctx, event: str, detail: str = "") -> None:
+        self._send({"t": "conn", "time": time.time(), "event": event, "detail": detail, **self._flow(ctx)})
+
+
+class Service:
+    def __init__(self, maps_dir: str, sink: EventSink):
+        self.ft = FlowTable(maps_dir)
+        self.sink = sink
+        self.views: dict[int, PolicyView] = {}
+        self.current: PolicyView | None = None
+        self.pending: PolicyView | None = None
+        self.stats = {"resolved": 0, "no_flow": 0, "upstream_failed": 0}
+
+    # ---------------------------------------------------------- commands
+    def command(self, req: dict) -> dict:
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "generation": self.current.generation if self.current else 0}
+        if op == "prepare":
+            try:
+                bundle = Bundle.unpack(req["bundle"])
+                self.pending = PolicyView(bundle, int(req["generation"]))
+            except Exception as e:  # noqa: BLE001 -- any failure refuses the apply
+                self.pending = None
+                return {"ok": False, "error": str(e)}
+            return {"ok": True, "l7_rules": len(self.pending.rules)}
+        if op == "commit":
+            gen = int(req["generation"])
+            if self.pending is None or self.pending.generation != gen:
+                return {"ok": False, "error": f"nothing prepared for generation {gen}"}
+            self.views[gen] = self.pending
+            self.current = self.pending
+            self.pending = None
+            for g in sorted(self.views)[:-4]:
+                del self.views[g]
+            return {"ok": True}
+        if op == "abort":
+            self.pending = None
+            return {"ok": True}
+        if op == "stats":
+            return {"ok": True, "stats": {**self.stats, "events_sent": self.sink.sent,
+                                          "events_lost": self.sink.lost}}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    # ------------------------------------------------------ per connection
+    async def resolve(self, sock: socket.socket):
+        from .proxy import FlowContext
+
+        view = self.current
+        try:
+            dst = sock.getsockname()[:2]
+            cli = sock.getpeername()[:2]
+        except OSError:
+            return None
+        if view is None:
+            self.stats["no_flow"] += 1
+            return None
+        best = None
+        for seg in list(view.segments):
+            try:
+                f = self.ft.lookup(cli[0], dst[0], cli[1], dst[1], 6, seg)
+            except (OSError, ValueError):
+                f = None
+            if f is None or f.flags & abi.FLOWF_REPLY or f.reason != abi.Reason.L7_STEER:
+                continue
+            if best is None or f.last_seen_ns > best[0].last_seen_ns:
+                best = (f, seg)
+        if best is None:
+            self.stats["no_flow"] += 1
+            log.warning("no L7 flow entry for %s:%d -> %s:%d: connection reset", cli[0], cli[1], dst[0], dst[1])
+            return None
+        f, seg = best
+        fview = self.views.get(f.generation, view)
+        src = fview.app_name(f.src_app)
+        dst_app = None if f.dst_app == abi.APP_ANY else fview.app_name(f.dst_app)
+        if src is None:
+            self.stats["no_flow"] += 1
+            return None
+        _, hostnames, _ = view.ruleset(src, dst_app, dst[1])
+        tls = view.tls.get(dst_app) if dst_app else None
+        ctx = FlowContext(
+            client=(cli[0], cli[1]), original_dst=(dst[0], dst[1]),
+            segment=view.segments.get(seg, str(seg)), src_app=src, dst_app=dst_app or "(by name)",
+            rules=LiveRules(self, src, dst_app, dst[1]), dst_hostnames=hostnames,
+            tls_server=tls[0] if tls else None, tls_client=tls[1] if tls else None,
+            settings=view.http, flow_id=f"{seg}:{cli[0]}:{cli[1]}->{dst[0]}:{dst[1]}",
+        )
+        ctx.bh_flow = (f, seg)  # for open_upstream
+        self.stats["resolved"] += 1
+        return ctx
+
+    async def open_upstream(self, ctx, *_ignored) -> socket.socket:
+        """A connected, non-blocking socket to the original destination, from the client's address."""
+        f, seg = ctx.bh_flow
+        dst = ctx.original_dst
+        cli_ip = ctx.client[0]
+        if not f.peer_segment:
+            self.stats["upstream_failed"] += 1
+            raise OSError(errno.EHOSTUNREACH, "the origin's segment is unknown: its answers could not be let in")
+        v6 = ipaddress.ip_address(dst[0]).version == 6
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if v6:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_BASE | f.peer_segment)
+            s.bind((cli_ip, 0))
+            self.ft.steer_upstream(f, seg, (cli_ip, s.getsockname()[1]), dst)
+            s.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(s, dst)
+            return s
+        except BaseException:
+            self.stats["upstream_failed"] += 1
+            s.close()
+            raise
+
+
+def _command_thread(svc: Service, sock: socket.socket, on_eof) -> None:
+    while True:
+        try:
+            req = control.recv_frame(sock)
+        except (ConnectionError, OSError, control.ControlError):
+            on_eof()
+            return
+        try:
+            reply = svc.command(req)
+        except Exception as e:  # noqa: BLE001
+            log.exception("command %r failed", req.get("op"))
+            reply = {"ok": False, "error": str(e)}
+        try:
+            control.send_frame(sock, reply)
+        except OSError:
+            on_eof()
+            return
+
+
+async def _amain(args) -> int:
+    from .proxy import Verifier
+
+    loop = asyncio.get_running_loop()
+    listeners = [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",") if fd]
+    for s in listeners:
+        s.setblocking(False)
+    sink = EventSink(socket.socket(fileno=args.event_fd) if args.event_fd >= 0 else None)
+    svc = Service(args.maps_dir, sink)
+    stop = asyncio.Event()
+    cmd = socket.socket(fileno=args.cmd_fd)
+    threading.Thread(target=_command_thread, args=(svc, cmd, lambda: loop.call_soon_threadsafe(stop.set)),
+                     daemon=True, name="commands").start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    verifier = Verifier(svc.resolve, svc.open_upstream, sink, max_connections=args.max_connections)
+    server = asyncio.ensure_future(verifier.serve(listeners))
+    sink.connection(None, "ready", f"pid {os.getpid()}")
+    await stop.wait()
+    await verifier.close()
+    server.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bulkhead-verifier", description=__doc__.splitlines()[0])
+    ap.add_argument("--listen-fds", required=True)
+    ap.add_argument("--cmd-fd", type=int, required=True)
+    ap.add_argument("--event-fd", type=int, default=-1)
+    ap.add_argument("--maps-dir", required=True)
+    ap.add_argument("--max-connections", type=int, default=10000)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
