@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+# The network namespace this process was in when pytest imported us (collection, before any
+# fixture ran). conftest's bench_dp moves the whole process into a fresh namespace, whose
+# loopback is down, for the rest of the session; our processes must live on a working lo.
+_HOME_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY)
+_CLONE_NEWNET = 0x40000000
+
 CPU_PROXY = 0   # the proxy under test (HAProxy or the verifier), alone on this core
 CPU_CLIENT = 1  # wrk and the origin
 
@@ -114,6 +120,32 @@ class Procs:
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=5)
         self.procs.clear()
+
+
+def _setns(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def home_netns():
+    """Run the body in the network namespace we were imported in; switch back after."""
+    cur = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        same = os.fstat(cur).st_ino == os.fstat(_HOME_NETNS).st_ino
+        if not same:
+            _setns(_HOME_NETNS)
+        try:
+            yield
+        finally:
+            if not same:
+                _setns(cur)
+    finally:
+        os.close(cur)
 
 
 @contextlib.contextmanager

@@ -98,7 +98,7 @@ def l7_setup():
     why = _skip_reason()
     if why:
         pytest.skip(why)
-    with L.workspace() as procs:
+    with L.home_netns(), L.workspace() as procs:
         ports = {t: L.free_port() for t in TARGETS}
         origin = L.start_haproxy(procs, "origin", L.haproxy_origin_cfg(ports["direct"]), ports["direct"],
                                  cpu=L.CPU_CLIENT)
@@ -214,7 +214,7 @@ def verdicts(results: list[dict]) -> list[str]:
         ratio = by["load"]["verifier_over_haproxy_rps"]
         met = ratio is not None and ratio >= RPS_TARGET
         out.append(f"- requests/s target (verifier >= {RPS_TARGET:.0%} of HAProxy, load): "
-                   f"{_f(ratio)} -> **{'MET' if met else 'NOT MET'}**")
+                   f"{_f(ratio, '{:.3f}')} -> **{'MET' if met else 'NOT MET'}**")
     for name in ("paced", "paced-1cpu"):
         if name not in by:
             continue
