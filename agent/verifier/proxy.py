@@ -87,9 +87,18 @@ class FlowContext:
     flow_id: str = ""
 
 
-@dataclasses.dataclass
+_RECORD_FIELDS = ("method", "path", "host", "verdict", "rule", "status", "reason", "bytes_in", "bytes_out",
+                  "decision_s", "connect_s", "ttfb_s", "total_s")
+
+
 class RequestRecord:
-    """One per request the verifier answered or forwarded."""
+    """One per request the verifier answered or forwarded.
+
+    A plain __slots__ class (one is made per request on the hot path); as_dict()
+    and dict(rec) give the fields.
+    """
+
+    __slots__ = _RECORD_FIELDS
 
     method: str
     path: str
@@ -98,15 +107,50 @@ class RequestRecord:
     rule: Optional[str]
     status: int           # status the client got (0: none, the connection was cut)
     reason: str
-    bytes_in: int = 0     # request body bytes received from the client
-    bytes_out: int = 0    # response body bytes sent to the client
-    decision_s: float = 0.0
-    connect_s: float = 0.0  # upstream connect (+ TLS) time; 0 when the connection was reused
-    ttfb_s: float = 0.0     # request sent upstream -> first response byte
-    total_s: float = 0.0    # first request byte -> response complete
+    bytes_in: int         # request body bytes received from the client
+    bytes_out: int        # response body bytes sent to the client
+    decision_s: float
+    connect_s: float      # upstream connect (+ TLS) time; 0 when the connection was reused
+    ttfb_s: float         # request sent upstream -> first response byte
+    total_s: float        # first request byte -> response complete
+
+    def __init__(self, method: str, path: str, host: Optional[str], verdict: str, rule: Optional[str],
+                 status: int, reason: str, bytes_in: int = 0, bytes_out: int = 0, decision_s: float = 0.0,
+                 connect_s: float = 0.0, ttfb_s: float = 0.0, total_s: float = 0.0):
+        self.method = method
+        self.path = path
+        self.host = host
+        self.verdict = verdict
+        self.rule = rule
+        self.status = status
+        self.reason = reason
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.decision_s = decision_s
+        self.connect_s = connect_s
+        self.ttfb_s = ttfb_s
+        self.total_s = total_s
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: getattr(self, k) for k in _RECORD_FIELDS}
+
+    def keys(self):
+        return _RECORD_FIELDS
+
+    def __getitem__(self, k: str):
+        if k not in _RECORD_FIELDS:
+            raise KeyError(k)
+        return getattr(self, k)
+
+    def __eq__(self, other):
+        if other.__class__ is not RequestRecord:
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    __hash__ = None  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return "RequestRecord(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in _RECORD_FIELDS) + ")"
 
 
 class Sink(Protocol):
@@ -534,6 +578,8 @@ class _Conn(asyncio.Protocol):
         self.host_raw: Optional[bytes] = None
         self.raw_head: Optional[bytes] = None  # the read being parsed, when it is exactly one head
         self.host_norm: Optional[str] = None
+        self.target_key: Optional[tuple] = None  # (method, target) bytes of the last normalized target
+        self.target_norm: tuple = ()
         self.transport: Optional[asyncio.Transport] = None
         self.parser = httptools.HttpRequestParser(self)
         self.phase = IDLE
@@ -962,8 +1008,13 @@ class _Conn(asyncio.Protocol):
     def _decide(self, ex: _Exchange) -> None:
         ctx = self.ctx
         method = _METHODS.get(ex.method) or ex.method.decode("ascii")
-        target = ex.target.decode("latin-1")
-        path, query, authority = normalize_target(method, target)
+        tkey = (ex.method, ex.target)
+        if tkey == self.target_key:  # keep-alive: the same request target again
+            target, path, query, authority = self.target_norm
+        else:
+            target = ex.target.decode("latin-1")
+            path, query, authority = normalize_target(method, target)
+            self.target_key, self.target_norm = tkey, (target, path, query, authority)
         ex.path = path
         host = None
         hh = ex.host_hdr
@@ -987,8 +1038,7 @@ class _Conn(asyncio.Protocol):
             ex.action, ex.status, ex.verdict = DENY, 403, "deny"
             ex.reason = f"host {host} is not app {ctx.dst_app}'s"
             return
-        headers = tuple([(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in ex.headers])
-        d = ctx.rules.check(Request(method, path, query, host, headers))
+        d = ctx.rules.check(Request(method, path, query, host, raw_headers=ex.headers))
         ex.rule = d.rule
         ex.reason = d.reason
         if d.allowed:
@@ -1223,15 +1273,18 @@ class _Conn(asyncio.Protocol):
     def record(self, ex: _Exchange, status: Optional[int] = None, verdict: Optional[str] = None,
                reason: Optional[str] = None) -> None:
         ex.recorded = True
+        sink = self.v.sink
+        if sink.__class__ is _NullSink:
+            return
+        m = ex.method
         rec = RequestRecord(
-            method=ex.method.decode("latin-1"), path=ex.path or ex.target.decode("latin-1"),
-            host=ex.host, verdict=verdict or ex.verdict or "error", rule=ex.rule,
-            status=ex.resp_status if status is None else status,
-            reason=reason if reason is not None else ex.reason,
-            bytes_in=ex.bytes_in, bytes_out=ex.bytes_out, decision_s=ex.decision_s,
-            connect_s=ex.connect_s, ttfb_s=ex.ttfb_s, total_s=_clock() - ex.t0)
+            _METHODS.get(m) or m.decode("latin-1"), ex.path or ex.target.decode("latin-1"),
+            ex.host, verdict or ex.verdict or "error", ex.rule,
+            ex.resp_status if status is None else status,
+            reason if reason is not None else ex.reason,
+            ex.bytes_in, ex.bytes_out, ex.decision_s, ex.connect_s, ex.ttfb_s, _clock() - ex.t0)
         try:
-            self.v.sink.request(self.ctx, rec)
+            sink.request(self.ctx, rec)
         except Exception:
             log.exception("verifier: sink failed")
 

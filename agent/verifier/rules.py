@@ -33,13 +33,52 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _PATH_BAD = re.compile(r"[\x00-\x20\x7f\\#%]")
 
 
-@dataclasses.dataclass(frozen=True)
 class Request:
+    """One normalized request (read-only by convention).
+
+    A plain __slots__ class, not a frozen dataclass: one is built per request on the
+    verifier's hot path. `headers` may be given decoded, or as `raw_headers` — the
+    (name, value) byte pairs as received — decoded only if a condition reads them.
+    """
+
+    __slots__ = ("method", "path", "query", "host", "_headers", "_raw")
+
     method: str  # as received; matched upper-cased
     path: str  # normalized (normalize_target)
     query: Optional[str]
     host: Optional[str]  # normalized (normalize_host), None if absent
-    headers: tuple[tuple[str, str], ...]  # (lowercased name, value), received order, duplicates kept
+
+    def __init__(self, method: str, path: str, query: Optional[str], host: Optional[str],
+                 headers: Optional[tuple] = (), raw_headers: Optional[list] = None):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.host = host
+        self._headers = None if raw_headers is not None else tuple(headers or ())
+        self._raw = raw_headers
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """(lowercased name, value), received order, duplicates kept."""
+        h = self._headers
+        if h is None:
+            h = self._headers = tuple([(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in self._raw])
+        return h
+
+    def _key(self) -> tuple:
+        return (self.method, self.path, self.query, self.host, self.headers)
+
+    def __eq__(self, other):
+        if other.__class__ is not Request:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Request(method={self.method!r}, path={self.path!r}, query={self.query!r}, "
+                f"host={self.host!r}, headers={self.headers!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +149,11 @@ Cond = Callable[[_Ctx], Optional[str]]  # None = holds, else the reason it does 
 
 
 class _Entry:
-    __slots__ = ("conds",)
+    __slots__ = ("conds", "static")
 
-    def __init__(self, conds: list[Cond]):
+    def __init__(self, conds: list[Cond], static: bool = False):
         self.conds = tuple(conds)
+        self.static = static  # only methods/paths/hosts: the outcome depends on (method, path, host) alone
 
 
 def _safe(text: str, limit: int = 64) -> str:
@@ -417,7 +457,7 @@ def _compile_entry(i: int, entry: Any, base_dir: Optional[str], errors: list[Rul
             conds.append(_tokens_cond(verifiers))
     if len(errors) > before:
         return None
-    return _Entry(conds)
+    return _Entry(conds, static="headers" not in entry and "tokens" not in entry)
 
 
 class HttpRule:
@@ -463,12 +503,32 @@ class RuleSet:
     furthest (ties: the earlier rule) and why that entry failed.
     """
 
-    __slots__ = ("rules",)
+    __slots__ = ("rules", "_cache")
+
+    CACHE_MAX = 4096
 
     def __init__(self, rules: list[HttpRule]):
         self.rules = tuple(rules)
+        # Decisions of a rule set whose every entry looks only at the method, path and
+        # host are cached by (method, path, host): Decisions are immutable, and a new
+        # policy makes a new RuleSet (with an empty cache).
+        static = all(e.static for r in self.rules for e in r.entries)
+        self._cache: Optional[dict] = {} if static else None
 
     def check(self, req: Request, now: Optional[float] = None) -> Decision:
+        cache = self._cache
+        if cache is not None:
+            key = (req.method, req.path, req.host)
+            d = cache.get(key)
+            if d is None:
+                d = self._check(req, now)
+                if len(cache) >= self.CACHE_MAX:
+                    cache.clear()
+                cache[key] = d
+            return d
+        return self._check(req, now)
+
+    def _check(self, req: Request, now: Optional[float]) -> Decision:
         ctx = _Ctx(req, now)
         best = None
         for rule in self.rules:
