@@ -836,15 +836,13 @@ class _Conn(asyncio.Protocol):
 
     # -- request parser callbacks
     def on_message_begin(self):
-        now = self.loop.time()
-        ex = _Exchange(_clock())
-        self.cur = ex
+        self.cur = _Exchange(_clock())
         self.phase = HEAD
         self.exact_count = 0
         if self.dl_idle:
             self.dl_idle = 0.0
         if not self.dl_head:
-            self.dl_head = now + self.header_timeout
+            self.dl_head = self.loop.time() + self.header_timeout
             self.arm(self.dl_head)
 
     def on_url(self, url: bytes):
@@ -868,14 +866,18 @@ class _Conn(asyncio.Protocol):
                 ex.trailers.append((name, value.rstrip(b" \t")))
             return
         value = value.rstrip(b" \t")
-        ex.headers.append((name, value))
-        self.exact_count += len(name) + len(value) + 4
-        if self.exact_count > self.max_head:
+        headers = ex.headers
+        headers.append((name, value))
+        n = len(name)
+        self.exact_count = c = self.exact_count + n + len(value) + 4
+        if c > self.max_head:
             self.refuse(ex, 431, f"request head larger than {self.max_head} bytes")
             raise _Stop()
-        if len(ex.headers) > HEADERS_MAX:
+        if len(headers) > HEADERS_MAX:
             self.refuse(ex, 431, f"more than {HEADERS_MAX} header fields")
             raise _Stop()
+        if n != 4 and n != 6 and n != 14 and n != 17:
+            return  # not one of the names below
         ln = name.lower()
         if ln == b"host":
             ex.n_host += 1
