@@ -107,6 +107,15 @@ def http_probe(topo: Topology, c: HttpCheck) -> tuple[str, str]:
         s.close()
 
 
+def print_rows(rows: list[tuple]) -> None:
+    """Columns padded to the widest cell; a rule under the header row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(col.ljust(w) for col, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def print_http(topo: Topology) -> int:
     print(f"\nHTTP to catalog {CATALOG_V4}:{HTTP_PORT}, decided per request by the L7 verifier:")
     rows = [("FROM", "REQUEST", "RESULT", "EXPECTED", "MATCH", "WHY")]
@@ -117,11 +126,7 @@ def print_http(topo: Topology) -> int:
         bad += not ok
         rows.append((f"{c.segment}/{c.app}", f"{c.method} {c.path}", f"{result} {detail}".strip()[:60],
                      c.expect, "ok" if ok else "MISMATCH", c.why))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, r in enumerate(rows):
-        print("  ".join(col.ljust(w) for col, w in zip(r, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_rows(rows)
     return bad
 
 
@@ -157,11 +162,7 @@ def print_table(results: list[tuple[Check, Probe]]) -> int:
         bad += not ok
         rows.append((f"{c.segment}/{c.app} {CLIENT_V4}" if ":" not in c.addr else f"{c.segment}/{c.app} fd00:1::10",
                      c.target, describe(p, c.port is None), c.expect, "ok" if ok else "MISMATCH", c.why))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, r in enumerate(rows):
-        print("  ".join(col.ljust(w) for col, w in zip(r, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_rows(rows)
     return bad
 
 

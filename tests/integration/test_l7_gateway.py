@@ -220,13 +220,15 @@ def test_verifier_crash_fails_closed_and_is_restarted(l7):
 
 def test_no_verifier_no_l7_traffic(l7):
     """Agent gone: the verifier is gone too, and L7 flows are dropped, counted."""
+    before = l7.counters().get("punt_no_handler", 0)
     l7.agent.stop()
     try:
         probe = l7.topo.tcp("prod", CATALOG_V4, PORT, timeout=1.0)
         assert not probe.ok
     finally:
         l7.agent.start(l7.write(l7.policy_yaml(*l7_rules(), apps=APPS)))
-    assert l7.counters().get("punt_no_handler", 0) >= 1
+    # The pinned counters outlive the agent: the dropped SYN (and its retries) were counted.
+    assert l7.counters().get("punt_no_handler", 0) > before
 
 
 def test_audit_mode_forwards_and_records_would_be_denials(l7):

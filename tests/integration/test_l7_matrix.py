@@ -26,6 +26,7 @@ import yaml
 
 from agent.topology import CATALOG_V4, PAYMENTS_V4, REPO, AgentRunner
 from l7 import cases
+from l7.loopback import OriginLogs
 from l7.material import VAULT_NAME, Material
 
 pytestmark = [pytest.mark.root, pytest.mark.integration, pytest.mark.timeout(180)]
@@ -54,8 +55,7 @@ class GatewayTarget:
         self.ca_file = material.ca_file
         self.host, self.port = CATALOG_V4, 80
         self.tls_host, self.tls_port = PAYMENTS_V4, 443
-        self._logs = logs
-        self._log_pos = {p: 0 for p in logs}
+        self.origin_log = OriginLogs(logs)
         self._seq = self._last_seq()
 
     def connect(self, tls: bool = False, server_hostname: str | None = None) -> socket.socket:
@@ -84,19 +84,6 @@ class GatewayTarget:
         if recs:
             self._seq = recs[-1]["seq"]
         return recs
-
-    def origin_log(self) -> list[dict]:
-        out = []
-        for p in self._logs:
-            if not p.exists():
-                continue
-            with open(p, "rb") as f:
-                f.seek(self._log_pos[p])
-                data = f.read()
-            end = data.rfind(b"\n") + 1
-            self._log_pos[p] += end
-            out += [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-        return out
 
 
 @pytest.fixture(scope="module")

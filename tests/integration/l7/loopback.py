@@ -150,6 +150,26 @@ class EngineThread:
         return out
 
 
+class OriginLogs:
+    """`target.origin_log()`: the complete JSON lines origin.py --log wrote since the last call."""
+
+    def __init__(self, paths: list[Path]):
+        self.pos = {p: 0 for p in paths}
+
+    def __call__(self) -> list[dict]:
+        out = []
+        for p in self.pos:
+            if not p.exists():
+                continue
+            with open(p, "rb") as f:
+                f.seek(self.pos[p])
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            self.pos[p] += end
+            out += [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        return out
+
+
 class LoopbackTarget:
     """The `target` of cases.py on loopback."""
 
@@ -161,7 +181,7 @@ class LoopbackTarget:
         self.host = self.tls_host = "127.0.0.1"
         self._procs: list[subprocess.Popen] = []
         self._logs = [self.dir / "catalog.log", self.dir / "vault.log"]
-        self._log_pos = {p: 0 for p in self._logs}
+        self.origin_log = OriginLogs(self._logs)
         self.engine: EngineThread | None = None
 
     # -- lifecycle
@@ -221,18 +241,6 @@ class LoopbackTarget:
     def records(self) -> list[dict]:
         return self.engine.records()
 
-    def origin_log(self) -> list[dict]:
-        out = []
-        for p in self._logs:
-            if not p.exists():
-                continue
-            with open(p, "rb") as f:
-                f.seek(self._log_pos[p])
-                data = f.read()
-            end = data.rfind(b"\n") + 1
-            self._log_pos[p] += end
-            out += [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-        return out
 
 
 def cleanup_env() -> None:
