@@ -363,5 +363,49 @@ def verifier_serve(listen, upstream, policy_file, rules, tls_app, as_json, quiet
     sys.exit(code)
 
 
+# --------------------------------------------------------------------- top
+@main.command()
+@STATE_DIR_OPT
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between refreshes (rates are measured over it).")
+@click.option("--once", is_flag=True,
+              help="Print one frame and exit (samples twice, --interval apart, for the rates; "
+                   "--interval 0: one sample, no rates).")
+@JSON_OPT
+@click.option("--rows", default=10, show_default=True, type=click.IntRange(min=1), help="Rows per table.")
+def top(state_dir: str, interval: float, once: bool, as_json: bool, rows: int) -> None:
+    """Live view of the busiest app pairs, denials and hop latencies.
+
+    \b
+    Refreshes every --interval seconds until Ctrl-C:
+      - packets and bytes per second by verdict (pass, drop, reject, and
+        audit: would-be denials that were passed), new flows per second;
+      - the busiest app pairs in the flow table: flows, verdicts, rules,
+        bytes each way, bytes per second;
+      - recent denials (drop/reject) from the flow log, and would-be denials
+        (audit) in a panel of their own;
+      - hop latency per app pair measured at the gateway (p50/p99/mean of
+        server_rtt, client_rtt, server_time), and the L7 verifier's state.
+
+    \b
+    Examples:
+      bulkhead top                       # live, until Ctrl-C
+      bulkhead top --once                # one frame (takes --interval seconds)
+      bulkhead top --once --json | jq '.pairs[0]'
+    With --json and no --once, one JSON frame per line per refresh.
+    """
+    from . import top as top_mod
+
+    try:
+        sys.exit(top_mod.run(lambda op, **kw: control.request(state_dir, op, **kw),
+                             interval, once, as_json, rows))
+    except control.ControlError as e:
+        _fail(str(e))
+    except top_mod.TopError as e:
+        _fail(str(e))
+    except (OSError, ConnectionError) as e:
+        _fail(f"control socket: {e}")
+
+
 if __name__ == "__main__":
     main()
