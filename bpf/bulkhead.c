@@ -379,6 +379,214 @@ static __always_inline int bh_flow_put(const struct bh_pkt *p, __u32 seg, int re
 	return rc;
 }
 
+/*
+ * ---------------------------------------------------------------- telemetry
+ * Flow events (ring buffer), flows per app pair and hop-latency histograms.
+ * All of it runs per flow, never per packet: the established path only
+ * tests two flag bytes it already has in registers (bh_observe_wanted).
+ * BH_NO_TELEMETRY compiles it out (benchmarks: the cost of having it).
+ */
+#ifndef BH_NO_TELEMETRY
+/*
+ * Send one flow event. `v` is the entry of this packet's direction after
+ * the event, `o` the other direction's (or NULL); the tuple is turned
+ * around for a reply so the event always reads client -> server.
+ */
+static __always_inline void bh_fe_emit(struct xdp_md *ctx, __u8 kind, const struct bh_pkt *p, int is_reply,
+				       __u32 seg, const struct bh_flow *v, const struct bh_flow *o, __u8 reason,
+				       __u8 prev_reason, const struct bh_sni_state *st)
+{
+	__u32 zero = 0;
+	struct bh_flow_event *e = ev_scratch.lookup(&zero);
+
+	if (!e)
+		return;
+	const struct bh_flow *fw = is_reply ? o : v;
+	const struct bh_flow *rp = is_reply ? v : o;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->packets = fw ? fw->packets : 0;
+	e->bytes = fw ? fw->bytes : 0;
+	e->r_packets = rp ? rp->packets : 0;
+	e->r_bytes = rp ? rp->bytes : 0;
+	__builtin_memcpy(e->saddr, is_reply ? p->daddr : p->saddr, 16);
+	__builtin_memcpy(e->daddr, is_reply ? p->saddr : p->daddr, 16);
+	e->sport_be = is_reply ? p->dport_be : p->sport_be;
+	e->dport_be = is_reply ? p->sport_be : p->dport_be;
+	e->src_app = v->src_app;
+	e->dst_app = v->dst_app;
+	e->rule_id = v->rule_id;
+	e->generation = v->generation;
+	e->segment_id = is_reply ? v->peer_segment : seg;
+	e->peer_segment = is_reply ? seg : v->peer_segment;
+	e->kind = kind;
+	e->family = p->family;
+	e->proto = p->proto;
+	e->reason = reason;
+	e->prev_reason = prev_reason;
+	e->flags = (v->flags & BH_ACTF_AUDIT) | (is_reply ? BH_FLOWF_REPLY : 0);
+	e->tcp_flags = p->tcp_flags;
+	e->sni_len = 0;
+	if (st && (st->flags & BH_SNIF_HAVE_NAME)) {
+		__builtin_memcpy(e->sni, st->name, BH_SNI_LOG_LEN);
+		e->sni_len = st->name_len > BH_SNI_LOG_LEN ? BH_SNI_LOG_LEN : st->name_len;
+	}
+#ifdef BH_EVENTS_PERF
+	if (flow_events.perf_submit(ctx, e, sizeof(*e)))
+#else
+	if (flow_events.ringbuf_output(e, sizeof(*e), 0))
+#endif
+		bh_event(BH_EV_FLOW_EVENT_LOST);
+}
+
+/* One more flow judged for (src app, dst app, rule, reason): exact, per CPU. */
+static __always_inline void bh_pair_count(const struct bh_flow *v, __u8 reason)
+{
+	struct bh_pair_key k = {};
+	__u64 one = 1;
+
+	k.src_app = v->src_app;
+	k.dst_app = v->dst_app;
+	k.rule_id = v->rule_id;
+	k.reason = reason;
+	__u64 *c = pair_flows.lookup(&k);
+	if (c)
+		(*c)++;
+	else if (pair_flows.update(&k, &one))
+		bh_event(BH_EV_PAIR_FULL);
+}
+
+static __always_inline __u8 bh_log2_bucket(__u32 x)
+{
+	__u32 r = 0;
+
+	if (x >> 16) {
+		x >>= 16;
+		r += 16;
+	}
+	if (x >> 8) {
+		x >>= 8;
+		r += 8;
+	}
+	if (x >> 4) {
+		x >>= 4;
+		r += 4;
+	}
+	if (x >> 2) {
+		x >>= 2;
+		r += 2;
+	}
+	if (x >> 1)
+		r += 1;
+	return r >= BH_LAT_BUCKETS ? BH_LAT_BUCKETS - 1 : r;
+}
+
+/* One hop-latency sample (units of 1024 ns) for the flow's app pair. */
+static __always_inline void bh_lat_sample(const struct bh_flow *f, __u8 kind, __u32 units)
+{
+	struct bh_lat_key k = {};
+
+	k.src_app = f->src_app;
+	k.dst_app = f->dst_app;
+	k.kind = kind;
+	k.bucket = bh_log2_bucket(units);
+	struct bh_lat_val *lv = lat_hist.lookup(&k);
+	if (lv) {
+		lv->count++;
+		lv->sum_units += units;
+	} else {
+		struct bh_lat_val n = {};
+		n.count = 1;
+		n.sum_units = units;
+		if (lat_hist.update(&k, &n)) {
+			bh_event(BH_EV_LAT_HIST_FULL);
+			return;
+		}
+	}
+	bh_event(BH_EV_LAT_SAMPLE);
+}
+
+/*
+ * Does this packet of an established entry carry a timing sample or the
+ * flow's end? Exact, so that bh_observe always clears what made it true:
+ * bulkhead_observe hands the packet back to bulkhead_xdp, which must not
+ * send it round again. The first test is the common case: nothing pending.
+ */
+static __always_inline int bh_observe_wanted(const struct bh_flow *f, const struct bh_pkt *p)
+{
+	__u8 tf = p->tcp_flags;
+
+	if (!((f->flags & BH_FLOWF_OBSERVE) | (tf & (BH_TCP_FIN | BH_TCP_RST))))
+		return 0;
+	if ((tf & (BH_TCP_FIN | BH_TCP_RST)) && !(f->flags & BH_FLOWF_ENDED))
+		return 1;
+	if (f->flags & BH_FLOWF_T_HS) {
+		/* reply: any packet settles it (a SYN-ACK samples); forward: any but a SYN. */
+		if ((f->flags & BH_FLOWF_REPLY) || !(tf & BH_TCP_SYN))
+			return 1;
+	}
+	return (f->flags & BH_FLOWF_T_DATA) && p->l4_len > p->tcp_doff;
+}
+
+/*
+ * Hop timing and the end of a TCP flow, on the packets that carry them:
+ *   server RTT  = SYN-ACK - SYN        (reply entry; its t_a is the SYN's time)
+ *   client RTT  = ACK - SYN-ACK        (forward entry; t_b written at the SYN-ACK)
+ *   server time = first response byte - first request byte
+ * and one end event per flow at its first FIN or RST (both entries marked).
+ */
+static __always_inline void bh_observe(struct xdp_md *ctx, struct bh_pkt *p, struct bh_flow *f, __u32 seg)
+{
+	__u8 tf = p->tcp_flags;
+	int reply = f->flags & BH_FLOWF_REPLY;
+	int payload = p->l4_len > p->tcp_doff;
+	struct bh_flow *o;
+	__u32 t = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
+
+	if (reply) {
+		if (f->flags & BH_FLOWF_T_HS) {
+			f->flags &= ~BH_FLOWF_T_HS;
+			if ((tf & (BH_TCP_SYN | BH_TCP_ACK)) == (BH_TCP_SYN | BH_TCP_ACK)) {
+				bh_lat_sample(f, BH_LAT_SERVER_RTT, t - f->t_a);
+				o = bh_flow_get(p, f->peer_segment, 1);
+				if (o && (o->flags & BH_FLOWF_T_HS))
+					o->t_b = t;
+			}
+		}
+		if ((f->flags & BH_FLOWF_T_DATA) && payload) {
+			f->flags &= ~BH_FLOWF_T_DATA;
+			o = bh_flow_get(p, f->peer_segment, 1);
+			/* The forward entry's t_a is the request's time once its T_DATA is clear. */
+			if (o && !(o->flags & BH_FLOWF_T_DATA) && o->t_a && o->t_b)
+				bh_lat_sample(f, BH_LAT_SERVER_TIME, t - o->t_a);
+		}
+	} else {
+		if ((f->flags & BH_FLOWF_T_HS) && !(tf & BH_TCP_SYN)) {
+			f->flags &= ~BH_FLOWF_T_HS;
+			if (f->t_b && (tf & BH_TCP_ACK))
+				bh_lat_sample(f, BH_LAT_CLIENT_RTT, t - f->t_b);
+		}
+		if ((f->flags & BH_FLOWF_T_DATA) && payload) {
+			f->flags &= ~BH_FLOWF_T_DATA;
+			if (f->t_b)
+				f->t_a = t; /* the request's first byte; kept only after a measured handshake */
+			else
+				f->t_a = 0;
+		}
+	}
+	if (!(tf & (BH_TCP_FIN | BH_TCP_RST)) || (f->flags & BH_FLOWF_ENDED))
+		return;
+	f->flags |= BH_FLOWF_ENDED;
+	o = f->peer_segment ? bh_flow_get(p, f->peer_segment, 1) : NULL;
+	if (o) {
+		if (o->flags & BH_FLOWF_ENDED)
+			return; /* the other direction's end already told */
+		o->flags |= BH_FLOWF_ENDED;
+	}
+	bh_pkt_addrs16(p);
+	bh_fe_emit(ctx, BH_FE_END, p, reply, seg, f, o, (reply && o) ? o->reason : f->reason, 0, NULL);
+}
+#endif /* BH_NO_TELEMETRY */
+
 static __always_inline void bh_frag_key(const struct bh_pkt *p, __u32 seg, struct bh_frag_key *k)
 {
 	__builtin_memcpy(k->saddr, p->saddr, 16);
@@ -554,12 +762,25 @@ int bulkhead_xdp(struct xdp_md *ctx)
 	if (p.icmp_error)
 		return bh_icmp_error(&p, seg, cfg->generation, len);
 
-	/* Established path: one hash lookup. */
+	/*
+	 * Established path: one hash lookup. A pure SYN on a forward entry whose
+	 * handshake is not pending (it completed, or the entry was made without
+	 * one) is a new connection on a reused 5-tuple: judged afresh (a new flow
+	 * event, and a new ClientHello for a flow decided by server name). A SYN
+	 * while the handshake is pending is a retransmission.
+	 */
 	struct bh_flow *f = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, seg, 0);
-	if (f && f->generation == cfg->generation) {
+	int syn_only = (p.tcp_flags & (BH_TCP_SYN | BH_TCP_ACK)) == BH_TCP_SYN;
+	int reused = syn_only && f && !(f->flags & (BH_FLOWF_REPLY | BH_FLOWF_T_HS));
+	if (f && f->generation == cfg->generation && !reused) {
 		f->last_seen_ns = now;
 		f->packets++;
 		f->bytes += len;
+#ifndef BH_NO_TELEMETRY
+		/* A few packets per TCP flow (handshake, first data, FIN/RST): measured in bulkhead_observe. */
+		if (bh_observe_wanted(f, &p))
+			tails.call(ctx, BH_TAIL_OBSERVE); /* comes back here; on failure, go on unmeasured */
+#endif
 		if (f->reason == BH_R_SNI_PENDING)
 			return bh_sni_pending(ctx, &p, f->flags & BH_FLOWF_REPLY, len, ctl_flags);
 		if (p.frag == BH_FRAG_FIRST) {
@@ -582,6 +803,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		bh_classify(slot, cfg, client_seg, p.daddr, p.saddr, p.proto,
 			    bh_has_ports(p.proto) ? p.sport_be : 0, &v);
 		is_reply = 1;
+		__u8 fwd_reason = v.reason;
 		if (bh_reason_xdp(v.reason) == XDP_PASS && v.reason != BH_R_SNI_PENDING) {
 			/* The reply side of a verifier's upstream connection stays steered to it. */
 			int upstream = f->reason == BH_R_L7_UPSTREAM && v.reason == BH_R_L7_STEER;
@@ -595,6 +817,10 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		v.bytes = f->bytes + len;
 		bh_flow_put(&p, seg, 0, &v);
 		bh_event(BH_EV_FLOW_RECLASSIFY);
+#ifndef BH_NO_TELEMETRY
+		if (v.reason != f->reason || v.rule_id != f->rule_id)
+			bh_fe_emit(ctx, BH_FE_CHANGE, &p, 1, seg, &v, NULL, fwd_reason, f->reason, NULL);
+#endif
 		/* A name decided under the old policy is re-decided from its stored hashes. */
 		if (v.reason == BH_R_SNI_PENDING) {
 			tails.call(ctx, BH_TAIL_SNI);
@@ -606,6 +832,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		v.packets = 1;
 		v.bytes = len;
 		int pass = bh_reason_xdp(v.reason) == XDP_PASS;
+		int reply_new = 0;
 		if (pass && !v.peer_segment)
 			v.peer_segment = bh_fib_segment(ctx, slot, &p);
 		if (pass && v.peer_segment) {
@@ -623,13 +850,38 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			 * FLOW_COLLISION (tests/bpf: test_reply_segment_from_fib).
 			 */
 			struct bh_flow *r = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, v.peer_segment, 1);
-			if (r && r->peer_segment && r->peer_segment != seg && r->last_seen_ns + BH_FLOW_IDLE_NS > now)
+			if (r && r->peer_segment && r->peer_segment != seg && r->last_seen_ns + BH_FLOW_IDLE_NS > now) {
+#ifndef BH_NO_TELEMETRY
+				bh_pair_count(&v, BH_R_FLOW_COLLISION);
+				bh_fe_emit(ctx, BH_FE_NEW, &p, 0, seg, &v, NULL, BH_R_FLOW_COLLISION, 0, NULL);
+#endif
 				return bh_record(BH_R_FLOW_COLLISION, XDP_DROP, len);
+			}
+			reply_new = !r;
 		}
+		/* A new connection (no entry, or a SYN on a reused 5-tuple) rather than a re-judged one. */
+		int fresh = !f || reused;
+#ifndef BH_NO_TELEMETRY
+		if (fresh) {
+			/* Pending flows are counted when their name is decided (bulkhead_sni). */
+			if (v.reason != BH_R_SNI_PENDING)
+				bh_pair_count(&v, v.reason);
+			bh_fe_emit(ctx, BH_FE_NEW, &p, 0, seg, &v, NULL, v.reason, 0, NULL);
+		} else if (v.reason != f->reason || v.rule_id != f->rule_id) {
+			bh_fe_emit(ctx, BH_FE_CHANGE, &p, 0, seg, &v, NULL, v.reason, f->reason, NULL);
+		}
+		/* Hop timing starts at the SYN (T_HS also tells a retransmitted SYN from a new one). */
+		if (syn_only) {
+			v.flags |= BH_FLOWF_OBSERVE;
+			v.t_a = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
+		}
+#endif
 		if (!(ctl_flags & BH_CTL_BYPASS_FLOWS)) {
-			if (!f && v.reason == BH_R_SNI_PENDING)
+			if (fresh && v.reason == BH_R_SNI_PENDING)
 				v.flags |= BH_FLOWF_FRESH; /* cleared by bulkhead_sni */
 			bh_flow_put(&p, seg, 0, &v);
+			if (!f)
+				bh_event(BH_EV_FLOW_ENTRY_NEW);
 			if (pass && v.peer_segment) {
 				/* Reuse v for the reply entry (stack is tight); keep what follows needs. */
 				__u8 fwd_reason = v.reason;
@@ -643,9 +895,11 @@ int bulkhead_xdp(struct xdp_md *ctx)
 				v.packets = 0;
 				v.bytes = 0;
 				bh_flow_put(&p, reply_seg, 1, &v);
+				if (reply_new)
+					bh_event(BH_EV_FLOW_ENTRY_NEW);
 				v.reason = fwd_reason;
 			}
-			bh_event(f ? BH_EV_FLOW_RECLASSIFY : BH_EV_FLOW_NEW);
+			bh_event(fresh ? BH_EV_FLOW_NEW : BH_EV_FLOW_RECLASSIFY);
 			/* bulkhead_sni starts the flow's parse state (a fresh flow must not
 			 * inherit an older connection's), parses payload on the first packet
 			 * (TCP Fast Open, a flow picked up mid-stream), or re-decides a flow
@@ -660,6 +914,36 @@ int bulkhead_xdp(struct xdp_md *ctx)
 	if (p.frag == BH_FRAG_FIRST)
 		bh_remember_fragment(&p, seg, now, v.reason);
 	return bh_apply(ctx, &p, v.reason, is_reply, len, seg, ctl_flags);
+}
+
+/*
+ * Tail call target for the packets bh_observe_wanted() picks: record their
+ * hop timing or the flow's end, then hand the packet back to bulkhead_xdp,
+ * which judges it as usual (bh_observe cleared what sent it here).
+ */
+int bulkhead_observe(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct bh_pkt p;
+
+#ifndef BH_NO_TELEMETRY
+	bh_pkt_init(&p);
+	if (bh_parse(data, data_end, &p) == BH_PARSE_OK && p.proto == IPPROTO_TCP) {
+		__u32 zero = 0;
+		struct bh_ctl *gc = ctl.lookup(&zero);
+		if (gc) {
+			__u32 slot = gc->active_slot & 1;
+			__u32 seg = bh_segment_of(slot, ctx->ingress_ifindex);
+			struct bh_flow *f = seg ? bh_flow_get(&p, seg, 0) : NULL;
+			if (f && bh_observe_wanted(f, &p))
+				bh_observe(ctx, &p, f, seg);
+		}
+	}
+#endif
+	tails.call(ctx, BH_TAIL_MAIN);
+	/* Only if the tail-call chain is exhausted: the packet can't be judged. */
+	return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, data_end - data);
 }
 
 /*
@@ -910,6 +1194,15 @@ int bulkhead_sni(struct xdp_md *ctx)
 		if (o)
 			bh_sni_settle(o, st, reason, !is_reply);
 	}
+#ifndef BH_NO_TELEMETRY
+	bh_pair_count(f, reason);
+#ifndef BH_X1
+	if (is_reply)
+		bh_fe_emit(ctx, BH_FE_CHANGE, &p, 1, seg, f, o, reason, BH_R_SNI_PENDING, st);
+	else
+		bh_fe_emit(ctx, BH_FE_CHANGE, &p, 0, seg, f, o, reason, BH_R_SNI_PENDING, st);
+#endif
+#endif
 	if (bench) {
 		/*
 		 * Benchmarks: the same ClientHello runs `repeat` times, so put the

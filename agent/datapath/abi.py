@@ -22,6 +22,10 @@ class Action(enum.IntEnum):
 ACTF_AUDIT = 0x01
 FLOWF_REPLY = 0x02
 FLOWF_FRESH = 0x04
+FLOWF_T_HS = 0x08
+FLOWF_T_DATA = 0x10
+FLOWF_ENDED = 0x20
+FLOWF_OBSERVE = FLOWF_T_HS | FLOWF_T_DATA
 
 
 class Reason(enum.IntEnum):
@@ -73,6 +77,26 @@ class Event(enum.IntEnum):
     SNI_DECIDED = 9
     SNI_STATE_FAILED = 10
     RESET_ONWARD = 11
+    FLOW_EVENT_LOST = 12
+    FLOW_ENTRY_NEW = 13
+    LAT_SAMPLE = 14
+    LAT_HIST_FULL = 15
+    PAIR_FULL = 16
+
+
+class FlowEv(enum.IntEnum):
+    """Kind of a flow_events record."""
+    NONE = 0
+    NEW = 1
+    CHANGE = 2
+    END = 3
+
+
+class Lat(enum.IntEnum):
+    """Hop-latency histogram kinds (lat_hist)."""
+    SERVER_RTT = 0
+    CLIENT_RTT = 1
+    SERVER_TIME = 2
 
 
 # The verdict class of each reason: what a user sees in `status`.
@@ -152,6 +176,11 @@ POLICY_PLEN_EXACT = POLICY_PLEN_PORT_BASE + 16
 SRC_PLEN_HOST = SEG_BITS + 128
 DST_PLEN_HOST = 128
 
+LAT_BUCKETS = 28
+LAT_SHIFT = 10
+# Audit reasons: would-deny, passed. Shown as verdict "audit", never as a deny.
+AUDIT_REASONS = frozenset({Reason.AUDIT_RULE, Reason.AUDIT_DEFAULT})
+
 # Default map sizes (consts.h); the loader may override them with -D.
 DEFAULT_SIZES = {
     "BH_MAX_IFINDEX": 65536,
@@ -161,6 +190,9 @@ DEFAULT_SIZES = {
     "BH_MAX_FRAGS": 16384,
     "BH_MAX_SNI": 262144,
     "BH_MAX_SNI_PARSE": 65536,
+    "BH_MAX_LAT": 65536,
+    "BH_MAX_PAIRS": 65536,
+    "BH_EVENT_RING_PAGES": 512,
 }
 
 u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
@@ -253,6 +285,8 @@ class Flow(C.Structure):
         ("flags", u8),
         ("reason", u8),
         ("pad", u8 * 3),
+        ("t_a", u32),
+        ("t_b", u32),
     ]
 
 
@@ -325,6 +359,47 @@ class SniState(C.Structure):
     ]
 
 
+class FlowEvent(C.Structure):
+    _fields_ = [
+        ("ts_ns", u64),
+        ("packets", u64),
+        ("bytes", u64),
+        ("r_packets", u64),
+        ("r_bytes", u64),
+        ("saddr", u8 * 16),
+        ("daddr", u8 * 16),
+        ("sport_be", u16),
+        ("dport_be", u16),
+        ("src_app", u32),
+        ("dst_app", u32),
+        ("rule_id", u32),
+        ("generation", u32),
+        ("segment_id", u16),
+        ("peer_segment", u16),
+        ("kind", u8),
+        ("family", u8),
+        ("proto", u8),
+        ("reason", u8),
+        ("prev_reason", u8),
+        ("flags", u8),
+        ("tcp_flags", u8),
+        ("sni_len", u8),
+        ("sni", u8 * 64),
+    ]
+
+
+class LatKey(C.Structure):
+    _fields_ = [("src_app", u32), ("dst_app", u32), ("kind", u8), ("bucket", u8), ("pad", u16)]
+
+
+class LatVal(C.Structure):
+    _fields_ = [("count", u64), ("sum_units", u64)]
+
+
+class PairKey(C.Structure):
+    _fields_ = [("src_app", u32), ("dst_app", u32), ("rule_id", u32), ("reason", u8), ("pad", u8 * 3)]
+
+
 class Counter(C.Structure):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
@@ -349,12 +424,19 @@ STRUCTS = {
     "bh_sni_val": SniVal,
     "bh_sni_state": SniState,
     "bh_counter": Counter,
+    "bh_flow_event": FlowEvent,
+    "bh_lat_key": LatKey,
+    "bh_lat_val": LatVal,
+    "bh_pair_key": PairKey,
 }
 
 class Tail(enum.IntEnum):
     REJECT = 0
     SNI = 1
     RESET_ONWARD = 2
+    MAIN = 3
+    OBSERVE = 4
 
 
-ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event, "bh_tail": Tail}
+ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event, "bh_tail": Tail, "bh_flow_ev": FlowEv,
+         "bh_lat": Lat}

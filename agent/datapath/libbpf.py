@@ -35,6 +35,8 @@ def lib() -> C.CDLL:
         _lib.bpf_map_delete_elem.argtypes = [C.c_int, C.c_void_p]
         _lib.bpf_map_update_batch.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.POINTER(C.c_uint32), C.c_void_p]
         _lib.bpf_map_get_next_key.argtypes = [C.c_int, C.c_void_p, C.c_void_p]
+        _lib.bpf_map_lookup_batch.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.c_void_p, C.c_void_p,
+                                              C.POINTER(C.c_uint32), C.c_void_p]
         _lib.bpf_prog_get_fd_by_id.argtypes = [C.c_uint32]
         _lib.bpf_map_get_fd_by_id.argtypes = [C.c_uint32]
     return _lib
@@ -130,6 +132,72 @@ def map_keys(fd: int, key_type) -> list:
         keys.append(cur)
         prev, cur = cur, key_type()
     return keys
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: the value count of a per-CPU map."""
+    text = open("/sys/devices/system/cpu/possible").read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+def map_items(fd: int, key_type, value_type, percpu: bool = False, chunk: int = 4096) -> list:
+    """All (key, value) pairs of a hash map, read in batches (one syscall per
+    `chunk` entries); a per-CPU map gives a list of per-CPU values. A snapshot:
+    entries may change meanwhile. Falls back to one lookup per key where the
+    kernel has no batch operations for the map type."""
+    ncpu = possible_cpus() if percpu else 1
+    vsize = (C.sizeof(value_type) + 7) // 8 * 8 if percpu else C.sizeof(value_type)
+    out = []
+    keys = (key_type * chunk)()
+    vals = (C.c_uint8 * (vsize * ncpu * chunk))()
+    in_b, out_b = C.c_uint64(0), C.c_uint64(0)
+    first = True
+    while True:
+        count = C.c_uint32(chunk)
+        rc = lib().bpf_map_lookup_batch(fd, None if first else C.byref(in_b), C.byref(out_b), keys, vals,
+                                        C.byref(count), None)
+        err = C.get_errno() if rc < 0 else 0
+        if rc < 0 and err not in (errno.ENOENT,):
+            if first and err in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524, 524):
+                return _map_items_slow(fd, key_type, value_type, ncpu, vsize, percpu)
+            _check(rc, "map lookup batch")
+        for i in range(count.value):
+            k = key_type()
+            C.memmove(C.byref(k), C.byref(keys, i * C.sizeof(key_type)), C.sizeof(key_type))
+            base = i * vsize * ncpu
+            if percpu:
+                v = []
+                for c in range(ncpu):
+                    one = value_type()
+                    C.memmove(C.byref(one), C.byref(vals, base + c * vsize), C.sizeof(value_type))
+                    v.append(one)
+            else:
+                v = value_type()
+                C.memmove(C.byref(v), C.byref(vals, base), C.sizeof(value_type))
+            out.append((k, v))
+        if rc < 0:  # ENOENT: that was the last batch
+            return out
+        in_b.value = out_b.value
+        first = False
+
+
+def _map_items_slow(fd, key_type, value_type, ncpu, vsize, percpu) -> list:
+    out = []
+    buf = (C.c_uint8 * (vsize * ncpu))()
+    for k in map_keys(fd, key_type):
+        if lib().bpf_map_lookup_elem(fd, C.byref(k), buf) < 0:
+            continue
+        vs = []
+        for c in range(ncpu):
+            one = value_type()
+            C.memmove(C.byref(one), C.byref(buf, c * vsize), C.sizeof(value_type))
+            vs.append(one)
+        out.append((k, vs if percpu else vs[0]))
+    return out
 
 
 class TestRunOpts(C.Structure):

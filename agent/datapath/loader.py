@@ -37,14 +37,16 @@ REJECT_PROG = "bulkhead_reject"
 SNI_PROG = "bulkhead_sni"
 RESET_ONWARD_PROG = "bulkhead_reset_onward"
 # enum bh_tail slot -> the program the loader puts there
-TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RESET_ONWARD: RESET_ONWARD_PROG}
+OBSERVE_PROG = "bulkhead_observe"
+TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RESET_ONWARD: RESET_ONWARD_PROG,
+              abi.Tail.MAIN: XDP_PROG, abi.Tail.OBSERVE: OBSERVE_PROG}
 EMPTY_PROG = "bulkhead_empty"
 TC_PROG = "bulkhead_tc"  # clsact ingress: copies XDP's steering mark into skb->mark
 # Our filter's preference on clsact ingress: lets us replace and delete exactly ours.
 TC_PREF = 0xB0C
 
 # linux/bpf.h map types
-MAP_HASH, MAP_ARRAY, MAP_PROG_ARRAY, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 2, 3, 6, 9, 11
+MAP_HASH, MAP_ARRAY, MAP_PROG_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 2, 3, 5, 6, 9, 11
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 # Seconds to wait after a flip before the old slot may be rewritten: XDP runs
 # under RCU and a packet takes microseconds, so this is generous.
@@ -85,9 +87,11 @@ def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
         "frags": (MAP_LRU_HASH, s(abi.FragKey), s(abi.Frag), sizes["BH_MAX_FRAGS"]),
         "stats": (MAP_PERCPU_ARRAY, 4, s(abi.Counter), abi.REASON_MAX),
         "events": (MAP_PERCPU_ARRAY, 4, 8, abi.EVENT_MAX),
-        "tails": (MAP_PROG_ARRAY, 4, 4, 4),
+        "tails": (MAP_PROG_ARRAY, 4, 4, 8),
         "sni_state": (MAP_LRU_HASH, s(abi.Flow6Key), s(abi.SniState), sizes["BH_MAX_SNI_PARSE"]),
         "sni_scratch": (MAP_PERCPU_ARRAY, 4, s(abi.SniState), 1),
+        "lat_hist": (MAP_PERCPU_HASH, s(abi.LatKey), s(abi.LatVal), sizes["BH_MAX_LAT"]),
+        "pair_flows": (MAP_PERCPU_HASH, s(abi.PairKey), 8, sizes["BH_MAX_PAIRS"]),
     }
     for n in range(abi.NUM_SLOTS):
         specs[f"seg_map_{n}"] = (MAP_ARRAY, 4, s(abi.SegVal), sizes["BH_MAX_IFINDEX"])
@@ -168,7 +172,7 @@ class Datapath:
         try:
             t0 = time.monotonic()
             self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(), cflags=cflags(build_dir / "maps", self.sizes))
-            for name in (XDP_PROG, *TAIL_PROGS.values(), EMPTY_PROG):
+            for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), EMPTY_PROG)):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             self.fns[TC_PROG] = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)
             log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)
@@ -176,7 +180,7 @@ class Datapath:
             for slot, prog in TAIL_PROGS.items():
                 tails[C.c_int(slot)] = C.c_int(self.fns[prog].fd)
             # Pin programs: to a temp name, then rename over the old pin (atomic).
-            for name in (XDP_PROG, *TAIL_PROGS.values(), TC_PROG):
+            for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), TC_PROG)):
                 tmp = build_dir / f"new-{name}"
                 if tmp.exists():
                     tmp.unlink()
@@ -395,6 +399,54 @@ class Datapath:
     def events(self) -> dict[str, int]:
         table = self.bpf.get_table(b"events")
         return {e.name.lower(): int(sum(table.getvalue(table.Key(int(e))))) for e in abi.Event}
+
+    def pair_flows(self) -> dict[tuple[int, int, int, int], int]:
+        """Flows judged per (src app id, dst app id, rule id, reason): pair_flows summed over CPUs."""
+        out = {}
+        for k, vals in libbpf.map_items(self.map_fds["pair_flows"], abi.PairKey, C.c_uint64, percpu=True):
+            out[(k.src_app, k.dst_app, k.rule_id, k.reason)] = sum(v.value for v in vals)
+        return out
+
+    def latency(self) -> dict[tuple[int, int, int], dict]:
+        """Hop-latency histograms: (src app id, dst app id, abi.Lat) -> {"buckets": [count per
+        log2 bucket of 2**LAT_SHIFT ns, abi.LAT_BUCKETS long], "count": n, "sum_s": seconds}."""
+        out: dict[tuple[int, int, int], dict] = {}
+        unit = (1 << abi.LAT_SHIFT) / 1e9
+        for k, vals in libbpf.map_items(self.map_fds["lat_hist"], abi.LatKey, abi.LatVal, percpu=True):
+            h = out.setdefault((k.src_app, k.dst_app, k.kind),
+                               {"buckets": [0] * abi.LAT_BUCKETS, "count": 0, "sum_s": 0.0})
+            n = sum(v.count for v in vals)
+            h["buckets"][min(k.bucket, abi.LAT_BUCKETS - 1)] += n
+            h["count"] += n
+            h["sum_s"] += sum(v.sum_units for v in vals) * unit
+        return out
+
+    @staticmethod
+    def latency_bounds() -> list[float]:
+        """Upper bound in seconds of each lat_hist bucket (bucket b holds [2**b, 2**(b+1)) units)."""
+        unit = (1 << abi.LAT_SHIFT) / 1e9
+        return [(2 ** (b + 1)) * unit for b in range(abi.LAT_BUCKETS)]
+
+    def flow_entries(self) -> list[tuple[str, object, abi.Flow]]:
+        """Every flow-table entry as (\"flows4\"|\"flows6\", key, value), read in batches."""
+        out = []
+        for fam, key_t in (("flows4", abi.Flow4Key), ("flows6", abi.Flow6Key)):
+            out += [(fam, k, v) for k, v in libbpf.map_items(self.map_fds[fam], key_t, abi.Flow)]
+        return out
+
+    def occupancy(self, name: str) -> int:
+        """Entries in a hash/LRU/trie map now (counted key by key: use for small maps or rarely)."""
+        key_t = {"flows4": abi.Flow4Key, "flows6": abi.Flow6Key, "frags": abi.FragKey, "sni_state": abi.Flow6Key,
+                 "lat_hist": abi.LatKey, "pair_flows": abi.PairKey}.get(name)
+        if key_t is None:
+            for prefix, kt in (("src_host", abi.SrcKey), ("src_ident", abi.SrcKey), ("dst_host", abi.DstKey),
+                               ("dst_ident", abi.DstKey), ("pol_exact", abi.PolicyKey), ("policy", abi.PolicyKey),
+                               ("sni_names", abi.SniKey)):
+                if name.startswith(prefix + "_"):
+                    key_t = kt
+        if key_t is None:
+            raise KeyError(f"{name}: not a map whose entries can be counted")
+        return len(libbpf.map_keys(self.map_fds[name], key_t))
 
     def flow_count(self) -> dict[str, int]:
         return {

@@ -28,10 +28,22 @@
 #define BH_MAX_FRAGS 16384 /* LRU in-flight fragmented datagrams */
 #endif
 
+#ifndef BH_MAX_LAT
+#define BH_MAX_LAT 65536 /* lat_hist buckets (app pairs x kinds x buckets in use) */
+#endif
+#ifndef BH_MAX_PAIRS
+#define BH_MAX_PAIRS 65536 /* pair_flows entries (app pairs x rules x reasons seen) */
+#endif
+#ifndef BH_EVENT_RING_PAGES
+#define BH_EVENT_RING_PAGES 512 /* flow_events ring buffer: 2 MiB with 4 KiB pages (power of two) */
+#endif
+#define BH_LAT_BUCKETS 28 /* log2 buckets of 1024 ns: the last holds >= 2^27 units (~137 s) */
+#define BH_LAT_SHIFT 10   /* timing unit: ktime >> BH_LAT_SHIFT ns */
+
 #define BH_REASON_MAX 64 /* size of the stats array; enum bh_reason < this */
 #define BH_EVENT_MAX 32  /* size of the events array; enum bh_event < this */
 #define BH_NUM_SLOTS 2   /* policy double buffer */
-#define BH_TAIL_MAX 4    /* size of the tails program array */
+#define BH_TAIL_MAX 8    /* size of the tails program array */
 
 /* Parser bounds. Hitting one drops the packet under its own reason. */
 #define BH_TLS_EXTS_PER_CALL 32 /* extension headers walked per bulkhead_sni call */

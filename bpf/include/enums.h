@@ -24,6 +24,10 @@ enum bh_action {
 #define BH_ACTF_AUDIT 0x01 /* deny/reject in shadow mode: pass, count as would-deny */
 #define BH_FLOWF_REPLY 0x02 /* flow entry keyed by the reply direction of a flow */
 #define BH_FLOWF_FRESH 0x04 /* entry just created: sni_state left by an older flow of this tuple is stale */
+#define BH_FLOWF_T_HS 0x08   /* TCP timing: handshake sample pending (fwd: client RTT at the ACK; reply: server RTT at the SYN-ACK) */
+#define BH_FLOWF_T_DATA 0x10 /* TCP timing: first payload pending (fwd: request start; reply: server response time) */
+#define BH_FLOWF_ENDED 0x20  /* a FIN or RST was seen and the flow's end event sent */
+#define BH_FLOWF_OBSERVE (BH_FLOWF_T_HS | BH_FLOWF_T_DATA) /* established path: something to measure */
 
 /*
  * Why a packet got its verdict. Index into the per-CPU `stats` array, so
@@ -79,6 +83,26 @@ enum bh_event {
 	BH_EV_SNI_DECIDED        = 9, /* a flow got its server-name verdict */
 	BH_EV_SNI_STATE_FAILED   = 10, /* sni_state update failed: flow judged unknown_sni */
 	BH_EV_RESET_ONWARD       = 11, /* a rejected flow's segment was turned into a RST for the server */
+	BH_EV_FLOW_EVENT_LOST    = 12, /* flow_events ring buffer full: a flow event was dropped */
+	BH_EV_FLOW_ENTRY_NEW     = 13, /* a flow-table entry was created (forward or reply key) */
+	BH_EV_LAT_SAMPLE         = 14, /* a hop-latency sample was recorded */
+	BH_EV_LAT_HIST_FULL      = 15, /* lat_hist full: a latency sample was dropped */
+	BH_EV_PAIR_FULL          = 16, /* pair_flows full: a flow went uncounted by app pair */
+};
+
+/* Kind of a flow_events record. */
+enum bh_flow_ev {
+	BH_FE_NONE   = 0,
+	BH_FE_NEW    = 1, /* a flow was judged for the first time (any verdict) */
+	BH_FE_CHANGE = 2, /* its verdict or rule changed: a policy swap, or its server name was decided */
+	BH_FE_END    = 3, /* its first FIN or RST */
+};
+
+/* Hop-latency histograms (lat_hist), measured at the gateway for TCP flows. */
+enum bh_lat {
+	BH_LAT_SERVER_RTT  = 0, /* SYN -> SYN-ACK: gateway -> server -> gateway */
+	BH_LAT_CLIENT_RTT  = 1, /* SYN-ACK -> ACK: gateway -> client -> gateway */
+	BH_LAT_SERVER_TIME = 2, /* first request byte -> first response byte */
 };
 
 /* Slots of the `tails` program array (tail calls keep cold paths off the main stack). */
@@ -86,6 +110,8 @@ enum bh_tail {
 	BH_TAIL_REJECT = 0, /* bulkhead_reject: build and bounce the reject answer */
 	BH_TAIL_SNI    = 1, /* bulkhead_sni: parse a ClientHello segment, decide by server name */
 	BH_TAIL_RESET_ONWARD = 2, /* bulkhead_reset_onward: turn the segment into a RST for its receiver */
+	BH_TAIL_MAIN = 3,    /* bulkhead_xdp itself: bulkhead_observe hands the packet back to it */
+	BH_TAIL_OBSERVE = 4, /* bulkhead_observe: hop timing and end events, then back to bulkhead_xdp */
 };
 
 #endif /* BH_ENUMS_H */

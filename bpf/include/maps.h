@@ -75,6 +75,24 @@ BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_sni_state, sni_state
 /* sni_scratch: one per-CPU bh_sni_state to build a new entry in (too big for the stack). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct bh_sni_state, sni_scratch, 1, BH_PIN_DIR "/sni_scratch");
 
+/* flow_events: new flow / verdict change / end records for the agent's flow log. */
+#ifdef BH_NO_TELEMETRY
+#elif defined(BH_EVENTS_PERF)
+BPF_PERF_OUTPUT(flow_events); /* kernels without BPF_MAP_TYPE_RINGBUF (< 5.8) */
+#else
+BPF_RINGBUF_OUTPUT(flow_events, BH_EVENT_RING_PAGES);
+#endif
+/* ev_scratch: one per-CPU event to build (too big for the stack). Not pinned: scratch only. */
+BPF_PERCPU_ARRAY(ev_scratch, struct bh_flow_event, 1);
+
+/* lat_hist: hop-latency histograms per (src app, dst app, kind, log2 bucket). */
+BPF_TABLE_PINNED("percpu_hash", struct bh_lat_key, struct bh_lat_val, lat_hist, BH_MAX_LAT,
+		 BH_PIN_DIR "/lat_hist", BPF_F_NO_PREALLOC);
+
+/* pair_flows: flows judged per (src app, dst app, rule, reason): exact, read at scrape time. */
+BPF_TABLE_PINNED("percpu_hash", struct bh_pair_key, __u64, pair_flows, BH_MAX_PAIRS, BH_PIN_DIR "/pair_flows",
+		 BPF_F_NO_PREALLOC);
+
 /* stats: per-CPU packets/bytes per enum bh_reason. Summed by the agent at read time. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct bh_counter, stats, BH_REASON_MAX, BH_PIN_DIR "/stats");
 

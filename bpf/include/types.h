@@ -129,6 +129,14 @@ struct bh_flow {
 	__u8 flags;         /* BH_ACTF_AUDIT | BH_FLOWF_REPLY */
 	__u8 reason;        /* enum bh_reason recorded for this flow's packets */
 	__u8 pad[3];
+	/*
+	 * TCP hop timing (BH_FLOWF_T_*), in units of 1024 ns (ktime >> 10; wraps
+	 * after 73 min, differences stay right). Forward entry: t_a = SYN, then
+	 * the first request byte; t_b = SYN-ACK (written by the reply side).
+	 * Reply entry: t_a = SYN (copied at creation).
+	 */
+	__u32 t_a;
+	__u32 t_b;
 };
 
 /* frags (LRU): the verdict of a fragmented datagram, from its first fragment. */
@@ -209,6 +217,60 @@ struct bh_sni_state {
 #define BH_SNIF_SEEN_SNI 0x10 /* a server_name extension was met (a second one is malformed) */
 #define BH_SNIF_WILD_LATER 0x20 /* w64/w32 not made yet: bh_sni_wild_from_log makes them from the name */
 
+/*
+ * flow_events (ring buffer): one record per flow event (enum bh_flow_ev).
+ * The tuple is always the forward (client -> server) direction.
+ */
+struct bh_flow_event {
+	__u64 ts_ns;      /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 packets;    /* forward direction so far */
+	__u64 bytes;
+	__u64 r_packets;  /* reply direction so far (end events) */
+	__u64 r_bytes;
+	__u8 saddr[16];   /* client; IPv4-mapped for IPv4 */
+	__u8 daddr[16];   /* server */
+	__u16 sport_be;
+	__u16 dport_be;
+	__u32 src_app;
+	__u32 dst_app;
+	__u32 rule_id;
+	__u32 generation;
+	__u16 segment_id;   /* the client's segment */
+	__u16 peer_segment; /* the server's segment, 0 if unknown */
+	__u8 kind;        /* enum bh_flow_ev */
+	__u8 family;      /* 4 or 6 */
+	__u8 proto;
+	__u8 reason;      /* enum bh_reason: the flow's verdict now */
+	__u8 prev_reason; /* before a change (BH_FE_CHANGE); 0 otherwise */
+	__u8 flags;       /* BH_ACTF_AUDIT | BH_FLOWF_REPLY: the packet that caused it was a reply */
+	__u8 tcp_flags;   /* of that packet */
+	__u8 sni_len;     /* bytes of sni[] used (BH_SNI_LOG_LEN: cut); 0: no name */
+	__u8 sni[BH_SNI_LOG_LEN]; /* server name asked for, lowercased */
+};
+
+/* lat_hist (per-CPU hash): one bucket of one hop-latency histogram. */
+struct bh_lat_key {
+	__u32 src_app;
+	__u32 dst_app;
+	__u8 kind;   /* enum bh_lat */
+	__u8 bucket; /* log2 of the latency in units of 1024 ns, capped at BH_LAT_BUCKETS - 1 */
+	__u16 pad;
+};
+
+struct bh_lat_val {
+	__u64 count;
+	__u64 sum_units; /* sum of the latencies in units of 1024 ns */
+};
+
+/* pair_flows (per-CPU hash): flows judged, by (src app, dst app, rule, reason). */
+struct bh_pair_key {
+	__u32 src_app;
+	__u32 dst_app;
+	__u32 rule_id;
+	__u8 reason;
+	__u8 pad[3];
+};
+
 /* stats (per-CPU array, BH_REASON_MAX): indexed by enum bh_reason. */
 struct bh_counter {
 	__u64 packets;
@@ -225,7 +287,11 @@ _Static_assert(sizeof(struct bh_policy_key) == 16, "bh_policy_key");
 _Static_assert(sizeof(struct bh_policy_val) == 8, "bh_policy_val");
 _Static_assert(sizeof(struct bh_flow4_key) == 16, "bh_flow4_key");
 _Static_assert(sizeof(struct bh_flow6_key) == 40, "bh_flow6_key");
-_Static_assert(sizeof(struct bh_flow) == 48, "bh_flow");
+_Static_assert(sizeof(struct bh_flow) == 56, "bh_flow");
+_Static_assert(sizeof(struct bh_flow_event) == 168, "bh_flow_event");
+_Static_assert(sizeof(struct bh_lat_key) == 12, "bh_lat_key");
+_Static_assert(sizeof(struct bh_lat_val) == 16, "bh_lat_val");
+_Static_assert(sizeof(struct bh_pair_key) == 16, "bh_pair_key");
 _Static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key");
 _Static_assert(sizeof(struct bh_frag) == 16, "bh_frag");
 _Static_assert(sizeof(struct bh_sni_key) == 24, "bh_sni_key");
