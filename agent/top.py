@@ -24,8 +24,8 @@ VERDICTS = ("pass", "drop", "reject", "audit")
 DENIED = frozenset({"drop", "reject"})
 # Flow-table entries fetched per refresh: the flows op reads the table entry by entry.
 MAX_FLOWS = 5000
-# Flow events fetched per refresh, and denials kept for the panels.
-EVENTS_PER_POLL = 1000
+# Flow events fetched per verdict and refresh, and denials kept for each panel.
+EVENTS_PER_POLL = 100
 KEEP_EVENTS = 200
 
 Fetch = Callable[..., dict]
@@ -176,29 +176,9 @@ def _denial_row(rec: dict, source: str) -> dict:
         "dport": rec.get("dport"),
         "sni": rec.get("sni"),
         "packets": rec.get("packets"),
+        "seq": rec.get("seq"),
         "source": source,
     }
-
-
-def split_denials(events: Iterable[dict]) -> tuple[list[dict], list[dict]]:
-    """(denials, would_deny) from flow events, newest first.
-
-    Denials are drop/reject verdicts; would-deny is audit (passed in shadow mode)
-    and never mixed in with real drops. `end` events are left out: the flow was
-    listed when it was judged (`new`) or re-judged (`change`).
-    """
-    denied, audit = [], []
-    for e in events:
-        if e.get("kind") == "end":
-            continue
-        v = verdict_of(e)
-        if v in DENIED:
-            denied.append(_denial_row(e, "events"))
-        elif v == "audit":
-            audit.append(_denial_row(e, "events"))
-    denied.reverse()
-    audit.reverse()
-    return denied, audit
 
 
 def denials_from_flows(flows: Iterable[dict]) -> tuple[list[dict], list[dict]]:
@@ -218,47 +198,76 @@ def denials_from_flows(flows: Iterable[dict]) -> tuple[list[dict], list[dict]]:
 
 
 class EventLog:
-    """Follows the agent's flow log (op flow_events) across refreshes.
+    """The newest denials and would-be denials from the agent's flow log (op flow_events).
 
-    Keeps the last KEEP_EVENTS denials and would-be denials, newest first, and
-    the loss counters the agent reports. `available` turns False when the agent
-    does not know the op: the frame then falls back to the flow table.
+    Each refresh asks for the most recent events of each verdict shown (the
+    agent filters by verdict: drop, reject, audit), so the panels stay current
+    however busy the log is: a top view skips, it does not page through a
+    backlog. Events already held are recognised by their `seq`. Keeps the
+    newest `keep` of each panel and the kernel's count of events lost to a full
+    ring buffer. `available` turns False when the agent has no flow log (an
+    older agent: unknown op); the frame then falls back to the flow table.
     """
 
-    def __init__(self, keep: int = KEEP_EVENTS):
-        self.seq: int | None = None
-        self.available = True
-        self.denials: collections.deque = collections.deque(maxlen=keep)
-        self.would_deny: collections.deque = collections.deque(maxlen=keep)
-        self.lost = 0
-        self.kernel_lost = 0
-        self.error: str | None = None
+    VERDICTS = ("drop", "reject", "audit")
 
-    def update(self, reply: dict | None) -> None:
-        """Take one flow_events reply ({ok, seq, events, lost, kernel_lost})."""
-        if not reply or not reply.get("ok"):
-            self.available = False
-            self.error = (reply or {}).get("error")
-            return
+    def __init__(self, keep: int = KEEP_EVENTS, per_poll: int = EVENTS_PER_POLL):
+        self.keep = keep
+        self.per_poll = per_poll
         self.available = True
-        self.error = None
-        self.seq = reply.get("seq", self.seq)
-        self.lost = int(_num(reply.get("lost")))
-        self.kernel_lost = int(_num(reply.get("kernel_lost")))
-        denied, audit = split_denials(reply.get("events") or [])
-        # split_denials returns newest first; appendleft oldest first keeps the deque newest first.
-        for r in reversed(denied):
-            self.denials.appendleft(r)
-        for r in reversed(audit):
-            self.would_deny.appendleft(r)
+        self.error: str | None = None
+        self.kernel_lost: int | None = None
+        self._denied: dict = {}
+        self._audit: dict = {}
+
+    @staticmethod
+    def _key(e: dict):
+        if e.get("seq") is not None:
+            return e["seq"]
+        return (e.get("time"), e.get("kind"), e.get("src"), e.get("sport"), e.get("dst"), e.get("dport"))
+
+    @staticmethod
+    def _newest(rows: dict) -> list[dict]:
+        return sorted(rows.values(), key=lambda r: (_num(r.get("time")), _num(r.get("seq"))), reverse=True)
+
+    def update(self, replies: Iterable[dict | None]) -> None:
+        """Take the flow_events replies of one refresh ({ok, seq, events, lost, kernel_lost} each)."""
+        replies = list(replies)
+        bad = next((r for r in replies if not r or not r.get("ok")), None)
+        if bad is not None or not replies:
+            self.available = False
+            self.error = (bad or {}).get("error")
+            return
+        self.available, self.error = True, None
+        for reply in replies:
+            if reply.get("kernel_lost") is not None:
+                self.kernel_lost = int(_num(reply["kernel_lost"]))
+            for e in reply.get("events") or []:
+                if e.get("kind") == "end":
+                    continue  # listed when judged (new) or re-judged (change)
+                v = verdict_of(e)
+                target = self._denied if v in DENIED else self._audit if v == "audit" else None
+                if target is not None:
+                    target.setdefault(self._key(e), _denial_row(e, "events"))
+        for rows in (self._denied, self._audit):
+            if len(rows) > self.keep:
+                newest = self._newest(rows)[: self.keep]
+                rows.clear()
+                rows.update((self._key(r), r) for r in newest)
+
+    @property
+    def denials(self) -> list[dict]:
+        """Drops and rejects, newest first."""
+        return self._newest(self._denied)
+
+    @property
+    def would_deny(self) -> list[dict]:
+        """Audit (would have been denied; passed), newest first."""
+        return self._newest(self._audit)
 
     def poll(self, fetch: Fetch) -> None:
-        if not self.available:
-            return
-        kw: dict[str, Any] = {"limit": EVENTS_PER_POLL}
-        if self.seq is not None:
-            kw["after"] = self.seq
-        self.update(fetch("flow_events", **kw))
+        if self.available:
+            self.update([fetch("flow_events", verdict=v, limit=self.per_poll) for v in self.VERDICTS])
 
 
 # ------------------------------------------------------------------ latency
@@ -314,14 +323,17 @@ def build_frame(cur: dict, prev: dict | None = None, events: EventLog | None = N
     pairs = aggregate_pairs(flows, (prev or {}).get("flows") if prev else None, dt)
 
     if events is not None and events.available:
-        denials, would_deny = list(events.denials), list(events.would_deny)
-        loss = {"lost": events.lost, "kernel_lost": events.kernel_lost}
+        denials, would_deny = events.denials, events.would_deny
+        loss = {"kernel_lost": events.kernel_lost}
         source = "events"
     else:
         denials, would_deny = denials_from_flows(flows)
         loss = None
         source = "flows"
         notes.append("denials from the flow table (the agent has no flow log)")
+    fl = st.get("flow_log")
+    if isinstance(fl, dict) and fl.get("running") is False:
+        notes.append(f"the agent's flow log is not running{': ' + str(fl['error']) if fl.get('error') else ''}")
 
     latency = latency_rows(st)
     if latency is None:
@@ -475,8 +487,8 @@ def render(frame: dict):
 
     loss = frame.get("event_loss")
     suffix = ""
-    if loss and (loss.get("lost") or loss.get("kernel_lost")):
-        suffix = f" - events lost: {loss.get('lost', 0)} by the agent, {loss.get('kernel_lost', 0)} in the kernel"
+    if loss and loss.get("kernel_lost"):
+        suffix = f" - {loss['kernel_lost']} flow events lost in the kernel (ring buffer full)"
     denials = denial_table("Recent denials (drop / reject)" + suffix, frame.get("denials") or [])
     would = denial_table("Would deny (audit: passed, not dropped)", frame.get("would_deny") or [])
 

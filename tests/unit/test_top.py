@@ -127,15 +127,16 @@ def event(kind, verdict, seq, **kw):
             "dst_app": "catalog", "rule": "laptops-catalog", "reason": kw.pop("reason", verdict + "_rule"), **kw}
 
 
-def test_split_denials_keeps_audit_apart_and_newest_first():
+def test_event_log_keeps_audit_apart_and_newest_first():
     evs = [event("new", "drop", 1), event("new", "pass", 2), event("new", "audit", 3, reason="audit_rule"),
            event("new", "reject", 4), event("end", "drop", 5), event("change", "drop", 6),
            event("new", "pass", 7, reason="audit_default")]
-    denied, audit = top.split_denials(evs)
-    assert [d["time"] - 1_700_000_000 for d in denied] == [6, 4, 1]
-    assert {d["verdict"] for d in denied} == {"drop", "reject"}
-    assert [a["time"] - 1_700_000_000 for a in audit] == [7, 3]
-    assert all(a["verdict"] == "audit" for a in audit)
+    log = top.EventLog()
+    log.update([{"ok": True, "seq": 7, "events": evs}])
+    assert [d["seq"] for d in log.denials] == [6, 4, 1]                 # end events are not listed again
+    assert {d["verdict"] for d in log.denials} == {"drop", "reject"}
+    assert [a["seq"] for a in log.would_deny] == [7, 3]
+    assert all(a["verdict"] == "audit" for a in log.would_deny)
 
 
 def test_denials_from_flows_fallback():
@@ -149,30 +150,32 @@ def test_denials_from_flows_fallback():
     assert [a["verdict"] for a in audit] == ["audit"]
 
 
-def test_event_log_follows_seq_and_falls_back():
+def test_event_log_polls_each_verdict_and_dedups():
     calls = []
-    replies = iter([
-        {"ok": True, "seq": 3, "events": [event("new", "drop", 1), event("new", "audit", 2)], "lost": 0,
-         "kernel_lost": 0},
-        {"ok": True, "seq": 5, "events": [event("new", "reject", 4)], "lost": 2, "kernel_lost": 1},
-    ])
+    log_events = [event("new", "drop", 1), event("new", "audit", 2), event("new", "reject", 4),
+                  event("new", "drop", 5)]
 
     def fetch(op, **kw):
         calls.append((op, kw))
-        return next(replies)
+        evs = [e for e in log_events if e["verdict"] == kw["verdict"]][-kw["limit"]:]
+        return {"ok": True, "seq": 5, "events": evs, "lost": 0, "kernel_lost": 3}
 
-    log = top.EventLog(keep=10)
+    log = top.EventLog(keep=2, per_poll=10)
     log.poll(fetch)
-    log.poll(fetch)
-    assert calls[0] == ("flow_events", {"limit": top.EVENTS_PER_POLL})
-    assert calls[1] == ("flow_events", {"limit": top.EVENTS_PER_POLL, "after": 3})
-    assert [d["verdict"] for d in log.denials] == ["reject", "drop"]     # newest first across polls
-    assert [d["verdict"] for d in log.would_deny] == ["audit"]
-    assert (log.lost, log.kernel_lost) == (2, 1)
+    log.poll(fetch)                                                    # the same events again: held once
+    assert calls[:3] == [("flow_events", {"verdict": v, "limit": 10}) for v in ("drop", "reject", "audit")]
+    assert [d["seq"] for d in log.denials] == [5, 4]                   # newest `keep`
+    assert [d["seq"] for d in log.would_deny] == [2]
+    assert log.kernel_lost == 3
+
+    # an agent that ignores the verdict filter: the panels still only hold their verdicts
+    noisy = top.EventLog()
+    noisy.update([{"ok": True, "events": [event("new", "pass", 1), event("new", "drop", 2)]}])
+    assert [d["verdict"] for d in noisy.denials] == ["drop"] and noisy.would_deny == []
 
     old = top.EventLog()
-    old.update({"ok": False, "code": 2, "error": "unknown op 'flow_events'"})
-    assert not old.available
+    old.update([{"ok": False, "code": 2, "error": "unknown op 'flow_events'"}])
+    assert not old.available and "unknown op" in old.error
     old.poll(lambda *a, **k: pytest.fail("no more polls once the op is unknown"))
 
 
@@ -209,7 +212,8 @@ def test_build_frame_full():
            "flows": [flow("web", "payments", bytes=3000),
                      flow("laptops", "catalog", verdict="drop", reason="deny_rule", sport=7, bytes=60)]}
     log = top.EventLog()
-    log.update({"ok": True, "seq": 2, "events": [event("new", "drop", 1), event("new", "audit", 2)]})
+    log.update([{"ok": True, "seq": 2, "events": [event("new", "drop", 1), event("new", "audit", 2)],
+                 "kernel_lost": 0}])
     f = top.build_frame(cur, prev, log, rows=5)
     assert f["interval_s"] == 2.0
     assert f["agent"]["generation"] == 7 and f["agent"]["mode"] == "enforce"
@@ -220,7 +224,7 @@ def test_build_frame_full():
     assert f["denials_source"] == "events"
     assert [d["verdict"] for d in f["denials"]] == ["drop"]
     assert [d["verdict"] for d in f["would_deny"]] == ["audit"]
-    assert f["event_loss"] == {"lost": 0, "kernel_lost": 0}
+    assert f["event_loss"] == {"kernel_lost": 0}
     assert f["latency"][0]["p99_ms"] == 2.0
     assert f["verifier"]["running"] and f["verifier"]["requests"] == {"allow": 4, "deny": 1}
     assert f["notes"] == []
@@ -239,6 +243,8 @@ def test_build_frame_minimal_agent():
     assert any("no hop latency" in n for n in f["notes"])
     f = top.build_frame({"t": 1.0, "status": {}, "flows": []}, {"t": 1.0, "status": {}, "flows": []})
     assert f["rates"] is None                                             # zero interval: no rates
+    f = top.build_frame({"t": 1.0, "status": {"flow_log": {"running": False, "error": "no ring"}}, "flows": []})
+    assert "the agent's flow log is not running: no ring" in f["notes"]
 
 
 def test_build_frame_limits_rows():
@@ -258,12 +264,12 @@ def render_text(frame) -> str:
 
 def test_render_full_and_empty_frames():
     log = top.EventLog()
-    log.update({"ok": True, "seq": 2, "events": [event("new", "drop", 1), event("new", "audit", 2)],
-                "lost": 3, "kernel_lost": 0})
+    log.update([{"ok": True, "seq": 2, "events": [event("new", "drop", 1), event("new", "audit", 2)],
+                 "lost": 0, "kernel_lost": 3}])
     cur = {"t": 2.0, "status": status(counters(allow_rule=(10, 1000)), latency=[]),
            "flows": [flow("web", "payments", bytes=2_500_000), flow("[bold]ops", "db", rule="[x]", sport=2)]}
     out = render_text(top.build_frame(cur, {"t": 1.0, "status": status({}), "flows": []}, log))
-    for text in ("generation 7", "web", "payments", "2.5 MB", "Would deny", "laptops-catalog", "events lost: 3",
+    for text in ("generation 7", "web", "payments", "2.5 MB", "Would deny", "laptops-catalog", "3 flow events lost",
                  "L7 verifier", "no hop-latency samples yet",
                  "[bold]ops", "[x]"):                                   # names are never rich markup
         assert text in out, text
