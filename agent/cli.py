@@ -121,6 +121,42 @@ def policy_apply(files: tuple[str, ...], state_dir: str, as_json: bool) -> None:
         click.echo(f"generation {reply['generation']}")
 
 
+# --map-size NAME -> the consts.h knob it sets (abi.DEFAULT_SIZES)
+MAP_SIZE_NAMES = {
+    "flows": "BH_MAX_FLOWS", "frags": "BH_MAX_FRAGS", "ident": "BH_MAX_IDENT", "policy": "BH_MAX_POLICY",
+    "ifindex": "BH_MAX_IFINDEX", "sni_names": "BH_MAX_SNI", "sni_state": "BH_MAX_SNI_PARSE",
+    "lat_hist": "BH_MAX_LAT", "pair_flows": "BH_MAX_PAIRS", "events_ring_pages": "BH_EVENT_RING_PAGES",
+}
+MAP_SIZE_MAX = 1 << 26
+
+
+def parse_map_sizes(items) -> dict[str, int]:
+    """["flows=1024", "events-ring-pages=1", "BH_MAX_LAT=64"] -> {BH_*: N}; ValueError says what is wrong."""
+    from .datapath.abi import DEFAULT_SIZES
+
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        key = name.strip()
+        if key.upper() in DEFAULT_SIZES:
+            key = key.upper()
+        else:
+            key = MAP_SIZE_NAMES.get(key.lower().replace("-", "_"), "")
+        if not sep or not key:
+            raise ValueError(f"--map-size {item!r}: expected NAME=N with NAME one of "
+                             f"{', '.join(MAP_SIZE_NAMES)} (or a BH_* name)")
+        try:
+            n = int(value.strip(), 0)
+        except ValueError:
+            raise ValueError(f"--map-size {item!r}: {value.strip()!r} is not a number") from None
+        if not 1 <= n <= MAP_SIZE_MAX:
+            raise ValueError(f"--map-size {item!r}: must be between 1 and {MAP_SIZE_MAX}")
+        if key == "BH_EVENT_RING_PAGES" and n & (n - 1):
+            raise ValueError(f"--map-size {item!r}: the event ring's pages must be a power of two")
+        out[key] = n
+    return out
+
+
 # ------------------------------------------------------------------- agent
 @main.group()
 def agent() -> None:
@@ -135,18 +171,30 @@ def agent() -> None:
               help="Prometheus listen address HOST:PORT; 'off' disables.")
 @click.option("--xdp-mode", type=click.Choice(["auto", "native", "generic"]), default="auto", show_default=True,
               help="XDP attach mode; auto tries native (driver) mode first.")
-def agent_run(policy_files, state_dir, metrics_addr, xdp_mode) -> None:
+@click.option("--map-size", "map_sizes", multiple=True, metavar="NAME=N",
+              help="Size of a BPF map (repeatable): " + ", ".join(f"{k} ({v})" for k, v in MAP_SIZE_NAMES.items())
+              + "; events_ring_pages must be a power of two (4 KiB pages). Pinned maps of another size are "
+              "refused: `bulkhead down` first.")
+@click.option("--events-keep", default=10000, show_default=True, type=click.IntRange(min=0),
+              help="Flow events the agent keeps for `bulkhead flows` (older ones are dropped, counted).")
+def agent_run(policy_files, state_dir, metrics_addr, xdp_mode, map_sizes, events_keep) -> None:
     """Run the agent in the foreground.
 
     Attaches XDP to the interfaces the policy's segments name, enforces, and
     serves STATE_DIR/bulkhead.sock. Stopping the agent leaves enforcement in
     place (so a restart opens no window); `bulkhead down` removes it.
     """
+    try:
+        sizes = parse_map_sizes(map_sizes)
+    except ValueError as e:
+        _fail(str(e), 2)
     if os.geteuid() != 0:
         _fail("the agent needs root (CAP_BPF, CAP_NET_ADMIN)")
     from . import daemon
 
-    sys.exit(daemon.run(list(policy_files), state_dir, None if metrics_addr == "off" else metrics_addr, xdp_mode))
+    sys.exit(daemon.run(list(policy_files), state_dir, None if metrics_addr == "off" else metrics_addr, xdp_mode,
+                        sizes=sizes, events_keep=events_keep))
+
 
 
 # ------------------------------------------------------------------ status
@@ -176,7 +224,29 @@ def _fmt_status(st: dict) -> str:
             lines.append("  connections: " + ", ".join(f"{k} {n}" for k, n in sorted(conns.items())))
     else:
         lines.append("L7 verifier: not running (L7 flows are dropped, counted as punt_no_handler)")
+    fl = st.get("flow_log") or {}
+    if fl:
+        lost = f"{fl.get('kernel_lost') or 0} lost in the kernel (ring full), {fl.get('buffer_dropped', 0)} " \
+               f"dropped from the agent's buffer of {fl.get('keep')}"
+        state = "" if fl.get("running") else f" NOT RUNNING{': ' + fl['error'] if fl.get('error') else ''}"
+        lines.append(f"flow log ({fl.get('transport')}){state}: {fl.get('received', 0)} events, {lost}")
+        for p in fl.get("pairs", [])[:10]:
+            by = ", ".join(f"{k} {n}" for k, n in sorted(p["by_verdict"].items()))
+            lines.append(f"  {p['src_app']} -> {p['dst_app']}: {p['new']} new flows ({by or '-'}), {p['end']} ended")
+    lines += _fmt_latency(st.get("latency") or [])
     return "\n".join(lines)
+
+
+def _fmt_latency(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["hop latency: no TCP flow measured yet"]
+    lines = ["hop latency at the gateway (ms; server_rtt SYN->SYN-ACK, client_rtt SYN-ACK->ACK, "
+             "server_time request->response):",
+             f"  {'FROM':<14} {'TO':<14} {'KIND':<12} {'COUNT':>7} {'P50':>9} {'P99':>9} {'MEAN':>9}"]
+    for r in rows:
+        lines.append(f"  {r['src_app']:<14} {r['dst_app']:<14} {r['kind']:<12} {r['count']:>7} "
+                     f"{r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['mean_ms']:>9.3f}")
+    return lines
 
 
 @main.command()
@@ -190,17 +260,136 @@ def status(state_dir: str, as_json: bool) -> None:
     click.echo(json.dumps(reply["status"], indent=2) if as_json else _fmt_status(reply["status"]))
 
 
+VERDICT_CHOICES = ("pass", "drop", "reject", "audit")
+
+
+def _event_line(e: dict) -> str:
+    t = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0))) + f".{int(e.get('time', 0) * 1000) % 1000:03d}"
+    client = f"{e['src']}:{e['sport']}" if e["family"] == 4 else f"[{e['src']}]:{e['sport']}"
+    server = f"{e['dst']}:{e['dport']}" if e["family"] == 4 else f"[{e['dst']}]:{e['dport']}"
+    reason = e["reason"] + (f" (was {e['prev_reason']})" if e.get("prev_reason") else "")
+    counts = f"{e['packets']}/{e['bytes']}"
+    if e["kind"] == "end":
+        counts += f" {e['r_packets']}/{e['r_bytes']}"
+    return (f"{t:<12} {e['kind']:<6} {e['segment']:<8} {e['proto']:<5} {client + ' -> ' + server:<48} "
+            f"{e['src_app'] + ' -> ' + e['dst_app']:<26} {e['verdict']:<7} {reason:<18} {e['rule']:<20} "
+            f"{e.get('sni') or '-':<24} {counts}")
+
+
+EVENT_HEADER = (f"{'TIME':<12} {'KIND':<6} {'SEGMENT':<8} {'PROTO':<5} {'CLIENT -> SERVER':<48} "
+                f"{'FROM -> TO':<26} {'VERDICT':<7} {'REASON':<18} {'RULE':<20} {'SNI':<24} PKTS/BYTES (REPLY)")
+
+
 @main.command()
 @STATE_DIR_OPT
 @JSON_OPT
-@click.option("--follow", is_flag=True, help="Keep printing flows as they appear (polls the flow table).")
-@click.option("--limit", default=50, show_default=True, help="Most recent flows to show.")
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between polls with --follow.")
-def flows(state_dir: str, as_json: bool, follow: bool, limit: int, interval: float) -> None:
-    """Recent flows with verdict, rule, app names and segment."""
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing flow events as the data path sends them (until Ctrl-C).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Most recent events (--table: flow-table entries) to show first; 0: all the agent kept.")
+@click.option("--app", metavar="NAME", help="Only flows from or to app NAME.")
+@click.option("--verdict", type=click.Choice(VERDICT_CHOICES),
+              help="Only this verdict (audit: would have been denied, passed in audit mode).")
+@click.option("--rule", metavar="NAME", help="Only flows decided by rule NAME ('(default)': the default action).")
+@click.option("--table", is_flag=True,
+              help="Show the kernel's flow table (live entries, one per direction) instead of the event log.")
+@click.option("--latency", is_flag=True, help="Show only the per-app-pair hop latency summary.")
+@click.option("--interval", default=0.3, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between polls of the agent with --follow.")
+def flows(state_dir: str, as_json: bool, follow: bool, limit: int, app: str | None, verdict: str | None,
+          rule: str | None, table: bool, latency: bool, interval: float) -> None:
+    """Flow events: new flows, verdict changes and flow ends, with apps, rule, verdict, segment.
+
+    The data path sends an event when a flow is first judged (`new`, any
+    verdict), when its verdict or rule changes (`change`: a policy apply, or
+    a TLS server name decided), and at its first FIN or RST (`end`, with the
+    packets/bytes of both directions; UDP/ICMP flows have no end event).
+    Without --follow: the most recent events the agent kept. With --follow:
+    then every new one as it comes; if events were lost (the kernel's ring
+    was full, or this command fell behind the agent's buffer) a line
+    `# N events lost` goes to stderr.
+
+    \b
+    Output: time, kind, segment (the client's), protocol, client -> server,
+    source app -> destination app, verdict (pass, drop, reject, audit),
+    reason, rule, TLS server name, packets/bytes (client -> server; end
+    events also server -> client). --json prints one JSON object per line.
+    Below the events: hop latency per app pair measured at the gateway
+    (p50/p99/mean of SYN->SYN-ACK, SYN-ACK->ACK and request->response).
+
+    \b
+    Examples:
+      bulkhead flows --verdict drop            # what was denied lately
+      bulkhead flows --follow --app payments   # live flows from/to payments
+      bulkhead flows --json --follow | jq .    # JSON lines
+      bulkhead flows --table                   # the flow table itself
+    """
+    if latency:
+        reply = _agent_request(state_dir, "latency")
+        if not reply.get("ok"):
+            _fail(reply.get("error", "latency failed"))
+        if as_json:
+            for r in reply["latency"]:
+                click.echo(json.dumps(r))
+        else:
+            click.echo("\n".join(_fmt_latency(reply["latency"])))
+        return
+    if table:
+        _flow_table(state_dir, as_json, follow, limit, app, verdict, rule, interval)
+        return
+    filters = {"app": app, "verdict": verdict, "rule": rule}
+    reply = _agent_request(state_dir, "flow_events", limit=limit, **filters)
+    if not reply.get("ok"):
+        _fail(reply.get("error", "flow_events failed"), int(reply.get("code", 1)))
+
+    def show(events: list[dict]) -> None:
+        for e in events:
+            click.echo(json.dumps(e) if as_json else _event_line(e))
+
+    if not as_json:
+        click.echo(EVENT_HEADER)
+    show(reply["events"])
+    if not follow:
+        if not as_json:
+            lat = _agent_request(state_dir, "latency")
+            click.echo("")
+            click.echo("\n".join(_fmt_latency(lat.get("latency") or [])))
+        return
+    seq, kernel_lost = reply["seq"], reply.get("kernel_lost") or 0
+    try:
+        while True:
+            time.sleep(interval)
+            reply = _agent_request(state_dir, "flow_events", after=seq, limit=5000, **filters)
+            if not reply.get("ok"):
+                _fail(reply.get("error", "flow_events failed"))
+            if reply["seq"] < seq:
+                click.echo("# the agent restarted: following its new event log", err=True)
+            lost = reply.get("lost", 0)
+            klost = reply.get("kernel_lost") or 0
+            if klost > kernel_lost:
+                lost += klost - kernel_lost
+            kernel_lost = max(kernel_lost, klost)
+            if lost:
+                click.echo(f"# {lost} events lost", err=True)
+            seq = reply["seq"]
+            show(reply["events"])
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def _flow_table(state_dir: str, as_json: bool, follow: bool, limit: int, app, verdict, rule,
+                interval: float) -> None:
+    """The flow table's live entries (bulkhead flows --table)."""
     seen: dict[tuple, int] = {}
 
+    def keep(f: dict) -> bool:
+        v = "audit" if f.get("reason") in ("audit_rule", "audit_default") else f["verdict"]
+        return ((not app or app in (f["src_app"], f["dst_app"])) and (not verdict or v == verdict)
+                and (not rule or f["rule"] == rule))
+
     def show(fl: list[dict], header: bool) -> None:
+        fl = [f for f in fl if keep(f)]
         if as_json:
             for f in fl:
                 click.echo(json.dumps(f))
@@ -213,7 +402,8 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, interval: flo
                        f"{f['dst'] + ':' + str(f['dport']):<28} {f['src_app']:<12} {f['dst_app']:<12} "
                        f"{f['verdict']:<7} {f['reason']:<16} {f['rule']:<20} {f['packets']:>6}  {f.get('sni') or ''}")
 
-    reply = _agent_request(state_dir, "flows", limit=limit)
+    req_limit = limit or 1_000_000
+    reply = _agent_request(state_dir, "flows", limit=req_limit)
     if not reply.get("ok"):
         _fail(reply.get("error", "flows failed"))
     show(reply["flows"], True)
@@ -224,7 +414,7 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, interval: flo
     try:
         while True:
             time.sleep(interval)
-            reply = _agent_request(state_dir, "flows", limit=limit)
+            reply = _agent_request(state_dir, "flows", limit=req_limit)
             new = []
             for f in reversed(reply.get("flows", [])):
                 k = (f["segment"], f["proto"], f["src"], f["sport"], f["dst"], f["dport"])

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import control
+from . import control, flowlog
 from .datapath import abi, libbpf, loader, probe
 from .policy.bundle import Bundle
 
@@ -155,11 +155,21 @@ class L7Records:
 
 
 class Agent:
-    def __init__(self, state_dir: str, xdp_mode: str = "auto"):
+    def __init__(self, state_dir: str, xdp_mode: str = "auto", sizes: dict[str, int] | None = None,
+                 events_keep: int = flowlog.DEFAULT_KEEP, events_perf: bool = False):
         self.state_dir = Path(state_dir)
         self.instance = loader.instance_name(state_dir)
         self.pin_dir = loader.pin_dir_for(state_dir)
         self.xdp_mode = xdp_mode
+        self.sizes = dict(sizes or {})  # map size overrides (abi.DEFAULT_SIZES keys), --map-size
+        # Flow events: ring buffer, or a perf buffer where the kernel has no ring buffer (the
+        # program must then be built with -DBH_EVENTS_PERF; the loader decides, see flowlog.py).
+        self.events_perf = events_perf
+        self.flowlog = flowlog.FlowLog(self.names_for, keep=events_keep)
+        self._names: dict[int, tuple[dict, dict, dict]] = {}  # generation -> (apps, rules, segments)
+        self.applies: collections.Counter = collections.Counter()  # "ok" | "failed" -> n
+        # map name -> entries written by the last apply into that slot's maps (per-slot policy maps)
+        self.slot_entries: dict[str, int] = {}
         self.dp: loader.Datapath | None = None
         self.plumbing = None
         self.bundle: Bundle | None = None
@@ -176,7 +186,7 @@ class Agent:
     def start(self, bundle: Bundle) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.state_dir, 0o700)
-        self.dp = loader.Datapath(self.pin_dir).load()
+        self.dp = loader.Datapath(self.pin_dir, self.sizes).load()
         from .plumbing import Plumbing  # imported late: needs nft/pyroute2 only at runtime
 
         self.plumbing = Plumbing(self.instance)
@@ -191,7 +201,24 @@ class Agent:
         for ifname in previous.get("interfaces", {}):
             if ifname not in self.interfaces:
                 self._detach_if_ours(ifname)
+        self._count_other_slot()
+        try:
+            self.flowlog.start(self.dp.bpf, use_perf=self.events_perf)
+        except Exception as e:  # the agent enforces without its flow log; status and metrics say so
+            self.flowlog.error = f"{type(e).__name__}: {e}"
+            log.error("flow log unavailable: %s", e)
         return gen
+
+    def _count_other_slot(self) -> None:
+        """Entries of the inactive slot's maps, written by an earlier agent: counted once."""
+        slot = 1 - (self.dp.ctl().active_slot & 1)
+        for name in ("src_host", "src_ident", "dst_host", "dst_ident", "pol_exact", "policy", "sni_names"):
+            mname = f"{name}_{slot}"
+            if mname not in self.slot_entries:
+                try:
+                    self.slot_entries[mname] = self.dp.occupancy(mname)
+                except Exception as e:
+                    log.debug("counting %s: %s", mname, e)
 
     def _detach_if_ours(self, ifname: str) -> None:
         pid = xdp_prog_ids().get(ifname)
@@ -210,12 +237,76 @@ class Agent:
 
     def stop(self) -> None:
         """Agent exit: stop the verifier; L7 flows are dropped (counted) until the next agent."""
+        self.flowlog.stop()
         if self.verifier:
             self.verifier.stop()
+
+    # ---------------------------------------------------------------- names
+    def names_for(self, generation: int) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
+        """(apps, rules, segments) id -> name for a generation; the current policy's if unknown."""
+        n = self._names.get(generation)
+        if n is None:
+            b = self.bundles.get(generation) or self.bundle
+            if b is None:
+                return {}, {}, {}
+            n = (b.app_names(), b.rule_names(), b.segment_names())
+            if generation in self.bundles:
+                self._names[generation] = n
+        return n
+
+    def app_name(self, app_id: int) -> str:
+        """Name of an app id for counters kept across policies: newest policy that knows it."""
+        return self._name_any(0, app_id, flowlog.app_name)
+
+    def rule_name(self, rule_id: int) -> str:
+        return self._name_any(1, rule_id, flowlog.rule_name)
+
+    def _name_any(self, which: int, ident: int, fmt) -> str:
+        gens = sorted(dict(self.bundles), reverse=True)
+        for g in gens:
+            names = self.names_for(g)[which]
+            if ident in names:
+                return names[ident]
+        return fmt(self.names_for(gens[0])[which] if gens else {}, ident)
+
+    def latency_summary(self) -> list[dict]:
+        return flowlog.latency_summary(self.dp.latency(), self.dp.latency_bounds(), self.app_name)
+
+    def flow_events(self, after: int | None, limit: int, app: str | None = None, verdict: str | None = None,
+                    rule: str | None = None) -> dict:
+        seq, events, lost = self.flowlog.since(after, limit, app=app, verdict=verdict, rule=rule)
+        try:
+            kernel_lost = self.dp.events().get("flow_event_lost", 0)
+        except Exception:
+            kernel_lost = None
+        return {"ok": True, "seq": seq, "events": events, "lost": lost, "kernel_lost": kernel_lost}
 
     # ---------------------------------------------------------------- apply
     def apply(self, bundle: Bundle) -> int:
         """Apply atomically; on any error the running policy stays in force."""
+        try:
+            gen = self._apply(bundle)
+        except Exception:
+            self.applies["failed"] += 1
+            raise
+        self.applies["ok"] += 1
+        return gen
+
+    def _record_slot_entries(self, bundle: Bundle, slot: int) -> None:
+        """What this apply wrote into the slot's maps (bulkhead_map_entries of per-slot maps)."""
+        exact = (abi.POLICY_PLEN_EXACT, abi.POLICY_PLEN_ANY_PORT, abi.POLICY_PLEN_ANY_PROTO)
+        src_host = sum(1 for e in bundle.src_entries if e[2] == 128)
+        dst_host = sum(1 for e in bundle.dst_entries if e[1] == 128)
+        pol_exact = sum(1 for e in bundle.policy_entries if e[0] in exact)
+        self.slot_entries.update({
+            f"seg_map_{slot}": sum(len(s["interfaces"]) for s in bundle.segments),
+            f"src_host_{slot}": src_host, f"src_ident_{slot}": len(bundle.src_entries) - src_host,
+            f"dst_host_{slot}": dst_host, f"dst_ident_{slot}": len(bundle.dst_entries) - dst_host,
+            f"pol_exact_{slot}": pol_exact, f"policy_{slot}": len(bundle.policy_entries) - pol_exact,
+            f"sni_names_{slot}": len(bundle.sni_entries),
+        })
+
+    def _apply(self, bundle: Bundle) -> int:
         with self.lock:
             ifindexes = resolve_ifindexes(bundle)
             seg_of = {i: s["name"] for s in bundle.segments for i in s["interfaces"]}
@@ -273,6 +364,8 @@ class Agent:
             self.bundles[generation] = bundle
             for g in sorted(self.bundles)[:-4]:  # keep a few generations for flow names
                 del self.bundles[g]
+                self._names.pop(g, None)
+            self._record_slot_entries(bundle, result["slot"])
             self.last_apply = {**result, "time": time.time(), "rules": len(bundle.rules),
                                "entries": len(bundle.policy_entries)}
             write_state(self.state_dir, {
@@ -307,7 +400,23 @@ class Agent:
             "events": self.dp.events(),
             "flows": self.dp.flow_count(),
             "verifier": self.verifier_status(),
+            "flow_log": self.flow_log_status(),
+            "latency": self._safe(self.latency_summary, []),
         }
+
+    @staticmethod
+    def _safe(fn, default):
+        try:
+            return fn()
+        except Exception as e:
+            log.warning("status: %s failed: %s", getattr(fn, "__name__", fn), e)
+            return default
+
+    def flow_log_status(self) -> dict:
+        st = self.flowlog.stats()
+        st["kernel_lost"] = self._safe(lambda: self.dp.events().get("flow_event_lost", 0), None)
+        st["pairs"] = self.flowlog.recent_pairs(20)
+        return st
 
     def verifier_status(self) -> dict:
         if not self.verifier:
@@ -390,6 +499,15 @@ class Agent:
             return {"ok": True, "status": self.status()}
         if op == "flows":
             return {"ok": True, "flows": self.flows(int(req.get("limit", 1000)))}
+        if op == "flow_events":
+            after = req.get("after")
+            verdict = req.get("verdict") or None
+            if verdict is not None and verdict not in flowlog.VERDICTS:
+                return {"ok": False, "code": 2, "error": f"verdict must be one of {', '.join(flowlog.VERDICTS)}"}
+            return self.flow_events(None if after is None else int(after), int(req.get("limit", 1000)),
+                                    app=req.get("app") or None, verdict=verdict, rule=req.get("rule") or None)
+        if op == "latency":
+            return {"ok": True, "latency": self.latency_summary()}
         if op == "requests":
             seq, recs = self.l7.since(int(req.get("after", 0)), int(req.get("limit", 1000)))
             return {"ok": True, "seq": seq, "requests": recs}
@@ -410,7 +528,8 @@ class Agent:
         return {"ok": False, "code": 2, "error": f"unknown op {op!r}"}
 
 
-def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_mode: str = "auto") -> int:
+def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_mode: str = "auto",
+        sizes: dict[str, int] | None = None, events_keep: int = flowlog.DEFAULT_KEEP) -> int:
     from .policy import PolicyError, load_policy
 
     try:
@@ -420,7 +539,7 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
         return 2
     for w in warnings:
         log.warning("%s", w)
-    agent = Agent(state_dir, xdp_mode)
+    agent = Agent(state_dir, xdp_mode, sizes=sizes, events_keep=events_keep)
     server = control.ControlServer(state_dir, agent.handle)
     try:
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)

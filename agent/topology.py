@@ -427,13 +427,14 @@ class AgentRunner:
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(self.state_dir) / "agent.log"
 
-    def start(self, policy: str | os.PathLike, timeout: float = 120) -> int:
-        """Start the agent and wait for `bulkhead agent ready generation=N`; returns N."""
+    def start(self, policy: str | os.PathLike, timeout: float = 120, args: tuple[str, ...] = ()) -> int:
+        """Start the agent (`args`: more `agent run` options) and wait for
+        `bulkhead agent ready generation=N`; returns N."""
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
         try:
             self.proc = self.topo.spawn("gw", [*bulkhead_argv(), "agent", "run", "--policy", str(policy),
-                                               "--state-dir", self.state_dir],
+                                               "--state-dir", self.state_dir, *args],
                                         stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(REPO))
         finally:
             log.close()

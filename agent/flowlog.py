@@ -1,0 +1,396 @@
+"""The flow log: flow events from the data path, decoded with names, kept in a bounded buffer.
+
+The XDP program sends one `struct bh_flow_event` (abi.FlowEvent) per
+  - new flow (`new`): the first judgment of a flow, whatever the verdict
+    (denies and flow collisions too);
+  - verdict change (`change`): a policy swap re-judged the flow to another
+    verdict or rule, or its TLS server name was decided (then `sni` is set and
+    `prev_reason` is sni_pending);
+  - flow end (`end`): its first FIN or RST, one per flow, with the packets and
+    bytes of both directions. Flows that end without one (UDP, ICMP, a TCP flow
+    that just goes idle or is evicted from the flow table) get no end event.
+The tuple always reads client -> server.
+
+Records come through a BPF ring buffer (a perf buffer on kernels without
+one, `use_perf`); a consumer thread decodes them into dicts with app, rule
+and segment NAMES from the bundle of the event's generation, and keeps the
+last `keep` in a deque with a monotonically increasing `seq`. Loss is
+counted in both places it can happen: the kernel counts records it could not
+put in a full ring (events['flow_event_lost']); the agent counts records that
+fell out of its buffer before anyone read them (`since()` tells a follower
+how many it missed).
+
+Also here, pure and unit-tested: the hop-latency summary (percentiles
+interpolated within the kernel's log2 buckets) and the bookkeeping that turns
+the flow table's live packet/byte counts into monotonic counters.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes as C
+import ipaddress
+import itertools
+import logging
+import socket
+import threading
+import time
+from typing import Callable, Iterable
+
+from .datapath import abi
+
+log = logging.getLogger("bulkhead.flowlog")
+
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
+KIND_NAMES = {abi.FlowEv.NEW: "new", abi.FlowEv.CHANGE: "change", abi.FlowEv.END: "end"}
+VERDICTS = ("pass", "drop", "reject", "audit")
+LAT_KINDS = {abi.Lat.SERVER_RTT: "server_rtt", abi.Lat.CLIENT_RTT: "client_rtt", abi.Lat.SERVER_TIME: "server_time"}
+BY_NAME = "(by name)"  # abi.APP_ANY: an app named by hostnames, not decided yet
+DEFAULT_RULE = "(default)"  # rule id 0: settings.default_action (or no rule involved)
+DEFAULT_KEEP = 10000
+PERF_PAGES = 64  # per-CPU perf buffer pages (perf fallback only)
+
+# names(generation) -> (apps, rules, segments), each id -> name
+NamesFn = Callable[[int], "tuple[dict[int, str], dict[int, str], dict[int, str]]"]
+
+
+def reason_name(r: int) -> str:
+    try:
+        return abi.Reason(r).name.lower()
+    except ValueError:
+        return str(r)
+
+
+def verdict_of(reason: int) -> str:
+    """pass | drop | reject | audit: a would-deny (audit_rule, audit_default) is never shown as a deny."""
+    if reason in abi.AUDIT_REASONS:
+        return "audit"
+    try:
+        return abi.REASON_VERDICT[abi.Reason(reason)]
+    except (ValueError, KeyError):
+        return "drop"
+
+
+def app_name(apps: dict[int, str], app_id: int) -> str:
+    if app_id == abi.APP_ANY:
+        return BY_NAME
+    return apps.get(app_id, "-" if app_id == 0 else f"app#{app_id}")
+
+
+def rule_name(rules: dict[int, str], rule_id: int) -> str:
+    return rules.get(rule_id, DEFAULT_RULE if rule_id == 0 else f"rule#{rule_id}")
+
+
+def addr16(raw) -> str:
+    a = ipaddress.IPv6Address(bytes(raw))
+    return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
+
+
+def monotonic_offset() -> float:
+    """Seconds to add to a CLOCK_MONOTONIC time (bpf_ktime_get_ns) to get wall-clock time."""
+    return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def decode(ev: abi.FlowEvent, names: NamesFn, offset: float) -> dict:
+    """One FlowEvent -> a dict with names (raises ValueError on a record that makes no sense)."""
+    kind = KIND_NAMES.get(ev.kind)
+    if kind is None:
+        raise ValueError(f"unknown flow event kind {ev.kind}")
+    if ev.family not in (4, 6):
+        raise ValueError(f"unknown address family {ev.family}")
+    apps, rules, segs = names(ev.generation)
+    sni = None
+    if ev.sni_len:
+        n = min(ev.sni_len, abi.SNI_LOG_LEN)
+        sni = bytes(ev.sni[:n]).rstrip(b"\0").rstrip(b".").decode("ascii", "replace")
+        if ev.sni_len >= abi.SNI_LOG_LEN:
+            sni += "…"  # the kernel logs the first SNI_LOG_LEN bytes of a longer name
+    return {
+        "time": round(ev.ts_ns / 1e9 + offset, 6),
+        "kind": kind,
+        "segment": segs.get(ev.segment_id, str(ev.segment_id)),
+        "peer_segment": segs.get(ev.peer_segment, str(ev.peer_segment)) if ev.peer_segment else None,
+        "family": ev.family,
+        "proto": PROTO_NAMES.get(ev.proto, str(ev.proto)),
+        "src": addr16(ev.saddr), "sport": socket.ntohs(ev.sport_be),
+        "dst": addr16(ev.daddr), "dport": socket.ntohs(ev.dport_be),
+        "src_app": app_name(apps, ev.src_app),
+        "dst_app": app_name(apps, ev.dst_app),
+        "rule": rule_name(rules, ev.rule_id),
+        "verdict": verdict_of(ev.reason),
+        "reason": reason_name(ev.reason),
+        "prev_reason": reason_name(ev.prev_reason) if ev.kind == abi.FlowEv.CHANGE and ev.prev_reason else None,
+        "audit": bool(ev.flags & abi.ACTF_AUDIT) or ev.reason in abi.AUDIT_REASONS,
+        "by_reply": bool(ev.flags & abi.FLOWF_REPLY),
+        "tcp_flags": ev.tcp_flags,
+        "sni": sni,
+        "generation": ev.generation,
+        "packets": ev.packets, "bytes": ev.bytes,
+        "r_packets": ev.r_packets, "r_bytes": ev.r_bytes,
+    }
+
+
+def matches(e: dict, app: str | None = None, verdict: str | None = None, rule: str | None = None) -> bool:
+    if app and app not in (e["src_app"], e["dst_app"]):
+        return False
+    if verdict and e["verdict"] != verdict:
+        return False
+    if rule and e["rule"] != rule:
+        return False
+    return True
+
+
+class FlowLog:
+    """Decoded flow events in a bounded buffer, fed by a consumer thread (start/stop)."""
+
+    MAX_PAIRS = 4096  # recent app pairs kept for `status` (apps x apps; the oldest go first)
+
+    def __init__(self, names: NamesFn, keep: int = DEFAULT_KEEP):
+        self.names = names
+        self.keep = keep
+        self.lock = threading.Lock()
+        self.buf: collections.deque = collections.deque(maxlen=keep) if keep > 0 else collections.deque(maxlen=0)
+        self.seq = 0
+        self.received = 0
+        self.by_kind: collections.Counter = collections.Counter()
+        self.buffer_dropped = 0  # fell out of the deque (older than the last `keep`)
+        self.bad = 0  # records that could not be decoded
+        self.perf_lost = 0  # perf fallback: records the perf buffer reported lost (also counted by the kernel)
+        self.pairs: dict[tuple[str, str], dict] = {}
+        self.offset = monotonic_offset()
+        self._offset_at = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.use_perf = False
+        self.error: str | None = None
+
+    # ------------------------------------------------------------ ingest
+    def ingest_raw(self, data, size: int) -> None:
+        """The ring/perf buffer callback: copy the record out (its memory is the kernel's)."""
+        try:
+            ev = abi.FlowEvent()
+            if size < C.sizeof(ev):
+                raise ValueError(f"flow event of {size} bytes, expected {C.sizeof(ev)}")
+            C.memmove(C.byref(ev), data, C.sizeof(ev))
+            self.ingest(ev)
+        except Exception as e:  # never take the consumer (or the agent) down
+            self._bad(e)
+
+    def ingest(self, ev: abi.FlowEvent) -> dict | None:
+        now = time.monotonic()
+        if now - self._offset_at > 60:  # follow wall-clock steps (NTP), cheaply
+            self.offset, self._offset_at = monotonic_offset(), now
+        try:
+            rec = decode(ev, self.names, self.offset)
+        except Exception as e:
+            self._bad(e)
+            return None
+        with self.lock:
+            self.seq += 1
+            self.received += 1
+            rec["seq"] = self.seq
+            self.by_kind[rec["kind"]] += 1
+            if self.buf.maxlen is not None and len(self.buf) == self.buf.maxlen:
+                self.buffer_dropped += 1
+            self.buf.append(rec)
+            self._pair(rec)
+        return rec
+
+    def _bad(self, e: Exception) -> None:
+        with self.lock:
+            self.bad += 1
+            n = self.bad
+        if n <= 10 or n % 1000 == 0:
+            log.warning("flow event not decoded (%d so far): %s", n, e)
+
+    def _pair(self, rec: dict) -> None:
+        key = (rec["src_app"], rec["dst_app"])
+        p = self.pairs.get(key)
+        if p is None:
+            if len(self.pairs) >= self.MAX_PAIRS:
+                oldest = min(self.pairs, key=lambda k: self.pairs[k]["last"])
+                del self.pairs[oldest]
+            p = self.pairs[key] = {"src_app": key[0], "dst_app": key[1], "new": 0, "end": 0, "change": 0,
+                                   "by_verdict": collections.Counter(), "last": 0.0}
+        p[rec["kind"]] += 1
+        if rec["kind"] == "new":
+            p["by_verdict"][rec["verdict"]] += 1
+        p["last"] = rec["time"]
+
+    # ------------------------------------------------------------- query
+    def since(self, after: int | None, limit: int = 1000, app: str | None = None, verdict: str | None = None,
+              rule: str | None = None) -> tuple[int, list[dict], int]:
+        """(seq to continue from, matching events, events lost).
+
+        after None: the most recent `limit` matching events, and the current seq.
+        after N: the oldest `limit` matching events with seq > N (so a follower
+        pages forward without skipping), and the seq of the last one examined.
+        lost: events with seq > after that already fell out of the buffer.
+        limit 0: no limit.
+        """
+        with self.lock:
+            oldest = self.buf[0]["seq"] if self.buf else self.seq + 1
+            if after is None:
+                out = [e for e in self.buf if matches(e, app, verdict, rule)]
+                return self.seq, (out[-limit:] if limit else out), 0
+            if after > self.seq:  # the follower knew an earlier agent: this one starts over
+                after = 0
+            lost = max(0, oldest - 1 - after)
+            out, last = [], max(after, oldest - 1)
+            if after < self.seq:
+                for e in itertools.islice(self.buf, max(0, after - oldest + 1), None):
+                    last = e["seq"]
+                    if matches(e, app, verdict, rule):
+                        out.append(dict(e))
+                        if limit and len(out) >= limit:
+                            break
+            return last, out, lost
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"received": self.received, "by_kind": dict(self.by_kind), "buffer_dropped": self.buffer_dropped,
+                    "bad": self.bad, "perf_lost": self.perf_lost, "kept": len(self.buf), "keep": self.keep,
+                    "seq": self.seq, "transport": "perf" if self.use_perf else "ringbuf",
+                    "running": bool(self._thread and self._thread.is_alive()), "error": self.error}
+
+    def recent_pairs(self, limit: int = 50) -> list[dict]:
+        with self.lock:
+            ps = sorted(self.pairs.values(), key=lambda p: -p["last"])[:limit]
+            return [{**p, "by_verdict": dict(p["by_verdict"])} for p in ps]
+
+    # ---------------------------------------------------------- consumer
+    def start(self, bpf, use_perf: bool = False, page_cnt: int = PERF_PAGES, map_name: bytes = b"flow_events") -> None:
+        """Open the loaded program's flow_events map and poll it on a thread.
+
+        use_perf: the program was built with -DBH_EVENTS_PERF (kernels without
+        BPF_MAP_TYPE_RINGBUF): the map is a perf event array, one buffer per CPU.
+        """
+        self.use_perf = use_perf
+        table = bpf[map_name]
+        if use_perf:
+            table.open_perf_buffer(lambda _cpu, data, size: self.ingest_raw(data, size), page_cnt=page_cnt,
+                                   lost_cb=self._perf_lost)
+            poll = bpf.perf_buffer_poll
+        else:
+            table.open_ring_buffer(lambda _ctx, data, size: self.ingest_raw(data, size))
+            poll = bpf.ring_buffer_poll
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(poll,), name="flowlog", daemon=True)
+        self._thread.start()
+
+    def _perf_lost(self, n: int) -> None:
+        with self.lock:
+            self.perf_lost += n
+
+    def _run(self, poll) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                poll(200)  # ms; the callbacks run on this thread
+                failures = 0
+            except Exception as e:  # keep polling: a transient error must not end the flow log
+                failures += 1
+                self.error = f"{type(e).__name__}: {e}"
+                if failures <= 3:
+                    log.exception("flow event poll failed")
+                self._stop.wait(min(5.0, 0.1 * failures))
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+            self._thread = None
+
+
+# ------------------------------------------------------------------ latency
+def percentile(buckets: list[int], bounds: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) of a log2 histogram, interpolated linearly inside its bucket.
+
+    bounds[b] is bucket b's upper bound; its lower bound is bounds[b-1] (0 for
+    bucket 0). The last bucket also holds everything above its lower bound: a
+    value there is reported within [lower, upper], i.e. a lower estimate.
+    """
+    total = sum(buckets)
+    if total <= 0:
+        return None
+    rank = q * total
+    cum = 0
+    for b, n in enumerate(buckets):
+        if n <= 0:
+            continue
+        if cum + n >= rank:
+            lo = bounds[b - 1] if b > 0 else 0.0
+            hi = bounds[b]
+            return lo + (hi - lo) * max(0.0, rank - cum) / n
+        cum += n
+    return bounds[len(buckets) - 1]
+
+
+def latency_summary(lat: dict, bounds: list[float], app: Callable[[int], str]) -> list[dict]:
+    """Datapath.latency() -> [{src_app, dst_app, kind, count, p50_ms, p99_ms, mean_ms}], merged by names."""
+    merged: dict[tuple[str, str, str], dict] = {}
+    for (s, d, kind), h in lat.items():
+        key = (app(s), app(d), LAT_KINDS.get(kind, str(kind)))
+        m = merged.setdefault(key, {"buckets": [0] * len(h["buckets"]), "count": 0, "sum_s": 0.0})
+        m["buckets"] = [a + b for a, b in zip(m["buckets"], h["buckets"])]
+        m["count"] += h["count"]
+        m["sum_s"] += h["sum_s"]
+    out = []
+    for (s, d, kind), m in sorted(merged.items()):
+        if not m["count"]:
+            continue
+        p50, p99 = percentile(m["buckets"], bounds, 0.5), percentile(m["buckets"], bounds, 0.99)
+        out.append({"src_app": s, "dst_app": d, "kind": kind, "count": m["count"],
+                    "p50_ms": round(p50 * 1e3, 3), "p99_ms": round(p99 * 1e3, 3),
+                    "mean_ms": round(m["sum_s"] / m["count"] * 1e3, 3)})
+    return out
+
+
+# --------------------------------------------------------- monotonic totals
+class FlowTotals:
+    """Monotonic packets/bytes per label set from snapshots of the flow table.
+
+    Each scrape walks the table: `update([(entry id, labels, packets, bytes)])`.
+    An entry's counts so far are "live"; when the entry vanishes (evicted,
+    expired), its counts go down (the key was re-created by a new flow), or
+    its labels change (re-judged to another rule/verdict), what it had counted
+    under the old labels is moved to an archive, which only grows. Totals =
+    archive + live, so every label set's total never decreases.
+    Packets that arrive between the last scrape and an eviction are not seen.
+    """
+
+    def __init__(self):
+        self.entries: dict = {}  # id -> [labels, base_packets, base_bytes, packets, bytes]
+        self.archive: dict[tuple, list[int]] = {}
+        self.lock = threading.Lock()
+
+    def _retire(self, labels: tuple, base_p: int, base_b: int, p: int, b: int) -> None:
+        a = self.archive.setdefault(labels, [0, 0])
+        a[0] += max(0, p - base_p)
+        a[1] += max(0, b - base_b)
+
+    def update(self, snapshot: Iterable[tuple]) -> dict[tuple, tuple[int, int]]:
+        with self.lock:
+            seen = set()
+            for ident, labels, p, b in snapshot:
+                seen.add(ident)
+                e = self.entries.get(ident)
+                if e is None:
+                    self.entries[ident] = [labels, 0, 0, p, b]
+                    continue
+                if p < e[3] or b < e[4]:  # a new flow on this key: the old one is over
+                    self._retire(e[0], e[1], e[2], e[3], e[4])
+                    e[:] = [labels, 0, 0, p, b]
+                elif labels != e[0]:  # same flow, new verdict/rule: count on from here under the new labels
+                    self._retire(e[0], e[1], e[2], e[3], e[4])
+                    e[:] = [labels, e[3], e[4], p, b]
+                else:
+                    e[3], e[4] = p, b
+            for ident in [i for i in self.entries if i not in seen]:
+                e = self.entries.pop(ident)
+                self._retire(e[0], e[1], e[2], e[3], e[4])
+            totals = {k: [v[0], v[1]] for k, v in self.archive.items()}
+            for labels, bp, bb, p, b in self.entries.values():
+                t = totals.setdefault(labels, [0, 0])
+                t[0] += p - bp
+                t[1] += b - bb
+            return {k: (v[0], v[1]) for k, v in totals.items()}
