@@ -303,3 +303,98 @@ def test_formatting():
     assert top.fmt_bytes(999) == "999 B" and top.fmt_bytes(2_500_000) == "2.5 MB"
     assert top.fmt_ms(0.123) == "0.12" and top.fmt_ms(None) == "-"
     assert top.fmt_duration(3725) == "1h02m" and top.fmt_duration(59) == "0m59s"
+
+
+# ---------------------------------------------------------- Grafana dashboard
+DASHBOARD = ROOT / "docs" / "grafana-bulkhead.json"
+# What the agent exports (prometheus-client adds _total to counters; histograms have _bucket/_sum/_count).
+METRICS = {
+    "bulkhead_packets_total", "bulkhead_bytes_total", "bulkhead_flows_total", "bulkhead_flow_packets_total",
+    "bulkhead_flow_bytes_total", "bulkhead_l7_requests_total", "bulkhead_verifier_up",
+    "bulkhead_verifier_restarts_total", "bulkhead_map_entries", "bulkhead_map_capacity",
+    "bulkhead_flow_evictions_total", "bulkhead_flow_events_total", "bulkhead_flow_events_lost_total",
+    "bulkhead_datapath_events_total", "bulkhead_policy_generation", "bulkhead_policy_apply_seconds",
+    "bulkhead_policy_applies_total", "bulkhead_collector_errors_total",
+} | {f"{h}_{s}" for h in ("bulkhead_hop_latency_seconds", "bulkhead_l7_request_seconds")
+     for s in ("bucket", "sum", "count")}
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "topk", "bottomk", "by", "without", "rate", "irate", "increase", "changes",
+    "histogram_quantile", "clamp_min", "clamp_max", "and", "or", "unless", "on", "ignoring", "group_left",
+    "group_right", "bool", "label_values", "offset",
+}
+
+
+def promql_names(expr: str) -> set[str]:
+    """Identifiers in a PromQL expression that are not functions, keywords, labels or variables."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)                # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)                            # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)                           # ranges
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)  # label lists
+    expr = re.sub(r"\$\w+", "", expr)                                # $__range, $instance
+    names = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
+    return {n for n in names if n not in PROMQL_WORDS and not re.fullmatch(r"[eE]\d*", n)}
+
+
+def dashboard_exprs(d: dict):
+    for p in d["panels"]:
+        for t in p.get("targets", []):
+            yield p, t["expr"]
+    for a in d["annotations"]["list"]:
+        if "expr" in a:
+            yield a, a["expr"]
+    for v in d["templating"]["list"]:
+        if v["type"] == "query":
+            m = re.fullmatch(r"label_values\((.*),\s*\w+\)", v["definition"])
+            yield v, m.group(1) if m else v["definition"]
+
+
+def test_promql_names_helper():
+    assert promql_names('histogram_quantile(0.99, sum by (le, kind) (rate(x_bucket{a=~"b|c"}[$__rate_interval])))') \
+        == {"x_bucket"}
+    assert promql_names("max by (map) (100 * a{x=\"1\"} / b)") == {"a", "b"}
+
+
+def test_dashboard_is_valid_and_uses_known_metrics():
+    d = json.loads(DASHBOARD.read_text())
+    assert d["title"] and d["uid"] and 36 <= d["schemaVersion"] <= 41
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    ds_vars = [v for v in d["templating"]["list"] if v["type"] == "datasource"]
+    assert [v["name"] for v in ds_vars] == ["DS_PROMETHEUS"] and ds_vars[0]["query"] == "prometheus"
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    for name in ("src_app", "dst_app"):
+        assert variables[name]["definition"].startswith("label_values(")
+        assert variables[name]["datasource"]["uid"] == "${DS_PROMETHEUS}"
+    exprs = list(dashboard_exprs(d))
+    assert len(exprs) > 20
+    for where, expr in exprs:
+        depth = 0
+        for ch in re.sub(r'"(?:[^"\\]|\\.)*"', "", expr):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            assert depth >= 0, expr
+        assert depth == 0, expr
+        unknown = promql_names(expr) - METRICS
+        assert not unknown, f"{where.get('title') or where.get('name')}: {unknown} in {expr}"
+    used = set().union(*(promql_names(e) for _, e in exprs))
+    # every family the agent exports is on the dashboard somewhere
+    assert {m.removesuffix("_bucket") for m in METRICS if not m.endswith(("_sum", "_count"))} \
+        <= {m.removesuffix("_bucket") for m in used} | {"bulkhead_bytes_total", "bulkhead_flow_packets_total"}
+
+
+def test_dashboard_panels_have_datasource_and_layout():
+    d = json.loads(DASHBOARD.read_text())
+    titles = set()
+    for p in d["panels"]:
+        assert p["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, p["title"]
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        titles.add(p["title"])
+        if p["type"] != "row":
+            assert p["targets"], p["title"]
+            for t in p["targets"]:
+                assert t["datasource"]["uid"] == "${DS_PROMETHEUS}" and t["expr"], p["title"]
+    # audit (would deny) is its own panel, never summed into the denials
+    deny = next(p for p in d["panels"] if p["title"].startswith("Denied flows/s"))
+    assert all('verdict=~"drop|reject"' in t["expr"] for t in deny["targets"])
+    assert any("Would deny" in t for t in titles)
+    assert {"Hop latency p50 by kind", "Hop latency p99 by kind", "Map use %"} <= titles
