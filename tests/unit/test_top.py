@@ -398,3 +398,19 @@ def test_dashboard_panels_have_datasource_and_layout():
     assert all('verdict=~"drop|reject"' in t["expr"] for t in deny["targets"])
     assert any("Would deny" in t for t in titles)
     assert {"Hop latency p50 by kind", "Hop latency p99 by kind", "Map use %"} <= titles
+
+
+def test_dashboard_metrics_are_exported_by_the_agent():
+    """Every series the dashboard queries is a family agent/metrics.py defines, with the right suffix."""
+    src = (ROOT / "agent" / "metrics.py").read_text()
+    families = {}
+    for kind, name in re.findall(r'(Counter|Gauge|Histogram)MetricFamily\(\s*"(\w+)"', src):
+        if kind == "Counter":
+            families[name + "_total"] = kind
+        elif kind == "Histogram":
+            families.update({f"{name}_{s}": kind for s in ("bucket", "sum", "count")})
+        else:
+            families[name] = kind
+    d = json.loads(DASHBOARD.read_text())
+    used = set().union(*(promql_names(e) for _, e in dashboard_exprs(d)))
+    assert used <= set(families), used - set(families)
