@@ -532,7 +532,8 @@ static __always_inline int bh_observe_wanted(const struct bh_flow *f, const stru
  *   server RTT  = SYN-ACK - SYN        (reply entry; its t_a is the SYN's time)
  *   client RTT  = ACK - SYN-ACK        (forward entry; t_b written at the SYN-ACK)
  *   server time = first response byte - first request byte
- * and one end event per flow at its first FIN or RST (both entries marked).
+ * and one end event per flow at its first FIN or RST (both entries marked),
+ * with the packets and bytes before that packet.
  */
 static __always_inline void bh_observe(struct xdp_md *ctx, struct bh_pkt *p, struct bh_flow *f, __u32 seg)
 {
@@ -773,14 +774,18 @@ int bulkhead_xdp(struct xdp_md *ctx)
 	int syn_only = (p.tcp_flags & (BH_TCP_SYN | BH_TCP_ACK)) == BH_TCP_SYN;
 	int reused = syn_only && f && !(f->flags & (BH_FLOWF_REPLY | BH_FLOWF_T_HS));
 	if (f && f->generation == cfg->generation && !reused) {
+#ifndef BH_NO_TELEMETRY
+		/*
+		 * A few packets per TCP flow (handshake, first data, FIN/RST) are
+		 * measured in bulkhead_observe, which hands them back here (so they
+		 * are counted below, once). On failure, go on unmeasured.
+		 */
+		if (bh_observe_wanted(f, &p))
+			tails.call(ctx, BH_TAIL_OBSERVE);
+#endif
 		f->last_seen_ns = now;
 		f->packets++;
 		f->bytes += len;
-#ifndef BH_NO_TELEMETRY
-		/* A few packets per TCP flow (handshake, first data, FIN/RST): measured in bulkhead_observe. */
-		if (bh_observe_wanted(f, &p))
-			tails.call(ctx, BH_TAIL_OBSERVE); /* comes back here; on failure, go on unmeasured */
-#endif
 		if (f->reason == BH_R_SNI_PENDING)
 			return bh_sni_pending(ctx, &p, f->flags & BH_FLOWF_REPLY, len, ctl_flags);
 		if (p.frag == BH_FRAG_FIRST) {
