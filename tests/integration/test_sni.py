@@ -595,7 +595,7 @@ class Sni:
         return out
 
     def flows(self) -> list[dict]:
-        p = self.gw.agent.cli("flows", "--json", "--limit", "100000")
+        p = self.gw.agent.cli("flows", "--table", "--json", "--limit", "100000")
         assert p.returncode == 0, p.stderr
         return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
 

@@ -3,14 +3,16 @@
 One agent per module (conftest `gateway`). The traffic fixture sends a known
 set of flows with fixed client ports (allowed, denied by rule, would-be denied
 by an audit rule) between two scrapes, so counters can be checked for moving
-by exactly what was sent. Denied probes wait less than the initial SYN
-retransmission timeout (1 s): one SYN, one flow. The last test restarts the
+by exactly what was sent. Denied probes wait longer than the initial SYN
+retransmission timeout (1 s): the retransmitted SYN is the same flow, counted
+once. The last test restarts the
 agent with tiny maps (an event ring of one page, a full pair_flows, a
 64-entry flow table) to see loss counted and the exporter still working.
 """
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +26,13 @@ from agent.topology import CATALOG_V4, PAYMENTS_V4, REPO, bulkhead_argv
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
 METRICS = "http://127.0.0.1:9477/metrics"
-DENY_WAIT = 0.5  # < the 1 s initial SYN RTO: a denied connect sends exactly one SYN
+APPS = [  # conftest's apps (test modules can't import conftest)
+    {"name": "web", "segment": "prod", "addresses": ["198.18.1.0/24", "fd00:1::/64"]},
+    {"name": "laptops", "segment": "dev", "addresses": ["198.18.1.0/24", "fd00:1::/64"]},
+    {"name": "payments", "segment": "core", "addresses": ["198.19.0.10/32", "fd00:19::10/128"]},
+    {"name": "catalog", "segment": "core", "addresses": ["198.19.0.20/32", "fd00:19::20/128"]},
+]
+DENY_WAIT = 1.6  # > the 1 s initial SYN RTO: a retransmitted SYN is the same flow, counted once
 RULES = [
     {"name": "web-pays", "from": "web", "to": "payments", "action": "allow", "ports": ["tcp/8443", "tcp/9100"]},
     {"name": "web-catalog", "from": "web", "to": "catalog", "action": "allow", "ports": ["tcp/9100"]},
@@ -246,11 +254,17 @@ def test_follow_streams_new_events(vis):
     assert proc.returncode in (0, -15), proc.stderr.read()
 
 
-def test_hop_latency_server_time_ordered(vis):
-    topo = vis.topo
-    p = topo.spawn("core", [sys.executable, "-c", SLOW_SERVER, PAYMENTS_V4, str(DELAY), CATALOG_V4, "0"],
-                   stdout=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module")
+def slow_server(vis):
+    """The request/response server on 9100: payments answers after DELAY, catalog at once."""
+    p = vis.topo.spawn("core", [sys.executable, "-c", SLOW_SERVER, PAYMENTS_V4, str(DELAY), CATALOG_V4, "0"],
+                       stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_hop_latency_server_time_ordered(vis, slow_server):
+    topo = vis.topo
     before = scrape(vis)
     n = 3
     for _ in range(n):
@@ -294,6 +308,51 @@ def test_hop_latency_server_time_ordered(vis):
     assert out.returncode == 0 and "server_time" in out.stdout and "payments" in out.stdout, out.stdout
     human = vis.agent.cli("status")
     assert "hop latency" in human.stdout and "server_time" in human.stdout, human.stdout
+
+
+def client_hello(name: str) -> bytes:
+    """A minimal TLS 1.2-style ClientHello carrying one server_name."""
+    def v16(b: bytes) -> bytes:
+        return len(b).to_bytes(2, "big") + b
+
+    raw = name.encode()
+    sni = b"\x00\x00" + v16(v16(b"\x00" + v16(raw)))
+    body = b"\x03\x03" + bytes(32) + b"\x00" + v16(b"\x13\x01\xc0\x2f") + b"\x01\x00" + v16(sni)
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + v16(hs)
+
+
+def test_flow_log_shows_tls_server_name(vis, slow_server):
+    """payments named by hostname on 9100: the flow is new (sni_pending), then changes to
+    allow_rule with the name the client asked for; counted once, when decided."""
+    apps = [dict(a) for a in APPS]
+    for a in apps:
+        if a["name"] == "payments":
+            a.update(ports=["tcp/9100"], hostnames=["pay.example.internal"])
+    vis.apply(*RULES, apps=apps)
+    try:
+        before = scrape(vis)
+        sport = 41400
+        s = vis.topo.socket("prod")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", sport))
+        s.settimeout(3)
+        s.connect((PAYMENTS_V4, 9100))
+        s.sendall(client_hello("Pay.Example.Internal"))
+        evs = vis.wait_for(lambda: [e for e in by_sport(flow_events(vis), sport) if e["kind"] == "change"])
+        s.close()
+        assert evs, by_sport(flow_events(vis), sport)
+        ch = evs[0]
+        assert (ch["sni"], ch["prev_reason"], ch["reason"], ch["verdict"], ch["rule"], ch["dst_app"]) == \
+            ("pay.example.internal", "sni_pending", "allow_rule", "pass", "web-pays", "payments"), ch
+        new = [e for e in by_sport(flow_events(vis), sport) if e["kind"] == "new"]
+        assert [(e["reason"], e["sni"]) for e in new] == [("sni_pending", None)], new
+        after = scrape(vis)
+        lab = dict(src_app="web", dst_app="payments", rule="web-pays")
+        assert value(after, "bulkhead_flows_total", **lab) - value(before, "bulkhead_flows_total", **lab) == 1
+        assert value(after, "bulkhead_flows_total", reason="sni_pending") == 0
+    finally:
+        vis.apply(*RULES)
 
 
 def test_exporter_keeps_working_during_apply(vis):
@@ -347,7 +406,7 @@ def test_event_loss_counted_and_full_maps(vis):
         assert fl0["running"], fl0
         # A burst of short flows: one datagram each to a distinct port, all denied (one new event each).
         burst = 1000
-        s = topo.socket("dev", type_=__import__("socket").SOCK_DGRAM)
+        s = topo.socket("dev", type_=socket.SOCK_DGRAM)
         try:
             for port in range(20000, 20000 + burst):
                 s.sendto(b"x", (PAYMENTS_V4, port))
