@@ -17,6 +17,8 @@ renderables and ``run`` is the refresh loop the CLI calls.
 from __future__ import annotations
 
 import collections
+import os
+import sys
 import time
 from typing import Any, Callable, Iterable
 
@@ -472,7 +474,8 @@ def render(frame: dict):
 
     def denial_table(title: str, rows: list[dict]):
         t = Table(title=title, title_justify="left", expand=True, pad_edge=False)
-        for col in ("WHEN", "FROM", "TO", "VERDICT", "RULE", "REASON", "DESTINATION", "SNI"):
+        with_sni = any(r.get("sni") for r in rows)
+        for col in ("WHEN", "FROM", "TO", "VERDICT", "RULE", "REASON", "DESTINATION") + (("SNI",) if with_sni else ()):
             t.add_column(col, no_wrap=True)
         for r in rows:
             dest = f"{r.get('dst') or ''}:{r.get('dport') if r.get('dport') is not None else ''}"
@@ -480,9 +483,10 @@ def render(frame: dict):
                 dest += f"/{r['proto']}"
             t.add_row(_when(r), Text(str(r["src_app"])), Text(str(r["dst_app"])),
                       Text(r["verdict"], style=VERDICT_STYLE.get(r["verdict"], "")), Text(str(r["rule"])),
-                      Text(str(r["reason"])), Text(dest if dest != ":" else ""), Text(str(r.get("sni") or "")))
+                      Text(str(r["reason"])), Text(dest if dest != ":" else ""),
+                      *((Text(str(r.get("sni") or "")),) if with_sni else ()))
         if not rows:
-            t.add_row("(none)", "", "", "", "", "", "", "")
+            t.add_row("(none)", *[""] * (len(t.columns) - 1))
         return t
 
     loss = frame.get("event_loss")
@@ -528,7 +532,9 @@ def run(fetch: Fetch, interval: float = 2.0, once: bool = False, as_json: bool =
 
     from rich.console import Console
 
-    console = console or Console()
+    if console is None:
+        # Piped or redirected (scripts, --once > file): wide enough not to cut names; COLUMNS overrides.
+        console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=160)
     events = EventLog()
     prev: dict | None = None
     pause = max(interval, 0.1) if not once else interval

@@ -274,6 +274,9 @@ def test_render_full_and_empty_frames():
                  "[bold]ops", "[x]"):                                   # names are never rich markup
         assert text in out, text
     assert "(no flows)" in render_text(top.build_frame({"t": 0, "status": {}, "flows": []}))
+    assert "SNI" not in out                                              # no server names: no column
+    log.update([{"ok": True, "events": [event("new", "drop", 9, sni="pay.example.internal")]}])
+    assert "pay.example.internal" in render_text(top.build_frame(cur, None, log))
 
 
 def test_run_once_json_and_agent_errors():
