@@ -396,14 +396,19 @@ static __always_inline void bh_fe_emit(struct xdp_md *ctx, __u8 kind, const stru
 				       __u32 seg, const struct bh_flow *v, const struct bh_flow *o, __u8 reason,
 				       __u8 prev_reason, const struct bh_sni_state *st)
 {
+#ifdef BH_EVENTS_PERF
 	__u32 zero = 0;
-	struct bh_flow_event *e = ev_scratch.lookup(&zero);
-
-	if (!e)
+	struct bh_flow_event *e = ev_scratch.lookup(&zero); /* perf_submit copies it */
+#else
+	struct bh_flow_event *e = flow_events.ringbuf_reserve(sizeof(struct bh_flow_event));
+#endif
+	if (!e) {
+		bh_event(BH_EV_FLOW_EVENT_LOST);
 		return;
+	}
 	const struct bh_flow *fw = is_reply ? o : v;
 	const struct bh_flow *rp = is_reply ? v : o;
-	e->ts_ns = bpf_ktime_get_ns();
+	e->ts_ns = v->last_seen_ns; /* the packet's time (coarse clock: the flow log needs no more) */
 	e->packets = fw ? fw->packets : 0;
 	e->bytes = fw ? fw->bytes : 0;
 	e->r_packets = rp ? rp->packets : 0;
@@ -432,10 +437,10 @@ static __always_inline void bh_fe_emit(struct xdp_md *ctx, __u8 kind, const stru
 	}
 #ifdef BH_EVENTS_PERF
 	if (flow_events.perf_submit(ctx, e, sizeof(*e)))
-#else
-	if (flow_events.ringbuf_output(e, sizeof(*e), 0))
-#endif
 		bh_event(BH_EV_FLOW_EVENT_LOST);
+#else
+	flow_events.ringbuf_submit(e, 0);
+#endif
 }
 
 /* One more flow judged for (src app, dst app, rule, reason): exact, per CPU. */

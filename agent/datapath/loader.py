@@ -140,9 +140,12 @@ def v4mapped(addr: ipaddress._BaseAddress) -> bytes:
 class Datapath:
     """The loaded programs and their maps, for one pin instance."""
 
-    def __init__(self, pin_dir: Path, sizes: dict[str, int] | None = None):
+    def __init__(self, pin_dir: Path, sizes: dict[str, int] | None = None, defines: tuple[str, ...] = ()):
         self.pin_dir = Path(pin_dir)
         self.sizes = dict(abi.DEFAULT_SIZES, **(sizes or {}))
+        # Compile-time switches (-D NAME): BH_EVENTS_PERF (perf buffer instead of
+        # the ring buffer), BH_NO_TELEMETRY (benchmarks: the cost of having it).
+        self.defines = tuple(defines)
         self.bpf = None
         self.fns: dict[str, object] = {}
         self.map_fds: dict[str, int] = {}
@@ -171,7 +174,8 @@ class Datapath:
             (build_dir / "maps").mkdir(parents=True)
         try:
             t0 = time.monotonic()
-            self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(), cflags=cflags(build_dir / "maps", self.sizes))
+            self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(), cflags=cflags(build_dir / "maps", self.sizes)
+                           + [f"-D{d}" for d in self.defines])
             for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), EMPTY_PROG)):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             self.fns[TC_PROG] = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)

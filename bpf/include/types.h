@@ -222,7 +222,7 @@ struct bh_sni_state {
  * The tuple is always the forward (client -> server) direction.
  */
 struct bh_flow_event {
-	__u64 ts_ns;      /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 ts_ns;      /* the packet's bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC base, jiffy resolution) */
 	__u64 packets;    /* forward direction so far */
 	__u64 bytes;
 	__u64 r_packets;  /* reply direction so far (end events) */
