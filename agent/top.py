@@ -16,7 +16,6 @@ renderables and ``run`` is the refresh loop the CLI calls.
 """
 from __future__ import annotations
 
-import collections
 import os
 import sys
 import time
