@@ -100,7 +100,7 @@ class Lat(enum.IntEnum):
 
 
 # The verdict class of each reason: what a user sees in `status`.
-PASS, DROP, TX = "pass", "drop", "reject"
+PASS, DROP, TX, AUDIT = "pass", "drop", "reject", "audit"  # audit: would-deny, passed
 REASON_VERDICT = {
     Reason.UNSPEC: DROP,
     Reason.PASS_NON_IP: PASS,
@@ -111,8 +111,8 @@ REASON_VERDICT = {
     Reason.DENY_RULE: DROP,
     Reason.DENY_DEFAULT: DROP,
     Reason.REJECT_RULE: TX,
-    Reason.AUDIT_RULE: PASS,
-    Reason.AUDIT_DEFAULT: PASS,
+    Reason.AUDIT_RULE: AUDIT,
+    Reason.AUDIT_DEFAULT: AUDIT,
     Reason.NO_POLICY: DROP,
     Reason.NO_SEGMENT: DROP,
     Reason.MALFORMED_L2: DROP,
