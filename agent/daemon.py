@@ -203,7 +203,11 @@ class Agent:
                 self._detach_if_ours(ifname)
         self._count_other_slot()
         try:
-            self.flowlog.start(self.dp.bpf, use_perf=self.events_perf)
+            if "BH_NO_TELEMETRY" in getattr(self.dp, "defines", ()):
+                raise RuntimeError("the data path was built without telemetry (BH_NO_TELEMETRY)")
+            # The loader says whether the program was built with -DBH_EVENTS_PERF (Datapath.events_perf).
+            perf = self.events_perf or bool(getattr(self.dp, "events_perf", False))
+            self.flowlog.start(self.dp.bpf, use_perf=perf)
         except Exception as e:  # the agent enforces without its flow log; status and metrics say so
             self.flowlog.error = f"{type(e).__name__}: {e}"
             log.error("flow log unavailable: %s", e)

@@ -67,7 +67,8 @@ class DatapathCollector:
         dp = self.agent.dp
         counters = dp.counters()
         events = dp.events()
-        pkts = CounterMetricFamily("bulkhead_packets", "Packets judged by the XDP program", labels=["reason", "verdict"])
+        pkts = CounterMetricFamily("bulkhead_packets", "Packets judged by the XDP program",
+                                   labels=["reason", "verdict"])
         byts = CounterMetricFamily("bulkhead_bytes", "Bytes judged by the XDP program", labels=["reason", "verdict"])
         for reason, c in counters.items():
             verdict = flowlog.verdict_of(abi.Reason[reason.upper()])
