@@ -384,3 +384,17 @@ def test_collector_sections_fail_alone_and_counters_stay_monotonic():
     assert get(m3, "bulkhead_flow_evictions_total") == 1
     agent.dp.entries = [flow_entry(1, 2, 10, 20, 1, 3, 2)]  # re-created, more entries than created says
     assert get(scrape(c), "bulkhead_flow_evictions_total") == 1  # clamped: never decreases
+
+
+def test_cli_event_line():
+    from agent.cli import EVENT_HEADER, _event_line
+
+    e = flowlog.decode(event(src="fd00:1::10", dst="fd00:19::10", kind=abi.FlowEv.END, packets=5, bytes=500,
+                             r_packets=4, r_bytes=900), names, 0)
+    line = _event_line(e)
+    assert "[fd00:1::10]:40000 -> [fd00:19::10]:443" in line and "web -> payments" in line
+    assert line.split()[1:3] == ["end", "prod"] and line.endswith("5/500 4/900")
+    ch = flowlog.decode(event(kind=abi.FlowEv.CHANGE, prev_reason=abi.Reason.SNI_PENDING, sni=b"pay.example"),
+                        names, 0)
+    assert "allow_rule (was sni_pending)" in _event_line(ch) and "pay.example" in _event_line(ch)
+    assert EVENT_HEADER.split()[:3] == ["TIME", "KIND", "SEGMENT"]
