@@ -151,12 +151,23 @@ class Datapath:
         self.map_fds: dict[str, int] = {}
         self.last_flip = 0.0
 
+    @property
+    def events_perf(self) -> bool:
+        """flow_events is a perf event array (BH_EVENTS_PERF), not a ring buffer."""
+        return "BH_EVENTS_PERF" in self.defines
+
     # ---------------------------------------------------------------- load
     def load(self) -> "Datapath":
         """Compile, load and pin (or reuse pins). Does not attach."""
         from bcc import BPF  # imported late: unit tests run without bcc
 
         ensure_bpffs()
+        if "BH_EVENTS_PERF" not in self.defines and "BH_NO_TELEMETRY" not in self.defines:
+            from . import probe
+
+            if probe.PROBES["ringbuf"]() is not True:
+                log.warning("no BPF ring buffer in this kernel: flow events use a perf buffer")
+                self.defines += ("BH_EVENTS_PERF",)
         maps_dir = self.pin_dir / "maps"
         fresh = not maps_dir.exists()
         if not fresh:

@@ -40,7 +40,7 @@ log = logging.getLogger("bulkhead.probe")
 
 # linux/bpf.h
 PROG_TYPE_XDP = 6
-MAP_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 2, 9, 11
+MAP_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE, MAP_RINGBUF = 2, 9, 11, 27
 F_NO_PREALLOC = 1
 HELPER_XDP_ADJUST_TAIL = 65
 HELPER_KTIME_GET_COARSE_NS = 160
@@ -54,6 +54,7 @@ FEATURES: dict[str, tuple[bool, str]] = {
     "batch_map_ops": (True, "the loader zeroes the segment map with one batch update"),
     "ktime_get_coarse_ns": (True, "the XDP program timestamps flows with bpf_ktime_get_coarse_ns()"),
     "xdp_adjust_tail": (True, "reject answers (TCP RST, ICMP unreachable) resize the frame with bpf_xdp_adjust_tail()"),
+    "ringbuf": (False, "flow events use a per-CPU perf buffer instead of the BPF ring buffer (kernels < 5.8)"),
     "prog_test_run_xdp": (False, "tests/bpf cannot run packets through the program (BPF_PROG_TEST_RUN); enforcement is unaffected"),
     "native_xdp_veth": (False, "XDP attaches in generic (skb) mode on veth: same verdicts, more cost per packet"),
 }
@@ -140,6 +141,14 @@ def probe_map_type(map_type: int, key_size: int = 4, value_size: int = 4, flags:
         os.close(create_map(map_type, key_size, value_size, 1, flags))
     except OSError as e:
         return f"the kernel refused a map of type {map_type}: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
+    return True
+
+
+def _probe_ringbuf() -> bool | str:
+    try:
+        os.close(create_map(MAP_RINGBUF, 0, 0, os.sysconf("SC_PAGE_SIZE")))
+    except OSError as e:
+        return f"the kernel refused a BPF ring buffer: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
     return True
 
 
@@ -239,6 +248,8 @@ PROBES = {
     "ktime_get_coarse_ns": lambda: probe_helper(HELPER_KTIME_GET_COARSE_NS),
     # r1 is the XDP context on entry; r2 = 0 asks to grow the frame by nothing.
     "xdp_adjust_tail": lambda: probe_helper(HELPER_XDP_ADJUST_TAIL, mov64_imm(2, 0)),
+    # A ring buffer: no key or value, max_entries a power-of-two number of pages.
+    "ringbuf": lambda: _probe_ringbuf(),
     "prog_test_run_xdp": probe_test_run,
     "native_xdp_veth": probe_native_xdp_veth,
 }

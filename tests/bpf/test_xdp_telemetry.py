@@ -225,3 +225,40 @@ def test_full_ring_counts_every_lost_event(xdp, ring):
     assert lost > 0 and len(got) > 0
     assert len(got) + lost == runs
     assert all(FE(e.kind) == FE.NEW and R(e.reason) == R.ALLOW_RULE for e in got)
+
+
+@pytest.fixture(scope="module")
+def perf_dp(xdp_session):
+    """The program built for kernels without a BPF ring buffer (-DBH_EVENTS_PERF): a second compile."""
+    import os
+
+    pin = loader.PIN_ROOT / f"bpftest-perf-{os.getpid()}"
+    dp = loader.Datapath(pin, defines=("BH_EVENTS_PERF",)).load()
+    try:
+        dp.apply(base_bundle(), xdp_session.ifindex, 1)
+        yield dp
+    finally:
+        loader.remove_pins(pin)
+
+
+def test_perf_buffer_fallback_delivers_the_same_events(xdp_session, perf_dp):
+    assert perf_dp.events_perf
+    got = []
+
+    def cb(_cpu, data, size):
+        ev = abi.FlowEvent()
+        C.memmove(C.byref(ev), data, min(size, C.sizeof(ev)))
+        got.append(ev)
+
+    perf_dp.bpf[b"flow_events"].open_perf_buffer(cb, page_cnt=8)
+    fwd, _ = frames(False, sport=SPORT + 7)
+    r = libbpf.prog_test_run_xdp(perf_dp.prog_fd(), bytes(fwd("S")), xdp_session.ifindex["prod"])
+    assert r.retval == X.PASS
+    for _ in range(20):
+        perf_dp.bpf.perf_buffer_poll(50)
+        if got:
+            break
+    (new,) = got
+    assert (FE(new.kind), R(new.reason), new.rule_id, new.src_app, new.dst_app) == (
+        FE.NEW, R.ALLOW_RULE, RULE_PAY_HTTPS, APP_WEB, APP_PAY)
+    assert (bytes(new.saddr), socket.ntohs(new.sport_be)) == (addr16(C4), SPORT + 7)
