@@ -338,7 +338,10 @@ def latency_summary(lat: dict, bounds: list[float], app: Callable[[int], str]) -
     for (s, d, kind), m in sorted(merged.items()):
         if not m["count"]:
             continue
-        p50, p99 = percentile(m["buckets"], bounds, 0.5), percentile(m["buckets"], bounds, 0.99)
+        if m["count"] == 1:  # one sample: its exact value is the sum
+            p50 = p99 = m["sum_s"]
+        else:
+            p50, p99 = percentile(m["buckets"], bounds, 0.5), percentile(m["buckets"], bounds, 0.99)
         out.append({"src_app": s, "dst_app": d, "kind": kind, "count": m["count"],
                     "p50_ms": round(p50 * 1e3, 3), "p99_ms": round(p99 * 1e3, 3),
                     "mean_ms": round(m["sum_s"] / m["count"] * 1e3, 3)})

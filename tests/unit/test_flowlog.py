@@ -216,6 +216,11 @@ def test_latency_summary_merges_by_name():
     assert rows == [{"src_app": "web", "dst_app": "payments", "kind": "server_time", "count": 3,
                      "p50_ms": rows[0]["p50_ms"], "p99_ms": rows[0]["p99_ms"], "mean_ms": 200.0}]
     assert BOUNDS[16] * 1e3 <= rows[0]["p50_ms"] <= rows[0]["p99_ms"] <= BOUNDS[17] * 1e3
+    one = [0] * abi.LAT_BUCKETS
+    one[6] = 1
+    row = flowlog.latency_summary({(1, 3, abi.Lat.CLIENT_RTT): {"buckets": one, "count": 1, "sum_s": 70e-6}},
+                                  BOUNDS, lambda i: str(i))[0]
+    assert row["p50_ms"] == row["p99_ms"] == row["mean_ms"] == 0.07  # one sample: exact
 
 
 # --------------------------------------------------------- monotonic totals
