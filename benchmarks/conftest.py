@@ -74,19 +74,24 @@ def scale_bundle(n: int) -> Bundle:
     )
 
 
+def interleaved(fd_a: int, fd_b: int, frame: bytes, ifindex: int, rounds: int = 7,
+                repeat: int = 200_000) -> dict:
+    """Run program a, then b, `rounds` times; median ns of each and of a - b."""
+    a, b, d = [], [], []
+    for _ in range(rounds):
+        ra = libbpf.prog_test_run_xdp(fd_a, frame, ifindex, repeat=repeat)
+        rb = libbpf.prog_test_run_xdp(fd_b, frame, ifindex, repeat=repeat)
+        a.append(ra.duration_ns)
+        b.append(rb.duration_ns)
+        d.append(ra.duration_ns - rb.duration_ns)
+    return {"a_ns": statistics.median(a), "b_ns": statistics.median(b), "diff_ns": statistics.median(d),
+            "retval": ra.retval, "retval_b": rb.retval}
+
+
 def measure(dp, frame: bytes, ifindex: int, rounds: int = 7, repeat: int = 200_000) -> dict:
     """Interleave empty and ours; return median ns of each and of the difference."""
-    empty_fd, ours_fd = dp.prog_fd(loader.EMPTY_PROG), dp.prog_fd()
-    e, o, d = [], [], []
-    for _ in range(rounds):
-        re = libbpf.prog_test_run_xdp(empty_fd, frame, ifindex, repeat=repeat)
-        ro = libbpf.prog_test_run_xdp(ours_fd, frame, ifindex, repeat=repeat)
-        e.append(re.duration_ns)
-        o.append(ro.duration_ns)
-        d.append(ro.duration_ns - re.duration_ns)
-        retval = ro.retval
-    return {"empty_ns": statistics.median(e), "ours_ns": statistics.median(o),
-            "marginal_ns": statistics.median(d), "retval": retval}
+    r = interleaved(dp.prog_fd(), dp.prog_fd(loader.EMPTY_PROG), frame, ifindex, rounds, repeat)
+    return {"empty_ns": r["b_ns"], "ours_ns": r["a_ns"], "marginal_ns": r["diff_ns"], "retval": r["retval"]}
 
 
 def record(**row) -> None:
