@@ -240,7 +240,9 @@ def perf_dp(xdp_session):
         loader.remove_pins(pin)
 
 
-def test_perf_buffer_fallback_delivers_the_same_events(xdp_session, perf_dp):
+def test_perf_buffer_fallback_delivers_the_same_events(xdp, perf_dp):
+    # `xdp` puts the process in the test namespace: BPF_PROG_TEST_RUN resolves
+    # ingress_ifindex there (outside, the index may name nothing: ENODEV).
     assert perf_dp.events_perf
     got = []
 
@@ -251,7 +253,7 @@ def test_perf_buffer_fallback_delivers_the_same_events(xdp_session, perf_dp):
 
     perf_dp.bpf[b"flow_events"].open_perf_buffer(cb, page_cnt=8)
     fwd, _ = frames(False, sport=SPORT + 7)
-    r = libbpf.prog_test_run_xdp(perf_dp.prog_fd(), bytes(fwd("S")), xdp_session.ifindex["prod"])
+    r = libbpf.prog_test_run_xdp(perf_dp.prog_fd(), bytes(fwd("S")), xdp.ifindex["prod"])
     assert r.retval == X.PASS
     for _ in range(20):
         perf_dp.bpf.perf_buffer_poll(50)
