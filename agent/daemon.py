@@ -463,31 +463,19 @@ class Agent:
         return out[:limit]
 
     def _sni_name(self, fam: str, k, v) -> str | None:
-        """The server name a TLS flow asked for, from sni_state (keyed by the
-        forward 5-tuple in 16-byte form on the client's segment)."""
-        if "sni_state" not in self.dp.map_fds or k.proto != 6:
+        """The server name a TLS flow asked for. The flow entries keep only the
+        name's hashes; the name comes from the flow log (the kernel's decision
+        event carries it), keyed by the forward 5-tuple on the client's segment."""
+        if k.proto != 6 or not v.sni_flags & abi.FSNI_NAME:
             return None
-        sk = abi.Flow6Key()
         if fam == "flows4":
             s16 = loader.v4mapped(ipaddress.IPv4Address(socket.ntohl(k.saddr_be)))
             d16 = loader.v4mapped(ipaddress.IPv4Address(socket.ntohl(k.daddr_be)))
         else:
             s16, d16 = bytes(k.saddr), bytes(k.daddr)
-        reply = bool(v.flags & abi.FLOWF_REPLY)
-        C.memmove(sk.saddr, d16 if reply else s16, 16)
-        C.memmove(sk.daddr, s16 if reply else d16, 16)
-        sk.sport_be, sk.dport_be = (k.dport_be, k.sport_be) if reply else (k.sport_be, k.dport_be)
-        sk.proto = k.proto
-        sk.segment_id = v.peer_segment if reply else k.segment_id
-        st = abi.SniState()
-        if libbpf.lib().bpf_map_lookup_elem(self.dp.map_fds["sni_state"], C.byref(sk), C.byref(st)) < 0:
-            return None
-        if not st.flags & abi.SNIF_HAVE_NAME:
-            return None  # still parsing, or no readable name (counted as sni_unknown)
-        if st.name_len > abi.SNI_LOG_LEN:
-            # The kernel keeps the first SNI_LOG_LEN - 1 bytes; later ones overwrite the last slot.
-            return bytes(st.name[: abi.SNI_LOG_LEN - 1]).decode("ascii", "replace") + "…"
-        return bytes(st.name[: st.name_len]).rstrip(b"\0").rstrip(b".").decode("ascii", "replace")
+        if v.flags & abi.FLOWF_REPLY:
+            return self.flowlog.server_name(v.peer_segment, d16, k.dport_be, s16, k.sport_be)
+        return self.flowlog.server_name(k.segment_id, s16, k.sport_be, d16, k.dport_be)
 
     # -------------------------------------------------------------- control
     def handle(self, req: dict) -> dict:

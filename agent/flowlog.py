@@ -143,6 +143,7 @@ class FlowLog:
     """Decoded flow events in a bounded buffer, fed by a consumer thread (start/stop)."""
 
     MAX_PAIRS = 4096  # recent app pairs kept for `status` (apps x apps; the oldest go first)
+    MAX_NAMES = 65536  # server names of recent TLS flows, for the flow table (the oldest go first)
 
     def __init__(self, names: NamesFn, keep: int = DEFAULT_KEEP):
         self.names = names
@@ -156,6 +157,9 @@ class FlowLog:
         self.bad = 0  # records that could not be decoded
         self.perf_lost = 0  # perf fallback: records the perf buffer reported lost (also counted by the kernel)
         self.pairs: dict[tuple[str, str], dict] = {}
+        # (client segment id, saddr16, sport_be, daddr16, dport_be) -> the server name its
+        # ClientHello asked for: the kernel keeps only the name's hashes in the flow entries.
+        self.names_seen: collections.OrderedDict = collections.OrderedDict()
         self.offset = monotonic_offset()
         self._offset_at = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -193,7 +197,21 @@ class FlowLog:
                 self.buffer_dropped += 1
             self.buf.append(rec)
             self._pair(rec)
+            if rec["sni"]:
+                self._remember_name(ev, rec["sni"])
         return rec
+
+    def _remember_name(self, ev: abi.FlowEvent, name: str) -> None:
+        key = (ev.segment_id, bytes(ev.saddr), ev.sport_be, bytes(ev.daddr), ev.dport_be)
+        self.names_seen[key] = name
+        self.names_seen.move_to_end(key)
+        while len(self.names_seen) > self.MAX_NAMES:
+            self.names_seen.popitem(last=False)
+
+    def server_name(self, segment_id: int, saddr16: bytes, sport_be: int, daddr16: bytes, dport_be: int) -> str | None:
+        """The server name a TLS flow (client -> server, on the client's segment) asked for, if logged."""
+        with self.lock:
+            return self.names_seen.get((segment_id, bytes(saddr16), sport_be, bytes(daddr16), dport_be))
 
     def _bad(self, e: Exception) -> None:
         with self.lock:

@@ -35,7 +35,8 @@ def bench_dp():
             ipr.link("add", ifname="seg1", kind="veth", peer="seg1p")
             ipr.link("add", ifname="seg2", kind="veth", peer="seg2p")
             idx = {n: ipr.link_lookup(ifname=n)[0] for n in ("seg1", "seg2")}
-        dp = loader.Datapath(pin).load()
+        # BH_BENCH_DEFINES="NAME ...": build with -DNAME (ablations, e.g. BH_NO_TELEMETRY)
+        dp = loader.Datapath(pin, defines=tuple(os.environ.get("BH_BENCH_DEFINES", "").split())).load()
         dp.ifindexes = idx
         dp.generation = 0
         yield dp

@@ -53,8 +53,7 @@ def sni_dp(bench_dp):
     # app 5 -> app 6 tcp/443 becomes name-gated; the name allows it
     b.policy_entries = [(e[0], e[1], e[2], e[3], e[4], int(abi.Action.SNI), e[6], e[7])
                         if (e[1], e[2]) == (5, 6) else e for e in b.policy_entries]
-    h64, h32 = sni.name_hashes(NAME)
-    b.sni_entries = [(h64, h32, 5, 6, 443, int(abi.Action.ALLOW), 0, 99, 6)]
+    b.sni_entries = [(sni.name_hash(NAME), 5, 6, 443, int(abi.Action.ALLOW), 0, 99, 6)]
     bench_dp.generation += 1
     bench_dp.apply(b, bench_dp.ifindexes, bench_dp.generation)
     return bench_dp

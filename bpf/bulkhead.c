@@ -678,8 +678,7 @@ static __always_inline int bh_icmp_error(const struct bh_pkt *p, __u32 seg, __u3
  * both ways; the client's payload goes to bulkhead_sni; the server's payload
  * is held (dropped, the server resends) until the name is decided.
  */
-static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pkt *p, int is_reply, __u64 len,
-					  __u32 ctl_flags)
+static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pkt *p, int is_reply, __u64 len)
 {
 	if (p->proto != IPPROTO_TCP || p->l4_len <= p->tcp_doff)
 		return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
@@ -687,6 +686,22 @@ static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pk
 		return bh_record(BH_R_SNI_HOLD, XDP_DROP, len);
 	tails.call(ctx, BH_TAIL_SNI);
 	return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
+}
+
+/*
+ * A re-judged entry keeps what it knew of the flow's server name. One that
+ * was not waiting on a ClientHello and knows no name (judged by address
+ * until this policy) takes its payload from this packet on: what comes is
+ * parsed as a ClientHello, and anything else is an unknown name.
+ */
+static __always_inline void bh_sni_carry(struct bh_flow *v, const struct bh_flow *f, const struct bh_pkt *p)
+{
+	v->sni_h = f->sni_h;
+	v->sni_w = f->sni_w;
+	v->sni_flags = f->sni_flags;
+	v->sni_seq = f->sni_seq;
+	if (f->reason != BH_R_SNI_PENDING && !(f->sni_flags & BH_FSNI_DONE))
+		v->sni_seq = bpf_ntohl(p->seq_be) + !!(p->tcp_flags & BH_TCP_SYN);
 }
 
 /*
@@ -792,7 +807,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		f->packets++;
 		f->bytes += len;
 		if (f->reason == BH_R_SNI_PENDING)
-			return bh_sni_pending(ctx, &p, f->flags & BH_FLOWF_REPLY, len, ctl_flags);
+			return bh_sni_pending(ctx, &p, f->flags & BH_FLOWF_REPLY, len);
 		if (p.frag == BH_FRAG_FIRST) {
 			bh_pkt_addrs16(&p);
 			bh_remember_fragment(&p, seg, now, f->reason);
@@ -802,7 +817,11 @@ int bulkhead_xdp(struct xdp_md *ctx)
 
 	/* Slow path from here: classification and fragment keys need 16-byte addresses. */
 	bh_pkt_addrs16(&p);
-	struct bh_flow v = {};
+	/* The new entry is built in a per-CPU scratch (bh_flow does not fit beside the rest on the stack). */
+	struct bh_flow *v = flow_scratch.lookup(&zero);
+	if (!v)
+		return bh_record(BH_R_NO_POLICY, XDP_DROP, len); /* unreachable: index 0 of a one-entry array */
+	__builtin_memset(v, 0, sizeof(*v));
 	int is_reply = 0;
 	if (f && (f->flags & BH_FLOWF_REPLY)) {
 		/*
@@ -811,41 +830,43 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		 */
 		__u16 client_seg = f->peer_segment;
 		bh_classify(slot, cfg, client_seg, p.daddr, p.saddr, p.proto,
-			    bh_has_ports(p.proto) ? p.sport_be : 0, &v);
+			    bh_has_ports(p.proto) ? p.sport_be : 0, v);
 		is_reply = 1;
-		__u8 fwd_reason = v.reason;
-		if (bh_reason_xdp(v.reason) == XDP_PASS && v.reason != BH_R_SNI_PENDING) {
+		__u8 fwd_reason = v->reason;
+		if (bh_reason_xdp(v->reason) == XDP_PASS && v->reason != BH_R_SNI_PENDING) {
 			/* The reply side of a verifier's upstream connection stays steered to it. */
-			int upstream = f->reason == BH_R_L7_UPSTREAM && v.reason == BH_R_L7_STEER;
-			v.reason = upstream ? BH_R_L7_UPSTREAM : BH_R_ALLOW_REPLY;
-			v.action = BH_ACT_ALLOW;
+			int upstream = f->reason == BH_R_L7_UPSTREAM && v->reason == BH_R_L7_STEER;
+			v->reason = upstream ? BH_R_L7_UPSTREAM : BH_R_ALLOW_REPLY;
+			v->action = BH_ACT_ALLOW;
 		}
-		v.flags |= BH_FLOWF_REPLY;
-		v.peer_segment = client_seg;
-		v.last_seen_ns = now;
-		v.packets = f->packets + 1;
-		v.bytes = f->bytes + len;
-		bh_flow_put(&p, seg, 0, &v);
+		v->flags |= BH_FLOWF_REPLY;
+		v->peer_segment = client_seg;
+		if (v->reason == BH_R_SNI_PENDING)
+			bh_sni_carry(v, f, &p);
+		v->last_seen_ns = now;
+		v->packets = f->packets + 1;
+		v->bytes = f->bytes + len;
+		bh_flow_put(&p, seg, 0, v);
 		bh_event(BH_EV_FLOW_RECLASSIFY);
 #ifndef BH_NO_TELEMETRY
-		if (v.reason != f->reason || v.rule_id != f->rule_id)
-			bh_fe_emit(ctx, BH_FE_CHANGE, &p, 1, seg, &v, NULL, fwd_reason, f->reason, NULL);
+		if (v->reason != f->reason || v->rule_id != f->rule_id)
+			bh_fe_emit(ctx, BH_FE_CHANGE, &p, 1, seg, v, NULL, fwd_reason, f->reason, NULL);
 #endif
-		/* A name decided under the old policy is re-decided from its stored hashes. */
-		if (v.reason == BH_R_SNI_PENDING) {
+		/* A name decided under the old policy is re-decided from the entry's hashes. */
+		if (v->reason == BH_R_SNI_PENDING && (v->sni_flags & BH_FSNI_DONE)) {
 			tails.call(ctx, BH_TAIL_SNI);
-			return bh_sni_pending(ctx, &p, 1, len, 0); /* tail call failed: hold */
+			return bh_sni_pending(ctx, &p, 1, len); /* tail call failed: hold */
 		}
 	} else {
-		bh_classify(slot, cfg, seg, p.saddr, p.daddr, p.proto, p.policy_dport_be, &v);
-		v.last_seen_ns = now;
-		v.packets = 1;
-		v.bytes = len;
-		int pass = bh_reason_xdp(v.reason) == XDP_PASS;
+		bh_classify(slot, cfg, seg, p.saddr, p.daddr, p.proto, p.policy_dport_be, v);
+		v->last_seen_ns = now;
+		v->packets = 1;
+		v->bytes = len;
+		int pass = bh_reason_xdp(v->reason) == XDP_PASS;
 		int reply_new = 0;
-		if (pass && !v.peer_segment)
-			v.peer_segment = bh_fib_segment(ctx, slot, &p);
-		if (pass && v.peer_segment) {
+		if (pass && !v->peer_segment)
+			v->peer_segment = bh_fib_segment(ctx, slot, &p);
+		if (pass && v->peer_segment) {
 			/*
 			 * The reply key lives on the destination's segment. If it is
 			 * already held, fresh, by a flow from another segment, the
@@ -859,11 +880,11 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			 * test, the reply of every such allowed flow was dropped as
 			 * FLOW_COLLISION (tests/bpf: test_reply_segment_from_fib).
 			 */
-			struct bh_flow *r = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, v.peer_segment, 1);
+			struct bh_flow *r = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, v->peer_segment, 1);
 			if (r && r->peer_segment && r->peer_segment != seg && r->last_seen_ns + BH_FLOW_IDLE_NS > now) {
 #ifndef BH_NO_TELEMETRY
-				bh_pair_count(&v, BH_R_FLOW_COLLISION);
-				bh_fe_emit(ctx, BH_FE_NEW, &p, 0, seg, &v, NULL, BH_R_FLOW_COLLISION, 0, NULL);
+				bh_pair_count(v, BH_R_FLOW_COLLISION);
+				bh_fe_emit(ctx, BH_FE_NEW, &p, 0, seg, v, NULL, BH_R_FLOW_COLLISION, 0, NULL);
 #endif
 				return bh_record(BH_R_FLOW_COLLISION, XDP_DROP, len);
 			}
@@ -871,50 +892,55 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		}
 		/* A new connection (no entry, or a SYN on a reused 5-tuple) rather than a re-judged one. */
 		int fresh = !f || reused;
+		if (v->reason == BH_R_SNI_PENDING) {
+			if (fresh)
+				v->sni_seq = bpf_ntohl(p.seq_be) + !!(p.tcp_flags & BH_TCP_SYN); /* payload offset 0 */
+			else
+				bh_sni_carry(v, f, &p);
+		}
 #ifndef BH_NO_TELEMETRY
 		if (fresh) {
 			/* Pending flows are counted when their name is decided (bulkhead_sni). */
-			if (v.reason != BH_R_SNI_PENDING)
-				bh_pair_count(&v, v.reason);
-			bh_fe_emit(ctx, BH_FE_NEW, &p, 0, seg, &v, NULL, v.reason, 0, NULL);
-		} else if (v.reason != f->reason || v.rule_id != f->rule_id) {
-			bh_fe_emit(ctx, BH_FE_CHANGE, &p, 0, seg, &v, NULL, v.reason, f->reason, NULL);
+			if (v->reason != BH_R_SNI_PENDING)
+				bh_pair_count(v, v->reason);
+			bh_fe_emit(ctx, BH_FE_NEW, &p, 0, seg, v, NULL, v->reason, 0, NULL);
+		} else if (v->reason != f->reason || v->rule_id != f->rule_id) {
+			bh_fe_emit(ctx, BH_FE_CHANGE, &p, 0, seg, v, NULL, v->reason, f->reason, NULL);
 		}
 		/* Hop timing starts at the SYN (T_HS also tells a retransmitted SYN from a new one). */
 		if (syn_only) {
-			v.flags |= BH_FLOWF_OBSERVE;
-			v.t_a = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
+			v->flags |= BH_FLOWF_OBSERVE;
+			v->t_a = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
 		}
 #endif
 		if (!(ctl_flags & BH_CTL_BYPASS_FLOWS)) {
-			if (fresh && v.reason == BH_R_SNI_PENDING)
-				v.flags |= BH_FLOWF_FRESH; /* cleared by bulkhead_sni */
-			bh_flow_put(&p, seg, 0, &v);
+			bh_flow_put(&p, seg, 0, v);
 			if (!f)
 				bh_event(BH_EV_FLOW_ENTRY_NEW);
-			if (pass && v.peer_segment) {
-				/* Reuse v for the reply entry (stack is tight); keep what follows needs. */
-				__u8 fwd_reason = v.reason;
-				__u16 reply_seg = v.peer_segment;
-				v.flags = (v.flags | BH_FLOWF_REPLY) & ~BH_FLOWF_FRESH;
+			if (pass && v->peer_segment) {
+				/* Reuse v for the reply entry; keep what follows needs. */
+				__u8 fwd_reason = v->reason;
+				__u16 reply_seg = v->peer_segment;
+				v->flags |= BH_FLOWF_REPLY;
 				if (fwd_reason != BH_R_SNI_PENDING) {
-					v.action = BH_ACT_ALLOW;
-					v.reason = BH_R_ALLOW_REPLY;
+					v->action = BH_ACT_ALLOW;
+					v->reason = BH_R_ALLOW_REPLY;
 				}
-				v.peer_segment = seg;
-				v.packets = 0;
-				v.bytes = 0;
-				bh_flow_put(&p, reply_seg, 1, &v);
+				v->peer_segment = seg;
+				v->packets = 0;
+				v->bytes = 0;
+				bh_flow_put(&p, reply_seg, 1, v);
 				if (reply_new)
 					bh_event(BH_EV_FLOW_ENTRY_NEW);
-				v.reason = fwd_reason;
+				v->reason = fwd_reason;
 			}
 			bh_event(fresh ? BH_EV_FLOW_NEW : BH_EV_FLOW_RECLASSIFY);
-			/* bulkhead_sni starts the flow's parse state (a fresh flow must not
-			 * inherit an older connection's), parses payload on the first packet
-			 * (TCP Fast Open, a flow picked up mid-stream), or re-decides a flow
-			 * re-judged after a swap. */
-			if (v.reason == BH_R_SNI_PENDING) {
+			/* bulkhead_sni parses payload on the first packet (TCP Fast Open, a
+			 * flow picked up mid-stream) or re-decides a flow whose name is
+			 * known (re-judged after a swap). A SYN just passes: the entry holds
+			 * where its payload starts. */
+			if (v->reason == BH_R_SNI_PENDING &&
+			    ((v->sni_flags & BH_FSNI_DONE) || p.l4_len > p.tcp_doff)) {
 				tails.call(ctx, BH_TAIL_SNI);
 				return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len); /* never pass unparsed */
 			}
@@ -922,8 +948,8 @@ int bulkhead_xdp(struct xdp_md *ctx)
 	}
 
 	if (p.frag == BH_FRAG_FIRST)
-		bh_remember_fragment(&p, seg, now, v.reason);
-	return bh_apply(ctx, &p, v.reason, is_reply, len, seg, ctl_flags);
+		bh_remember_fragment(&p, seg, now, v->reason);
+	return bh_apply(ctx, &p, v->reason, is_reply, len, seg, ctl_flags);
 }
 
 /*
@@ -994,15 +1020,19 @@ static __always_inline void bh_sni_key_of(const struct bh_pkt *p, __u32 client_s
 	k->segment_id = client_seg;
 }
 
-/* The verdict for a parsed ClientHello: exact name, then wildcard; this port, then any. */
+/*
+ * The verdict for a flow whose ClientHello was parsed (the name's hashes are
+ * in its entry): exact name, then "*." patterns; this port, then any.
+ */
 static __always_inline __u8 bh_sni_decide(__u32 slot, const struct bh_slot_cfg *cfg, const struct bh_flow *f,
-					  __u16 dport_be, struct bh_sni_state *st)
+					  __u16 dport_be, __u32 *rule_id, __u32 *app_id)
 {
 	struct bh_sni_key k = {};
 	struct bh_sni_val *sv = NULL;
 
-	if (!(st->flags & BH_SNIF_HAVE_NAME)) {
-		st->rule_id = 0;
+	*rule_id = 0;
+	*app_id = 0;
+	if (!(f->sni_flags & BH_FSNI_NAME)) {
 		if (cfg->unknown_sni == BH_ACT_ALLOW)
 			return BH_R_SNI_UNKNOWN_ALLOW;
 		return (cfg->flags & BH_SLOTF_AUDIT) ? BH_R_AUDIT_DEFAULT : BH_R_SNI_UNKNOWN;
@@ -1013,27 +1043,23 @@ static __always_inline __u8 bh_sni_decide(__u32 slot, const struct bh_slot_cfg *
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		int wild = i >= 2;
-		if (i == 2 && (st->flags & BH_SNIF_WILD_LATER))
-			bh_sni_wild_from_log(st); /* the exact name matched nothing: make its wildcard form */
-		if (wild && !(st->flags & BH_SNIF_WILD))
+		if (wild && !(f->sni_flags & BH_FSNI_WILD))
 			break;
-		k.name_hash = wild ? st->w64 : st->h64;
+		k.name_hash = wild ? f->sni_w : f->sni_h;
 		k.dport_be = (i & 1) ? 0 : dport_be;
 		sv = bh_sel_sni(slot, &k);
-		if (sv && sv->name_check == (wild ? st->w32 : st->h32))
+		if (sv)
 			break;
-		sv = NULL;
 	}
 	__u8 audit = cfg->flags & BH_SLOTF_AUDIT;
 	if (!sv) {
 		/* Address matched, name did not: the app did not match; the default decides. */
-		st->rule_id = 0;
 		if (cfg->default_action == BH_ACT_ALLOW)
 			return BH_R_ALLOW_DEFAULT;
 		return audit ? BH_R_AUDIT_DEFAULT : BH_R_DENY_DEFAULT;
 	}
-	st->rule_id = sv->rule_id;
-	st->app_id = sv->app_id;
+	*rule_id = sv->rule_id;
+	*app_id = sv->app_id;
 	if (sv->action == BH_ACT_ALLOW)
 		return BH_R_ALLOW_RULE;
 	if (audit || (sv->flags & BH_ACTF_AUDIT))
@@ -1041,14 +1067,26 @@ static __always_inline __u8 bh_sni_decide(__u32 slot, const struct bh_slot_cfg *
 	return sv->action == BH_ACT_REJECT ? BH_R_REJECT_RULE : BH_R_DENY_RULE;
 }
 
-/* Write a decided verdict into the flow's entry. */
-static __always_inline void bh_sni_settle(struct bh_flow *e, const struct bh_sni_state *st, __u8 reason, int reply)
+/* A parse's result into a flow entry: from here on the entry knows the name (or that there is none). */
+static __always_inline void bh_sni_learn(struct bh_flow *e, const struct bh_sni_state *st)
+{
+	e->sni_h = st->h64;
+	e->sni_w = st->w64;
+	e->sni_flags = (e->sni_flags & ~(BH_FSNI_NAME | BH_FSNI_WILD)) | BH_FSNI_DONE |
+		       ((st->flags & BH_SNIF_HAVE_NAME) ? BH_FSNI_NAME : 0) |
+		       ((st->flags & (BH_SNIF_HAVE_NAME | BH_SNIF_WILD)) == (BH_SNIF_HAVE_NAME | BH_SNIF_WILD) ?
+			BH_FSNI_WILD : 0);
+}
+
+/* Write a decided verdict into a flow entry, with the name it was decided on (from `src`). */
+static __always_inline void bh_sni_settle(struct bh_flow *e, const struct bh_flow *src, __u8 reason, int reply,
+					  __u32 rule_id, __u32 app_id)
 {
 	int pass = bh_reason_xdp(reason) == XDP_PASS;
 
-	e->rule_id = st->rule_id;
-	if (st->app_id)
-		e->dst_app = st->app_id;
+	e->rule_id = rule_id;
+	if (app_id)
+		e->dst_app = app_id;
 	if (reply) {
 		e->reason = pass ? BH_R_ALLOW_REPLY : reason;
 		e->action = pass ? BH_ACT_ALLOW : BH_ACT_DENY;
@@ -1056,13 +1094,25 @@ static __always_inline void bh_sni_settle(struct bh_flow *e, const struct bh_sni
 		e->reason = reason;
 		e->action = pass ? BH_ACT_ALLOW : (reason == BH_R_REJECT_RULE ? BH_ACT_REJECT : BH_ACT_DENY);
 	}
+	if (e != src) {
+		e->sni_h = src->sni_h;
+		e->sni_w = src->sni_w;
+		e->sni_flags = src->sni_flags & (BH_FSNI_NAME | BH_FSNI_WILD | BH_FSNI_DONE);
+	}
 }
 
 /*
- * Tail call target for flows waiting on their server name: parse this
- * client segment of the ClientHello (tls.h), and once the ClientHello is
- * complete, decide, settle both flow entries, and judge the packet in hand.
- * Also re-decides a flow whose name was parsed under an older generation.
+ * Tail call target for flows waiting on their server name.
+ *
+ * The client's first payload segment, when it holds the whole ClientHello
+ * (nearly always), is parsed straight from the packet into a per-CPU
+ * scratch state (bh_tls_whole) and decided in this call: no parse state is
+ * looked up or kept, the flow entry says where the payload starts. A
+ * ClientHello that goes on in later segments (or that the one-shot path
+ * does not take) keeps its parse in sni_state, one streaming call per
+ * segment (bh_tls_chunk), then is decided the same way. A flow whose name
+ * is already known (re-judged after a policy swap) is decided from its
+ * entry. Both entries of the flow are settled and learn the name's hashes.
  */
 int bulkhead_sni(struct xdp_md *ctx)
 {
@@ -1090,148 +1140,152 @@ int bulkhead_sni(struct xdp_md *ctx)
 	int is_reply = f->flags & BH_FLOWF_REPLY;
 	__u32 client_seg = is_reply ? f->peer_segment : seg;
 	__u32 paylen = p.l4_len > p.tcp_doff ? p.l4_len - p.tcp_doff : 0;
+	/*
+	 * The parse's result, whichever way it came, is in the per-CPU scratch
+	 * state when the decision starts: one way into the decision for the
+	 * verifier (each way in would be a walk of it of its own).
+	 */
+	struct bh_sni_state *st = sni_scratch.lookup(&zero);
+	if (!st)
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len); /* unreachable: index 0 of a one-entry array */
 
-	struct bh_flow6_key k = {};
-	bh_sni_key_of(&p, client_seg, is_reply, &k);
-	if (f->flags & BH_FLOWF_FRESH) {
-		/* A new connection on a reused 5-tuple: forget the old one's name. */
-		f->flags &= ~BH_FLOWF_FRESH;
-		sni_state.delete(&k);
+	if (f->sni_flags & BH_FSNI_DONE) {
+		/* The name is known (re-decided under a new policy): from the entry. No name to log. */
+		st->h64 = f->sni_h;
+		st->w64 = f->sni_w;
+		st->flags = ((f->sni_flags & BH_FSNI_NAME) ? BH_SNIF_HAVE_NAME : 0) |
+			    ((f->sni_flags & BH_FSNI_WILD) ? BH_SNIF_WILD : 0);
+		st->name_len = 0;
+		goto decide;
 	}
-	struct bh_sni_state *st = sni_state.lookup(&k);
-	if (!st || !(st->flags & BH_SNIF_DONE)) {
-		if (is_reply)
-			return bh_record(paylen ? BH_R_SNI_HOLD : BH_R_SNI_PENDING, paylen ? XDP_DROP : XDP_PASS, len);
-		__u32 seq = bpf_ntohl(p.seq_be);
-		int syn = p.tcp_flags & BH_TCP_SYN;
-		if (!paylen && !(syn && !st))
-			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
-		if (!st) {
-			/* Anchor offsets at the SYN (ISN + 1) when we saw it, so a first
-			 * segment that arrives late is seen as out of order; a flow picked
-			 * up mid-stream starts at the first payload. */
-			struct bh_sni_state *tmpl = sni_scratch.lookup(&zero);
-			if (!tmpl)
-				return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
-			bh_sni_state_init(tmpl, syn ? seq + 1 : seq);
-			sni_state.update(&k, tmpl);
-			if (!sni_state.lookup(&k)) {
-				bh_event(BH_EV_SNI_STATE_FAILED);
-				return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
-			}
-			if (!paylen) /* the SYN */
-				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
-			/* Payload on the first packet seen (TCP Fast Open, a flow picked up
-			 * mid-stream): parsed by a fresh call, which finds the state (one
-			 * way into the parsers keeps the verifier's work down). */
-			tails.call(ctx, BH_TAIL_SNI);
-			return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
-		}
-		if (syn)
-			seq++; /* TCP Fast Open: data follows the SYN's sequence number */
-		__u32 rel = seq - st->base_seq;
-		if (rel != st->next_rel) {
-			/* Already parsed (a retransmission): it may pass again. Anything else waits. */
-			if ((__s32)(st->next_rel - (rel + paylen)) >= 0)
+	if (is_reply)
+		return bh_record(paylen ? BH_R_SNI_HOLD : BH_R_SNI_PENDING, paylen ? XDP_DROP : XDP_PASS, len);
+	if (!paylen)
+		return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+	__u32 seq = bpf_ntohl(p.seq_be) + !!(p.tcp_flags & BH_TCP_SYN); /* TCP Fast Open: data after the SYN's */
+	__u32 rel = seq - f->sni_seq;
+
+	if (!(f->sni_flags & BH_FSNI_STREAM)) {
+		if (rel != 0) {
+			/* Before payload offset 0 (a retransmission of nothing parsed) may pass; later waits for it. */
+			if ((__s32)(0 - (rel + paylen)) >= 0)
 				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
 			return bh_record(BH_R_SNI_OUT_OF_ORDER, XDP_DROP, len);
 		}
-		__u32 poff = p.l4_off + p.tcp_doff;
-		if (rel == 0 && st->step == BH_TLS_REC_HDR && !st->got && !(st->flags & BH_SNIF_STREAM)) {
-			int rc = bh_tls_whole(ctx, poff, paylen, st);
-			if (rc == BH_TLS_MORE) {
-				/* The rest is in later segments: the streaming parser goes on from where this stopped. */
-				st->flags |= BH_SNIF_STREAM;
-				st->next_rel = paylen;
-				bh_event(BH_EV_SNI_SEGMENT);
-				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
-			}
-			if (rc != BH_TLS_DONE) {
-				/*
-				 * Not a whole, well-formed ClientHello: the streaming parser
-				 * takes it from the start, in a fresh call. Entered from here,
-				 * the verifier would walk all of it again for each of the
-				 * one-shot parser's exits.
-				 */
-				st->flags |= BH_SNIF_STREAM;
-				tails.call(ctx, BH_TAIL_SNI);
-				return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
-			}
-			/* The whole ClientHello in this segment: decide below, in this call. */
-			st->flags |= BH_SNIF_DONE;
+		st->flags = 0;
+		st->step = BH_TLS_REC_HDR;
+		st->got = 0;
+		/* The payload offset passed through st: one state for the verifier whatever the header layout. */
+		int rc = bh_tls_whole(ctx, BH_TLS_FORGET(st->poff, p.l4_off + p.tcp_doff), paylen, st);
+		if (rc == BH_TLS_DONE) {
+			bh_event(BH_EV_SNI_SEGMENT);
+			goto decide;
+		}
+		/*
+		 * The parse goes on in sni_state: from where the one-shot walk
+		 * stopped (MORE: the rest is in later segments), or from the start
+		 * (CONT: a shape it does not take), in bulkhead_sni_stream.
+		 */
+		if (rc == BH_TLS_MORE) {
 			st->next_rel = paylen;
+			st->acc = 0;
+			st->wacc = 0;
+			if (!(st->flags & BH_SNIF_SEEN_SNI)) {
+				/* The name is in a later segment: the streaming parser hashes it from scratch. */
+				st->h64 = BH_NH_SEED_NAME;
+				st->name_got = 0;
+				__builtin_memset(st->name, 0, sizeof(st->name));
+			}
 			bh_event(BH_EV_SNI_SEGMENT);
 		} else {
-			int rc = bh_tls_chunk(data, data_end, poff, rel, paylen, st);
-			/*
-			 * Every path out of the streaming parser ends here, short: more
-			 * of this segment (CONT) or a finished ClientHello (DONE/BAD)
-			 * continue in a fresh call, which then takes the decision
-			 * branch. Keeping the decision out of this parser's exits
-			 * keeps the verifier's work linear.
-			 */
-			if (rc == BH_TLS_MORE) {
-				st->next_rel = rel + paylen;
-				bh_event(BH_EV_SNI_SEGMENT);
-				return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
-			}
-			if (rc != BH_TLS_CONT) {
-				if (rc == BH_TLS_BAD)
-					st->flags &= ~BH_SNIF_HAVE_NAME;
-				st->flags |= BH_SNIF_DONE;
-				st->next_rel = rel + paylen;
-				bh_event(BH_EV_SNI_SEGMENT);
-			}
-			tails.call(ctx, BH_TAIL_SNI);
-			/* Tail-call chain exhausted (33 calls): a ClientHello we can't follow. */
-			st->flags = (st->flags & ~BH_SNIF_HAVE_NAME) | BH_SNIF_DONE;
-			st->next_rel = rel + paylen;
-			return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+			bh_sni_state_init(st, f->sni_seq);
+			st->next_rel = 0;
 		}
+		st->base_seq = f->sni_seq;
+		st->flags |= BH_SNIF_STREAM;
+		struct bh_flow6_key k = {};
+		bh_sni_key_of(&p, client_seg, is_reply, &k);
+		if (sni_state.update(&k, st)) {
+			bh_event(BH_EV_SNI_STATE_FAILED);
+			return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len); /* the client resends it */
+		}
+		f->sni_flags |= BH_FSNI_STREAM;
+		if (rc == BH_TLS_MORE)
+			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+		tails.call(ctx, BH_TAIL_SNI_STREAM);
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 	}
 
-	__u8 reason = bh_sni_decide(slot, cfg, f, is_reply ? p.sport_be : p.dport_be, st);
-	st->verdict = reason;
+	struct bh_flow6_key k = {};
+	bh_sni_key_of(&p, client_seg, is_reply, &k);
+	struct bh_sni_state *ss = sni_state.lookup(&k);
+	if (!ss || ss->base_seq != f->sni_seq) {
+		/* The parse was evicted (sni_state is LRU): the name can't be known. Decided as unknown. */
+		bh_event(BH_EV_SNI_STATE_LOST);
+		st->flags = 0;
+		st->name_len = 0;
+		goto decide;
+	}
+	if (!(ss->flags & BH_SNIF_DONE)) {
+		/* This segment goes on with the parse (bulkhead_sni_stream), which comes back here once it is done. */
+		tails.call(ctx, BH_TAIL_SNI_STREAM);
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	}
+	/* The streamed parse is complete: its result to the scratch state, for the decision. */
+	st->h64 = ss->h64;
+	st->w64 = ss->w64;
+	st->flags = ss->flags;
+	st->name_len = ss->name_len;
+	__builtin_memcpy(st->name, ss->name, sizeof(st->name));
+
+decide:;
+	bh_sni_learn(f, st);
+	__u32 rule_id, app_id;
+	__u8 reason = bh_sni_decide(slot, cfg, f, is_reply ? p.sport_be : p.dport_be, &rule_id, &app_id);
 	bh_event(BH_EV_SNI_DECIDED);
 	/* Settle both entries: this packet's, and its other direction's. */
 	int bench = gc->flags & BH_CTL_SNI_BENCH;
 	__u32 f_rule = f->rule_id, f_dst = f->dst_app; /* for benchmarks (below) */
-	bh_sni_settle(f, st, reason, is_reply);
+	bh_sni_settle(f, f, reason, is_reply, rule_id, app_id);
 	__u32 other_seg = is_reply ? client_seg : f->peer_segment;
 	struct bh_flow *o = NULL;
 	if (other_seg) {
 		o = bh_flow_get(&p, other_seg, 1);
 		if (o)
-			bh_sni_settle(o, st, reason, !is_reply);
+			bh_sni_settle(o, f, reason, !is_reply, rule_id, app_id);
 	}
 #ifndef BH_NO_TELEMETRY
 	bh_pair_count(f, reason);
-#ifndef BH_X1
 	if (is_reply)
 		bh_fe_emit(ctx, BH_FE_CHANGE, &p, 1, seg, f, o, reason, BH_R_SNI_PENDING, st);
 	else
 		bh_fe_emit(ctx, BH_FE_CHANGE, &p, 0, seg, f, o, reason, BH_R_SNI_PENDING, st);
 #endif
-#endif
+	if (f->sni_flags & BH_FSNI_STREAM) {
+		/* A streamed parse is done with: its result lives in the flow entries now. */
+		f->sni_flags &= ~BH_FSNI_STREAM;
+		struct bh_flow6_key dk = {};
+		bh_sni_key_of(&p, client_seg, is_reply, &dk);
+		sni_state.delete(&dk);
+	}
 	if (bench) {
 		/*
 		 * Benchmarks: the same ClientHello runs `repeat` times, so put the
-		 * flow back as it was before it (pending, the parse not started):
+		 * flow back as it was before it (pending, the name not known):
 		 * every run then does what the real one did, plus these stores.
 		 */
 		f->reason = BH_R_SNI_PENDING;
 		f->action = BH_ACT_SNI;
 		f->rule_id = f_rule;
 		f->dst_app = f_dst;
+		f->sni_flags = 0;
 		if (o) {
 			o->reason = BH_R_SNI_PENDING;
 			o->action = BH_ACT_SNI;
 			o->rule_id = f_rule;
 			o->dst_app = f_dst;
+			o->sni_flags = 0;
 		}
-		st->flags = 0;
-		st->step = BH_TLS_REC_HDR;
-		st->next_rel = 0;
 	}
 	int code = bh_reason_xdp(reason);
 	if (is_reply)
@@ -1246,6 +1300,80 @@ int bulkhead_sni(struct xdp_md *ctx)
 	 */
 	tails.call(ctx, BH_TAIL_RESET_ONWARD);
 	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+}
+
+/*
+ * Tail call target for a segment of a ClientHello that spans segments: one
+ * bounded step of the streaming parser (tls.h) over it. A step that leaves
+ * more of this segment to parse calls this program again; a finished
+ * ClientHello (or a malformed one) goes back to bulkhead_sni, which
+ * decides. Its own program: the streaming parser's exits would multiply
+ * the verifier's walk of the decision.
+ */
+int bulkhead_sni_stream(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+	struct bh_pkt p;
+
+	bh_pkt_init(&p);
+	if (bh_parse(data, data_end, &p) != BH_PARSE_OK || p.proto != IPPROTO_TCP)
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	__u32 zero = 0;
+	struct bh_ctl *gc = ctl.lookup(&zero);
+	if (!gc)
+		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
+	__u32 slot = gc->active_slot & 1;
+	__u32 seg = bh_segment_of(slot, ctx->ingress_ifindex);
+	bh_pkt_addrs16(&p);
+	struct bh_flow *f = bh_flow_get(&p, seg, 0);
+	/* Only a client's segment of a flow whose parse is under way comes here. */
+	if (!seg || !f || (f->flags & BH_FLOWF_REPLY) || !(f->sni_flags & BH_FSNI_STREAM))
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	struct bh_flow6_key k = {};
+	bh_sni_key_of(&p, seg, 0, &k);
+	struct bh_sni_state *st = sni_state.lookup(&k);
+	if (!st || st->base_seq != f->sni_seq || (st->flags & BH_SNIF_DONE)) {
+		tails.call(ctx, BH_TAIL_SNI); /* bulkhead_sni sorts it out (lost, or done) */
+		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	}
+	__u32 paylen = p.l4_len > p.tcp_doff ? p.l4_len - p.tcp_doff : 0;
+	__u32 seq = bpf_ntohl(p.seq_be) + !!(p.tcp_flags & BH_TCP_SYN);
+	__u32 rel = seq - f->sni_seq;
+	if (rel != st->next_rel) {
+		/* Already parsed (a retransmission): it may pass again. Anything else waits. */
+		if ((__s32)(st->next_rel - (rel + paylen)) >= 0)
+			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+		return bh_record(BH_R_SNI_OUT_OF_ORDER, XDP_DROP, len);
+	}
+	/*
+	 * Fresh packet pointers, and the payload offset passed through st: what
+	 * the header parse proved differs by header layout, and would make each
+	 * layout a walk of the parser of its own for the verifier.
+	 */
+	__u32 poff = BH_TLS_FORGET(st->poff, p.l4_off + p.tcp_doff);
+	int rc = bh_tls_chunk((void *)(long)ctx->data, (void *)(long)ctx->data_end, poff, rel, paylen, st);
+	if (rc == BH_TLS_MORE) {
+		st->next_rel = rel + paylen;
+		bh_event(BH_EV_SNI_SEGMENT);
+		return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
+	}
+	if (rc == BH_TLS_CONT) {
+		/* More of this segment to parse: the next step, in a fresh call. */
+		tails.call(ctx, BH_TAIL_SNI_STREAM);
+	} else {
+		if (rc == BH_TLS_BAD)
+			st->flags &= ~BH_SNIF_HAVE_NAME;
+		st->flags |= BH_SNIF_DONE;
+		st->next_rel = rel + paylen;
+		bh_event(BH_EV_SNI_SEGMENT);
+		tails.call(ctx, BH_TAIL_SNI);
+	}
+	/* Tail-call chain exhausted (33 calls): a ClientHello we can't follow. Decided as unknown. */
+	st->flags = (st->flags & ~BH_SNIF_HAVE_NAME) | BH_SNIF_DONE;
+	st->next_rel = rel + paylen;
+	return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 }
 
 /* Tail call target: this segment of a rejected flow, rewritten as a RST for its receiver. */

@@ -21,7 +21,6 @@ class Action(enum.IntEnum):
 
 ACTF_AUDIT = 0x01
 FLOWF_REPLY = 0x02
-FLOWF_FRESH = 0x04
 FLOWF_T_HS = 0x08
 FLOWF_T_DATA = 0x10
 FLOWF_ENDED = 0x20
@@ -82,6 +81,7 @@ class Event(enum.IntEnum):
     LAT_SAMPLE = 14
     LAT_HIST_FULL = 15
     PAIR_FULL = 16
+    SNI_STATE_LOST = 17
 
 
 class FlowEv(enum.IntEnum):
@@ -171,7 +171,11 @@ SNIF_WILD = 0x02
 SNIF_STREAM = 0x04
 SNIF_DONE = 0x08
 SNIF_SEEN_SNI = 0x10
-SNIF_WILD_LATER = 0x20
+# bh_flow.sni_flags: what a flow entry knows of the flow's TLS server name
+FSNI_NAME = 0x01
+FSNI_WILD = 0x02
+FSNI_STREAM = 0x04
+FSNI_DONE = 0x08
 POLICY_PLEN_EXACT = POLICY_PLEN_PORT_BASE + 16
 SRC_PLEN_HOST = SEG_BITS + 128
 DST_PLEN_HOST = 128
@@ -284,9 +288,14 @@ class Flow(C.Structure):
         ("action", u8),
         ("flags", u8),
         ("reason", u8),
-        ("pad", u8 * 3),
+        ("sni_flags", u8),
+        ("pad", u8 * 2),
         ("t_a", u32),
         ("t_b", u32),
+        ("sni_h", u64),
+        ("sni_w", u64),
+        ("sni_seq", u32),
+        ("pad2", u32),
     ]
 
 
@@ -328,7 +337,6 @@ class SniVal(C.Structure):
         ("pad", u16),
         ("rule_id", u32),
         ("app_id", u32),
-        ("name_check", u32),
     ]
 
 
@@ -336,8 +344,8 @@ class SniState(C.Structure):
     _fields_ = [
         ("h64", u64),
         ("w64", u64),
-        ("h32", u32),
-        ("w32", u32),
+        ("acc", u64),
+        ("wacc", u64),
         ("base_seq", u32),
         ("next_rel", u32),
         ("want", u32),
@@ -349,12 +357,12 @@ class SniState(C.Structure):
         ("step", u8),
         ("got", u8),
         ("flags", u8),
-        ("verdict", u8),
+        ("pad1", u8),
         ("field", u8 * 6),
         ("last", u8),
         ("wild_at", u8),
-        ("rule_id", u32),
-        ("app_id", u32),
+        ("poff", u32),
+        ("pad", u32),
         ("name", u8 * 64),
     ]
 
@@ -436,6 +444,7 @@ class Tail(enum.IntEnum):
     RESET_ONWARD = 2
     MAIN = 3
     OBSERVE = 4
+    SNI_STREAM = 5
 
 
 ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event, "bh_tail": Tail, "bh_flow_ev": FlowEv,

@@ -38,8 +38,9 @@ SNI_PROG = "bulkhead_sni"
 RESET_ONWARD_PROG = "bulkhead_reset_onward"
 # enum bh_tail slot -> the program the loader puts there
 OBSERVE_PROG = "bulkhead_observe"
+SNI_STREAM_PROG = "bulkhead_sni_stream"
 TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RESET_ONWARD: RESET_ONWARD_PROG,
-              abi.Tail.MAIN: XDP_PROG, abi.Tail.OBSERVE: OBSERVE_PROG}
+              abi.Tail.MAIN: XDP_PROG, abi.Tail.OBSERVE: OBSERVE_PROG, abi.Tail.SNI_STREAM: SNI_STREAM_PROG}
 EMPTY_PROG = "bulkhead_empty"
 TC_PROG = "bulkhead_tc"  # clsact ingress: copies XDP's steering mark into skb->mark
 # Our filter's preference on clsact ingress: lets us replace and delete exactly ours.
@@ -372,13 +373,13 @@ class Datapath:
             self._upd(f"pol_exact_{slot}" if plen in exact else f"policy_{slot}", k,
                       abi.PolicyVal(action=action, flags=aflags, rule_id=rule_id))
 
-        for name_hash, name_check, s_app, d_app, dport, action, aflags, rule_id, app_id in bundle.sni_entries:
+        for name_hash, s_app, d_app, dport, action, aflags, rule_id, app_id in bundle.sni_entries:
             k = abi.SniKey(name_hash=name_hash, src_app=s_app, dst_app=d_app, dport_be=socket.htons(dport),
                            proto=6)
             if d_app == abi.APP_ANY:
                 flags |= abi.SLOTF_SNI_ANY
             self._upd(f"sni_names_{slot}", k, abi.SniVal(action=action, flags=aflags, rule_id=rule_id,
-                                                         app_id=app_id, name_check=name_check))
+                                                         app_id=app_id))
         if any(e[2] == abi.APP_ANY for e in bundle.policy_entries):
             flags |= abi.SLOTF_SNI_ANY
 

@@ -18,9 +18,9 @@ Map entries are plain tuples so the bundle packs small and fast:
                   Precedence is already resolved: the longest match is the verdict.
                   dst_app 0xFFFFFFFF (abi.APP_ANY) means "any destination that is
                   no app's address": hostname-only apps.
-  sni_entries:    (name_hash64, name_check32, src_app, dst_app, dport, action, flags, rule_id, app_id)
+  sni_entries:    (name_hash64, src_app, dst_app, dport, action, flags, rule_id, app_id)
                   the server-name verdicts of flows whose policy entry says SNI;
-                  hashes are FNV-1a of the lowercased name (agent.policy.sni);
+                  hashes of the lowercased name or `*.` pattern (agent.policy.sni);
                   dport 0 = any port; dst_app as above.
 """
 from __future__ import annotations

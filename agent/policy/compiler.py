@@ -202,13 +202,13 @@ def sni_group_entries(src_id: int, dst_key: int, group, app_ids: dict[str, int],
 
         mine = [c for c in cands if covers(c[2])]
         ports = sorted({p for c in mine if c[3] is not None for p in c[3]})
-        h64, h32 = snilib.name_hashes(pat)
+        h64 = snilib.name_hash(pat)
         for port in [0] + ports:
             here = [c for c in mine if c[3] is None or (port and port in c[3])]
             if not here:
                 continue
             v, rule, app, _ = min(here, key=lambda c: c[0].key)
-            out.append((h64, h32, src_id, dst_key, port, v.action, v.flags, v.rule_id, app_ids[app.name]))
+            out.append((h64, src_id, dst_key, port, v.action, v.flags, v.rule_id, app_ids[app.name]))
     return out
 
 

@@ -23,7 +23,6 @@ enum bh_action {
 /* Flags on a policy entry / flow entry (bitmask, u8). */
 #define BH_ACTF_AUDIT 0x01 /* deny/reject in shadow mode: pass, count as would-deny */
 #define BH_FLOWF_REPLY 0x02 /* flow entry keyed by the reply direction of a flow */
-#define BH_FLOWF_FRESH 0x04 /* entry just created: sni_state left by an older flow of this tuple is stale */
 #define BH_FLOWF_T_HS 0x08   /* TCP timing: handshake sample pending (fwd: client RTT at the ACK; reply: server RTT at the SYN-ACK) */
 #define BH_FLOWF_T_DATA 0x10 /* TCP timing: first payload pending (fwd: request start; reply: server response time) */
 #define BH_FLOWF_ENDED 0x20  /* a FIN or RST was seen and the flow's end event sent */
@@ -81,13 +80,14 @@ enum bh_event {
 	BH_EV_FRAG_FOLLOW        = 7, /* non-first fragment followed its flow's verdict */
 	BH_EV_SNI_SEGMENT        = 8, /* a ClientHello segment was parsed */
 	BH_EV_SNI_DECIDED        = 9, /* a flow got its server-name verdict */
-	BH_EV_SNI_STATE_FAILED   = 10, /* sni_state update failed: flow judged unknown_sni */
+	BH_EV_SNI_STATE_FAILED   = 10, /* sni_state update failed: the ClientHello segment was dropped (the client resends) */
 	BH_EV_RESET_ONWARD       = 11, /* a rejected flow's segment was turned into a RST for the server */
 	BH_EV_FLOW_EVENT_LOST    = 12, /* flow_events ring buffer full: a flow event was dropped */
 	BH_EV_FLOW_ENTRY_NEW     = 13, /* a flow-table entry was created (forward or reply key) */
 	BH_EV_LAT_SAMPLE         = 14, /* a hop-latency sample was recorded */
 	BH_EV_LAT_HIST_FULL      = 15, /* lat_hist full: a latency sample was dropped */
 	BH_EV_PAIR_FULL          = 16, /* pair_flows full: a flow went uncounted by app pair */
+	BH_EV_SNI_STATE_LOST     = 17, /* a multi-segment ClientHello's parse was evicted: flow decided as unknown name */
 };
 
 /* Kind of a flow_events record. */
@@ -112,6 +112,7 @@ enum bh_tail {
 	BH_TAIL_RESET_ONWARD = 2, /* bulkhead_reset_onward: turn the segment into a RST for its receiver */
 	BH_TAIL_MAIN = 3,    /* bulkhead_xdp itself: bulkhead_observe hands the packet back to it */
 	BH_TAIL_OBSERVE = 4, /* bulkhead_observe: hop timing and end events, then back to bulkhead_xdp */
+	BH_TAIL_SNI_STREAM = 5, /* bulkhead_sni_stream: one step of the streaming ClientHello parser */
 };
 
 #endif /* BH_ENUMS_H */

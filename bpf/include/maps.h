@@ -75,6 +75,9 @@ BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_sni_state, sni_state
 /* sni_scratch: one per-CPU bh_sni_state to build a new entry in (too big for the stack). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct bh_sni_state, sni_scratch, 1, BH_PIN_DIR "/sni_scratch");
 
+/* flow_scratch: one per-CPU flow entry to build a new one in (too big for bulkhead_xdp's stack). Not pinned. */
+BPF_PERCPU_ARRAY(flow_scratch, struct bh_flow, 1);
+
 /* flow_events: new flow / verdict change / end records for the agent's flow log. */
 #ifdef BH_NO_TELEMETRY
 #elif defined(BH_EVENTS_PERF)

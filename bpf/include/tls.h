@@ -9,9 +9,10 @@
  * next field I need, and the bytes of it collected so far". Each segment
  * advances it: fields are read only at their offsets, everything between
  * (random, cipher suites, other extensions) is skipped without being
- * touched, and the name is hashed byte by byte as it streams past (FNV-1a,
- * lowercased, a trailing dot dropped, plus the "*.rest" wildcard form), so
- * nothing needs buffering across segments.
+ * touched, and the name is hashed as it streams past (lowercased, a
+ * trailing dot dropped, plus what follows its first dot for "*." patterns),
+ * so nothing needs buffering across segments. A ClientHello whole in one
+ * segment, as nearly all are, takes the one-shot path (bh_tls_whole).
  *
  * Every length is checked against its container (record, ClientHello,
  * extensions block, the SNI extension) before it is used; a lie, a
@@ -41,10 +42,45 @@ enum bh_tls_step {
 #define BH_TLS_BAD 2  /* not TLS, malformed, or a shape we do not follow */
 #define BH_TLS_CONT 3 /* this segment holds more to parse: call again (bulkhead_sni re-enters itself) */
 
-#define BH_FNV64_BASIS 0xcbf29ce484222325ULL
-#define BH_FNV64_PRIME 0x100000001b3ULL
-#define BH_FNV32_BASIS 0x811c9dc5U
-#define BH_FNV32_PRIME 0x01000193U
+/*
+ * Server-name hash: 64 bits over 8-byte little-endian words, the last one
+ * zero-padded, then the length and a finalizer (splitmix64's). Word-wise,
+ * so the one-shot path hashes a 20-byte name in three multiplies where
+ * FNV-1a needed twenty. The name and "what follows its first dot" (the
+ * form "*.rest" patterns are looked up under) use different seeds, so the
+ * two share sni_names. agent/policy/sni.py computes the same.
+ */
+#define BH_NH_SEED_NAME 0x243f6a8885a308d3ULL
+#define BH_NH_SEED_REST 0x13198a2e03707344ULL
+#define BH_NH_K1 0x9e3779b97f4a7c15ULL
+#define BH_NH_K2 0xbf58476d1ce4e5b9ULL
+#define BH_NH_K3 0x94d049bb133111ebULL
+#define BH_NH_ONES 0x0101010101010101ULL
+#define BH_NH_HIGHS 0x8080808080808080ULL
+#define BH_NH_DOTS 0x2e2e2e2e2e2e2e2eULL
+
+static __always_inline __u64 bh_nh_word(__u64 h, __u64 w)
+{
+	h = (h ^ w) * BH_NH_K1;
+	return h ^ (h >> 29);
+}
+
+static __always_inline __u64 bh_nh_final(__u64 h, __u64 n)
+{
+	h ^= n;
+	h ^= h >> 30;
+	h *= BH_NH_K2;
+	h ^= h >> 27;
+	h *= BH_NH_K3;
+	return h ^ (h >> 31);
+}
+
+/* A word as loaded from memory, as the hash takes it: byte k of the name in bits 8k..8k+7. */
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define BH_NH_LE(v) __builtin_bswap64(v)
+#else
+#define BH_NH_LE(v) (v)
+#endif
 
 #define BH_TLS_REC_HANDSHAKE 22
 #define BH_TLS_HS_CLIENT_HELLO 1
@@ -55,45 +91,48 @@ enum bh_tls_step {
 static __always_inline void bh_sni_state_init(struct bh_sni_state *st, __u32 base_seq)
 {
 	__builtin_memset(st, 0, sizeof(*st));
-	st->h64 = BH_FNV64_BASIS;
-	st->h32 = BH_FNV32_BASIS;
+	st->h64 = BH_NH_SEED_NAME;
 	st->base_seq = base_seq;
 	st->step = BH_TLS_REC_HDR;
 }
 
-/*
- * One lowercased name byte into both hashes. The wildcard form is fed every
- * byte and restarted as "*." at the first dot, so no branch depends on
- * whether a dot was seen (each branch in this per-byte body multiplies the
- * paths the verifier explores). A trailing dot is undone at the end.
- */
-static __always_inline void bh_sni_hash_char(struct bh_sni_state *st, __u8 c)
-{
-	st->h64 = (st->h64 ^ c) * BH_FNV64_PRIME;
-	st->h32 = (st->h32 ^ c) * BH_FNV32_PRIME;
-	if (c == '.' && !(st->flags & BH_SNIF_WILD)) {
-		st->flags |= BH_SNIF_WILD;
-		st->wild_at = st->name_got;
-		st->w64 = (BH_FNV64_BASIS ^ '*') * BH_FNV64_PRIME;
-		st->w32 = (BH_FNV32_BASIS ^ '*') * BH_FNV32_PRIME;
-	}
-	st->w64 = (st->w64 ^ c) * BH_FNV64_PRIME;
-	st->w32 = (st->w32 ^ c) * BH_FNV32_PRIME;
-}
+/* All ones if x is nonzero... of the low bit: -(x & 1), as arithmetic (BPF has no conditional move). */
+#define BH_NH_MASK(bit) (-(__u64)((bit) & 1))
 
 /*
- * The name ended in '.': take it back out. FNV-1a's multiply is by an odd
- * prime, so it is invertible modulo 2^64 / 2^32.
+ * Name byte i (lowercased) into the streaming hashes: collected into a word,
+ * mixed in when the word is full. At the first dot the rest's hash starts;
+ * every later byte goes into it too. `skip`: a trailing dot, logged but not
+ * hashed. Without a branch (each one in this per-byte body would multiply
+ * the paths the verifier walks): every choice is a mask.
  */
-#define BH_FNV64_PRIME_INV 0xce965057aff6957bULL
-#define BH_FNV32_PRIME_INV 0x359c449bU
-
-static __always_inline void bh_sni_unhash_dot(struct bh_sni_state *st)
+static __always_inline void bh_sni_hash_char(struct bh_sni_state *st, __u64 c, __u64 i, __u64 skip)
 {
-	st->h64 = (st->h64 * BH_FNV64_PRIME_INV) ^ '.';
-	st->h32 = (st->h32 * BH_FNV32_PRIME_INV) ^ '.';
-	st->w64 = (st->w64 * BH_FNV64_PRIME_INV) ^ '.';
-	st->w32 = (st->w32 * BH_FNV32_PRIME_INV) ^ '.';
+	__u64 keep = ~BH_NH_MASK(skip);
+	__u64 is_dot = ((c ^ '.') - 1) >> 63;               /* 1 iff c == '.' */
+	__u64 wild = (st->flags & BH_SNIF_WILD) ? 1 : 0;
+	asm volatile("" : "+r"(wild)); /* keep the test above the only branch */
+
+	__u64 acc = st->acc | ((c << ((i & 7) * 8)) & keep);
+	__u64 full = BH_NH_MASK((((i & 7) + 1) >> 3)) & keep; /* this byte ends a word */
+	__u64 h = st->h64;
+	st->h64 = h ^ ((h ^ bh_nh_word(h, acc)) & full);
+	st->acc = acc & ~full;
+
+	/* The rest: bytes after the first dot. */
+	__u64 j = i - st->wild_at - 1;
+	__u64 in_rest = BH_NH_MASK(wild) & keep;
+	__u64 wacc = st->wacc | ((c << ((j & 7) * 8)) & in_rest);
+	__u64 wfull = BH_NH_MASK((((j & 7) + 1) >> 3)) & in_rest;
+	__u64 w = st->w64;
+	w = w ^ ((w ^ bh_nh_word(w, wacc)) & wfull);
+	wacc &= ~wfull;
+	/* The first dot starts it. */
+	__u64 start = BH_NH_MASK(is_dot & ~wild) & keep;
+	st->w64 = (w & ~start) | (BH_NH_SEED_REST & start);
+	st->wacc = wacc & ~start;
+	st->wild_at = (st->wild_at & ~start) | (i & start);
+	st->flags |= BH_SNIF_WILD & start;
 }
 
 static __always_inline __u32 bh_tls_field_len(__u8 step)
@@ -350,7 +389,10 @@ static __always_inline int bh_tls_name(void *data, void *data_end, __u32 poff, _
 		__u8 c = *b;
 		if ((__u8)(c - 'A') < 26)
 			c |= 0x20; /* ASCII lowercase */
-		bh_sni_hash_char(st, c);
+		/* A trailing dot is not part of the name (a fully qualified spelling): not hashed. */
+		__u64 got = st->name_got;
+		__u64 at_end = ((got + 1) ^ st->name_len) - 1 >> 63; /* 1 iff this is the last byte */
+		bh_sni_hash_char(st, c, got, at_end & ((((__u64)c ^ '.') - 1) >> 63));
 		/* The log keeps the first BH_SNI_LOG_LEN bytes; later ones overwrite the last slot. */
 		__u32 idx = st->name_got < BH_SNI_LOG_LEN ? st->name_got : BH_SNI_LOG_LEN - 1;
 		asm volatile("" : "+r"(idx)); /* keep the mask clang would drop: the verifier needs it */
@@ -360,17 +402,20 @@ static __always_inline int bh_tls_name(void *data, void *data_end, __u32 poff, _
 	}
 	if (st->name_got < st->name_len)
 		return BH_TLS_CONT; /* more name bytes in this segment: next call */
-	int have = 1;
-	if (st->last == '.') {
-		/* A trailing dot is not part of the name (a fully qualified spelling). */
-		bh_sni_unhash_dot(st);
-		if (st->name_len <= BH_SNI_LOG_LEN)
-			st->name[(st->name_len - 1) & (BH_SNI_LOG_LEN - 1)] = 0;
-		if (st->wild_at == st->name_len - 1)
-			st->flags &= ~BH_SNIF_WILD; /* "a.": its only dot was the trailing one */
-		have = st->name_len > 1;      /* "." alone names nothing */
+	/* The name is complete: the partial words, then the lengths. */
+	__u32 n = st->name_len - (st->last == '.');
+	if (st->last == '.' && st->name_len <= BH_SNI_LOG_LEN)
+		st->name[(st->name_len - 1) & (BH_SNI_LOG_LEN - 1)] = 0;
+	if (n & 7)
+		st->h64 = bh_nh_word(st->h64, st->acc);
+	st->h64 = bh_nh_final(st->h64, n);
+	if (st->flags & BH_SNIF_WILD) {
+		__u32 m = n - st->wild_at - 1;
+		if (m & 7)
+			st->w64 = bh_nh_word(st->w64, st->wacc);
+		st->w64 = bh_nh_final(st->w64, m);
 	}
-	if (have)
+	if (n) /* "." alone names nothing */
 		st->flags |= BH_SNIF_HAVE_NAME;
 	st->want = st->name_off + st->name_len;
 	st->step = BH_TLS_EXT_HDR;
@@ -394,20 +439,6 @@ static __always_inline __u64 bh_tls_lower8(__u64 v)
 	return v | (upper >> 2);
 }
 
-/* Shift that brings the k-th byte in memory of a loaded 64-bit word to the bottom. */
-#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-#define BH_TLS_BYTE_SHIFT(k) (56 - 8 * (k))
-#else
-#define BH_TLS_BYTE_SHIFT(k) (8 * (k))
-#endif
-
-/* ASCII lowercase without a branch: c | 0x20 iff 'A' <= c <= 'Z'. */
-static __always_inline __u32 bh_tls_lower(__u32 c)
-{
-	__u32 x = c - 'A';
-	return c | ((((x - 26) & ~x) >> 26) & 0x20);
-}
-
 /*
  * `v` passed through a field of st: read back from the map value it carries
  * no range. Loop exits reach the code after a loop with ranges that differ
@@ -417,38 +448,41 @@ static __always_inline __u32 bh_tls_lower(__u32 c)
 #define BH_TLS_FORGET(field, v) ({ (field) = (v); *(volatile __typeof__(field) *)&(field); })
 
 /*
- * The wildcard form of a name the one-shot path hashed (BH_SNIF_WILD_LATER),
- * made from the log when the exact name matched nothing: that path takes only
- * names the log holds whole, lowercased, without a trailing dot. Same result
- * as the streaming parser's (tests/bpf: test_one_shot_and_streaming_parsers_agree).
+ * Hash n (<= BH_SNI_LOG_LEN) name bytes at packet offset q, lowercased, and
+ * log them if `log`: whole words, then the last 1..7 bytes from the word
+ * that ends with them (it starts inside the name or the headers before it,
+ * so it is in the packet: no byte loop). Nonzero if a bound fails (it
+ * can't: the caller checked the name lies in the packet).
  */
-static __always_inline void bh_sni_wild_from_log(struct bh_sni_state *st)
+static __always_inline int bh_nh_packet(void *data, void *data_end, __u64 q, __u64 n, __u64 h, __u8 *log,
+					__u64 *out)
 {
-	__u64 n = st->name_len - (st->last == '.');
-	__u64 i;
-	for (i = 0; i < BH_SNI_LOG_LEN; i++) {
-		asm volatile("" : "+r"(i)); /* keep i as the bound the verifier sees */
-		if (i >= n || st->name[i & (BH_SNI_LOG_LEN - 1)] == '.')
+	__u64 i = 0;
+	for (int w = 0; w < BH_SNI_LOG_LEN / 8; w++) {
+		asm volatile("" : "+r"(w)); /* keep w as the bound the verifier sees */
+		if (i + 8 > n)
 			break;
+		__u8 *b = data + ((q + i) & BH_TLS_PKT_OFF_MAX);
+		if ((void *)(b + 8) > data_end)
+			return -1;
+		__u64 v = bh_tls_lower8(*(__u64 *)b);
+		if (log)
+			*(__u64 *)&log[i & (BH_SNI_LOG_LEN - 8)] = v;
+		h = bh_nh_word(h, BH_NH_LE(v));
+		i += 8;
 	}
-	st->flags &= ~BH_SNIF_WILD_LATER;
-	__u64 dot = BH_TLS_FORGET(st->wild_at, i);
-	n = st->name_len - (st->last == '.'); /* read again: no range from the loop's exits */
-	if (dot >= n)
-		return; /* no dot: no wildcard form */
-	__u64 w64 = (((BH_FNV64_BASIS ^ '*') * BH_FNV64_PRIME) ^ '.') * BH_FNV64_PRIME;
-	__u32 w32 = (((BH_FNV32_BASIS ^ '*') * BH_FNV32_PRIME) ^ '.') * BH_FNV32_PRIME;
-	for (__u64 k = dot + 1, j = 0; j < BH_SNI_LOG_LEN; j++, k++) {
-		asm volatile("" : "+r"(j)); /* keep j as the bound the verifier sees */
-		if (k >= n)
-			break;
-		__u32 c = st->name[k & (BH_SNI_LOG_LEN - 1)];
-		w64 = (w64 ^ c) * BH_FNV64_PRIME;
-		w32 = (w32 ^ c) * BH_FNV32_PRIME;
+	__u64 r = (n - i) & 7;
+	if (r) {
+		__u8 *b = data + ((q + n - 8) & BH_TLS_PKT_OFF_MAX);
+		if ((void *)(b + 8) > data_end)
+			return -1;
+		__u64 v = BH_NH_LE(bh_tls_lower8(*(__u64 *)b)) >> (64 - 8 * r);
+		if (log)
+			*(__u64 *)&log[i & (BH_SNI_LOG_LEN - 8)] = BH_NH_LE(v);
+		h = bh_nh_word(h, v);
 	}
-	st->w64 = w64;
-	st->w32 = w32;
-	st->flags |= BH_SNIF_WILD;
+	*out = bh_nh_final(h, n);
+	return 0;
 }
 
 /*
@@ -575,53 +609,35 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 		__u8 last = *b;
 		/* A trailing dot is not part of the name (a fully qualified spelling): not hashed. */
 		__u64 n = name_len - (last == '.');
-		/* "." alone names nothing; a name's wildcard form is made later, if needed (below) */
-		st->flags |= BH_SNIF_SEEN_SNI | (n ? BH_SNIF_HAVE_NAME | BH_SNIF_WILD_LATER : 0);
-
-		/*
-		 * The name into its hash and the log. Its wildcard form ("*" + the
-		 * rest from the first dot) is left for the decision to make from the
-		 * log, only if the exact name matches nothing (bh_sni_wild_from_log):
-		 * two hash chains here instead of four keep the loop in registers.
-		 */
-		__u64 h64 = BH_FNV64_BASIS;
-		__u32 h32 = BH_FNV32_BASIS;
-		__u64 i = 0;
-		/* Eight bytes at a time: one load, lowercased together, logged with one store. */
-		for (int w = 0; w < BH_TLS_WHOLE_NAME / 8; w++) {
-			asm volatile("" : "+r"(w)); /* keep w as the bound the verifier sees */
-			if (i + 8 > n)
-				break;
-			b = data + ((name_at + i) & BH_TLS_PKT_OFF_MAX);
-			if ((void *)(b + 8) > data_end)
-				goto undo;
-			__u64 v = bh_tls_lower8(*(__u64 *)b);
-			*(__u64 *)&st->name[i & (BH_SNI_LOG_LEN - 8)] = v;
-#pragma unroll
-			for (int k = 0; k < 8; k++) {
-				__u32 c = (v >> BH_TLS_BYTE_SHIFT(k)) & 0xff;
-				h64 = (h64 ^ c) * BH_FNV64_PRIME;
-				h32 = (h32 ^ c) * BH_FNV32_PRIME;
-			}
-			i += 8;
-		}
-		/* The last bytes, fewer than eight, one by one. */
-		i = BH_TLS_FORGET(st->name_got, i);
-		for (int k = 0; k < 7; k++) {
-			asm volatile("" : "+r"(k)); /* keep k as the bound the verifier sees */
-			if (i >= n)
-				break;
-			b = data + ((name_at + i) & BH_TLS_PKT_OFF_MAX);
-			if ((void *)(b + 1) > data_end)
-				goto undo;
-			__u32 c = bh_tls_lower(*b);
-			h64 = (h64 ^ c) * BH_FNV64_PRIME;
-			h32 = (h32 ^ c) * BH_FNV32_PRIME;
-			st->name[i & (BH_SNI_LOG_LEN - 1)] = c;
-			i++;
-		}
+		/* "." alone names nothing */
+		st->flags |= BH_SNIF_SEEN_SNI | (n ? BH_SNIF_HAVE_NAME : 0);
+		/* The log holds the name and zeros after it (the search for its first dot reads it). */
+		__builtin_memset(st->name, 0, sizeof(st->name));
+		__u64 h64;
+		if (bh_nh_packet(data, data_end, name_at, n, BH_NH_SEED_NAME, st->name, &h64))
+			goto undo;
 		st->h64 = h64;
-		st->h32 = h32;
+
+		/* Its first dot, eight bytes at a time, from the log. */
+		__u64 dot = BH_SNI_LOG_LEN;
+		for (int k = 0; k < BH_SNI_LOG_LEN / 8; k++) {
+			asm volatile("" : "+r"(k)); /* keep k as the bound the verifier sees */
+			__u64 x = BH_NH_LE(*(__u64 *)&st->name[(k * 8) & (BH_SNI_LOG_LEN - 8)]) ^ BH_NH_DOTS;
+			__u64 m = (x - BH_NH_ONES) & ~x & BH_NH_HIGHS; /* lowest set byte: the first '.' */
+			if (m) {
+				/* byte index of the lowest set 0x80: (1 << 8j) times 0x0001..07 has j in its top byte */
+				dot = k * 8 + ((((m & -m) >> 7) * 0x0001020304050607ULL) >> 56);
+				break;
+			}
+		}
+		dot = BH_TLS_FORGET(st->wild_at, dot); /* one state after the loop's exits */
+		if (dot < n) {
+			__u64 w64;
+			if (bh_nh_packet(data, data_end, name_at + dot + 1, n - dot - 1, BH_NH_SEED_REST, NULL, &w64))
+				goto undo;
+			st->w64 = w64;
+			st->flags |= BH_SNIF_WILD;
+		}
 		st->last = last;
 		st->name_off = sni_at + 9;
 		st->name_len = name_len;
@@ -634,7 +650,7 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 	return stop == end ? BH_TLS_DONE : BH_TLS_MORE;
 undo:
 	/* Unreachable (the IP length was checked against the frame), but leave no half result. */
-	st->flags &= ~(BH_SNIF_SEEN_SNI | BH_SNIF_HAVE_NAME | BH_SNIF_WILD | BH_SNIF_WILD_LATER);
+	st->flags &= ~(BH_SNIF_SEEN_SNI | BH_SNIF_HAVE_NAME | BH_SNIF_WILD);
 	__builtin_memset(st->name, 0, sizeof(st->name));
 	return BH_TLS_CONT;
 }

@@ -128,7 +128,8 @@ struct bh_flow {
 	__u8 action;        /* enum bh_action, as enforced */
 	__u8 flags;         /* BH_ACTF_AUDIT | BH_FLOWF_REPLY */
 	__u8 reason;        /* enum bh_reason recorded for this flow's packets */
-	__u8 pad[3];
+	__u8 sni_flags;     /* BH_FSNI_*: what the entry knows of the flow's TLS server name */
+	__u8 pad[2];
 	/*
 	 * TCP hop timing (BH_FLOWF_T_*), in units of 1024 ns (ktime >> 10; wraps
 	 * after 73 min, differences stay right). Forward entry: t_a = SYN, then
@@ -137,7 +138,23 @@ struct bh_flow {
 	 */
 	__u32 t_a;
 	__u32 t_b;
+	/*
+	 * A flow decided by server name (both entries hold the same): the name's
+	 * hashes (tls.h, agent/policy/sni.py), so the flow is re-decided after a
+	 * policy swap from its own entry; and, while pending, the client's TCP
+	 * sequence number of payload offset 0 (host order), so a ClientHello
+	 * whole in the first segment is parsed and decided without a lookup of
+	 * sni_state (only ClientHellos that span segments keep a parse there).
+	 */
+	__u64 sni_h;        /* the name (BH_FSNI_NAME) */
+	__u64 sni_w;        /* the rest after its first label, for "*." patterns (BH_FSNI_WILD) */
+	__u32 sni_seq;
+	__u32 pad2;
 };
+#define BH_FSNI_NAME 0x01   /* a server name was read: sni_h is its hash */
+#define BH_FSNI_WILD 0x02   /* it has a dot: sni_w is the hash of what follows the first one */
+#define BH_FSNI_STREAM 0x04 /* this connection's ClientHello spans segments: sni_state holds its parse */
+#define BH_FSNI_DONE 0x08   /* the ClientHello was parsed: the entry knows the name, or that there is none */
 
 /* frags (LRU): the verdict of a fragmented datagram, from its first fragment. */
 struct bh_frag_key {
@@ -178,20 +195,21 @@ struct bh_sni_val {
 	__u16 pad;
 	__u32 rule_id;
 	__u32 app_id;     /* the hostname app the name matched */
-	__u32 name_check;
 };
 
 /*
- * sni_state (LRU, keyed like flows6 with IPv4 mapped): a ClientHello being
- * parsed across TCP segments, then the name it asked for (flow logs).
- * Offsets are relative to the first client payload byte (base_seq).
+ * A ClientHello's parse. One whole in the client's first payload segment is
+ * parsed in a per-CPU scratch copy (sni_scratch) and decided at once; one
+ * that spans segments keeps its parse in sni_state (LRU, keyed like flows6
+ * with IPv4 mapped) until it is complete. Offsets are relative to the first
+ * client payload byte (base_seq).
  */
 struct bh_sni_state {
-	__u64 h64; /* streaming FNV-1a 64 of the name */
-	__u64 w64; /* ... of its wildcard form "*.rest" */
-	__u32 h32;
-	__u32 w32;
-	__u32 base_seq;  /* TCP seq of payload offset 0 (host order) */
+	__u64 h64;       /* the name's hash (tls.h): running over whole words, then final */
+	__u64 w64;       /* ... of the rest after the name's first dot (BH_SNIF_WILD) */
+	__u64 acc;       /* name bytes of the word being filled (streaming parser) */
+	__u64 wacc;      /* ... of the rest's word */
+	__u32 base_seq;  /* TCP seq of payload offset 0 (host order): the flow entry's sni_seq */
 	__u32 next_rel;  /* payload offset the next segment must start at */
 	__u32 want;      /* payload offset of the next field to read */
 	__u32 body_end;  /* end of the ClientHello */
@@ -202,20 +220,19 @@ struct bh_sni_state {
 	__u8 step;       /* enum bh_tls_step */
 	__u8 got;        /* bytes of the current field collected */
 	__u8 flags;      /* BH_SNIF_* */
-	__u8 verdict;    /* enum bh_reason once decided, 0 before */
+	__u8 pad1;
 	__u8 field[6];   /* the current field's bytes (the longest field is 5) */
 	__u8 last;       /* the name's last byte so far */
 	__u8 wild_at;    /* index of the name's first dot (when BH_SNIF_WILD) */
-	__u32 rule_id;   /* once decided */
-	__u32 app_id;
+	__u32 poff;      /* the segment's payload offset in the packet (bulkhead_sni_stream) */
+	__u32 pad;
 	__u8 name[BH_SNI_LOG_LEN]; /* first bytes of the name, lowercased (not NUL-terminated if full) */
 };
 #define BH_SNIF_HAVE_NAME 0x01
-#define BH_SNIF_WILD 0x02       /* a first dot was seen: w64/w32 hash "*.rest" */
+#define BH_SNIF_WILD 0x02       /* a first dot was seen: w64 hashes what follows it */
 #define BH_SNIF_STREAM 0x04     /* not whole in its first segment: the streaming parser reads it */
 #define BH_SNIF_DONE 0x08
 #define BH_SNIF_SEEN_SNI 0x10 /* a server_name extension was met (a second one is malformed) */
-#define BH_SNIF_WILD_LATER 0x20 /* w64/w32 not made yet: bh_sni_wild_from_log makes them from the name */
 
 /*
  * flow_events (ring buffer): one record per flow event (enum bh_flow_ev).
@@ -287,7 +304,7 @@ _Static_assert(sizeof(struct bh_policy_key) == 16, "bh_policy_key");
 _Static_assert(sizeof(struct bh_policy_val) == 8, "bh_policy_val");
 _Static_assert(sizeof(struct bh_flow4_key) == 16, "bh_flow4_key");
 _Static_assert(sizeof(struct bh_flow6_key) == 40, "bh_flow6_key");
-_Static_assert(sizeof(struct bh_flow) == 56, "bh_flow");
+_Static_assert(sizeof(struct bh_flow) == 80, "bh_flow");
 _Static_assert(sizeof(struct bh_flow_event) == 168, "bh_flow_event");
 _Static_assert(sizeof(struct bh_lat_key) == 12, "bh_lat_key");
 _Static_assert(sizeof(struct bh_lat_val) == 16, "bh_lat_val");
@@ -295,8 +312,8 @@ _Static_assert(sizeof(struct bh_pair_key) == 16, "bh_pair_key");
 _Static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key");
 _Static_assert(sizeof(struct bh_frag) == 16, "bh_frag");
 _Static_assert(sizeof(struct bh_sni_key) == 24, "bh_sni_key");
-_Static_assert(sizeof(struct bh_sni_val) == 16, "bh_sni_val");
-_Static_assert(sizeof(struct bh_sni_state) == 136, "bh_sni_state");
+_Static_assert(sizeof(struct bh_sni_val) == 12, "bh_sni_val");
+_Static_assert(sizeof(struct bh_sni_state) == 144, "bh_sni_state");
 #endif
 
 #endif /* BH_TYPES_H */

@@ -12,7 +12,7 @@ import struct
 import pytest
 from scapy.all import IP, TCP, IPv6, Raw
 
-from agent.datapath import abi
+from agent.datapath import abi, libbpf
 from agent.policy import sni
 
 from .conftest import APP_PAY, APP_WEB, C4, C6, PAY4, PAY6, E, R, X, base_bundle
@@ -22,8 +22,7 @@ RULE_NAME_ALLOW, RULE_WILD_ALLOW, RULE_NAME_DENY, RULE_NAME_REJECT, RULE_ANYPORT
 
 
 def name_entry(pattern: str, action: int, rule: int, port: int = PORT) -> tuple:
-    h64, h32 = sni.name_hashes(pattern)
-    return (h64, h32, APP_WEB, APP_PAY, port, action, 0, rule, APP_PAY)
+    return (sni.name_hash(pattern), APP_WEB, APP_PAY, port, action, 0, rule, APP_PAY)
 
 
 NAMES = [
@@ -305,6 +304,49 @@ def test_policy_swap_redecides_from_stored_name(sx):
     sx.expect(server_data(), "core", X.DROP, R.DENY_RULE)
 
 
+@pytest.mark.parametrize("cuts", [(), (1,)], ids=["one-shot", "streamed"])
+def test_policy_swap_redecides_from_the_entry_both_ways(sx, cuts):
+    """The name lives in both flow entries (no parse state is kept): a swap
+    re-decides from whichever direction's packet comes first, exact names
+    and "*." patterns alike, and leaves both entries agreeing."""
+    hello = client_hello(b"a.svc.example.internal")
+    assert res(send_hello(sx, hello, cuts=cuts))[1] == R.ALLOW_RULE
+    assert not libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key)
+    b = sni_bundle()
+    b.sni_entries = [name_entry("*.svc.example.internal", abi.Action.DENY, RULE_NAME_DENY)]
+    sx.apply(b)
+    sx.expect(server_data(), "core", X.DROP, R.DENY_RULE)  # the reply entry re-decides
+    sx.expect(seg(b"more", len(hello)), "prod", X.DROP, R.DENY_RULE)
+    b.sni_entries = [name_entry("a.svc.example.internal", abi.Action.ALLOW, RULE_NAME_ALLOW)]
+    sx.apply(b)
+    sx.expect(seg(b"more", len(hello)), "prod", X.PASS, R.ALLOW_RULE)  # the forward entry re-decides
+    sx.expect(server_data(), "core", X.PASS, R.ALLOW_REPLY)
+    assert {v.rule_id for _, v in sx.flows(4)} == {RULE_NAME_ALLOW}
+
+
+def test_evicted_parse_is_an_unknown_name_never_a_pass(sx):
+    """sni_state is LRU: a ClientHello whose parse is evicted between its
+    segments can't be known any more: decided as unknown_sni, counted."""
+    hello = client_hello(pad=300)
+    sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+    sx.expect(seg(hello[:200], 0), "prod", X.PASS, R.SNI_PENDING)
+    fd = sx.dp.map_fds["sni_state"]
+    keys = libbpf.map_keys(fd, abi.Flow6Key)
+    assert len(keys) == 1
+    libbpf.map_delete(fd, keys[0])
+    v = sx.expect(seg(hello[200:], 200), "prod", X.DROP, R.SNI_UNKNOWN)
+    assert v.events.get(abi.Event.SNI_STATE_LOST) == 1
+    sx.expect(server_data(), "core", X.DROP, R.SNI_UNKNOWN)
+
+
+def test_reused_tuple_reads_the_new_connections_name(sx):
+    """A new connection on a 5-tuple whose last one was allowed by name asks
+    for another name: it is decided by its own ClientHello, not the cache."""
+    assert res(send_hello(sx, client_hello()))[1] == R.ALLOW_RULE
+    assert res(send_hello(sx, client_hello(b"blocked.example.internal")))[1] == R.DENY_RULE
+    assert res(send_hello(sx, client_hello(pad=300), cuts=(100,)))[1] == R.ALLOW_RULE
+
+
 def test_reject_by_name_resets_both_ends(sx):
     """The deciding segment becomes a RST for the server; the client's
     retransmission of it gets a RST back (XDP sends one packet per packet)."""
@@ -330,46 +372,35 @@ def test_reject_by_name_resets_both_ends(sx):
     assert "R" in back[TCP].flags
 
 
+def _forward_entry(xdp) -> abi.Flow:
+    """The one flow's forward entry (IPv4)."""
+    fwd = [v for _, v in xdp.flows(4) if not v.flags & abi.FLOWF_REPLY]
+    assert len(fwd) == 1, fwd
+    return fwd[0]
+
+
 def test_kernel_hashes_match_the_compiler(sx):
-    """The name the kernel streamed hashes exactly like agent.policy.sni."""
-    import ctypes as C
-
-    from agent.datapath import libbpf
-
-    send_hello(sx, client_hello(b"Mixed.Case.Example."))
-    fd = sx.dp.map_fds["sni_state"]
-    keys = libbpf.map_keys(fd, abi.Flow6Key)
-    assert len(keys) == 1
-    st = abi.SniState()
-    assert libbpf.lib().bpf_map_lookup_elem(fd, C.byref(keys[0]), C.byref(st)) == 0
-    assert (st.h64, st.h32) == sni.name_hashes("mixed.case.example")
-    assert (st.w64, st.w32) == sni.name_hashes("*.case.example")
-    assert bytes(st.name).rstrip(b"\0") == b"mixed.case.example"
+    """The name the kernel read hashes exactly like agent.policy.sni, in both
+    parsers; both entries of the flow keep it, and no parse state is left."""
+    name = b"Mixed.Case.Example."
+    for cuts in ((), (1,)):
+        sx.clear_flows()
+        send_hello(sx, client_hello(name), cuts=cuts)
+        exact, wild = sni.lookup_hashes(name)
+        assert (exact, wild) == (sni.name_hash("mixed.case.example"), sni.name_hash("*.case.example"))
+        entries = [v for _, v in sx.flows(4)]
+        assert len(entries) == 2
+        for v in entries:
+            assert (v.sni_h, v.sni_w) == (exact, wild), cuts
+            assert v.sni_flags == abi.FSNI_DONE | abi.FSNI_NAME | abi.FSNI_WILD, cuts
+        assert not libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key), "a finished parse is not kept"
 
 
 def _parse_state(xdp) -> dict:
-    """The parse result the one flow's sni_state holds, in the fields both parsers fill."""
-    import ctypes as C
-
-    from agent.datapath import libbpf
-
-    fd = xdp.dp.map_fds["sni_state"]
-    keys = libbpf.map_keys(fd, abi.Flow6Key)
-    assert len(keys) == 1
-    st = abi.SniState()
-    assert libbpf.lib().bpf_map_lookup_elem(fd, C.byref(keys[0]), C.byref(st)) == 0
-    wild = st.flags & abi.SNIF_WILD
-    return {"flags": st.flags & ~(abi.SNIF_STREAM | abi.SNIF_WILD_LATER), "later": bool(st.flags & abi.SNIF_WILD_LATER),
-            "streamed": bool(st.flags & abi.SNIF_STREAM), "verdict": st.verdict, "h": (st.h64, st.h32),
-            "w": (st.w64, st.w32, st.wild_at) if wild else None, "name_len": st.name_len, "log": bytes(st.name)}
-
-
-def _same_parse(a: dict, b: dict) -> None:
-    """A state whose wildcard form was left for later (the exact name matched) compares without it."""
-    skip = {"later", "streamed"} | ({"w"} if a["later"] or b["later"] else set())
-    if skip & {"w"}:
-        a, b = dict(a, flags=a["flags"] & ~abi.SNIF_WILD), dict(b, flags=b["flags"] & ~abi.SNIF_WILD)
-    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+    """What the one flow's forward entry knows of the name, once decided."""
+    v = _forward_entry(xdp)
+    return {"flags": v.sni_flags, "h": v.sni_h if v.sni_flags & abi.FSNI_NAME else None,
+            "w": v.sni_w if v.sni_flags & abi.FSNI_WILD else None, "reason": v.reason, "rule": v.rule_id}
 
 
 @pytest.mark.parametrize("name", [
@@ -381,27 +412,29 @@ def test_one_shot_and_streaming_parsers_agree(sx, name):
     """A ClientHello whole in its segment takes the one-shot path (names up to
     BH_TLS_WHOLE_NAME); cut inside the extensions after the name, the one-shot
     path hands over to the streaming parser; cut after its first byte, the
-    streaming parser does it all. All three must leave the same verdict,
-    hashes, flags and name log."""
+    streaming parser does it all. All three must leave the same verdict and
+    the same name hashes and flags in the flow entry, the agent's."""
     hello = client_hello(name, before=5, after=5)
     last_ext = len(hello) - 9  # the last extension (5 data bytes) starts a segment of its own
     got = {}
     for how, cuts in (("whole", ()), ("late", (last_ext,)), ("first-byte", (1,))):
         sx.clear_flows()
-        if how == "late" and 0 < len(name.rstrip(b".")) and len(name) <= abi.TLS_WHOLE_NAME:
-            # the one-shot path read the first segment, name included, and handed over
+        if how == "late":
+            # the one-shot path reads the first segment and hands over to the streaming parser
             sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
             sx.expect(seg(hello[:last_ext], 0), "prod", X.PASS, R.SNI_PENDING)
-            assert _parse_state(sx)["later"]
+            assert len(libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key)) == 1, "the parse goes on"
+            assert _forward_entry(sx).sni_flags == abi.FSNI_STREAM
             v = sx.judge(seg(hello[last_ext:], last_ext), "prod")
         else:
             v = send_hello(sx, hello, cuts=cuts)
         got[how] = (res(v), _parse_state(sx))
-    (whole_v, whole), (late_v, late), (split_v, split) = got["whole"], got["late"], got["first-byte"]
-    assert whole_v == late_v == split_v
-    if whole["later"]:
-        assert whole_v[1] == R.ALLOW_RULE  # only an exact match skips the wildcard form
-    _same_parse(whole, split)
-    _same_parse(late, split)
-    # which parser ran: the streaming one marks the state
-    assert whole["streamed"] == (len(name) > abi.TLS_WHOLE_NAME) and late["streamed"] and split["streamed"]
+        assert not libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key), (how, "a finished parse is not kept")
+    assert got["whole"] == got["late"] == got["first-byte"]
+    exact, wild = sni.lookup_hashes(name)
+    flags = got["whole"][1]["flags"]
+    if flags & abi.FSNI_NAME:
+        assert got["whole"][1]["h"] == exact
+        assert got["whole"][1]["w"] == wild
+    else:
+        assert sni.normalize(name) in (b"", b".")

@@ -403,3 +403,21 @@ def test_cli_event_line():
                         names, 0)
     assert "allow_rule (was sni_pending)" in _event_line(ch) and "pay.example" in _event_line(ch)
     assert EVENT_HEADER.split()[:3] == ["TIME", "KIND", "SEGMENT"]
+
+
+# ------------------------------------------------------- server names kept
+def test_server_names_of_decided_flows_are_kept_bounded(monkeypatch):
+    """The kernel keeps only a name's hashes in the flow entries: the flow
+    table's `sni` comes from the decision events, by forward 5-tuple."""
+    monkeypatch.setattr(flowlog.FlowLog, "MAX_NAMES", 2)
+    fl = flowlog.FlowLog(names, keep=10)
+    fl.ingest(event(kind=abi.FlowEv.CHANGE, prev_reason=abi.Reason.SNI_PENDING, sni=b"pay.example", sport=1))
+    fl.ingest(event(kind=abi.FlowEv.CHANGE, sport=2))  # a re-decision tells no name: nothing kept
+    key = lambda sport: (1, mapped("198.18.1.10"), socket.htons(sport), mapped("198.19.0.10"), socket.htons(443))  # noqa: E731
+    assert fl.server_name(*key(1)) == "pay.example"
+    assert fl.server_name(*key(2)) is None
+    fl.ingest(event(kind=abi.FlowEv.CHANGE, sni=b"b.example", sport=3))
+    fl.ingest(event(kind=abi.FlowEv.CHANGE, sni=b"c.example", sport=4))
+    assert fl.server_name(*key(1)) is None, "the oldest name goes first"
+    assert (fl.server_name(*key(3)), fl.server_name(*key(4))) == ("b.example", "c.example")
+    assert fl.server_name(2, *key(3)[1:]) is None, "another segment's flow"

@@ -459,12 +459,12 @@ rules:
     assert warnings == []
     assert [a["hostnames"] for a in bundle.apps if a["name"] == "pay"] == [["pay.example"]]
     ids = {a["name"]: a["id"] for a in bundle.apps}
-    h_pay, c_pay = sni.name_hashes("pay.example")
-    h_saas, c_saas = sni.name_hashes("api.saas.example")
-    # (hash, check, src, dst key, port, action, flags, rule, app): deny-pay (rule 2) beats allow-pay
+    h_pay = sni.name_hash("pay.example")
+    h_saas = sni.name_hash("api.saas.example")
+    # (hash, src, dst key, port, action, flags, rule, app): deny-pay (rule 2) beats allow-pay
     assert sorted(bundle.sni_entries) == sorted([
-        (h_saas, c_saas, ids["web"], APP_ANY, 0, int(Action.ALLOW), 0, 1, ids["saas"]),
-        (h_pay, c_pay, ids["web"], ids["pay"], 0, int(Action.DENY), 0, 2, ids["pay"]),
+        (h_saas, ids["web"], APP_ANY, 0, int(Action.ALLOW), 0, 1, ids["saas"]),
+        (h_pay, ids["web"], ids["pay"], 0, int(Action.DENY), 0, 2, ids["pay"]),
     ])
     # The trie entries only gate: both pairs are decided on the ClientHello.
     gates = {(e[1], e[2]): e[5] for e in bundle.policy_entries}
