@@ -1353,9 +1353,54 @@ int bulkhead_sni_stream(struct xdp_md *ctx)
 	 * layout a walk of the parser of its own for the verifier.
 	 */
 	__u32 poff = BH_TLS_FORGET(st->poff, p.l4_off + p.tcp_doff);
-	int rc = bh_tls_chunk((void *)(long)ctx->data, (void *)(long)ctx->data_end, poff, rel, paylen, st);
+	void *pkt = (void *)(long)ctx->data, *pkt_end = (void *)(long)ctx->data_end;
+	__u32 end = rel + paylen;
+	int rc;
+	if (st->flags & BH_SNIF_REC_NEXT) {
+		/* Between two records of the ClientHello: the next one's header. */
+		__u32 data_at = st->rec_end + st->shift + 5; /* payload offset of the record's first byte */
+		rc = bh_tls_next_record(pkt, pkt_end, poff, rel, end, st);
+		if (rc == BH_TLS_CONT && (st->flags & BH_SNIF_TAIL)) {
+			/* Only the records' headers are left to check: until one holds the ClientHello's end. */
+			if (st->rec_end >= st->body_end) {
+				rc = BH_TLS_DONE;
+			} else {
+				st->flags |= BH_SNIF_REC_NEXT;
+				if (st->rec_end + st->shift >= end)
+					rc = BH_TLS_MORE;
+			}
+		} else if (rc == BH_TLS_CONT && data_at >= end) {
+			rc = BH_TLS_MORE; /* they start in the next segment */
+		}
+	} else {
+		/*
+		 * The parser sees this segment in its own offsets (payload offset -
+		 * shift), and only up to the current record's end: there, it
+		 * answers MORE, and the next record's header is read first.
+		 */
+		__u32 vrel = rel - st->shift, vseg = end - st->shift;
+		if (st->flags & BH_SNIF_TAIL)
+			rc = BH_TLS_MORE; /* nothing left to parse in this record: wait for its end */
+		else
+			rc = bh_tls_chunk(pkt, pkt_end, poff, vrel, (vseg < st->rec_end ? vseg : st->rec_end) - vrel, st);
+		/* (the first record's header, parsed in this call, may have set rec_end) */
+		if (rc == BH_TLS_DONE && st->body_end > st->rec_end) {
+			/*
+			 * Every extension is walked, but the ClientHello's last bytes
+			 * (skipped, unread) are in a later record: decided only once
+			 * its header is there and sane, as a server would read it.
+			 */
+			st->flags |= BH_SNIF_TAIL;
+			rc = BH_TLS_MORE;
+		}
+		if (rc == BH_TLS_MORE && st->rec_end <= vseg) {
+			st->flags |= BH_SNIF_REC_NEXT;
+			if (st->rec_end < vseg)
+				rc = BH_TLS_CONT; /* the next record starts in this segment */
+		}
+	}
 	if (rc == BH_TLS_MORE) {
-		st->next_rel = rel + paylen;
+		st->next_rel = end;
 		bh_event(BH_EV_SNI_SEGMENT);
 		return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
 	}

@@ -171,6 +171,8 @@ SNIF_WILD = 0x02
 SNIF_STREAM = 0x04
 SNIF_DONE = 0x08
 SNIF_SEEN_SNI = 0x10
+SNIF_REC_NEXT = 0x20
+SNIF_TAIL = 0x40
 # bh_flow.sni_flags: what a flow entry knows of the flow's TLS server name
 FSNI_NAME = 0x01
 FSNI_WILD = 0x02
@@ -362,7 +364,11 @@ class SniState(C.Structure):
         ("last", u8),
         ("wild_at", u8),
         ("poff", u32),
-        ("pad", u32),
+        ("rec_end", u32),
+        ("shift", u32),
+        ("rh", u8 * 5),
+        ("rh_got", u8),
+        ("pad", u8 * 6),
         ("name", u8 * 64),
     ]
 

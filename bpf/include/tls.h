@@ -94,6 +94,7 @@ static __always_inline void bh_sni_state_init(struct bh_sni_state *st, __u32 bas
 	st->h64 = BH_NH_SEED_NAME;
 	st->base_seq = base_seq;
 	st->step = BH_TLS_REC_HDR;
+	st->rec_end = ~0U; /* no record yet */
 }
 
 /* All ones if x is nonzero... of the low bit: -(x & 1), as arithmetic (BPF has no conditional move). */
@@ -161,17 +162,18 @@ static __always_inline int bh_tls_field(struct bh_sni_state *st)
 	switch (st->step) {
 	case BH_TLS_REC_HDR: {
 		__u32 rec_len = ((__u32)f[3] << 8) | f[4];
-		if (f[0] != BH_TLS_REC_HANDSHAKE || f[1] != 3 || rec_len < 4)
+		if (f[0] != BH_TLS_REC_HANDSHAKE || f[1] != 3 || rec_len < 1)
 			return BH_TLS_BAD;
 		st->body_end = 5 + rec_len; /* the record's end, until the handshake length is known */
+		st->rec_end = 5 + rec_len;
 		st->want = 5;
 		st->step = BH_TLS_HS_HDR;
 		return BH_TLS_CONT;
 	}
 	case BH_TLS_HS_HDR: {
 		__u32 hs_len = ((__u32)f[1] << 16) | ((__u32)f[2] << 8) | f[3];
-		/* A ClientHello continued in a second TLS record is legal but rare: not followed. */
-		if (f[0] != BH_TLS_HS_CLIENT_HELLO || 9 + hs_len > st->body_end || hs_len < 38)
+		/* It may go on in further records (bulkhead_sni_stream follows them). */
+		if (f[0] != BH_TLS_HS_CLIENT_HELLO || hs_len < 38)
 			return BH_TLS_BAD;
 		st->body_end = 9 + hs_len;
 		st->want = BH_TLS_RANDOM_END;
@@ -256,9 +258,12 @@ static __always_inline int bh_tls_field(struct bh_sni_state *st)
 /* Packet pointer to payload offset `at` of a segment covering [rel, end), or NULL. */
 static __always_inline __u8 *bh_tls_ptr(void *data, void *data_end, __u32 poff, __u32 rel, __u32 at, __u32 n)
 {
-	__u32 o = poff + (at - rel);
+	/* Offsets wrap (a segment's start in the parser's offsets is below 0 when it began
+	 * with a record header): `at` is in the segment iff at - rel is small. */
+	__u32 d = at - rel;
+	__u32 o = poff + d;
 	/* The verifier only tracks packet ranges for offsets it can bound below 64 KiB. */
-	if (at < rel || o > BH_TLS_PKT_OFF_MAX)
+	if (d > BH_TLS_PKT_OFF_MAX || o > BH_TLS_PKT_OFF_MAX)
 		return NULL;
 	__u8 *b = data + (o & BH_TLS_PKT_OFF_MAX);
 	if ((void *)(b + n) > data_end)
@@ -311,6 +316,11 @@ static __always_inline int bh_tls_head(void *data, void *data_end, __u32 poff, _
 	int rc = bh_tls_field(st); /* record header */
 	if (rc != BH_TLS_CONT)
 		return rc;
+	/* Straight from the packet only inside the first record; a shorter one: the generic path, next call. */
+	if (end > st->rec_end)
+		end = st->rec_end;
+	if (end < BH_TLS_RANDOM_END + 1)
+		return BH_TLS_CONT;
 	__builtin_memcpy(st->field, h + 5, 4);
 	rc = bh_tls_field(st); /* handshake header */
 	if (rc != BH_TLS_CONT)
@@ -391,7 +401,7 @@ static __always_inline int bh_tls_name(void *data, void *data_end, __u32 poff, _
 			c |= 0x20; /* ASCII lowercase */
 		/* A trailing dot is not part of the name (a fully qualified spelling): not hashed. */
 		__u64 got = st->name_got;
-		__u64 at_end = ((got + 1) ^ st->name_len) - 1 >> 63; /* 1 iff this is the last byte */
+		__u64 at_end = (((got + 1) ^ st->name_len) - 1) >> 63; /* 1 iff this is the last byte */
 		bh_sni_hash_char(st, c, got, at_end & ((((__u64)c ^ '.') - 1) >> 63));
 		/* The log keeps the first BH_SNI_LOG_LEN bytes; later ones overwrite the last slot. */
 		__u32 idx = st->name_got < BH_SNI_LOG_LEN ? st->name_got : BH_SNI_LOG_LEN - 1;
@@ -645,6 +655,9 @@ static __always_inline int bh_tls_whole(struct xdp_md *ctx, __u32 poff, __u32 pa
 	}
 	st->body_end = body_end;
 	st->ext_end = body_end;
+	st->rec_end = 5 + rec_len;
+	st->shift = 0;
+	st->rh_got = 0;
 	st->want = stop;
 	st->step = BH_TLS_EXT_HDR;
 	return stop == end ? BH_TLS_DONE : BH_TLS_MORE;
@@ -679,6 +692,8 @@ static __always_inline int bh_tls_chunk(void *data, void *data_end, __u32 poff, 
 		rc = bh_tls_head(data, data_end, poff, rel, end, st);
 		if (rc != BH_TLS_CONT || st->got || st->step != BH_TLS_EXT_HDR)
 			return rc;
+		if (end > st->rec_end)
+			end = st->rec_end; /* the first record's end is known now */
 	}
 	if (st->step == BH_TLS_EXT_HDR) {
 		rc = bh_tls_exts(data, data_end, poff, rel, end, st);
@@ -699,6 +714,48 @@ static __always_inline int bh_tls_chunk(void *data, void *data_end, __u32 poff, 
 	if (st->step == BH_TLS_EXT_HDR)
 		return BH_TLS_CONT; /* the walk stopped after BH_TLS_EXTS_PER_CALL: next call */
 	return bh_tls_one_field(data, data_end, poff, rel, end, st);
+}
+
+/*
+ * The header of the record a ClientHello continues in, at payload offset
+ * rec_end + shift, collected from the segment [rel, end) (payload offsets):
+ * MORE if it goes on in the next segment, CONT once it is whole and sane
+ * (the parser goes on inside the new record), BAD otherwise: a handshake
+ * record, TLS 1.x, not empty (RFC 8446 5.1: no zero-length handshake
+ * fragments).
+ */
+static __always_inline int bh_tls_next_record(void *data, void *data_end, __u32 poff, __u32 rel, __u32 end,
+					      struct bh_sni_state *st)
+{
+#pragma unroll
+	for (int j = 0; j < 5; j++) {
+		if (st->rh_got >= 5)
+			break;
+		__u32 at = st->rec_end + st->shift + st->rh_got;
+		if (at >= end)
+			return BH_TLS_MORE;
+		__u8 *b = bh_tls_ptr(data, data_end, poff, rel, at, 1);
+		if (!b)
+			return BH_TLS_BAD;
+		__u32 i = st->rh_got;
+		asm volatile("" : "+r"(i)); /* keep the mask clang would drop: the verifier needs it */
+		i &= 7;
+		if (i >= sizeof(st->rh))
+			return BH_TLS_BAD; /* unreachable: rh_got < 5 here */
+		st->rh[i] = *b;
+		st->rh_got++;
+		/* Checked as they come: a stream that is not a handshake record goes no further. */
+		if ((i == 0 && *b != BH_TLS_REC_HANDSHAKE) || (i == 1 && *b != 3))
+			return BH_TLS_BAD;
+	}
+	__u32 len = ((__u32)st->rh[3] << 8) | st->rh[4];
+	if (st->rh[0] != BH_TLS_REC_HANDSHAKE || st->rh[1] != 3 || len < 1)
+		return BH_TLS_BAD;
+	st->shift += 5;
+	st->rec_end += len;
+	st->rh_got = 0;
+	st->flags &= ~BH_SNIF_REC_NEXT;
+	return BH_TLS_CONT;
 }
 
 #endif /* BH_TLS_H */

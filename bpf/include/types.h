@@ -225,7 +225,16 @@ struct bh_sni_state {
 	__u8 last;       /* the name's last byte so far */
 	__u8 wild_at;    /* index of the name's first dot (when BH_SNIF_WILD) */
 	__u32 poff;      /* the segment's payload offset in the packet (bulkhead_sni_stream) */
-	__u32 pad;
+	/*
+	 * A ClientHello may continue in further TLS records. The parser's offsets
+	 * are the handshake's as if it were one record; a payload offset is the
+	 * parser's plus `shift`, the bytes of the later records' headers so far.
+	 */
+	__u32 rec_end;   /* parser offset where the current record ends (~0 before the first header) */
+	__u32 shift;
+	__u8 rh[5];      /* the next record's header, collected (BH_SNIF_REC_NEXT) */
+	__u8 rh_got;
+	__u8 pad[6];
 	__u8 name[BH_SNI_LOG_LEN]; /* first bytes of the name, lowercased (not NUL-terminated if full) */
 };
 #define BH_SNIF_HAVE_NAME 0x01
@@ -233,6 +242,8 @@ struct bh_sni_state {
 #define BH_SNIF_STREAM 0x04     /* not whole in its first segment: the streaming parser reads it */
 #define BH_SNIF_DONE 0x08
 #define BH_SNIF_SEEN_SNI 0x10 /* a server_name extension was met (a second one is malformed) */
+#define BH_SNIF_REC_NEXT 0x20 /* the current record is used up: the next one's header comes first */
+#define BH_SNIF_TAIL 0x40     /* every extension walked; the ClientHello ends in a later record, not read yet */
 
 /*
  * flow_events (ring buffer): one record per flow event (enum bh_flow_ev).
@@ -313,7 +324,7 @@ _Static_assert(sizeof(struct bh_frag_key) == 40, "bh_frag_key");
 _Static_assert(sizeof(struct bh_frag) == 16, "bh_frag");
 _Static_assert(sizeof(struct bh_sni_key) == 24, "bh_sni_key");
 _Static_assert(sizeof(struct bh_sni_val) == 12, "bh_sni_val");
-_Static_assert(sizeof(struct bh_sni_state) == 144, "bh_sni_state");
+_Static_assert(sizeof(struct bh_sni_state) == 160, "bh_sni_state");
 #endif
 
 #endif /* BH_TYPES_H */

@@ -347,6 +347,87 @@ def test_reused_tuple_reads_the_new_connections_name(sx):
     assert res(send_hello(sx, client_hello(pad=300), cuts=(100,)))[1] == R.ALLOW_RULE
 
 
+def records(hello: bytes, sizes, rtype: int = 22) -> bytes:
+    """The ClientHello (a one-record `hello`) re-cut into TLS records of `sizes` bytes (the last takes the rest)."""
+    body, out, at = hello[5:], b"", 0
+    for n in list(sizes) + [len(body)]:
+        chunk = body[at:at + n]
+        if not chunk:
+            break
+        out += bytes([rtype]) + hello[1:3] + struct.pack("!H", len(chunk)) + chunk
+        at += len(chunk)
+    return out
+
+
+@pytest.mark.parametrize("name,reason", [
+    (b"pay.example.internal", R.ALLOW_RULE),
+    (b"blocked.example.internal", R.DENY_RULE),
+    (b"a.svc.example.internal", R.ALLOW_RULE),
+    (b"nobody.example.internal", R.DENY_DEFAULT),
+])
+@pytest.mark.parametrize("sizes", [(2,), (60,), (100, 7), (30,) * 12, (1,) * 6],
+                         ids=["hs-header-split", "two", "three", "many", "one-byte-records"])
+def test_clienthello_in_several_records(sx, name, reason, sizes):
+    """A ClientHello continued in further TLS records (legal; some clients and
+    DPI-evasion tools do it) is followed record by record: the same verdict as
+    in one record, whole in a segment or cut at every 37th byte (headers and
+    the name straddle records and segments)."""
+    hello = records(client_hello(name, before=4, after=4), sizes)
+    assert res(send_hello(sx, hello))[1] == reason
+    sx.clear_flows()
+    assert res(send_hello(sx, hello, cuts=range(37, len(hello), 37)))[1] == reason
+    assert not libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key)
+
+
+@pytest.mark.parametrize("hello", [
+    pytest.param(lambda h: records(h, (50,))[:55] + b"\x17" + records(h, (50,))[56:], id="second-record-not-handshake"),
+    pytest.param(lambda h: records(h, (50,))[:55] + b"\x16\x02" + records(h, (50,))[57:], id="second-record-not-tls1x"),
+    pytest.param(lambda h: records(h, (50,))[:55] + b"\x16\x03\x01\x00\x00" + records(h, (50,))[55:],
+                 id="zero-length-record"),
+])
+def test_malformed_record_sequences_are_unknown(sx, hello):
+    got = send_hello(sx, hello(client_hello()), cuts=(20,))
+    assert res(got) == (X.DROP, R.SNI_UNKNOWN)
+    sx.expect(server_data(), "core", X.DROP, R.SNI_UNKNOWN)
+
+
+@pytest.mark.parametrize("cut", [60, 130, 150], ids=["before-name", "mid-record", "at-record-end"])
+def test_clienthello_ending_in_a_later_record(sx, cut):
+    """Every extension header is in the first record, but the last extension's
+    data runs on into a second one: the flow is decided only once the second
+    record's header has come and is sane, never on the walk alone."""
+    one = client_hello(before=3, after=3)
+    first = len(one) - 5 - 3  # the first record holds all but the last 3 bytes
+    hello = records(one, (first,))
+    assert len(hello) == len(one) + 5
+    sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+    cut = min(cut, first + 5)
+    sx.expect(seg(hello[:cut], 0), "prod", X.PASS, R.SNI_PENDING)
+    sx.expect(seg(hello[cut:first + 5], cut), "prod", X.PASS, R.SNI_PENDING)
+    sx.expect(server_data(), "core", X.DROP, R.SNI_HOLD)
+    sx.expect(seg(hello[first + 5:first + 7], first + 5), "prod", X.PASS, R.SNI_PENDING)  # header, in part
+    sx.expect(seg(hello[first + 7:], first + 7), "prod", X.PASS, R.ALLOW_RULE)
+    # the same with a second record that is not a handshake record
+    sx.clear_flows()
+    bad = hello[:first + 5] + b"\x17" + hello[first + 6:]
+    sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+    sx.expect(seg(bad[:cut], 0), "prod", X.PASS, R.SNI_PENDING)
+    assert res(send_rest(sx, bad, cut)) == (X.DROP, R.SNI_UNKNOWN)
+
+
+def send_rest(sx, hello: bytes, at: int):
+    return sx.judge(seg(hello[at:], at), "prod")
+
+
+def test_records_cut_short_wait_and_hold_server_data(sx):
+    hello = records(client_hello(), (50, 50))
+    sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+    for a, b in ((0, 40), (40, 58), (58, len(hello) - 1)):  # the second header straddles segments
+        sx.expect(seg(hello[a:b], a), "prod", X.PASS, R.SNI_PENDING)
+        sx.expect(server_data(), "core", X.DROP, R.SNI_HOLD)
+    sx.expect(seg(hello[-1:], len(hello) - 1), "prod", X.PASS, R.ALLOW_RULE)
+
+
 def test_reject_by_name_resets_both_ends(sx):
     """The deciding segment becomes a RST for the server; the client's
     retransmission of it gets a RST back (XDP sends one packet per packet)."""
