@@ -382,6 +382,79 @@ def py_tls(topo, pki: Pki, ns: str, dst: str, name: str | None, *, timeout: floa
     return probe
 
 
+def recut_records(flight: bytes, size: int) -> bytes:
+    """A client's first flight (one handshake record) re-cut into records of `size` bytes."""
+    assert flight[0] == 22 and len(flight) == 5 + int.from_bytes(flight[3:5], "big"), flight[:5]
+    body = flight[5:]
+    return b"".join(flight[:3] + len(body[i:i + size]).to_bytes(2, "big") + body[i:i + size]
+                    for i in range(0, len(body), size))
+
+
+def py_tls_records(topo, pki: Pki, ns: str, dst: str, name: str, *, record: int, timeout: float = ALLOW_WAIT,
+                   port: int = TLS_PORT) -> Probe:
+    """Python ssl over memory BIOs: a real handshake whose ClientHello goes out in
+    TLS records of `record` bytes (legal, and what some clients and DPI-evasion tools
+    send), then a GET and the answer read to the end."""
+    sport = next(_SPORT)
+    s = _client_socket(topo, ns, dst, sport, None)
+    s.settimeout(timeout)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=pki.ca).wrap_bio(inc, out, server_hostname=name)
+    probe = Probe("python-ssl-records", "error", sport, dst, name)
+    t0 = time.monotonic()
+
+    def pump() -> None:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("the server closed")
+        inc.write(chunk)
+
+    try:
+        s.connect((dst, port))
+        first = True
+        while True:
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            flight = out.read()
+            if flight:
+                s.sendall(recut_records(flight, record) if first else flight)
+                first = False
+            if done:
+                break
+            pump()
+        tls.write(b"GET / HTTP/1.0\r\n\r\n")
+        s.sendall(out.read())
+        data = b""
+        while True:
+            try:
+                chunk = tls.read(4096)
+            except ssl.SSLWantReadError:
+                try:
+                    pump()
+                except ConnectionResetError:
+                    break
+                continue
+            except ssl.SSLZeroReturnError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        probe.result = "connected"
+        probe.reply = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
+    except Exception as e:
+        probe.result = _classify(e)
+        probe.detail = f"{type(e).__name__}: {e}"
+    probe.seconds = time.monotonic() - t0
+    if probe.ok:
+        s.close()
+    else:
+        _abort(s)
+    return probe
+
+
 def _bind_addr(ns: str, dst: str) -> str:
     v4, v6 = CLIENT[ns]
     return f"[{v6}]" if ":" in dst else v4
@@ -676,6 +749,9 @@ class Sni:
     def py(self, ns, dst, name, **kw) -> Probe:
         return py_tls(self.topo, self.pki, ns, dst, name, **kw)
 
+    def py_records(self, ns, dst, name, **kw) -> Probe:
+        return py_tls_records(self.topo, self.pki, ns, dst, name, **kw)
+
     def openssl(self, ns, dst, name, **kw) -> Probe:
         return s_client(self.topo, self.pki, ns, dst, name, **kw)
 
@@ -749,6 +825,22 @@ def test_allowed_name_completes_handshake_and_exchanges_data(sni):
     assert d.get("allow_reply", 0) >= 3 * 2, d
     assert d.get("ev:sni_decided", 0) >= 3, d
     assert not {"sni_unknown", "sni_hold", "sni_out_of_order", "punt_no_handler"} & set(d), d
+
+
+def test_clienthello_in_several_tls_records(sni):
+    """A real handshake whose ClientHello comes in 100-byte TLS records is decided
+    by its name in the kernel, record by record: allowed, it completes and
+    exchanges data; denied, the server never handshakes."""
+    sni.apply()
+    before = sni.snapshot()
+    p = sni.allowed(sni.py_records("prod", PAY4, "pay.example.internal", record=100))
+    assert p.reply == f"tls {PAY4} sni=pay.example.internal", p
+    sni.check_flow("prod", p, "allow_rule", rule="web-pay", dst_app="payments")
+    q = sni.denied(sni.py_records("dev", PAY4, "pay.example.internal", record=100, timeout=DENY_WAIT), "dev")
+    sni.check_flow("dev", q, "deny_rule", rule="laptops-pay")
+    d = moved(before, sni.snapshot())
+    assert d.get("ev:sni_decided", 0) >= 2, d
+    assert not {"sni_unknown", "sni_out_of_order", "punt_no_handler"} & set(d), d
 
 
 def test_denied_name_fails_and_server_never_handshakes(sni):
