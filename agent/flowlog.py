@@ -102,7 +102,7 @@ def decode(ev: abi.FlowEvent, names: NamesFn, offset: float) -> dict:
     if ev.sni_len:
         n = min(ev.sni_len, abi.SNI_LOG_LEN)
         sni = bytes(ev.sni[:n]).rstrip(b"\0").rstrip(b".").decode("ascii", "replace")
-        if ev.sni_len >= abi.SNI_LOG_LEN:
+        if ev.sni_len > abi.SNI_LOG_LEN:
             sni += "…"  # the kernel logs the first SNI_LOG_LEN bytes of a longer name
     return {
         "time": round(ev.ts_ns / 1e9 + offset, 6),

@@ -433,7 +433,7 @@ static __always_inline void bh_fe_emit(struct xdp_md *ctx, __u8 kind, const stru
 	e->sni_len = 0;
 	if (st && (st->flags & BH_SNIF_HAVE_NAME)) {
 		__builtin_memcpy(e->sni, st->name, BH_SNI_LOG_LEN);
-		e->sni_len = st->name_len > BH_SNI_LOG_LEN ? BH_SNI_LOG_LEN : st->name_len;
+		e->sni_len = st->name_len; /* <= BH_TLS_NAME_MAX (255): more than sni[] holds means cut */
 	}
 #ifdef BH_EVENTS_PERF
 	if (flow_events.perf_submit(ctx, e, sizeof(*e)))

@@ -272,7 +272,7 @@ struct bh_flow_event {
 	__u8 prev_reason; /* before a change (BH_FE_CHANGE); 0 otherwise */
 	__u8 flags;       /* BH_ACTF_AUDIT | BH_FLOWF_REPLY: the packet that caused it was a reply */
 	__u8 tcp_flags;   /* of that packet */
-	__u8 sni_len;     /* bytes of sni[] used (BH_SNI_LOG_LEN: cut); 0: no name */
+	__u8 sni_len;     /* the name's length (over BH_SNI_LOG_LEN: sni[] holds its start); 0: no name */
 	__u8 sni[BH_SNI_LOG_LEN]; /* server name asked for, lowercased */
 };
 

@@ -208,6 +208,17 @@ def test_server_name_decision_is_told_with_the_name(xdp, ring):
     assert pairs(xdp, RULE_NAME_ALLOW, R.ALLOW_RULE) == before + 1
 
 
+@pytest.mark.parametrize("name", [b"n" * 64, b"L" * 100 + b".example"], ids=["64", "108"])
+def test_server_name_length_tells_a_whole_name_from_a_cut_one(xdp, ring, name):
+    """sni_len is the name's length: a 64-byte name is whole in the 64-byte log; a
+    longer one (streamed) is logged by its start, and its length says it was cut."""
+    xdp.apply(sni_bundle())
+    send_hello(xdp, client_hello(name))
+    _, ch = ring.drain()
+    assert ch.sni_len == len(name)
+    assert bytes(ch.sni[:63]) == name.lower()[:63]
+
+
 def test_full_ring_counts_every_lost_event(xdp, ring):
     """Every new flow is either in the ring or counted lost: nothing vanishes."""
     frame = bytes(E / IP(src=C4, dst=PAY4) / UDP(sport=SPORT, dport=53) / Raw(b"q"))

@@ -322,6 +322,21 @@ def _abort(s: socket.socket) -> None:
         pass
 
 
+def _failed(probe: Probe, e: BaseException) -> None:
+    probe.result = _classify(e)
+    probe.detail = f"{type(e).__name__}: {e}"
+
+
+def _finish(probe: Probe, sock, t0: float) -> Probe:
+    """Time the probe; close its socket, with an RST if it did not get through."""
+    probe.seconds = time.monotonic() - t0
+    if probe.ok:
+        sock.close()
+    else:
+        _abort(sock)
+    return probe
+
+
 def _client_socket(topo, ns: str, dst: str, sport: int, mss: int | None) -> socket.socket:
     fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
     s = topo.socket(ns, fam)
@@ -372,14 +387,8 @@ def py_tls(topo, pki: Pki, ns: str, dst: str, name: str | None, *, timeout: floa
         probe.result = "connected"
         probe.reply = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
     except Exception as e:
-        probe.result = _classify(e)
-        probe.detail = f"{type(e).__name__}: {e}"
-    probe.seconds = time.monotonic() - t0
-    if probe.ok:
-        (tls or s).close()
-    else:
-        _abort(tls or s)
-    return probe
+        _failed(probe, e)
+    return _finish(probe, tls or s, t0)
 
 
 def recut_records(flight: bytes, size: int) -> bytes:
@@ -445,14 +454,8 @@ def py_tls_records(topo, pki: Pki, ns: str, dst: str, name: str, *, record: int,
         probe.result = "connected"
         probe.reply = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
     except Exception as e:
-        probe.result = _classify(e)
-        probe.detail = f"{type(e).__name__}: {e}"
-    probe.seconds = time.monotonic() - t0
-    if probe.ok:
-        s.close()
-    else:
-        _abort(s)
-    return probe
+        _failed(probe, e)
+    return _finish(probe, s, t0)
 
 
 def _bind_addr(ns: str, dst: str) -> str:
@@ -604,8 +607,7 @@ def raw_hello(topo, ns: str, dst: str, hello: bytes, *, cuts: tuple[int, ...] = 
         else:
             probe.detail = f"answer {data[:16].hex()}"
     except Exception as e:
-        probe.result = _classify(e)
-        probe.detail = f"{type(e).__name__}: {e}"
+        _failed(probe, e)
     probe.seconds = time.monotonic() - t0
     _abort(s)
     return probe
@@ -630,14 +632,8 @@ def raw_plain(topo, ns: str, dst: str, *, timeout: float = ALLOW_WAIT, port: int
         probe.result = "connected"
         probe.reply = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
     except Exception as e:
-        probe.result = _classify(e)
-        probe.detail = f"{type(e).__name__}: {e}"
-    probe.seconds = time.monotonic() - t0
-    if probe.ok:
-        s.close()
-    else:
-        _abort(s)
-    return probe
+        _failed(probe, e)
+    return _finish(probe, s, t0)
 
 
 # ---------------------------------------------------------------------- fixture

@@ -94,8 +94,11 @@ def test_change_event_with_server_name():
     d = flowlog.decode(ev, names, 0)
     assert (d["kind"], d["prev_reason"], d["sni"], d["by_reply"]) == \
         ("change", "sni_pending", "pay.example.internal", True)
-    long = flowlog.decode(event(sni=b"a" * 64), names, 0)["sni"]
-    assert long == "a" * 64 + "…"  # cut by the kernel: marked
+    exact = flowlog.decode(event(sni=b"a" * 64), names, 0)["sni"]
+    assert exact == "a" * 64  # a 64-byte name fits whole
+    ev = event(sni=b"b" * 64)
+    ev.sni_len = 200  # the name's length: longer than the log holds
+    assert flowlog.decode(ev, names, 0)["sni"] == "b" * 64 + "…"  # cut by the kernel: marked
 
 
 def test_bad_records_are_counted_not_raised():
