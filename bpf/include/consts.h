@@ -22,7 +22,7 @@
 #define BH_MAX_SNI 262144 /* server-name entries per slot */
 #endif
 #ifndef BH_MAX_SNI_PARSE
-#define BH_MAX_SNI_PARSE 65536 /* LRU ClientHellos being parsed / recently decided */
+#define BH_MAX_SNI_PARSE 65536 /* LRU ClientHellos being parsed across segments (one-segment ones need none) */
 #endif
 #ifndef BH_MAX_FRAGS
 #define BH_MAX_FRAGS 16384 /* LRU in-flight fragmented datagrams */
