@@ -327,6 +327,12 @@ def _failed(probe: Probe, e: BaseException) -> None:
     probe.detail = f"{type(e).__name__}: {e}"
 
 
+def _connected(probe: Probe, answer: bytes) -> None:
+    """The request got through: the reply is the answer's body."""
+    probe.result = "connected"
+    probe.reply = answer.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
+
+
 def _finish(probe: Probe, sock, t0: float) -> Probe:
     """Time the probe; close its socket, with an RST if it did not get through."""
     probe.seconds = time.monotonic() - t0
@@ -384,8 +390,7 @@ def py_tls(topo, pki: Pki, ns: str, dst: str, name: str | None, *, timeout: floa
             if not chunk:
                 break
             data += chunk
-        probe.result = "connected"
-        probe.reply = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
+        _connected(probe, data)
     except Exception as e:
         _failed(probe, e)
     return _finish(probe, tls or s, t0)
@@ -451,8 +456,7 @@ def py_tls_records(topo, pki: Pki, ns: str, dst: str, name: str, *, record: int,
             if not chunk:
                 break
             data += chunk
-        probe.result = "connected"
-        probe.reply = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
+        _connected(probe, data)
     except Exception as e:
         _failed(probe, e)
     return _finish(probe, s, t0)
@@ -629,8 +633,7 @@ def raw_plain(topo, ns: str, dst: str, *, timeout: float = ALLOW_WAIT, port: int
             if not chunk:
                 break
             data += chunk
-        probe.result = "connected"
-        probe.reply = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
+        _connected(probe, data)
     except Exception as e:
         _failed(probe, e)
     return _finish(probe, s, t0)
