@@ -7,6 +7,7 @@ the verdict of every segment.
 """
 from __future__ import annotations
 
+import ctypes as C
 import struct
 
 import pytest
@@ -484,6 +485,23 @@ def _parse_state(xdp) -> dict:
             "w": v.sni_w if v.sni_flags & abi.FSNI_WILD else None, "reason": v.reason, "rule": v.rule_id}
 
 
+def _scratch_clear(xdp) -> None:
+    """Zero the per-CPU scratch state on every CPU."""
+    n = libbpf.possible_cpus()
+    libbpf.map_update(xdp.dp.map_fds["sni_scratch"], C.c_uint32(0), (abi.SniState * n)())
+
+
+def _scratch_streamed(xdp) -> bool:
+    """Did the last decision (the one CPU whose scratch is not zero) come from the streaming parser?"""
+    n = libbpf.possible_cpus()
+    vals = (abi.SniState * n)()
+    key = C.c_uint32(0)
+    assert libbpf.lib().bpf_map_lookup_elem(xdp.dp.map_fds["sni_scratch"], C.byref(key), C.byref(vals)) == 0
+    used = [v for v in vals if v.step or v.flags or v.h64]
+    assert len(used) == 1, "one decision on one CPU since the scratch was cleared"
+    return bool(used[0].flags & abi.SNIF_STREAM)
+
+
 @pytest.mark.parametrize("name", [
     b"pay.example.internal", b"Mixed.Case.Example.", b"a.svc.example.internal", b"noDotAtAll", b"a.", b".",
     b"..", b"a..b", b"x" * 64, b"y" * 63 + b".", b"A" * 30 + b"." + b"b" * 33, b"z" * 65, b"w." * 40,
@@ -500,6 +518,7 @@ def test_one_shot_and_streaming_parsers_agree(sx, name):
     got = {}
     for how, cuts in (("whole", ()), ("late", (last_ext,)), ("first-byte", (1,))):
         sx.clear_flows()
+        _scratch_clear(sx)
         if how == "late":
             # the one-shot path reads the first segment and hands over to the streaming parser
             sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
@@ -511,6 +530,9 @@ def test_one_shot_and_streaming_parsers_agree(sx, name):
             v = send_hello(sx, hello, cuts=cuts)
         got[how] = (res(v), _parse_state(sx))
         assert not libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key), (how, "a finished parse is not kept")
+        # which parser decided: a streamed parse reaches the decision with BH_SNIF_STREAM set
+        one_shot = how == "whole" and len(name) <= abi.TLS_WHOLE_NAME
+        assert _scratch_streamed(sx) == (not one_shot), how
     assert got["whole"] == got["late"] == got["first-byte"]
     exact, wild = sni.lookup_hashes(name)
     flags = got["whole"][1]["flags"]
