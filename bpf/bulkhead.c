@@ -1102,6 +1102,33 @@ static __always_inline void bh_sni_settle(struct bh_flow *e, const struct bh_flo
 }
 
 /*
+ * Entry of the tail-called SNI programs (the caller's stack is gone): parse
+ * the packet again, find the active slot, the segment and the packet's flow
+ * entry. 0, or the reason to drop the packet for.
+ */
+static __always_inline __u8 bh_sni_enter(struct xdp_md *ctx, struct bh_pkt *p, struct bh_ctl **gc, __u32 *slot,
+					 __u32 *seg, struct bh_flow **f)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 zero = 0;
+
+	bh_pkt_init(p);
+	if (bh_parse(data, data_end, p) != BH_PARSE_OK || p->proto != IPPROTO_TCP)
+		return BH_R_SNI_UNKNOWN;
+	*gc = ctl.lookup(&zero);
+	if (!*gc)
+		return BH_R_NO_POLICY;
+	*slot = (*gc)->active_slot & 1;
+	*seg = bh_segment_of(*slot, ctx->ingress_ifindex);
+	if (!*seg)
+		return BH_R_SNI_UNKNOWN;
+	bh_pkt_addrs16(p);
+	*f = bh_flow_get(p, *seg, 0);
+	return *f ? 0 : BH_R_SNI_UNKNOWN;
+}
+
+/*
  * Tail call target for flows waiting on their server name.
  *
  * The client's first payload segment, when it holds the whole ClientHello
@@ -1116,27 +1143,18 @@ static __always_inline void bh_sni_settle(struct bh_flow *e, const struct bh_flo
  */
 int bulkhead_sni(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u64 len = data_end - data;
+	__u64 len = ctx->data_end - ctx->data;
 	struct bh_pkt p;
-
-	bh_pkt_init(&p);
-	if (bh_parse(data, data_end, &p) != BH_PARSE_OK || p.proto != IPPROTO_TCP)
-		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	struct bh_ctl *gc;
+	__u32 slot, seg;
+	struct bh_flow *f;
+	__u8 why = bh_sni_enter(ctx, &p, &gc, &slot, &seg, &f);
+	if (why)
+		return bh_record(why, XDP_DROP, len);
 	__u32 zero = 0;
-	struct bh_ctl *gc = ctl.lookup(&zero);
-	if (!gc)
-		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
-	__u32 slot = gc->active_slot & 1;
 	struct bh_slot_cfg *cfg = slot_cfg.lookup(&slot);
 	if (!cfg || !cfg->generation)
 		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
-	__u32 seg = bh_segment_of(slot, ctx->ingress_ifindex);
-	bh_pkt_addrs16(&p);
-	struct bh_flow *f = bh_flow_get(&p, seg, 0);
-	if (!seg || !f)
-		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 	int is_reply = f->flags & BH_FLOWF_REPLY;
 	__u32 client_seg = is_reply ? f->peer_segment : seg;
 	__u32 paylen = p.l4_len > p.tcp_doff ? p.l4_len - p.tcp_doff : 0;
@@ -1312,24 +1330,16 @@ decide:;
  */
 int bulkhead_sni_stream(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u64 len = data_end - data;
+	__u64 len = ctx->data_end - ctx->data;
 	struct bh_pkt p;
-
-	bh_pkt_init(&p);
-	if (bh_parse(data, data_end, &p) != BH_PARSE_OK || p.proto != IPPROTO_TCP)
-		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
-	__u32 zero = 0;
-	struct bh_ctl *gc = ctl.lookup(&zero);
-	if (!gc)
-		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
-	__u32 slot = gc->active_slot & 1;
-	__u32 seg = bh_segment_of(slot, ctx->ingress_ifindex);
-	bh_pkt_addrs16(&p);
-	struct bh_flow *f = bh_flow_get(&p, seg, 0);
+	struct bh_ctl *gc;
+	__u32 slot, seg;
+	struct bh_flow *f;
+	__u8 why = bh_sni_enter(ctx, &p, &gc, &slot, &seg, &f);
+	if (why)
+		return bh_record(why, XDP_DROP, len);
 	/* Only a client's segment of a flow whose parse is under way comes here. */
-	if (!seg || !f || (f->flags & BH_FLOWF_REPLY) || !(f->sni_flags & BH_FSNI_STREAM))
+	if ((f->flags & BH_FLOWF_REPLY) || !(f->sni_flags & BH_FSNI_STREAM))
 		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
 	struct bh_flow6_key k = {};
 	bh_sni_key_of(&p, seg, 0, &k);
