@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.datapath import abi, libbpf, loader
-from agent.policy.bundle import Bundle
+from bulkhead.datapath import abi, libbpf, loader
+from bulkhead.policy.bundle import Bundle
 
 RESULTS: list[dict] = []
 RESULTS_FILE = Path(__file__).resolve().parents[1] / "build" / "bench-results.md"

@@ -16,8 +16,8 @@ import time
 import pytest
 from scapy.all import IP, UDP, Ether, Raw, raw
 
-from agent import flowlog
-from agent.datapath import abi, libbpf, loader
+from bulkhead.telemetry import flowlog
+from bulkhead.datapath import abi, libbpf, loader
 
 from .conftest import record, scale_bundle, v4
 

@@ -15,8 +15,8 @@ import statistics
 import pytest
 from scapy.all import IP, TCP, Ether, Raw, raw
 
-from agent.datapath import abi, libbpf
-from agent.policy import sni
+from bulkhead.datapath import abi, libbpf
+from bulkhead.policy import sni
 
 from .conftest import record, scale_bundle, v4
 

@@ -19,7 +19,7 @@ import statistics
 import pytest
 from scapy.all import IP, TCP, Ether, IPv6, raw
 
-from agent.datapath import abi, libbpf, loader
+from bulkhead.datapath import abi, libbpf, loader
 
 from .conftest import interleaved, record, scale_bundle, v4, v6
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from scapy.all import IP, TCP, Ether, IPv6, raw
 
-from agent.datapath import abi
+from bulkhead.datapath import abi
 
 from .conftest import measure, record, scale_bundle, v4, v6
 
@@ -45,7 +45,7 @@ def test_xdp_marginal_cost(benchmark, scaled, family, path):
     ifindex = dp.ifindexes["seg1"]
     if path == "established":
         dp.set_ctl_flags(clear_bits=abi.CTL_BYPASS_FLOWS)
-        from agent.datapath import libbpf
+        from bulkhead.datapath import libbpf
 
         assert libbpf.prog_test_run_xdp(dp.prog_fd(), frame, ifindex).retval == 2  # creates the flow entry
     else:

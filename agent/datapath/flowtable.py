@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from . import abi, libbpf
+from bulkhead.datapath import abi, libbpf
 
 CLOCK_MONOTONIC_COARSE = 6  # the clock of bpf_ktime_get_coarse_ns()
 TCP = 6

@@ -23,12 +23,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import abi, libbpf
+from bulkhead.core.paths import BPF_DIR
+from bulkhead.datapath import abi, libbpf
+from bulkhead.datapath.errors import DatapathError
 
 log = logging.getLogger("bulkhead.datapath")
 
-REPO = Path(__file__).resolve().parents[2]
-BPF_DIR = REPO / "bpf"
 BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "bulkhead"
 DEFAULT_STATE_DIR = "/run/bulkhead"
@@ -52,10 +52,6 @@ XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 # Seconds to wait after a flip before the old slot may be rewritten: XDP runs
 # under RCU and a packet takes microseconds, so this is generous.
 SLOT_QUIESCE_S = 0.05
-
-
-class DatapathError(RuntimeError):
-    pass
 
 
 def instance_name(state_dir: str | os.PathLike) -> str:
@@ -164,7 +160,7 @@ class Datapath:
 
         ensure_bpffs()
         if "BH_EVENTS_PERF" not in self.defines and "BH_NO_TELEMETRY" not in self.defines:
-            from . import probe
+            from bulkhead.datapath import probe
 
             if probe.PROBES["ringbuf"]() is not True:
                 log.warning("no BPF ring buffer in this kernel: flow events use a perf buffer")

@@ -21,7 +21,7 @@ A missing *required* feature makes `bulkhead agent run` exit 1 naming it (requir
 program could not load, and bulkhead never degrades to allowing everything. A missing
 optional feature is logged with what it costs.
 
-`python -m agent.datapath.probe` prints the table for this kernel (exit 1 if a required
+`python -m bulkhead.datapath.probe` prints the table for this kernel (exit 1 if a required
 feature is missing).
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ import struct
 import subprocess
 import sys
 
-from . import libbpf
+from bulkhead.datapath import libbpf
+from bulkhead.datapath.errors import DatapathError
 
 log = logging.getLogger("bulkhead.probe")
 
@@ -199,21 +200,16 @@ def probe_test_run() -> bool | str:
 
 def probe_native_xdp_veth(timeout: float = 30.0) -> bool | str:
     """Attach in driver mode to a veth in a network namespace that lives only as long as a child."""
-    code = "from agent.datapath import probe; probe._native_xdp_child()"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_repo(), os.environ.get("PYTHONPATH")])))
+    code = "from bulkhead.datapath import probe; probe._native_xdp_child()"
     try:
         p = subprocess.run(["unshare", "--net", sys.executable, "-c", code],
-                           capture_output=True, text=True, timeout=timeout, env=env)
+                           capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"could not run the probe in a new network namespace: {e}"
     out = (p.stdout.strip().splitlines() or [""])[-1]
     if p.returncode == 0 and out == "ok":
         return True
     return out or (p.stderr.strip().splitlines() or [f"probe exited {p.returncode}"])[-1]
-
-
-def _repo() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _native_xdp_child() -> None:
@@ -285,7 +281,6 @@ def report(results: dict[str, bool | str], logger: logging.Logger = log) -> None
 
 def require(logger: logging.Logger = log) -> dict[str, bool | str]:
     """Probe, log what is missing, and raise DatapathError naming any missing required feature."""
-    from .loader import DatapathError
 
     results = probe_all()
     report(results, logger)

@@ -3,7 +3,7 @@
 Pure Python with no kernel access, so `bulkhead policy validate` runs
 anywhere and the unit tests need no root.
 
-    from agent.policy import load_policy, PolicyError
+    from bulkhead.policy import load_policy, PolicyError
     try:
         bundle, warnings = load_policy(["policies/example.yaml"])
     except PolicyError as e:
@@ -16,10 +16,10 @@ entries), bundle (the serialized output).
 """
 from __future__ import annotations
 
-from .bundle import Bundle
-from .compiler import compile_policy
-from .model import Diag, Policy, PolicyError
-from .validate import validate_files
+from bulkhead.policy.bundle import Bundle
+from bulkhead.policy.compiler import compile_policy
+from bulkhead.policy.model import Diag, Policy, PolicyError
+from bulkhead.policy.validate import validate_files
 
 __all__ = ["Bundle", "Diag", "Policy", "PolicyError", "compile_policy", "load_policy", "validate_files"]
 

@@ -20,7 +20,7 @@ Map entries are plain tuples so the bundle packs small and fast:
                   no app's address": hostname-only apps.
   sni_entries:    (name_hash64, src_app, dst_app, dport, action, flags, rule_id, app_id)
                   the server-name verdicts of flows whose policy entry says SNI;
-                  hashes of the lowercased name or `*.` pattern (agent.policy.sni);
+                  hashes of the lowercased name or `*.` pattern (bulkhead.policy.sni);
                   dport 0 = any port; dst_app as above.
 """
 from __future__ import annotations

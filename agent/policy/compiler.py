@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 from typing import NamedTuple, Optional
 
-from ..datapath.abi import (
+from bulkhead.datapath.abi import (
     ACTF_AUDIT,
     APP_ANY,
     POLICY_PLEN_ANY_PORT,
@@ -32,10 +32,10 @@ from ..datapath.abi import (
     POLICY_PLEN_PORT_BASE,
     Action,
 )
-from . import ports as portlib
-from . import sni as snilib
-from .bundle import Bundle
-from .model import App, Policy, Rule
+from bulkhead.policy import ports as portlib
+from bulkhead.policy import sni as snilib
+from bulkhead.policy.bundle import Bundle
+from bulkhead.policy.model import App, Policy, Rule
 
 # Precedence ranks: higher wins; equal ranks go to the earlier rule.
 RANK_DENY = 4  # enforced deny/reject

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .model import Diags, Loc
+from bulkhead.policy.model import Diags, Loc
 
 # libyaml is ~10x faster than the pure-Python parser, which matters for
 # policies with tens of thousands of rules; both give the same marks.

@@ -11,7 +11,7 @@ import dataclasses
 import ipaddress
 from typing import Any, NamedTuple, Optional, Union
 
-from .ports import PortSpec
+from bulkhead.policy.ports import PortSpec
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 

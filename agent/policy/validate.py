@@ -9,7 +9,7 @@ Validation runs in two passes so that one run reports every problem:
    rules, address overlaps, port intersections, L7 rules on TLS ports.
 
 L7 `http:` lists are compiled by the verifier's own compiler
-(agent.verifier.rules.compile_rule), so validation and enforcement can never
+(bulkhead.l7.rules.compile_rule), so validation and enforcement can never
 disagree; its errors are mapped back to the line of the offending item. Key
 files, API-key files and TLS material are loaded at validation time, and
 their paths are stored absolute (relative paths are relative to the policy
@@ -28,11 +28,23 @@ import re
 import ssl
 from typing import Any, Callable, Optional
 
-from . import ports as portlib
-from .loader import YMap, YSeq, load_yaml, type_name
-from ..verifier.rules import HTTP_KEYS, RuleErrors, compile_rule
-from ..verifier.tokens import resolve as resolve_path
-from .model import Address, App, Diags, HttpSettings, Loc, Policy, PolicyError, Rule, Segment, Settings, Tls
+from bulkhead.policy import ports as portlib
+from bulkhead.policy.loader import YMap, YSeq, load_yaml, type_name
+from bulkhead.l7.rules import HTTP_KEYS, RuleErrors, compile_rule
+from bulkhead.l7.tokens import resolve as resolve_path
+from bulkhead.policy.model import (
+    Address,
+    App,
+    Diags,
+    HttpSettings,
+    Loc,
+    Policy,
+    PolicyError,
+    Rule,
+    Segment,
+    Settings,
+    Tls,
+)
 
 POLICY_VERSION = 1
 

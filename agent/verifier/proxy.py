@@ -35,15 +35,15 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 
 import httptools
 
-from . import http1
-from .http1 import CRLF, HEAD_END
+from bulkhead.l7 import http1
+from bulkhead.l7.http1 import CRLF, HEAD_END
 
 log = logging.getLogger("bulkhead.verifier")
 _clock = time.perf_counter  # record timings (uvloop's loop.time() has 1 ms resolution)
 
 try:  # engineer A's modules; the engine only needs these names
-    from .normalize import Refused, normalize_host, normalize_target, request_target
-    from .rules import Request, RuleSet
+    from bulkhead.l7.normalize import Refused, normalize_host, normalize_target, request_target
+    from bulkhead.l7.rules import Request, RuleSet
 except ImportError:  # pragma: no cover - while the matching code is not in the tree
     Refused = normalize_host = normalize_target = request_target = Request = RuleSet = None  # type: ignore
 

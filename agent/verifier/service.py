@@ -1,6 +1,6 @@
 """The verifier process: what the agent supervises (agent/verifier/supervisor.py).
 
-Started as `python -m agent.verifier.service` with inherited descriptors:
+Started as `python -m bulkhead.verifier.service` with inherited descriptors:
   --listen-fds  the listening sockets (IP_TRANSPARENT, owned by the agent so
                 connections queue across a restart)
   --cmd-fd      request/reply channel from the agent (length-prefixed msgpack):
@@ -48,18 +48,18 @@ from typing import Any
 
 import msgpack
 
-from .. import control
-from ..datapath import abi
-from ..datapath.flowtable import FlowTable
-from ..policy import ports as portlib
-from ..policy.bundle import Bundle
+from bulkhead.core import wire
+from bulkhead.datapath import abi
+from bulkhead.datapath.flowtable import FlowTable
+from bulkhead.policy import ports as portlib
+from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.verifier")
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SO_MARK = 36
-MARK_BASE = 0x0B000000  # agent/plumbing.py segment_mark()
+MARK_BASE = 0x0B000000  # agent/datapath/plumbing.py segment_mark()
 HTTP_DEFAULTS = {"via": False, "x_forwarded_for": False, "max_header_bytes": 16384,
                  "header_timeout": 10.0, "idle_timeout": 60.0}
 NO_RULE = "no L7 rule for this flow in the policy in force"
@@ -83,7 +83,7 @@ class PolicyView:
     """The L7 part of one bundle, compiled: rule sets per (src app, dst app, port)."""
 
     def __init__(self, bundle: Bundle, generation: int):
-        from .rules import RuleErrors, compile_rule
+        from bulkhead.l7.rules import RuleErrors, compile_rule
 
         self.generation = generation
         self.settings = dict(bundle.settings)
@@ -136,7 +136,7 @@ class PolicyView:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        from .rules import RuleSet
+        from bulkhead.l7.rules import RuleSet
 
         chosen, hostnames = [], []
         for r in self.rules:
@@ -167,7 +167,7 @@ class LiveRules:
         self.svc, self.src, self.dst, self.dport = svc, src, dst, dport
 
     def check(self, req, now: float | None = None):
-        from .rules import Decision
+        from bulkhead.l7.rules import Decision
 
         view = self.svc.current
         rs, _, audit = view.ruleset(self.src, self.dst, self.dport) if view else (None, [], False)
@@ -260,7 +260,7 @@ class Service:
 
     # ------------------------------------------------------ per connection
     async def resolve(self, sock: socket.socket):
-        from .proxy import FlowContext
+        from bulkhead.verifier.proxy import FlowContext
 
         view = self.current
         try:
@@ -335,8 +335,8 @@ class Service:
 def _command_thread(svc: Service, sock: socket.socket, on_eof) -> None:
     while True:
         try:
-            req = control.recv_frame(sock)
-        except (ConnectionError, OSError, control.ControlError):
+            req = wire.recv_frame(sock)
+        except (ConnectionError, OSError, wire.ControlError):
             on_eof()
             return
         try:
@@ -345,14 +345,14 @@ def _command_thread(svc: Service, sock: socket.socket, on_eof) -> None:
             log.exception("command %r failed", req.get("op"))
             reply = {"ok": False, "error": str(e)}
         try:
-            control.send_frame(sock, reply)
+            wire.send_frame(sock, reply)
         except OSError:
             on_eof()
             return
 
 
 async def _amain(args) -> int:
-    from .proxy import Verifier
+    from bulkhead.verifier.proxy import Verifier
 
     loop = asyncio.get_running_loop()
     listeners = [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",") if fd]

@@ -25,7 +25,14 @@ import ssl
 import sys
 from typing import Optional, TextIO
 
-from .proxy import FlowContext, RequestRecord, Verifier, http_settings, new_event_loop, tcp_opener
+from bulkhead.verifier.proxy import (
+    FlowContext,
+    RequestRecord,
+    Verifier,
+    http_settings,
+    new_event_loop,
+    tcp_opener,
+)
 
 
 class StandaloneError(Exception):
@@ -54,8 +61,8 @@ class Setup:
     """What the proxy needs, from a policy file: rules, settings, TLS, hostnames."""
 
     def __init__(self, policy_path: str, rule_names: list[str], tls_app: Optional[str] = None):
-        from ..policy import PolicyError, load_policy
-        from .rules import RuleErrors, RuleSet, compile_rule
+        from bulkhead.policy import PolicyError, load_policy
+        from bulkhead.l7.rules import RuleErrors, RuleSet, compile_rule
 
         try:
             bundle, self.warnings = load_policy([policy_path])

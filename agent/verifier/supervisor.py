@@ -27,7 +27,8 @@ from typing import Callable
 
 import msgpack
 
-from .. import control
+from bulkhead.core import wire
+from bulkhead.core.paths import REPO
 
 log = logging.getLogger("bulkhead.verifier")
 
@@ -102,14 +103,13 @@ class Supervisor:
         fds = [s.fileno() for s in self.listeners] + [cmd_child.fileno(), ev_child.fileno()]
         for s in (cmd_child, ev_child):
             s.set_inheritable(True)
-        argv = [sys.executable, "-m", "agent.verifier.service",
+        argv = [sys.executable, "-m", "bulkhead.verifier.service",
                 "--listen-fds", ",".join(str(s.fileno()) for s in self.listeners),
                 "--cmd-fd", str(cmd_child.fileno()), "--event-fd", str(ev_child.fileno()),
                 "--maps-dir", self.maps_dir, "--max-connections", str(self.max_connections)]
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(argv, pass_fds=fds, env=env, cwd=repo)
+        # `bulkhead` is importable wherever the agent is (it is installed); cwd is the repo so
+        # relative paths in the verifier's log lines read as they do in the agent's.
+        self.proc = subprocess.Popen(argv, pass_fds=fds, cwd=str(REPO))
         cmd_child.close()
         ev_child.close()
         self.started_at = time.monotonic()
@@ -117,9 +117,9 @@ class Supervisor:
                          name="verifier-events").start()
         try:
             cmd_parent.settimeout(30)
-            control.send_frame(cmd_parent, {"op": "ping"})
-            control.recv_frame(cmd_parent)
-        except (OSError, ConnectionError, control.ControlError) as e:
+            wire.send_frame(cmd_parent, {"op": "ping"})
+            wire.recv_frame(cmd_parent)
+        except (OSError, ConnectionError, wire.ControlError) as e:
             cmd_parent.close()
             raise VerifierError(f"the verifier process did not start: {e}") from e
         with self.cmd_lock:
@@ -211,9 +211,9 @@ class Supervisor:
                 raise VerifierError("verifier not running")
             self.cmd.settimeout(timeout)
             try:
-                control.send_frame(self.cmd, req)
-                reply = control.recv_frame(self.cmd)
-            except (OSError, ConnectionError, control.ControlError) as e:
+                wire.send_frame(self.cmd, req)
+                reply = wire.recv_frame(self.cmd)
+            except (OSError, ConnectionError, wire.ControlError) as e:
                 raise VerifierError(f"verifier did not answer {req.get('op')}: {e}") from e
         return reply
 

@@ -66,7 +66,7 @@ if ! bash scripts/setup.sh; then
 fi
 
 log "kernel feature probes (agent/datapath/probe.py)"
-if .venv/bin/python -m agent.datapath.probe > "$RESULTS/probe.txt" 2>&1; then :; fi
+if .venv/bin/python -m bulkhead.datapath.probe > "$RESULTS/probe.txt" 2>&1; then :; fi
 sed 's/^/  /' "$RESULTS/probe.txt"
 
 if [[ -n "${VM_TESTS:-}" ]]; then

@@ -38,8 +38,8 @@ import pytest
 from pyroute2 import IPRoute, netns
 from scapy.all import Ether, Packet, raw
 
-from agent.datapath import abi, libbpf, loader
-from agent.policy.bundle import Bundle
+from bulkhead.datapath import abi, libbpf, loader
+from bulkhead.policy.bundle import Bundle
 
 
 class X(enum.IntEnum):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from agent.datapath import probe
+from bulkhead.datapath import probe
 
 pytestmark = pytest.mark.root
 
@@ -56,7 +56,7 @@ def test_native_xdp_probe_leaves_nothing_behind():
 
 
 def test_command_line_prints_every_feature(results):
-    p = subprocess.run([sys.executable, "-m", "agent.datapath.probe"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "bulkhead.datapath.probe"], capture_output=True, text=True)
     assert p.returncode == (1 if probe.missing_required(results) else 0), p.stderr
     for feature in probe.FEATURES:
         assert feature in p.stdout

@@ -29,7 +29,7 @@ from scapy.all import (
     raw,
 )
 
-from agent.datapath import abi, libbpf
+from bulkhead.datapath import abi, libbpf
 
 from .conftest import (
     APP_PAY,

@@ -13,8 +13,8 @@ import struct
 import pytest
 from scapy.all import IP, TCP, IPv6, Raw
 
-from agent.datapath import abi, libbpf
-from agent.policy import sni
+from bulkhead.datapath import abi, libbpf
+from bulkhead.policy import sni
 
 from .conftest import APP_PAY, APP_WEB, C4, C6, PAY4, PAY6, E, R, X, base_bundle
 
@@ -462,7 +462,7 @@ def _forward_entry(xdp) -> abi.Flow:
 
 
 def test_kernel_hashes_match_the_compiler(sx):
-    """The name the kernel read hashes exactly like agent.policy.sni, in both
+    """The name the kernel read hashes exactly like bulkhead.policy.sni, in both
     parsers; both entries of the flow keep it, and no parse state is left."""
     name = b"Mixed.Case.Example."
     for cuts in ((), (1,)):

@@ -15,8 +15,8 @@ import struct
 import pytest
 from scapy.all import IP, TCP, UDP, IPv6, raw
 
-from agent.datapath import abi
-from agent.datapath.flowtable import FlowTable
+from bulkhead.datapath import abi
+from bulkhead.datapath.flowtable import FlowTable
 
 from .conftest import (
     A,

@@ -17,7 +17,7 @@ import socket
 import pytest
 from scapy.all import IP, TCP, UDP, IPv6, Raw
 
-from agent.datapath import abi, libbpf, loader
+from bulkhead.datapath import abi, libbpf, loader
 
 from .conftest import (
     APP_PAY,

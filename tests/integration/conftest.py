@@ -1,6 +1,6 @@
 """Integration fixtures: a netns gateway topology, a running agent, policies.
 
-Each test module gets one topology (agent/topology.py: prod and dev clients
+Each test module gets one topology (agent/lab/topology.py: prod and dev clients
 that share 198.18.1.10, a core namespace with the payments and catalog
 servers) and one agent started in the gateway namespace with nsenter, so the
 XDP program is compiled once per module. Tests change behaviour with
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.topology import AgentRunner, Topology, reap_stale
+from bulkhead.lab.topology import AgentRunner, Topology, reap_stale
 
 DENY_TIMEOUT = 1.0  # seconds a dropped SYN/datagram is waited for
 REJECT_FAST = 0.5  # a reject must answer well within this

@@ -1,6 +1,6 @@
 """L7 rules through the real gateway: XDP steers, TPROXY delivers, the verifier decides.
 
-Topology (agent/topology.py): clients in prod and dev share 198.18.1.10 /
+Topology (agent/lab/topology.py): clients in prod and dev share 198.18.1.10 /
 fd00:1::10; catalog's HTTP origin (tests/integration/l7/origin.py, echoes
 what it received as JSON) listens on 198.19.0.20:8081 and [fd00:19::20]:8081
 in core. web (prod) may GET /items*, laptops (dev, same address) only
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.topology import CATALOG_V4, CATALOG_V6, CLIENT_V4, CLIENT_V6, PAYMENTS_V4, REPO
+from bulkhead.lab.topology import CATALOG_V4, CATALOG_V6, CLIENT_V4, CLIENT_V6, PAYMENTS_V4, REPO
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 

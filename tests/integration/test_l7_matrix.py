@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.topology import CATALOG_V4, PAYMENTS_V4, REPO, AgentRunner
+from bulkhead.lab.topology import CATALOG_V4, PAYMENTS_V4, REPO, AgentRunner
 from l7 import cases
 from l7.loopback import OriginLogs
 from l7.material import VAULT_NAME, Material

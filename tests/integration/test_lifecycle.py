@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import plumbing
-from agent.datapath import libbpf, loader
-from agent.topology import bulkhead_argv
+from bulkhead.core.paths import REPO
+from bulkhead.datapath import plumbing
+from bulkhead.datapath import libbpf, loader
+from bulkhead.lab.topology import bulkhead_argv
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -77,8 +78,8 @@ def leftovers(gateway, instance: str | None = None) -> list[str]:
 
 def gw_cookie(gateway) -> str:
     """The gateway netns's name in plumbing records (other test runs have their own)."""
-    return gateway.topo.run("gw", [sys.executable, "-c", "from agent.plumbing import netns_cookie; "
-                                   "print(netns_cookie())"], cwd=str(loader.REPO)).stdout.strip()
+    return gateway.topo.run("gw", [sys.executable, "-c", "from bulkhead.datapath.plumbing import netns_cookie; "
+                                   "print(netns_cookie())"], cwd=str(REPO)).stdout.strip()
 
 
 def test_plumbing_in_place_while_running(gateway):
@@ -154,15 +155,15 @@ def _run_plumbing(gateway, code: str) -> subprocess.CompletedProcess:
     prelude = (
         "import sys, yaml\n"
         "from pyroute2 import IPRoute\n"
-        "from agent.plumbing import Plumbing, remove_all\n"
-        "from agent.policy import load_policy\n"
+        "from bulkhead.datapath.plumbing import Plumbing, remove_all\n"
+        "from bulkhead.policy import load_policy\n"
         "b, _ = load_policy([sys.argv[1]])\n"
         "with IPRoute() as ipr:\n"
         "    idx = {n: ipr.link_lookup(ifname=n)[0] for s in b.segments for n in s['interfaces']}\n"
     )
     policy = gateway.write(gateway.policy_yaml(gateway.rule("web", "payments")))
     return gateway.topo.run("gw", [sys.executable, "-c", prelude + code, str(policy)], check=False,
-                            cwd=str(loader.REPO))
+                            cwd=str(REPO))
 
 
 def test_plumbing_apply_is_idempotent_and_follows_the_policy(gateway):

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from agent import topology
-from agent.topology import NETNS_DIR, Topology, reap_stale
+from bulkhead.lab import topology
+from bulkhead.lab.topology import NETNS_DIR, Topology, reap_stale
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 

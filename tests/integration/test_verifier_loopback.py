@@ -168,7 +168,7 @@ import sys as _sys  # noqa: E402
 from pathlib import Path as _Path  # noqa: E402
 
 _REPO = _Path(__file__).resolve().parents[2]
-_BULKHEAD = [_sys.executable, "-m", "agent.cli"]
+_BULKHEAD = [_sys.executable, "-m", "bulkhead.cli.main"]
 
 
 def _serve(args: list[str]) -> tuple[_sp.Popen, int]:

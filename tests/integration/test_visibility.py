@@ -21,7 +21,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.topology import CATALOG_V4, PAYMENTS_V4, REPO, bulkhead_argv
+from bulkhead.lab.topology import CATALOG_V4, PAYMENTS_V4, REPO, bulkhead_argv
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.datapath import abi, loader
+from bulkhead.datapath import abi, loader
 
 INCLUDE = Path(__file__).resolve().parents[2] / "bpf" / "include"
 

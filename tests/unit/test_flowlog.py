@@ -11,10 +11,10 @@ from prometheus_client.core import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import flowlog
-from agent.cli import parse_map_sizes
-from agent.datapath import abi
-from agent.metrics import SECTIONS, DatapathCollector
+from bulkhead.telemetry import flowlog
+from bulkhead.cli.main import parse_map_sizes
+from bulkhead.datapath import abi
+from bulkhead.telemetry.metrics import SECTIONS, DatapathCollector
 
 APPS = {1: "web", 2: "laptops", 3: "payments"}
 RULES = {7: "web-pays", 8: "laptops-audit"}
@@ -395,7 +395,7 @@ def test_collector_sections_fail_alone_and_counters_stay_monotonic():
 
 
 def test_cli_event_line():
-    from agent.cli import EVENT_HEADER, _event_line
+    from bulkhead.cli.main import EVENT_HEADER, _event_line
 
     e = flowlog.decode(event(src="fd00:1::10", dst="fd00:19::10", kind=abi.FlowEv.END, packets=5, bytes=500,
                              r_packets=4, r_bytes=900), names, 0)

@@ -16,8 +16,8 @@ import msgpack
 import pytest
 import yaml
 
-from agent.datapath.abi import ACTF_AUDIT, Action
-from agent.policy import Bundle, PolicyError, load_policy
+from bulkhead.datapath.abi import ACTF_AUDIT, Action
+from bulkhead.policy import Bundle, PolicyError, load_policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 EXAMPLE = os.path.join(REPO, "policies", "example.yaml")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.policy import load_policy
+from bulkhead.policy import load_policy
 
 POLICIES = sorted((Path(__file__).resolve().parents[2] / "policies").glob("*.yaml"))
 

@@ -5,9 +5,9 @@ import textwrap
 
 import pytest
 
-from agent.policy import PolicyError, load_policy
-from agent.policy.loader import YMap, YSeq, load_yaml
-from agent.policy.model import Diags
+from bulkhead.policy import PolicyError, load_policy
+from bulkhead.policy.loader import YMap, YSeq, load_yaml
+from bulkhead.policy.model import Diags
 
 
 def _load(tmp_path, text: str):

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from agent.policy.ports import (
+from bulkhead.policy.ports import (
     WHOLE_PROTOCOL,
     PortSpec,
     PortSpecError,

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from agent.policy import Diag, PolicyError, load_policy
+from bulkhead.policy import Diag, PolicyError, load_policy
 
 HERE = os.path.dirname(__file__)
 FIXTURES = os.path.join(HERE, "fixtures")
@@ -441,8 +441,8 @@ def test_example_policy_has_no_warnings():
 
 def test_hostname_rules_compile_to_name_table(tmp_path):
     """Rules to hostname apps need no warning: the kernel decides them by SNI."""
-    from agent.datapath.abi import APP_ANY, Action
-    from agent.policy import sni
+    from bulkhead.datapath.abi import APP_ANY, Action
+    from bulkhead.policy import sni
 
     path = tmp_path / "p.yaml"
     path.write_text(BASE + """\
@@ -545,7 +545,7 @@ def test_no_paths():
 
 
 def test_too_many_segments(tmp_path, monkeypatch):
-    from agent.policy import validate
+    from bulkhead.policy import validate
     monkeypatch.setattr(validate, "MAX_SEGMENTS", 2)
     path = tmp_path / "p.yaml"
     path.write_text("version: 1\nsegments:\n" + "".join(
@@ -617,7 +617,7 @@ def test_app_tls_paths_resolve_against_the_policy_file_and_load(tmp_path, monkey
     assert warnings == []
     shop = [a for a in bundle.apps if a["name"] == "shop"][0]
     assert shop["tls"] == {"cert": str(sub / "shop.crt"), "key": str(sub / "shop.key"), "ca": str(sub / "shop.crt")}
-    from agent.policy import validate_files
+    from bulkhead.policy import validate_files
     app = [a for a in validate_files([str(path)]).apps if a.name == "shop"][0]
     assert (app.tls.cert, app.tls.key, app.tls.ca) == (str(sub / "shop.crt"), str(sub / "shop.key"),
                                                        str(sub / "shop.crt"))
@@ -627,7 +627,7 @@ def test_app_tls_ca_is_optional(tmp_path):
     _write_cert(tmp_path, "shop")
     path = tmp_path / "p.yaml"
     path.write_text(TLS_APP.replace("{TLS}", "{cert: shop.crt, key: shop.key}"))
-    from agent.policy import validate_files
+    from bulkhead.policy import validate_files
     app = [a for a in validate_files([str(path)]).apps if a.name == "shop"][0]
     assert app.tls.ca is None and os.path.isabs(app.tls.cert)
 
@@ -703,7 +703,7 @@ rules:
         {"paths": ["/health"]},
     ]
     # What the bundle carries compiles on its own, from anywhere.
-    from agent.verifier.rules import Request, compile_rule
+    from bulkhead.l7.rules import Request, compile_rule
     rule = compile_rule("calls", bundle.rules[0]["http"])
     assert rule.check(Request("GET", "/x", None, None, (("x-key", "key-1"),))).allowed
 

@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
-from agent import daemon
-from agent.datapath import loader, probe
+from bulkhead.daemon import agent as daemon
+from bulkhead.datapath import loader, probe
+from bulkhead.datapath.errors import DatapathError
 
 POLICY = """\
 version: 1
@@ -58,7 +59,7 @@ def test_require_raises_naming_the_missing_feature(monkeypatch, caplog):
     res["ktime_get_coarse_ns"] = "the verifier refused a call to helper 160: EINVAL"
     res["native_xdp_veth"] = "EOPNOTSUPP"
     monkeypatch.setattr(probe, "probe_all", lambda: res)
-    with caplog.at_level(logging.INFO), pytest.raises(loader.DatapathError) as exc:
+    with caplog.at_level(logging.INFO), pytest.raises(DatapathError) as exc:
         probe.require()
     msg = str(exc.value)
     assert "ktime_get_coarse_ns" in msg and "native_xdp_veth" not in msg

@@ -1,9 +1,9 @@
-"""The server-name hash of agent.policy.sni (the kernel's twin: tests/bpf checks they agree)."""
+"""The server-name hash of bulkhead.policy.sni (the kernel's twin: tests/bpf checks they agree)."""
 from __future__ import annotations
 
 import pytest
 
-from agent.policy import sni
+from bulkhead.policy import sni
 
 
 def test_a_name_is_looked_up_under_its_exact_and_rest_hashes():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import top
+from bulkhead.cli import top
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -404,8 +404,8 @@ def test_dashboard_panels_have_datasource_and_layout():
 
 
 def test_dashboard_metrics_are_exported_by_the_agent():
-    """Every series the dashboard queries is a family agent/metrics.py defines, with the right suffix."""
-    src = (ROOT / "agent" / "metrics.py").read_text()
+    """Every series the dashboard queries is a family agent/telemetry/metrics.py defines, with the right suffix."""
+    src = (ROOT / "agent" / "telemetry" / "metrics.py").read_text()
     families = {}
     for kind, name in re.findall(r'(Counter|Gauge|Histogram)MetricFamily\(\s*"(\w+)"', src):
         if kind == "Counter":

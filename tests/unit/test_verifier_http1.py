@@ -1,7 +1,7 @@
 """HTTP/1.1 framing of the L7 verifier, without sockets.
 
 Three layers:
-- agent/verifier/http1.py helpers (head scanning, chunk framing, our own responses);
+- agent/l7/http1.py helpers (head scanning, chunk framing, our own responses);
 - llhttp (httptools) itself: which ambiguous inputs it rejects and which it lets
   through for the engine to refuse — if an httptools upgrade changes that, these fail;
 - the engine (proxy._Conn) driven through fake transports: what the client gets and
@@ -15,9 +15,9 @@ import re
 import httptools
 import pytest
 
-from agent.verifier import http1
-from agent.verifier.proxy import FlowContext, _Conn, _Upstream, http_settings, new_event_loop
-from agent.verifier.rules import RuleSet, compile_rule
+from bulkhead.l7 import http1
+from bulkhead.verifier.proxy import FlowContext, _Conn, _Upstream, http_settings, new_event_loop
+from bulkhead.l7.rules import RuleSet, compile_rule
 
 # ------------------------------------------------------------------ helpers (http1.py)
 

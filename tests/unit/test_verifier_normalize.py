@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from agent.verifier.normalize import Refused, encode_path, normalize_host, normalize_target, request_target
+from bulkhead.l7.normalize import (
+    Refused,
+    encode_path,
+    normalize_host,
+    normalize_target,
+    request_target,
+)
 
 TARGETS = [
     # (method, target) -> (path, query, authority)

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from agent.verifier.rules import Decision, HttpRule, Request, RuleError, RuleErrors, RuleSet, compile_rule
+from bulkhead.l7.rules import (
+    Decision,
+    HttpRule,
+    Request,
+    RuleError,
+    RuleErrors,
+    RuleSet,
+    compile_rule,
+)
 
 
 def req(method="GET", path="/", host=None, headers=(), query=None):

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.verifier import tokens as tokenlib
-from agent.verifier.rules import Request, RuleErrors, compile_rule
+from bulkhead.l7 import tokens as tokenlib
+from bulkhead.l7.rules import Request, RuleErrors, compile_rule
 
 NOW = 1_700_000_000.0
 SECRET = b"s" * 40

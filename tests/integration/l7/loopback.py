@@ -25,9 +25,9 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.policy import load_policy
-from agent.verifier.proxy import FlowContext, Verifier, http_settings, new_event_loop, tcp_opener
-from agent.verifier.rules import RuleSet, compile_rule
+from bulkhead.policy import load_policy
+from bulkhead.verifier.proxy import FlowContext, Verifier, http_settings, new_event_loop, tcp_opener
+from bulkhead.l7.rules import RuleSet, compile_rule
 
 from .material import VAULT_NAME, Material
 

@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
-from .datapath import abi
+from bulkhead.datapath import abi
 
 log = logging.getLogger("bulkhead.flowlog")
 

@@ -10,12 +10,12 @@ import os
 import time
 from pathlib import Path
 
-from . import control
-from .datapath import libbpf, loader
+from bulkhead.core import wire
+from bulkhead.datapath import libbpf, loader
 
 
 def down(state_dir: str) -> dict:
-    from .daemon import STATE_FILE, prog_name, read_state, xdp_prog_ids
+    from bulkhead.daemon.state import STATE_FILE, prog_name, read_state, xdp_prog_ids
 
     actions: list[str] = []
     errors: list[str] = []
@@ -24,10 +24,10 @@ def down(state_dir: str) -> dict:
     instance = state.get("instance") or loader.instance_name(state_dir)
 
     try:
-        control.request(state_dir, "shutdown", timeout=5)
+        wire.request(state_dir, "shutdown", timeout=5)
         actions.append("asked the running agent to exit")
         for _ in range(50):
-            if not control.socket_path(state_dir).exists():
+            if not wire.socket_path(state_dir).exists():
                 break
             time.sleep(0.1)
     except Exception:
@@ -65,7 +65,7 @@ def down(state_dir: str) -> dict:
             errors.append(f"detaching TC from {ifname}: {e}")
 
     try:
-        from .plumbing import Plumbing, remove_all
+        from bulkhead.datapath.plumbing import Plumbing, remove_all
 
         if state:
             Plumbing(instance).remove()
@@ -78,7 +78,7 @@ def down(state_dir: str) -> dict:
     if pin_dir.exists():
         loader.remove_pins(pin_dir)
         actions.append(f"removed pins {pin_dir}")
-    for name in (STATE_FILE, control.SOCKET_NAME):
+    for name in (STATE_FILE, wire.SOCKET_NAME):
         p = Path(state_dir) / name
         if p.exists():
             p.unlink()

@@ -19,8 +19,8 @@ import ipaddress
 import re
 from typing import Any, Callable, Optional
 
-from . import tokens as tokenlib
-from .tokens import REPEATED
+from bulkhead.l7 import tokens as tokenlib
+from bulkhead.l7.tokens import REPEATED
 
 __all__ = ["Request", "Decision", "RuleError", "RuleErrors", "HttpRule", "RuleSet", "compile_rule",
            "HTTP_KEYS"]

@@ -22,7 +22,7 @@ Facts this relies on:
 - `ip netns exec` remounts /sys, so /sys/fs/bpf pins made inside it vanish
   with it: run the agent with gw_cmd() (nsenter --net, root mount namespace).
 
-Servers: `python -m agent.topology serve NAME --tcp ADDR:PORT --udp ADDR:PORT`
+Servers: `python -m bulkhead.lab.topology serve NAME --tcp ADDR:PORT --udp ADDR:PORT`
 greets each TCP connection with "hello from NAME\\n" and then echoes; UDP
 datagrams come back as b"NAME: " + data. No http.server (its bind does a
 reverse DNS lookup that hangs without DNS).
@@ -46,9 +46,10 @@ import threading
 import time
 from pathlib import Path
 
+from bulkhead.core.paths import REPO
+
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
-REPO = Path(__file__).resolve().parents[1]
 
 CLIENT_V4, CLIENT_V6 = "198.18.1.10", "fd00:1::10"
 GW_CLIENT_V4, GW_CLIENT_V6 = "198.18.1.1", "fd00:1::1"
@@ -376,7 +377,7 @@ class Topology:
     def serve(self, ns: str, name: str, tcp: list[str] = (), udp: list[str] = (),
               http: list[str] = ()) -> subprocess.Popen:
         """Start a greeting/echo server (and HTTP origin) in `ns` and wait until it listens."""
-        argv = [sys.executable, "-m", "agent.topology", "serve", name]
+        argv = [sys.executable, "-m", "bulkhead.lab.topology", "serve", name]
         for a in tcp:
             argv += ["--tcp", a]
         for a in udp:
@@ -384,7 +385,7 @@ class Topology:
         for a in http:
             argv += ["--http", a]
         p = self.spawn(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+                       cwd=str(REPO))
         line = p.stdout.readline()
         if line.strip() != "ready":
             p.kill()
@@ -409,7 +410,7 @@ def bulkhead_argv() -> list[str]:
     script = Path(sys.executable).parent / "bulkhead"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from bulkhead.cli.main import main; sys.exit(main())"]
 
 
 class AgentRunner:
@@ -516,12 +517,12 @@ class AgentRunner:
         except Exception:
             pass
         try:
-            from .datapath import loader
+            from bulkhead.datapath import loader
 
             pin_dir = loader.pin_dir_for(self.state_dir)
             if pin_dir.exists():
                 loader.remove_pins(pin_dir)
-            from .plumbing import RECORD_DIR
+            from bulkhead.datapath.plumbing import RECORD_DIR
 
             for rec in RECORD_DIR.glob(f"*-{loader.instance_name(self.state_dir)}.json"):
                 rec.unlink(missing_ok=True)
@@ -643,7 +644,7 @@ def _serve(name: str, tcp: list[str], udp: list[str], http: list[str] = ()) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agent.topology")
+    ap = argparse.ArgumentParser(prog="python -m bulkhead.lab.topology")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("serve", help="greeting/echo TCP and UDP echo server")
     sp.add_argument("name")

@@ -21,8 +21,8 @@ import threading
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from . import flowlog
-from .datapath import abi, loader
+from bulkhead.telemetry import flowlog
+from bulkhead.datapath import abi, loader
 
 log = logging.getLogger("bulkhead.metrics")
 

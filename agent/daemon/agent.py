@@ -11,25 +11,25 @@ on purpose: enforcement continues, and the next agent picks it all up.
 from __future__ import annotations
 
 import collections
-import ctypes as C
 import ipaddress
-import json
 import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-from . import control, flowlog
-from .datapath import abi, libbpf, loader, probe
-from .policy.bundle import Bundle
+from bulkhead.core import wire
+from bulkhead.daemon.control import ControlServer
+from bulkhead.daemon.state import prog_name, read_state, write_state, xdp_prog_ids
+from bulkhead.telemetry import flowlog
+from bulkhead.datapath import abi, loader, probe
+from bulkhead.datapath.errors import DatapathError
+from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.agent")
 
-STATE_FILE = "state.json"
 # bpf_ktime_get_coarse_ns() reads this clock; Python's time module lacks the name.
 CLOCK_MONOTONIC_COARSE = 6
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
@@ -37,46 +37,6 @@ PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "g
 
 class AgentError(RuntimeError):
     """A runtime failure: exit code 1."""
-
-
-def read_state(state_dir: str | os.PathLike) -> dict:
-    try:
-        return json.loads((Path(state_dir) / STATE_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def write_state(state_dir: str | os.PathLike, state: dict) -> None:
-    p = Path(state_dir) / STATE_FILE
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, p)
-
-
-def xdp_prog_ids() -> dict[str, int]:
-    """ifname -> id of the XDP program attached there (this netns)."""
-    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
-    ids = {}
-    for link in json.loads(out or "[]"):
-        xdp = link.get("xdp") or {}
-        prog = xdp.get("prog") or {}
-        if "id" in prog:
-            ids[link["ifname"]] = prog["id"]
-        for att in xdp.get("attached", []):
-            if "prog" in att and "id" in att["prog"]:
-                ids[link["ifname"]] = att["prog"]["id"]
-    return ids
-
-
-def prog_name(prog_id: int) -> str:
-    try:
-        fd = libbpf.prog_fd_by_id(prog_id)
-    except OSError:
-        return ""
-    try:
-        return libbpf.prog_info(fd).name.decode(errors="replace")
-    finally:
-        os.close(fd)
 
 
 def resolve_ifindexes(bundle: Bundle) -> dict[str, int]:
@@ -179,7 +139,7 @@ class Agent:
         self.last_apply: dict = {}
         self.started = time.time()
         self.stop_event = threading.Event()
-        self.verifier = None  # agent.verifier.supervisor.Supervisor
+        self.verifier = None  # bulkhead.verifier.supervisor.Supervisor
         self.l7 = L7Records()
 
     # ---------------------------------------------------------------- start
@@ -187,12 +147,12 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.state_dir, 0o700)
         self.dp = loader.Datapath(self.pin_dir, self.sizes).load()
-        from .plumbing import Plumbing  # imported late: needs nft/pyroute2 only at runtime
+        from bulkhead.datapath.plumbing import Plumbing  # imported late: needs nft/pyroute2 only at runtime
 
         self.plumbing = Plumbing(self.instance)
         previous = read_state(self.state_dir)
         if os.environ.get("BULKHEAD_NO_VERIFIER") != "1":
-            from .verifier.supervisor import Supervisor
+            from bulkhead.verifier.supervisor import Supervisor
 
             self.verifier = Supervisor(str(self.pin_dir / "maps"), self.l7.add, self._set_l7_ready)
             self.verifier.start()
@@ -327,7 +287,7 @@ class Agent:
                 generation = self.dp.active_generation() + 1
                 # The verifier compiles the L7 rules (and loads key files) before the kernel switches.
                 if self.verifier:
-                    from .verifier.supervisor import VerifierRefused
+                    from bulkhead.verifier.supervisor import VerifierRefused
 
                     try:
                         self.verifier.prepare(bundle.pack(), generation)
@@ -517,7 +477,7 @@ class Agent:
 
 def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_mode: str = "auto",
         sizes: dict[str, int] | None = None, events_keep: int = flowlog.DEFAULT_KEEP) -> int:
-    from .policy import PolicyError, load_policy
+    from bulkhead.policy import PolicyError, load_policy
 
     try:
         bundle, warnings = load_policy(policy_paths)
@@ -527,7 +487,7 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
     for w in warnings:
         log.warning("%s", w)
     agent = Agent(state_dir, xdp_mode, sizes=sizes, events_keep=events_keep)
-    server = control.ControlServer(state_dir, agent.handle)
+    server = ControlServer(state_dir, agent.handle)
     try:
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         server.ensure_free()  # before touching the kernel: never fight a live agent
@@ -536,12 +496,12 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
         server.start()
     except Exception as e:  # noqa: BLE001 -- any start failure: say why, exit 1, leave no child behind
         agent.stop()
-        if not isinstance(e, (AgentError, loader.DatapathError, control.ControlError)):
+        if not isinstance(e, (AgentError, DatapathError, wire.ControlError)):
             log.exception("agent start failed")
         log.error("%s", e)
         return 1
     if metrics_addr:
-        from . import metrics
+        from bulkhead.telemetry import metrics
 
         try:
             metrics.serve(agent, metrics_addr)

@@ -1,6 +1,6 @@
 """`bulkhead demo`: real traffic through a real gateway, in network namespaces.
 
-Builds the topology of agent/topology.py (two client segments that use the
+Builds the topology of agent/lab/topology.py (two client segments that use the
 SAME address, 198.18.1.10, and a core segment with payments and catalog),
 starts the servers and the agent with policies/demo.yaml, then connects from
 both client segments to both servers (TCP over IPv4 and IPv6, and ping) and
@@ -16,9 +16,9 @@ import signal
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from .topology import (
+from bulkhead.core.paths import POLICIES_DIR
+from bulkhead.lab.topology import (
     CATALOG_V4,
     CATALOG_V6,
     CLIENT_V4,
@@ -31,7 +31,7 @@ from .topology import (
     reap_stale,
 )
 
-POLICY = Path(__file__).resolve().parents[1] / "policies" / "demo.yaml"
+POLICY = POLICIES_DIR / "demo.yaml"
 TIMEOUT_S = 2.0  # a dropped SYN is reported as "timed out" after this
 
 

@@ -13,8 +13,8 @@ import time
 
 import click
 
-from . import control
-from .datapath.loader import DEFAULT_STATE_DIR
+from bulkhead.core import wire
+from bulkhead.datapath.loader import DEFAULT_STATE_DIR
 
 STATE_DIR_OPT = click.option(
     "--state-dir", default=DEFAULT_STATE_DIR, show_default=True, envvar="BULKHEAD_STATE_DIR",
@@ -30,8 +30,8 @@ def _fail(msg: str, code: int = 1):
 
 def _agent_request(state_dir: str, op: str, **kw) -> dict:
     try:
-        reply = control.request(state_dir, op, **kw)
-    except control.ControlError as e:
+        reply = wire.request(state_dir, op, **kw)
+    except wire.ControlError as e:
         _fail(str(e))
     except (OSError, ConnectionError) as e:
         _fail(f"control socket: {e}")
@@ -63,7 +63,7 @@ def policy() -> None:
 @JSON_OPT
 def policy_validate(files: tuple[str, ...], as_json: bool) -> None:
     """Check policy FILEs; print FILE:LINE: message for every problem (exit 2)."""
-    from .policy import PolicyError, load_policy
+    from bulkhead.policy import PolicyError, load_policy
 
     results, failed = [], False
     for f in files:
@@ -99,7 +99,7 @@ def policy_apply(files: tuple[str, ...], state_dir: str, as_json: bool) -> None:
     Prints the new generation. On any error the old policy stays in force
     and the exit code is non-zero (2: invalid policy, 1: the agent refused).
     """
-    from .policy import PolicyError, load_policy
+    from bulkhead.policy import PolicyError, load_policy
 
     try:
         bundle, warnings = load_policy(list(files))
@@ -132,7 +132,7 @@ MAP_SIZE_MAX = 1 << 26
 
 def parse_map_sizes(items) -> dict[str, int]:
     """["flows=1024", "events-ring-pages=1", "BH_MAX_LAT=64"] -> {BH_*: N}; ValueError says what is wrong."""
-    from .datapath.abi import DEFAULT_SIZES
+    from bulkhead.datapath.abi import DEFAULT_SIZES
 
     out: dict[str, int] = {}
     for item in items:
@@ -190,7 +190,7 @@ def agent_run(policy_files, state_dir, metrics_addr, xdp_mode, map_sizes, events
         _fail(str(e), 2)
     if os.geteuid() != 0:
         _fail("the agent needs root (CAP_BPF, CAP_NET_ADMIN)")
-    from . import daemon
+    from bulkhead.daemon import agent as daemon
 
     sys.exit(daemon.run(list(policy_files), state_dir, None if metrics_addr == "off" else metrics_addr, xdp_mode,
                         sizes=sizes, events_keep=events_keep))
@@ -480,7 +480,7 @@ def down(state_dir: str, as_json: bool) -> None:
     """Stop the agent, detach every program, remove pins and plumbing."""
     if os.geteuid() != 0:
         _fail("down needs root")
-    from . import teardown
+    from bulkhead.daemon import teardown
 
     report = teardown.down(state_dir)
     if as_json:
@@ -498,7 +498,7 @@ def demo() -> None:
     with real traffic, show who reached what and why, then clean up."""
     if os.geteuid() != 0:
         _fail("the demo needs root (it creates network namespaces)")
-    from . import demo as demo_mod
+    from bulkhead.lab import demo as demo_mod
 
     sys.exit(demo_mod.main())
 
@@ -544,7 +544,7 @@ def verifier_serve(listen, upstream, policy_file, rules, tls_app, as_json, quiet
     Exit codes: 0 stopped, 1 cannot listen, 2 bad input (invalid policy,
     unknown rule, a rule without http:).
     """
-    from .verifier.standalone import StandaloneError, serve
+    from bulkhead.verifier.standalone import StandaloneError, serve
 
     try:
         code = serve(listen, upstream, policy_file, list(rules), tls_app, as_json, quiet, max_connections)
@@ -584,12 +584,12 @@ def top(state_dir: str, interval: float, once: bool, as_json: bool, rows: int) -
       bulkhead top --once --json | jq '.pairs[0]'
     With --json and no --once, one JSON frame per line per refresh.
     """
-    from . import top as top_mod
+    from bulkhead.cli import top as top_mod
 
     try:
-        sys.exit(top_mod.run(lambda op, **kw: control.request(state_dir, op, **kw),
+        sys.exit(top_mod.run(lambda op, **kw: wire.request(state_dir, op, **kw),
                              interval, once, as_json, rows))
-    except control.ControlError as e:
+    except wire.ControlError as e:
         _fail(str(e))
     except top_mod.TopError as e:
         _fail(str(e))

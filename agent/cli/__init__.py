@@ -1,0 +1,1 @@
+"""The click commands (`bulkhead ...`), their rendering, and `bulkhead top`."""

@@ -1,0 +1,1 @@
+"""Network-namespace labs: the demo topology, its test servers, the demo itself."""

@@ -1,0 +1,1 @@
+"""What the gateway saw: the flow log, the Prometheus exporter, hop latency."""
