@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 from typing import Any, NamedTuple, Optional, Union
 
+from bulkhead.l7.settings import HTTP_DEFAULTS, POLICY_KEYS as HTTP_POLICY_KEYS
 from bulkhead.policy.ports import PortSpec
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -97,16 +98,15 @@ class Diags:
 class HttpSettings:
     """`settings.http`: how the L7 verifier proxies requests."""
 
-    via: bool = False  # add `Via: 1.1 bulkhead` to forwarded requests
-    x_forwarded_for: bool = False  # append the client address to X-Forwarded-For
-    max_header_bytes: int = 16384  # request line + headers; larger -> 431
-    header_timeout: float = 10  # seconds to receive a request's head
-    idle_timeout: float = 60  # seconds a client connection may sit between requests
+    # defaults, units and meanings: bulkhead.l7.settings.HttpDefaults
+    via: bool = HTTP_DEFAULTS.via
+    x_forwarded_for: bool = HTTP_DEFAULTS.x_forwarded_for
+    max_header_bytes: int = HTTP_DEFAULTS.max_header_bytes
+    header_timeout: float = HTTP_DEFAULTS.header_timeout
+    idle_timeout: float = HTTP_DEFAULTS.idle_timeout
 
     def as_dict(self) -> dict[str, Any]:
-        return {"via": self.via, "x_forwarded_for": self.x_forwarded_for,
-                "max_header_bytes": self.max_header_bytes, "header_timeout": self.header_timeout,
-                "idle_timeout": self.idle_timeout}
+        return {k: getattr(self, k) for k in HTTP_POLICY_KEYS}
 
 
 @dataclasses.dataclass
