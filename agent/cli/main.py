@@ -13,7 +13,9 @@ import time
 
 import click
 
+from bulkhead.cli import render
 from bulkhead.core import wire
+from bulkhead.core.names import VERDICTS
 from bulkhead.datapath.loader import DEFAULT_STATE_DIR
 
 STATE_DIR_OPT = click.option(
@@ -198,57 +200,6 @@ def agent_run(policy_files, state_dir, metrics_addr, xdp_mode, map_sizes, events
 
 
 # ------------------------------------------------------------------ status
-def _fmt_status(st: dict) -> str:
-    lines = [
-        f"generation {st['generation']} (slot {st['active_slot']}), agent pid {st['pid']}, up {st['uptime_s']}s",
-        f"policy: {', '.join(st['policy']['files'])}  {st['policy']['apps']} apps, {st['policy']['rules']} rules,"
-        f" {st['policy']['policy_entries']} entries, default {st['policy']['settings'].get('default_action')},"
-        f" mode {st['policy']['settings'].get('mode')}",
-        "interfaces:",
-    ]
-    for i in st["interfaces"]:
-        lines.append(f"  {i['name']:<16} ifindex {i['ifindex']:<5} segment {i.get('segment', '?'):<12} xdp {i['mode']}")
-    lines.append(f"flows cached: {st['flows']['flows4']} IPv4 entries, {st['flows']['flows6']} IPv6 entries")
-    lines.append("packets by reason:")
-    for name, c in sorted(st["counters"].items(), key=lambda kv: -kv[1]["packets"]):
-        if c["packets"]:
-            lines.append(f"  {name:<22} {c['verdict']:<7} {c['packets']:>12} pkts {c['bytes']:>14} bytes")
-    v = st.get("verifier") or {}
-    if v.get("running"):
-        req = v.get("requests", {})
-        by = ", ".join(f"{k} {n}" for k, n in sorted(req.get("by_verdict", {}).items())) or "none yet"
-        lines.append(f"L7 verifier: pid {v.get('pid') or 'restarting'}, port {v.get('port')}, "
-                     f"restarts {v.get('restarts', 0)}, requests: {by}")
-        conns = req.get("connections", {})
-        if conns:
-            lines.append("  connections: " + ", ".join(f"{k} {n}" for k, n in sorted(conns.items())))
-    else:
-        lines.append("L7 verifier: not running (L7 flows are dropped, counted as punt_no_handler)")
-    fl = st.get("flow_log") or {}
-    if fl:
-        lost = f"{fl.get('kernel_lost') or 0} lost in the kernel (ring full), {fl.get('buffer_dropped', 0)} " \
-               f"dropped from the agent's buffer of {fl.get('keep')}"
-        state = "" if fl.get("running") else f" NOT RUNNING{': ' + fl['error'] if fl.get('error') else ''}"
-        lines.append(f"flow log ({fl.get('transport')}){state}: {fl.get('received', 0)} events, {lost}")
-        for p in fl.get("pairs", [])[:10]:
-            by = ", ".join(f"{k} {n}" for k, n in sorted(p["by_verdict"].items()))
-            lines.append(f"  {p['src_app']} -> {p['dst_app']}: {p['new']} new flows ({by or '-'}), {p['end']} ended")
-    lines += _fmt_latency(st.get("latency") or [])
-    return "\n".join(lines)
-
-
-def _fmt_latency(rows: list[dict]) -> list[str]:
-    if not rows:
-        return ["hop latency: no TCP flow measured yet"]
-    lines = ["hop latency at the gateway (ms; server_rtt SYN->SYN-ACK, client_rtt SYN-ACK->ACK, "
-             "server_time request->response):",
-             f"  {'FROM':<14} {'TO':<14} {'KIND':<12} {'COUNT':>7} {'P50':>9} {'P99':>9} {'MEAN':>9}"]
-    for r in rows:
-        lines.append(f"  {r['src_app']:<14} {r['dst_app']:<14} {r['kind']:<12} {r['count']:>7} "
-                     f"{r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['mean_ms']:>9.3f}")
-    return lines
-
-
 @main.command()
 @STATE_DIR_OPT
 @JSON_OPT
@@ -257,27 +208,7 @@ def status(state_dir: str, as_json: bool) -> None:
     reply = _agent_request(state_dir, "status")
     if not reply.get("ok"):
         _fail(reply.get("error", "status failed"))
-    click.echo(json.dumps(reply["status"], indent=2) if as_json else _fmt_status(reply["status"]))
-
-
-VERDICT_CHOICES = ("pass", "drop", "reject", "audit")
-
-
-def _event_line(e: dict) -> str:
-    t = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0))) + f".{int(e.get('time', 0) * 1000) % 1000:03d}"
-    client = f"{e['src']}:{e['sport']}" if e["family"] == 4 else f"[{e['src']}]:{e['sport']}"
-    server = f"{e['dst']}:{e['dport']}" if e["family"] == 4 else f"[{e['dst']}]:{e['dport']}"
-    reason = e["reason"] + (f" (was {e['prev_reason']})" if e.get("prev_reason") else "")
-    counts = f"{e['packets']}/{e['bytes']}"
-    if e["kind"] == "end":
-        counts += f" {e['r_packets']}/{e['r_bytes']}"
-    return (f"{t:<12} {e['kind']:<6} {e['segment']:<8} {e['proto']:<5} {client + ' -> ' + server:<48} "
-            f"{e['src_app'] + ' -> ' + e['dst_app']:<26} {e['verdict']:<7} {reason:<18} {e['rule']:<20} "
-            f"{e.get('sni') or '-':<24} {counts}")
-
-
-EVENT_HEADER = (f"{'TIME':<12} {'KIND':<6} {'SEGMENT':<8} {'PROTO':<5} {'CLIENT -> SERVER':<48} "
-                f"{'FROM -> TO':<26} {'VERDICT':<7} {'REASON':<18} {'RULE':<20} {'SNI':<24} PKTS/BYTES (REPLY)")
+    click.echo(json.dumps(reply["status"], indent=2) if as_json else render.status_text(reply["status"]))
 
 
 @main.command()
@@ -288,7 +219,7 @@ EVENT_HEADER = (f"{'TIME':<12} {'KIND':<6} {'SEGMENT':<8} {'PROTO':<5} {'CLIENT 
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
               help="Most recent events (--table: flow-table entries) to show first; 0: all the agent kept.")
 @click.option("--app", metavar="NAME", help="Only flows from or to app NAME.")
-@click.option("--verdict", type=click.Choice(VERDICT_CHOICES),
+@click.option("--verdict", type=click.Choice(VERDICTS),
               help="Only this verdict (audit: would have been denied, passed in audit mode).")
 @click.option("--rule", metavar="NAME", help="Only flows decided by rule NAME ('(default)': the default action).")
 @click.option("--table", is_flag=True,
@@ -332,7 +263,7 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, app: str | No
             for r in reply["latency"]:
                 click.echo(json.dumps(r))
         else:
-            click.echo("\n".join(_fmt_latency(reply["latency"])))
+            click.echo("\n".join(render.latency_lines(reply["latency"])))
         return
     if table:
         _flow_table(state_dir, as_json, follow, limit, app, verdict, rule, interval)
@@ -344,16 +275,16 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, app: str | No
 
     def show(events: list[dict]) -> None:
         for e in events:
-            click.echo(json.dumps(e) if as_json else _event_line(e))
+            click.echo(json.dumps(e) if as_json else render.event_line(e))
 
     if not as_json:
-        click.echo(EVENT_HEADER)
+        click.echo(render.EVENT_HEADER)
     show(reply["events"])
     if not follow:
         if not as_json:
             lat = _agent_request(state_dir, "latency")
             click.echo("")
-            click.echo("\n".join(_fmt_latency(lat.get("latency") or [])))
+            click.echo("\n".join(render.latency_lines(lat.get("latency") or [])))
         return
     seq, kernel_lost = reply["seq"], reply.get("kernel_lost") or 0
     try:
@@ -447,15 +378,9 @@ def requests(state_dir: str, as_json: bool, follow: bool, limit: int, verdict: s
                 click.echo(json.dumps(r, default=str))
             return
         if header:
-            click.echo(f"{'TIME':<8} {'VERDICT':<7} {'ST':>3} {'METHOD':<7} {'HOST+PATH':<40} {'FROM':<12} "
-                       f"{'TO':<12} {'RULE':<20} {'IN':>8} {'OUT':>9}  MS(dec/conn/ttfb/total)  REASON")
+            click.echo(render.REQUEST_HEADER)
         for r in recs:
-            ms = "/".join(f"{(r.get(k) or 0) * 1000:.1f}" for k in ("decision_s", "connect_s", "ttfb_s", "total_s"))
-            url = (r.get("host") or "") + (r.get("path") or "")
-            click.echo(f"{time.strftime('%H:%M:%S', time.localtime(r.get('time', 0))):<8} {r.get('verdict', '?'):<7} "
-                       f"{r.get('status') or 0:>3} {r.get('method') or '-':<7} {url[:40]:<40} "
-                       f"{r.get('src_app') or '-':<12} {r.get('dst_app') or '-':<12} {r.get('rule') or '-':<20} "
-                       f"{r.get('bytes_in') or 0:>8} {r.get('bytes_out') or 0:>9}  {ms:<23}  {r.get('reason') or ''}")
+            click.echo(render.request_line(r))
 
     reply = _agent_request(state_dir, "requests", limit=limit)
     if not reply.get("ok"):
@@ -466,6 +391,8 @@ def requests(state_dir: str, as_json: bool, follow: bool, limit: int, verdict: s
         while follow:
             time.sleep(0.5)
             reply = _agent_request(state_dir, "requests", after=seq, limit=0)
+            if not reply.get("ok"):  # the agent answered, but with an error: say it, don't poll on
+                _fail(reply.get("error", "requests failed"))
             seq = reply.get("seq", seq)
             show(reply.get("requests", []), False)
     except KeyboardInterrupt:

@@ -21,7 +21,9 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-VERDICTS = ("pass", "drop", "reject", "audit")
+from bulkhead.core.names import AUDIT, PASS, REJECT, VERDICTS
+from bulkhead.datapath import abi
+
 DENIED = frozenset({"drop", "reject"})
 # Flow-table entries fetched per refresh: the flows op reads the table entry by entry.
 MAX_FLOWS = 5000
@@ -40,20 +42,20 @@ class TopError(RuntimeError):
 def verdict_of(rec: dict) -> str:
     """pass | drop | reject | audit for a flow-table entry, a flow event or a counter.
 
-    Audit (a deny or reject in shadow mode: passed, counted as a would-be
-    denial) is its own class whatever the record's verdict field says: the
-    data path reports those packets as passed, reasons audit_rule/audit_default.
+    A record that names its reason is classified by it (abi.verdict_of, the one classification
+    every room uses: audit_rule/audit_default are "audit", whatever the verdict field says, as the
+    data path reports those packets as passed). Without a reason, the record's own fields decide.
     """
     verdict = str(rec.get("verdict") or "")
-    reason = str(rec.get("reason") or "")
-    if verdict == "audit" or reason.startswith("audit_"):
-        return "audit"
-    if rec.get("audit") and not reason and verdict in ("", "pass"):
-        return "audit"  # no reason to go by: the audit flag on a passed record
-    if verdict in ("pass", "drop", "reject"):
+    reason = str(rec.get("reason") or "").upper()
+    if reason in abi.Reason.__members__:
+        return abi.verdict_of(abi.Reason[reason])
+    if rec.get("audit") and verdict in ("", PASS):
+        return AUDIT  # no reason to go by: the audit flag on a passed record
+    if verdict in VERDICTS:
         return verdict
     if verdict == "tx":
-        return "reject"
+        return REJECT
     return verdict or "?"
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bulkhead.core import wire
+from bulkhead.core.names import VERDICTS, proto_name
 from bulkhead.daemon.control import ControlServer
 from bulkhead.daemon.state import prog_name, read_state, write_state, xdp_prog_ids
 from bulkhead.telemetry import flowlog
@@ -32,7 +33,6 @@ log = logging.getLogger("bulkhead.agent")
 
 # bpf_ktime_get_coarse_ns() reads this clock; Python's time module lacks the name.
 CLOCK_MONOTONIC_COARSE = 6
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 
 
 class AgentError(RuntimeError):
@@ -405,14 +405,14 @@ class Agent:
             out.append({
                 "segment": segs.get(k.segment_id, str(k.segment_id)),
                 "direction": "reply" if v.flags & abi.FLOWF_REPLY else "forward",
-                "proto": PROTO_NAMES.get(k.proto, str(k.proto)),
+                "proto": proto_name(k.proto),
                 "src": src, "sport": socket.ntohs(k.sport_be),
                 "dst": dst, "dport": socket.ntohs(k.dport_be),
                 "src_app": apps.get(v.src_app, "-"),
                 "dst_app": apps.get(v.dst_app, "(by name)" if v.dst_app == abi.APP_ANY else "-"),
                 "rule": rules.get(v.rule_id, "(default)"),
                 "reason": abi.Reason(v.reason).name.lower() if v.reason in abi.Reason._value2member_map_ else str(v.reason),
-                "verdict": abi.REASON_VERDICT.get(v.reason, "drop"),
+                "verdict": abi.verdict_of(v.reason),
                 "audit": bool(v.flags & abi.ACTF_AUDIT),
                 "generation": v.generation,
                 "packets": v.packets, "bytes": v.bytes,
@@ -449,8 +449,8 @@ class Agent:
         if op == "flow_events":
             after = req.get("after")
             verdict = req.get("verdict") or None
-            if verdict is not None and verdict not in flowlog.VERDICTS:
-                return {"ok": False, "code": 2, "error": f"verdict must be one of {', '.join(flowlog.VERDICTS)}"}
+            if verdict is not None and verdict not in VERDICTS:
+                return {"ok": False, "code": 2, "error": f"verdict must be one of {', '.join(VERDICTS)}"}
             return self.flow_events(None if after is None else int(after), int(req.get("limit", 1000)),
                                     app=req.get("app") or None, verdict=verdict, rule=req.get("rule") or None)
         if op == "latency":

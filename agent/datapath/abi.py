@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes as C
 import enum
 
+from bulkhead.core.names import AUDIT, DROP, PASS, REJECT
+
 
 class Action(enum.IntEnum):
     NONE = 0
@@ -100,7 +102,6 @@ class Lat(enum.IntEnum):
 
 
 # The verdict class of each reason: what a user sees in `status`.
-PASS, DROP, TX, AUDIT = "pass", "drop", "reject", "audit"  # audit: would-deny, passed
 REASON_VERDICT = {
     Reason.UNSPEC: DROP,
     Reason.PASS_NON_IP: PASS,
@@ -110,7 +111,7 @@ REASON_VERDICT = {
     Reason.ALLOW_REPLY: PASS,
     Reason.DENY_RULE: DROP,
     Reason.DENY_DEFAULT: DROP,
-    Reason.REJECT_RULE: TX,
+    Reason.REJECT_RULE: REJECT,
     Reason.AUDIT_RULE: AUDIT,
     Reason.AUDIT_DEFAULT: AUDIT,
     Reason.NO_POLICY: DROP,
@@ -186,6 +187,18 @@ LAT_BUCKETS = 28
 LAT_SHIFT = 10
 # Audit reasons: would-deny, passed. Shown as verdict "audit", never as a deny.
 AUDIT_REASONS = frozenset({Reason.AUDIT_RULE, Reason.AUDIT_DEFAULT})
+
+
+def verdict_of(reason: int) -> str:
+    """The verdict class (core.names.VERDICTS) of a reason number; unknown numbers are drops.
+
+    The one classification every room uses (status, flows, metrics, top): a would-deny
+    (audit_rule, audit_default) is "audit", never a deny.
+    """
+    try:
+        return REASON_VERDICT[Reason(reason)]
+    except (ValueError, KeyError):
+        return DROP
 
 # Default map sizes (consts.h); the loader may override them with -D.
 DEFAULT_SIZES = {

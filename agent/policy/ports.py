@@ -19,6 +19,8 @@ import functools
 import re
 from typing import Optional
 
+from bulkhead.core.names import proto_name
+
 # Protocol keyword -> IP protocol numbers. `icmp` names both families' ICMP
 # because an app's addresses may be IPv4 and IPv6 at once, and a user who
 # allows "ping" means both.
@@ -28,7 +30,6 @@ PROTOCOLS: dict[str, tuple[int, ...]] = {
     "sctp": (132,),
     "icmp": (1, 58),
 }
-PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}
 # Protocols matched as a whole (prefixlen 72): they have no destination port.
 PORTLESS = frozenset({1, 58})
 
@@ -190,7 +191,7 @@ def format_portset(s: PortSet) -> str:
         return "all ports"
     parts = []
     for proto in sorted(s):
-        name = PROTO_NAMES.get(proto, str(proto))
+        name = proto_name(proto)
         if proto in PORTLESS:
             parts.append(name)
             continue

@@ -20,15 +20,35 @@ carrying every Diag, sorted by file and line.
 """
 from __future__ import annotations
 
-import difflib
-import heapq
 import ipaddress
 import os
-import re
 import ssl
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from bulkhead.policy import ports as portlib
+from bulkhead.policy.checks import CrossChecks, suggest
+from bulkhead.policy.schema import (
+    APP_KEYS,
+    HOSTNAME_MAX,
+    HTTP_SETTINGS_KEYS,
+    IFNAME_BAD,
+    IFNAME_MAX,
+    LABEL_RE,
+    MAX_HEADER_BYTES,
+    MAX_SEGMENTS,
+    NAME_RE,
+    NAME_RULE,
+    POLICY_VERSION,
+    RULE_ACTIONS,
+    RULE_KEYS,
+    RULE_MODES,
+    SEGMENT_KEYS,
+    SETTINGS_KEYS,
+    SETTING_CHOICES,
+    TIMEOUT_MAX,
+    TLS_KEYS,
+    TOP_KEYS,
+)
 from bulkhead.policy.loader import YMap, YSeq, load_yaml, type_name
 from bulkhead.l7.rules import HTTP_KEYS, RuleErrors, compile_rule
 from bulkhead.l7.tokens import resolve as resolve_path
@@ -45,48 +65,6 @@ from bulkhead.policy.model import (
     Settings,
     Tls,
 )
-
-POLICY_VERSION = 1
-
-TOP_KEYS = ("version", "settings", "segments", "apps", "rules")
-SETTINGS_KEYS = ("default_action", "mode", "unknown_sni", "http")
-HTTP_SETTINGS_KEYS = ("via", "x_forwarded_for", "max_header_bytes", "header_timeout", "idle_timeout")
-MAX_HEADER_BYTES = (1024, 1048576)
-TIMEOUT_MAX = {"header_timeout": 3600, "idle_timeout": 86400}
-SEGMENT_KEYS = ("name", "interfaces")
-APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls")
-TLS_KEYS = ("cert", "key", "ca")
-RULE_KEYS = ("name", "from", "to", "action", "ports", "mode", "http")
-
-SETTING_CHOICES = {
-    "default_action": ("deny", "allow"),
-    "mode": ("enforce", "audit"),
-    "unknown_sni": ("deny", "allow"),
-}
-RULE_ACTIONS = ("allow", "deny", "reject")
-RULE_MODES = ("enforce", "audit")
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-NAME_RULE = "1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
-
-# Linux dev_valid_name(): shorter than IFNAMSIZ (16), not "." or "..",
-# no '/', ':' or whitespace.
-IFNAME_MAX = 15
-_IFNAME_BAD = re.compile(r"[/:\s]")
-
-# The segment id is 16 bits in the flow key (bh_flow4_key.segment_id).
-MAX_SEGMENTS = 65535
-
-HOSTNAME_MAX = 253
-_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-# L7 rules on these ports carry TLS: the verifier must terminate it to see requests.
-TLS_PORTS = (443, 8443)
-DST_OVERLAP_WHY = (
-    "destinations are looked up by address only, so two destination apps may not share "
-    "addresses, even in different segments"
-)
-
 
 def validate_files(paths: list[str]) -> Policy:
     """Load and check `paths` as one policy; raise PolicyError listing every problem."""
@@ -106,12 +84,7 @@ def validate_files(paths: list[str]) -> Policy:
     return policy
 
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-class _Builder:
+class _Builder(CrossChecks):
     """Accumulates segments, apps and rules from every file, then cross-checks them."""
 
     def __init__(self, diags: Diags):
@@ -162,7 +135,7 @@ class _Builder:
     def check_keys(self, m: YMap, allowed: tuple[str, ...], label: str) -> None:
         for key in m:
             if key not in allowed:
-                self.error(m.loc(key), f"{label}: unknown key {key!r}{_suggest(key, allowed)}; "
+                self.error(m.loc(key), f"{label}: unknown key {key!r}{suggest(key, allowed)}; "
                                        f"allowed keys: {', '.join(allowed)}")
 
     def add_version(self, doc: YMap) -> None:
@@ -326,7 +299,7 @@ class _Builder:
             self.error(m.loc(), f"{label}: interfaces is required (the interfaces whose traffic "
                                 "belongs to this segment)")
         for ifname, loc in self.string_list(m, "interfaces", label, "interface names") or []:
-            if not (1 <= len(ifname) <= IFNAME_MAX) or _IFNAME_BAD.search(ifname) or ifname in (".", ".."):
+            if not (1 <= len(ifname) <= IFNAME_MAX) or IFNAME_BAD.search(ifname) or ifname in (".", ".."):
                 self.error(loc, f"{label}: interface name {ifname!r} is invalid: Linux interface names "
                                 f"are 1-{IFNAME_MAX} characters without '/', ':' or whitespace")
                 continue
@@ -410,7 +383,7 @@ class _Builder:
             why = "'*' is allowed only as the whole left-most label, as in *.example.com"
         elif not check:
             why = "a wildcard needs a domain after it, as in *.example.com"
-        elif not all(_LABEL_RE.fullmatch(lab) for lab in check):
+        elif not all(LABEL_RE.fullmatch(lab) for lab in check):
             why = "each label is 1-63 letters, digits or '-', not starting or ending with '-'"
         if why:
             self.error(loc, f"{label}: hostname {text!r} is invalid: {why}")
@@ -512,140 +485,6 @@ class _Builder:
                 self.error(_where_loc(seq, err.where), f"{label}: {err}")
         return [_absolute_paths(entry, base) for entry in entries]
 
-    # ----------------------------------------------------------- meaning --
-
-    def finish(self, paths: list[str]) -> Policy:
-        if self.version_loc is None and not self.load_failed and paths:
-            self.error(Loc(paths[0], 1), f"version is required: add `version: {POLICY_VERSION}`")
-        self.check_app_segments()
-        self.check_segment_overlaps()
-        self.check_rules()
-        self.check_destination_overlaps()
-        self.collect_warnings()
-        return Policy(self.settings, list(self.segments.values()), list(self.apps.values()),
-                      list(self.rules.values()), paths)
-
-    def undefined(self, kind: str, ref: str, registry: dict) -> str:
-        return f"{kind} {ref!r} is not defined{_suggest(ref, registry)}"
-
-    def check_app_segments(self) -> None:
-        if self.load_failed:
-            return
-        for app in self.apps.values():
-            if app.segment is not None and app.segment not in self.segments:
-                self.error(app.segment_loc, f"app {app.name}: "
-                                            f"{self.undefined('segment', app.segment, self.segments)}")
-
-    def check_segment_overlaps(self) -> None:
-        """Within a segment the source trie must map each address to one app."""
-        by_segment: dict[str, list[tuple[Address, App]]] = {}
-        for app in self.apps.values():
-            if app.segment is not None:
-                by_segment.setdefault(app.segment, []).extend((a, app) for a in app.addresses)
-        for segment, items in by_segment.items():
-            for (a1, app1), (a2, app2) in _overlapping(items, lambda x, y: x is not y):
-                first, second = sorted(((a1, app1), (a2, app2)), key=lambda p: self.order(p[1]))
-                self.error(second[0].loc,
-                           f"apps {first[1].name} and {second[1].name} overlap in segment {segment}: "
-                           f"{first[0]} ({first[0].loc}) and {second[0]}; apps in one segment may "
-                           "not share addresses")
-
-    def order(self, app: App) -> int:
-        """File order of an app, so an overlap is reported at the later of the two."""
-        if self._app_order is None:
-            self._app_order = {name: i for i, name in enumerate(self.apps)}
-        return self._app_order[app.name]
-
-    def check_rules(self) -> None:
-        for rule in self.rules.values():
-            label = f"rule {rule.name}"
-            src = self.resolve_app(rule.src, rule.from_loc, label, "from")
-            dst = self.resolve_app(rule.dst, rule.to_loc, label, "to")
-            if src is not None and not src.addresses and src.hostnames:
-                self.error(rule.from_loc, f"{label}: from app {src.name} has no addresses; sources are "
-                                          "identified by address only, so the rule could never match")
-            if dst is not None and rule.ports is not None and dst.ports is not None:
-                mine, theirs = portlib.portset(rule.ports), portlib.portset(dst.ports)
-                if portlib.is_empty(portlib.intersect(mine, theirs)):
-                    self.error(rule.ports_loc,
-                               f"{label}: its ports ({portlib.format_portset(mine)}) and app {dst.name}'s "
-                               f"ports ({portlib.format_portset(theirs)}) have nothing in common, so the "
-                               "rule could never match")
-                    continue
-            if dst is not None and rule.l7 and rule.action == "allow":
-                self.check_l7_tls(rule, dst, label)
-
-    def check_l7_tls(self, rule: Rule, dst: App, label: str) -> None:
-        """An L7 rule whose ports include a TLS port needs the destination's TLS material."""
-        if dst.tls is not None or dst.name in self.tls_broken:
-            return
-        ports = portlib.intersect(portlib.portset(rule.ports), portlib.portset(dst.ports))
-        for port in TLS_PORTS:
-            if _has_port(ports, 6, port):
-                self.error(rule.http_loc,
-                           f"{label}: http rules on TLS port tcp/{port} need the verifier to terminate TLS: "
-                           f"give app {dst.name} `tls: {{cert, key}}`, or limit the rule's ports to "
-                           "plain-HTTP ports")
-                return
-
-    def resolve_app(self, ref: Optional[str], loc: Loc, label: str, key: str) -> Optional[App]:
-        if ref is None:
-            return None
-        app = self.apps.get(ref)
-        if app is None and not self.load_failed:
-            self.error(loc, f"{label}: {key} {self.undefined('app', ref, self.apps)}")
-        return app
-
-    def destination_apps(self) -> list[App]:
-        seen: dict[str, App] = {}
-        for rule in self.rules.values():
-            app = self.apps.get(rule.dst) if rule.dst is not None else None
-            if app is not None and app.addresses:
-                seen.setdefault(app.name, app)
-        return list(seen.values())
-
-    def check_destination_overlaps(self) -> None:
-        """The destination trie has no segment in its key, so destinations must be disjoint.
-
-        Pairs in one segment were already reported by check_segment_overlaps.
-        """
-        items = [(a, app) for app in self.destination_apps() for a in app.addresses]
-        conflict = lambda x, y: x is not y and x.segment != y.segment  # noqa: E731
-        for (a1, app1), (a2, app2) in _overlapping(items, conflict):
-            first, second = sorted(((a1, app1), (a2, app2)), key=lambda p: self.order(p[1]))
-            self.error(second[0].loc,
-                       f"destination apps {first[1].name} (segment {first[1].segment}) and "
-                       f"{second[1].name} (segment {second[1].segment}) overlap: {first[0]} "
-                       f"({first[0].loc}) and {second[0]}; {DST_OVERLAP_WHY}")
-
-    def collect_warnings(self) -> None:
-        """No check warns at present; Diags.warn is kept for the next one."""
-
-
-def _overlapping(items: list[tuple[Address, Any]], conflict: Callable[[Any, Any], bool]):
-    """Yield one overlapping address pair per pair of owners that `conflict`.
-
-    A sweep over addresses sorted by start: the heap holds the prefixes that
-    are still "open" (end at or after the current start), which are exactly
-    the earlier prefixes the current one overlaps. O(n log n) for valid
-    policies, where open prefixes are few; 100k apps must validate quickly.
-    """
-    order = sorted(range(len(items)), key=lambda i: (items[i][0].first128, -items[i][0].last128))
-    open_: list[tuple[int, int]] = []  # (last128, index)
-    reported: set[tuple[int, int]] = set()
-    for i in order:
-        addr, owner = items[i]
-        while open_ and open_[0][0] < addr.first128:
-            heapq.heappop(open_)
-        for _, j in open_:
-            other = items[j][1]
-            if conflict(other, owner):
-                pair = tuple(sorted((id(other), id(owner))))
-                if pair not in reported:
-                    reported.add(pair)
-                    yield items[j], items[i]
-        heapq.heappush(open_, (addr.last128, i))
-
 
 def _base_dir(file: str) -> str:
     """Relative paths in a policy are relative to the directory of the file that holds them."""
@@ -679,12 +518,6 @@ def _absolute_paths(entry: Any, base: str) -> Any:
                     item[key] = resolve_path(item[key], base)
         items.append(item)
     return dict(entry, tokens=items)
-
-
-def _has_port(ports: portlib.PortSet, proto: int, port: int) -> bool:
-    if ports is None:
-        return True
-    return any(lo <= port <= hi for lo, hi in ports.get(proto, ()))
 
 
 def _ssl_reason(e: Exception) -> str:

@@ -36,13 +36,12 @@ import threading
 import time
 from typing import Callable, Iterable
 
+from bulkhead.core.names import proto_name
 from bulkhead.datapath import abi
 
 log = logging.getLogger("bulkhead.flowlog")
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp"}
 KIND_NAMES = {abi.FlowEv.NEW: "new", abi.FlowEv.CHANGE: "change", abi.FlowEv.END: "end"}
-VERDICTS = ("pass", "drop", "reject", "audit")
 LAT_KINDS = {abi.Lat.SERVER_RTT: "server_rtt", abi.Lat.CLIENT_RTT: "client_rtt", abi.Lat.SERVER_TIME: "server_time"}
 BY_NAME = "(by name)"  # abi.APP_ANY: an app named by hostnames, not decided yet
 DEFAULT_RULE = "(default)"  # rule id 0: settings.default_action (or no rule involved)
@@ -58,16 +57,6 @@ def reason_name(r: int) -> str:
         return abi.Reason(r).name.lower()
     except ValueError:
         return str(r)
-
-
-def verdict_of(reason: int) -> str:
-    """pass | drop | reject | audit: a would-deny (audit_rule, audit_default) is never shown as a deny."""
-    if reason in abi.AUDIT_REASONS:
-        return "audit"
-    try:
-        return abi.REASON_VERDICT[abi.Reason(reason)]
-    except (ValueError, KeyError):
-        return "drop"
 
 
 def app_name(apps: dict[int, str], app_id: int) -> str:
@@ -110,13 +99,13 @@ def decode(ev: abi.FlowEvent, names: NamesFn, offset: float) -> dict:
         "segment": segs.get(ev.segment_id, str(ev.segment_id)),
         "peer_segment": segs.get(ev.peer_segment, str(ev.peer_segment)) if ev.peer_segment else None,
         "family": ev.family,
-        "proto": PROTO_NAMES.get(ev.proto, str(ev.proto)),
+        "proto": proto_name(ev.proto),
         "src": addr16(ev.saddr), "sport": socket.ntohs(ev.sport_be),
         "dst": addr16(ev.daddr), "dport": socket.ntohs(ev.dport_be),
         "src_app": app_name(apps, ev.src_app),
         "dst_app": app_name(apps, ev.dst_app),
         "rule": rule_name(rules, ev.rule_id),
-        "verdict": verdict_of(ev.reason),
+        "verdict": abi.verdict_of(ev.reason),
         "reason": reason_name(ev.reason),
         "prev_reason": reason_name(ev.prev_reason) if ev.kind == abi.FlowEv.CHANGE and ev.prev_reason else None,
         "audit": bool(ev.flags & abi.ACTF_AUDIT) or ev.reason in abi.AUDIT_REASONS,

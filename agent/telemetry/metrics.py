@@ -71,7 +71,7 @@ class DatapathCollector:
                                    labels=["reason", "verdict"])
         byts = CounterMetricFamily("bulkhead_bytes", "Bytes judged by the XDP program", labels=["reason", "verdict"])
         for reason, c in counters.items():
-            verdict = flowlog.verdict_of(abi.Reason[reason.upper()])
+            verdict = abi.verdict_of(abi.Reason[reason.upper()])
             pkts.add_metric([reason, verdict], c["packets"])
             byts.add_metric([reason, verdict], c["bytes"])
         ev = CounterMetricFamily("bulkhead_datapath_events", "Data-path events", labels=["event"])
@@ -98,7 +98,7 @@ class DatapathCollector:
         merged: collections.Counter = collections.Counter()
         for (s, d, rule, reason), n in a.dp.pair_flows().items():
             merged[(a.app_name(s), a.app_name(d), a.rule_name(rule), flowlog.reason_name(reason),
-                    flowlog.verdict_of(reason))] += n
+                    abi.verdict_of(reason))] += n
         m = CounterMetricFamily("bulkhead_flows", "Flows judged, by source app, destination app, rule, reason and "
                                 "verdict (a flow decided by TLS server name counts once, when decided)",
                                 labels=["src_app", "dst_app", "rule", "reason", "verdict"])
@@ -126,14 +126,14 @@ class DatapathCollector:
                 replies.append((ident, tup, v))
                 continue
             labels = (a.app_name(v.src_app), a.app_name(v.dst_app), a.rule_name(v.rule_id),
-                      flowlog.verdict_of(v.reason))
+                      abi.verdict_of(v.reason))
             fwd_labels[ident] = labels
             snap.append((ident, labels, v.packets, v.bytes))
         for ident, (fam, sa, da, sp, dpo, proto), v in replies:
             labels = fwd_labels.get((fam, da, sa, dpo, sp, proto, v.peer_segment))
             if labels is None:  # forward entry gone (evicted): the reply side's own view
                 labels = (a.app_name(v.src_app), a.app_name(v.dst_app), a.rule_name(v.rule_id),
-                          "pass" if v.reason == abi.Reason.ALLOW_REPLY else flowlog.verdict_of(v.reason))
+                          "pass" if v.reason == abi.Reason.ALLOW_REPLY else abi.verdict_of(v.reason))
             snap.append((ident, labels, v.packets, v.bytes))
         totals = self.totals.update(snap)
         pk = CounterMetricFamily("bulkhead_flow_packets", "Packets of flows through the gateway (live flow-table "

@@ -79,7 +79,7 @@ def test_decode_ipv6_by_name_default_rule_and_unknown_ids():
     (abi.Reason.ALLOW_DEFAULT, "pass"), (abi.Reason.L7_STEER, "pass"), (200, "drop"),
 ])
 def test_verdicts_audit_is_never_a_deny(reason, verdict):
-    assert flowlog.verdict_of(reason) == verdict
+    assert abi.verdict_of(reason) == verdict
 
 
 def test_audit_event():
@@ -395,7 +395,7 @@ def test_collector_sections_fail_alone_and_counters_stay_monotonic():
 
 
 def test_cli_event_line():
-    from bulkhead.cli.main import EVENT_HEADER, _event_line
+    from bulkhead.cli.render import EVENT_HEADER, event_line as _event_line
 
     e = flowlog.decode(event(src="fd00:1::10", dst="fd00:19::10", kind=abi.FlowEv.END, packets=5, bytes=500,
                              r_packets=4, r_bytes=900), names, 0)

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from bulkhead.daemon import agent as daemon
-from bulkhead.datapath import loader, probe
+from bulkhead.datapath import probe
 from bulkhead.datapath.errors import DatapathError
 
 POLICY = """\

@@ -1,0 +1,88 @@
+"""Text rendering of what the agent answers: status, flow events, L7 requests, latency.
+
+Pure functions of the reply dicts, so tests render without an agent.
+"""
+from __future__ import annotations
+
+import time
+
+
+def status_text(st: dict) -> str:
+    lines = [
+        f"generation {st['generation']} (slot {st['active_slot']}), agent pid {st['pid']}, up {st['uptime_s']}s",
+        f"policy: {', '.join(st['policy']['files'])}  {st['policy']['apps']} apps, {st['policy']['rules']} rules,"
+        f" {st['policy']['policy_entries']} entries, default {st['policy']['settings'].get('default_action')},"
+        f" mode {st['policy']['settings'].get('mode')}",
+        "interfaces:",
+    ]
+    for i in st["interfaces"]:
+        lines.append(f"  {i['name']:<16} ifindex {i['ifindex']:<5} segment {i.get('segment', '?'):<12} xdp {i['mode']}")
+    lines.append(f"flows cached: {st['flows']['flows4']} IPv4 entries, {st['flows']['flows6']} IPv6 entries")
+    lines.append("packets by reason:")
+    for name, c in sorted(st["counters"].items(), key=lambda kv: -kv[1]["packets"]):
+        if c["packets"]:
+            lines.append(f"  {name:<22} {c['verdict']:<7} {c['packets']:>12} pkts {c['bytes']:>14} bytes")
+    v = st.get("verifier") or {}
+    if v.get("running"):
+        req = v.get("requests", {})
+        by = ", ".join(f"{k} {n}" for k, n in sorted(req.get("by_verdict", {}).items())) or "none yet"
+        lines.append(f"L7 verifier: pid {v.get('pid') or 'restarting'}, port {v.get('port')}, "
+                     f"restarts {v.get('restarts', 0)}, requests: {by}")
+        conns = req.get("connections", {})
+        if conns:
+            lines.append("  connections: " + ", ".join(f"{k} {n}" for k, n in sorted(conns.items())))
+    else:
+        lines.append("L7 verifier: not running (L7 flows are dropped, counted as punt_no_handler)")
+    fl = st.get("flow_log") or {}
+    if fl:
+        lost = f"{fl.get('kernel_lost') or 0} lost in the kernel (ring full), {fl.get('buffer_dropped', 0)} " \
+               f"dropped from the agent's buffer of {fl.get('keep')}"
+        state = "" if fl.get("running") else f" NOT RUNNING{': ' + fl['error'] if fl.get('error') else ''}"
+        lines.append(f"flow log ({fl.get('transport')}){state}: {fl.get('received', 0)} events, {lost}")
+        for p in fl.get("pairs", [])[:10]:
+            by = ", ".join(f"{k} {n}" for k, n in sorted(p["by_verdict"].items()))
+            lines.append(f"  {p['src_app']} -> {p['dst_app']}: {p['new']} new flows ({by or '-'}), {p['end']} ended")
+    lines += latency_lines(st.get("latency") or [])
+    return "\n".join(lines)
+
+
+def latency_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["hop latency: no TCP flow measured yet"]
+    lines = ["hop latency at the gateway (ms; server_rtt SYN->SYN-ACK, client_rtt SYN-ACK->ACK, "
+             "server_time request->response):",
+             f"  {'FROM':<14} {'TO':<14} {'KIND':<12} {'COUNT':>7} {'P50':>9} {'P99':>9} {'MEAN':>9}"]
+    for r in rows:
+        lines.append(f"  {r['src_app']:<14} {r['dst_app']:<14} {r['kind']:<12} {r['count']:>7} "
+                     f"{r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['mean_ms']:>9.3f}")
+    return lines
+
+
+def event_line(e: dict) -> str:
+    t = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0))) + f".{int(e.get('time', 0) * 1000) % 1000:03d}"
+    client = f"{e['src']}:{e['sport']}" if e["family"] == 4 else f"[{e['src']}]:{e['sport']}"
+    server = f"{e['dst']}:{e['dport']}" if e["family"] == 4 else f"[{e['dst']}]:{e['dport']}"
+    reason = e["reason"] + (f" (was {e['prev_reason']})" if e.get("prev_reason") else "")
+    counts = f"{e['packets']}/{e['bytes']}"
+    if e["kind"] == "end":
+        counts += f" {e['r_packets']}/{e['r_bytes']}"
+    return (f"{t:<12} {e['kind']:<6} {e['segment']:<8} {e['proto']:<5} {client + ' -> ' + server:<48} "
+            f"{e['src_app'] + ' -> ' + e['dst_app']:<26} {e['verdict']:<7} {reason:<18} {e['rule']:<20} "
+            f"{e.get('sni') or '-':<24} {counts}")
+
+
+EVENT_HEADER = (f"{'TIME':<12} {'KIND':<6} {'SEGMENT':<8} {'PROTO':<5} {'CLIENT -> SERVER':<48} "
+                f"{'FROM -> TO':<26} {'VERDICT':<7} {'REASON':<18} {'RULE':<20} {'SNI':<24} PKTS/BYTES (REPLY)")
+
+
+REQUEST_HEADER = (f"{'TIME':<8} {'VERDICT':<7} {'ST':>3} {'METHOD':<7} {'HOST+PATH':<40} {'FROM':<12} "
+                  f"{'TO':<12} {'RULE':<20} {'IN':>8} {'OUT':>9}  MS(dec/conn/ttfb/total)  REASON")
+
+
+def request_line(r: dict) -> str:
+    ms = "/".join(f"{(r.get(k) or 0) * 1000:.1f}" for k in ("decision_s", "connect_s", "ttfb_s", "total_s"))
+    url = (r.get("host") or "") + (r.get("path") or "")
+    return (f"{time.strftime('%H:%M:%S', time.localtime(r.get('time', 0))):<8} {r.get('verdict', '?'):<7} "
+            f"{r.get('status') or 0:>3} {r.get('method') or '-':<7} {url[:40]:<40} "
+            f"{r.get('src_app') or '-':<12} {r.get('dst_app') or '-':<12} {r.get('rule') or '-':<20} "
+            f"{r.get('bytes_in') or 0:>8} {r.get('bytes_out') or 0:>9}  {ms:<23}  {r.get('reason') or ''}")

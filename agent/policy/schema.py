@@ -1,0 +1,48 @@
+"""The policy file's schema: known keys, choices and limits (validate.py checks against them).
+
+A new key goes here first; docs/policy.md is the reference users read.
+"""
+from __future__ import annotations
+
+import re
+
+POLICY_VERSION = 1
+
+TOP_KEYS = ("version", "settings", "segments", "apps", "rules")
+SETTINGS_KEYS = ("default_action", "mode", "unknown_sni", "http")
+HTTP_SETTINGS_KEYS = ("via", "x_forwarded_for", "max_header_bytes", "header_timeout", "idle_timeout")
+MAX_HEADER_BYTES = (1024, 1048576)
+TIMEOUT_MAX = {"header_timeout": 3600, "idle_timeout": 86400}
+SEGMENT_KEYS = ("name", "interfaces")
+APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls")
+TLS_KEYS = ("cert", "key", "ca")
+RULE_KEYS = ("name", "from", "to", "action", "ports", "mode", "http")
+
+SETTING_CHOICES = {
+    "default_action": ("deny", "allow"),
+    "mode": ("enforce", "audit"),
+    "unknown_sni": ("deny", "allow"),
+}
+RULE_ACTIONS = ("allow", "deny", "reject")
+RULE_MODES = ("enforce", "audit")
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME_RULE = "1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+# Linux dev_valid_name(): shorter than IFNAMSIZ (16), not "." or "..",
+# no '/', ':' or whitespace.
+IFNAME_MAX = 15
+IFNAME_BAD = re.compile(r"[/:\s]")
+
+# The segment id is 16 bits in the flow key (bh_flow4_key.segment_id).
+MAX_SEGMENTS = 65535
+
+HOSTNAME_MAX = 253
+LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+# L7 rules on these ports carry TLS: the verifier must terminate it to see requests.
+TLS_PORTS = (443, 8443)
+DST_OVERLAP_WHY = (
+    "destinations are looked up by address only, so two destination apps may not share "
+    "addresses, even in different segments"
+)
