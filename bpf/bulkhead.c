@@ -23,7 +23,9 @@
 #include "types.h"
 #include "parse.h"
 #include "reject.h"
-#include "tls.h"
+#include "sni_hash.h"
+#include "tls_parse.h"
+#include "tls_stream.h"
 #include "maps.h"
 
 /* The one place a verdict is recorded: counter by reason, then the XDP code. */
@@ -723,6 +725,7 @@ static __always_inline int bh_steer(struct xdp_md *ctx, __u8 reason, __u32 seg, 
 		return bh_record(BH_R_L7_NO_META, XDP_DROP, len);
 	m->magic = BH_META_MAGIC;
 	m->mark = BH_MARK_L7 | (seg & 0xffff);
+	m->flags = 0;
 	return bh_record(reason, XDP_PASS, len);
 }
 
@@ -983,6 +986,39 @@ int bulkhead_observe(struct xdp_md *ctx)
 }
 
 /*
+ * Send the answer built in place back out of the ingress interface, by the
+ * path the loader chose for it (if_cfg). XDP_TX from native XDP on a veth
+ * lands on the peer's XDP ring, which only a peer with an XDP program of
+ * its own drains: there the answer is passed up with BH_METAF_SEND_BACK and
+ * bulkhead_tc redirects it out through the normal transmit path. Counted as
+ * a reject either way; metadata that can't be written is a counted drop.
+ * Should no TC program take it, the stack still drops the frame: its
+ * destination MAC is the client's (PACKET_OTHERHOST), not the gateway's.
+ */
+static __always_inline int bh_reject_send(struct xdp_md *ctx, __u32 ev, __u64 len)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct bh_if_cfg *ic = if_cfg.lookup(&ifindex);
+
+	/* Array lookups fail only for an ifindex >= BH_MAX_IFINDEX, which no segment has. */
+	if (!ic || ic->reject_path != BH_REJECT_TC) {
+		bh_event(ev);
+		return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
+	}
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
+		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+	void *data = (void *)(long)ctx->data;
+	struct bh_meta *m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 1) > data)
+		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+	m->magic = BH_META_MAGIC;
+	m->mark = 0;
+	m->flags = BH_METAF_SEND_BACK;
+	bh_event(ev);
+	return bh_record(BH_R_REJECT_RULE, XDP_PASS, len);
+}
+
+/*
  * Tail call target for BH_R_REJECT_RULE: re-parse (the caller's stack is
  * gone) and turn the packet into a TCP RST or ICMP unreachable.
  */
@@ -997,13 +1033,10 @@ int bulkhead_reject(struct xdp_md *ctx)
 	if (bh_parse(data, data_end, &p) != BH_PARSE_OK)
 		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
 	if (p.proto == IPPROTO_TCP) {
-		if (bh_build_tcp_rst(ctx, &p, 0) == 0) {
-			bh_event(BH_EV_REJECT_TCP_RST);
-			return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
-		}
+		if (bh_build_tcp_rst(ctx, &p, 0) == 0)
+			return bh_reject_send(ctx, BH_EV_REJECT_TCP_RST, len);
 	} else if (bh_build_icmp_unreach(ctx, &p) == 0) {
-		bh_event(BH_EV_REJECT_ICMP);
-		return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
+		return bh_reject_send(ctx, BH_EV_REJECT_ICMP, len);
 	}
 	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
 }
@@ -1322,7 +1355,7 @@ decide:;
 
 /*
  * Tail call target for a segment of a ClientHello that spans segments: one
- * bounded step of the streaming parser (tls.h) over it. A step that leaves
+ * bounded step of the streaming parser (tls_stream.h) over it. A step that leaves
  * more of this segment to parse calls this program again; a finished
  * ClientHello (or a malformed one) goes back to bulkhead_sni, which
  * decides. Its own program: the streaming parser's exits would multiply
@@ -1448,9 +1481,10 @@ int bulkhead_reset_onward(struct xdp_md *ctx)
 }
 
 /*
- * TC ingress on every segment interface: copy the steering mark XDP left in
- * the metadata (bh_steer) into skb->mark, before netfilter sees the packet.
- * Packets without bulkhead metadata pass untouched.
+ * TC ingress on every segment interface: send a reject answer XDP built
+ * (bh_reject_send) back out of this interface, or copy the steering mark
+ * XDP left in the metadata (bh_steer) into skb->mark, before netfilter
+ * sees the packet. Packets without bulkhead metadata pass untouched.
  */
 int bulkhead_tc(struct __sk_buff *skb)
 {
@@ -1459,8 +1493,21 @@ int bulkhead_tc(struct __sk_buff *skb)
 
 	if ((void *)(m + 1) > data)
 		return TC_ACT_OK;
-	if (m->magic == BH_META_MAGIC)
-		skb->mark = (skb->mark & BH_MARK_KEEP) | m->mark;
+	if (m->magic != BH_META_MAGIC)
+		return TC_ACT_OK;
+	if (m->flags & BH_METAF_SEND_BACK) {
+		/*
+		 * Metadata can travel with the skb to the peer: cleared, so a
+		 * bulkhead_tc there does not take the answer for one of its own.
+		 */
+		m->magic = 0;
+		/* Egress of the ingress device: dev_queue_xmit, which reaches any veth peer. */
+		if (bpf_redirect(skb->ifindex, 0) != TC_ACT_REDIRECT)
+			return TC_ACT_SHOT; /* an answer addressed to the client is never the gateway's to read */
+		bh_event(BH_EV_REJECT_VIA_TC);
+		return TC_ACT_REDIRECT;
+	}
+	skb->mark = (skb->mark & BH_MARK_KEEP) | m->mark;
 	return TC_ACT_OK;
 }
 

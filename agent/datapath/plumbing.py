@@ -69,21 +69,17 @@ import socket
 import subprocess
 from pathlib import Path
 
+from bulkhead.core.names import SO_NETNS_COOKIE
+from bulkhead.datapath.marks import L7_TABLE, MARK_KEEP, MARK_L7, MARK_L7_MASK, MARK_MASK, segment_mark
+
 log = logging.getLogger("bulkhead.plumbing")
 
-MARK_BASE = 0x0B000000  # "bulkhead" in the top byte of skb->mark / ct mark
-MARK_MASK = 0xFF00FFFF  # bits compared by our ip rules; 0x00ff0000 belongs to others
-MARK_KEEP = 0x00FF0000  # bits every write of ours preserves
 RULE_PRIORITY = 20000  # our ip rules; 20000-20099 reserved for bulkhead
-MARK_L7 = 0x0C000000  # bpf/include/consts.h BH_MARK_L7 (| segment id): steer to the verifier
-MARK_L7_MASK = 0xFF000000
-L7_TABLE = MARK_L7  # local delivery of steered packets
 L7_RULE_PRIORITY = RULE_PRIORITY + 1
 RTN_LOCAL = 2
 RT_PROTO = 176  # routes and rules we create (unassigned in /etc/iproute2/rt_protos)
 TABLE_PREFIX = "bulkhead_"
 RECORD_DIR = Path(os.environ.get("BULKHEAD_PLUMBING_DIR", "/run/bulkhead-plumbing"))
-SO_NETNS_COOKIE = 71  # asm-generic/socket.h, Linux 5.14+
 
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
@@ -96,12 +92,6 @@ FWD_V6 = "/proc/sys/net/ipv6/conf/all/forwarding"
 
 class PlumbingError(RuntimeError):
     pass
-
-
-def segment_mark(segment_id: int) -> int:
-    if not 1 <= segment_id <= 0xFFFF:
-        raise PlumbingError(f"segment id {segment_id} outside 1..65535")
-    return MARK_BASE | segment_id
 
 
 def rp_filter_path(ifname: str) -> str:

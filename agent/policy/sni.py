@@ -1,4 +1,4 @@
-"""Server names as the kernel hashes them (bpf/include/tls.h).
+"""Server names as the kernel hashes them (bpf/include/sni_hash.h).
 
 The XDP parser never buffers a name: it hashes it as it streams past,
 lowercased, with a trailing dot left out. A name's key is a 64-bit hash over
@@ -19,7 +19,7 @@ K3 = 0x94D049BB133111EB
 
 
 def word_hash(data: bytes, seed: int) -> int:
-    """The kernel's name hash (tls.h: bh_nh_word per word, bh_nh_final)."""
+    """The kernel's name hash (sni_hash.h: bh_nh_word per word, bh_nh_final)."""
     h = seed
     for i in range(0, len(data), 8):
         w = int.from_bytes(data[i:i + 8], "little")  # a short last word is zero-padded

@@ -49,17 +49,15 @@ from typing import Any
 import msgpack
 
 from bulkhead.core import wire
+from bulkhead.core.names import IP_TRANSPARENT, IPV6_TRANSPARENT, SO_MARK
 from bulkhead.datapath import abi
+from bulkhead.datapath.marks import segment_mark
 from bulkhead.datapath.flowtable import FlowTable
 from bulkhead.policy import ports as portlib
 from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.verifier")
 
-IP_TRANSPARENT = 19
-IPV6_TRANSPARENT = 75
-SO_MARK = 36
-MARK_BASE = 0x0B000000  # agent/datapath/plumbing.py segment_mark()
 HTTP_DEFAULTS = {"via": False, "x_forwarded_for": False, "max_header_bytes": 16384,
                  "header_timeout": 10.0, "idle_timeout": 60.0}
 NO_RULE = "no L7 rule for this flow in the policy in force"
@@ -320,7 +318,7 @@ class Service:
                 s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
             else:
                 s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            s.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_BASE | f.peer_segment)
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, segment_mark(f.peer_segment))
             s.bind((cli_ip, 0))
             self.ft.steer_upstream(f, seg, (cli_ip, s.getsockname()[1]), dst)
             s.setblocking(False)

@@ -140,7 +140,7 @@ struct bh_flow {
 	__u32 t_b;
 	/*
 	 * A flow decided by server name (both entries hold the same): the name's
-	 * hashes (tls.h, agent/policy/sni.py), so the flow is re-decided after a
+	 * hashes (sni_hash.h, agent/policy/sni.py), so the flow is re-decided after a
 	 * policy swap from its own entry; and, while pending, the client's TCP
 	 * sequence number of payload offset 0 (host order), so a ClientHello
 	 * whole in the first segment is parsed and decided without a lookup of
@@ -205,7 +205,7 @@ struct bh_sni_val {
  * client payload byte (base_seq).
  */
 struct bh_sni_state {
-	__u64 h64;       /* the name's hash (tls.h): running over whole words, then final */
+	__u64 h64;       /* the name's hash (sni_hash.h): running over whole words, then final */
 	__u64 w64;       /* ... of the rest after the name's first dot (BH_SNIF_WILD) */
 	__u64 acc;       /* name bytes of the word being filled (streaming parser) */
 	__u64 wacc;      /* ... of the rest's word */

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bulkhead.datapath.plumbing import FWD_V4, FWD_V6
 from bulkhead.lab.topology import AgentRunner, Topology, reap_stale
 
 DENY_TIMEOUT = 1.0  # seconds a dropped SYN/datagram is waited for
@@ -97,6 +98,11 @@ class Gateway:
         self.agent = agent
         self.policy_dir = policy_dir
         self._n = 0
+        # The gateway's sysctls before any agent touched them: `down` restores these, and a
+        # new namespace inherits forwarding from the root one (on by Docker, on gateways).
+        ifs = [i for i in self.gw("ls", "/proc/sys/net/ipv4/conf").split() if i.startswith("bh-")]
+        self.found = {path: self.sysctl(path)
+                      for path in (FWD_V4, FWD_V6, *(f"/proc/sys/net/ipv4/conf/{i}/rp_filter" for i in ifs))}
 
     def write(self, text: str) -> Path:
         self._n += 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bulkhead.core.paths import REPO
-from bulkhead.datapath import plumbing
+from bulkhead.datapath import marks, plumbing
 from bulkhead.datapath import libbpf, loader
 from bulkhead.lab.topology import bulkhead_argv
 
@@ -63,7 +63,8 @@ def leftovers(gateway, instance: str | None = None) -> list[str]:
         routes = gateway.gw("ip", fam, "route", "show", "table", "all", "proto", "176").strip()
         if routes:
             found.append(f"ip {fam} routes: {routes}")
-    for path, want in ((plumbing.FWD_V4, "0"), (plumbing.FWD_V6, "0"), *((RP.format(i), "0") for i in GW_IFS)):
+    # what the gateway had before the agent: `down` restores it (forwarding may well be on)
+    for path, want in gateway.found.items():
         if gateway.sysctl(path) != want:
             found.append(f"{path} = {gateway.sysctl(path)}")
     if instance:
@@ -146,8 +147,10 @@ def test_down_leaves_nothing(gateway):
     # again: nothing to do, still fine
     assert agent.down().returncode == 0
     assert leftovers(gateway, instance) == []
-    # and enforcement is really gone: no forwarding at all now
-    assert gateway.topo.tcp("prod", PAY4, 8443, timeout=gateway.DENY_TIMEOUT).result != "connected"
+    # and enforcement is really gone: the gateway forwards again exactly as it did before the
+    # agent (nothing, or everything: no XDP is left to deny the flow bulkhead denied)
+    forwarded = gateway.topo.tcp("prod", PAY4, 8443, timeout=gateway.DENY_TIMEOUT).result == "connected"
+    assert forwarded == (gateway.found[plumbing.FWD_V4] == "1"), gateway.found
 
 
 def _run_plumbing(gateway, code: str) -> subprocess.CompletedProcess:
@@ -185,10 +188,10 @@ def test_plumbing_apply_is_idempotent_and_follows_the_policy(gateway):
     p = _run_plumbing(gateway, "b.segments = [s for s in b.segments if s['name'] != 'dev']\n"
                                "Plumbing('t-idem').apply(b, idx)")
     assert p.returncode == 0, p.stderr
-    dev_mark = plumbing.segment_mark(gateway.SEG_ID["dev"])
+    dev_mark = marks.segment_mark(gateway.SEG_ID["dev"])
     assert f"{dev_mark:#x}" not in gateway.gw("ip", "rule")
     assert "bh-dev" not in gateway.gw("ip", "route", "show", "table", "all", "proto", "176")
-    assert gateway.sysctl(RP.format("bh-dev")) == "0"
+    assert gateway.sysctl(RP.format("bh-dev")) == gateway.found[RP.format("bh-dev")]
     assert gateway.sysctl(RP.format("bh-prod")) == "2"
 
     p = _run_plumbing(gateway, "Plumbing('t-idem').remove()\nPlumbing('t-idem').remove()")

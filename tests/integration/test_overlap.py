@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from bulkhead.datapath.plumbing import segment_mark
+from bulkhead.datapath.marks import segment_mark
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
