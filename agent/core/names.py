@@ -23,3 +23,6 @@ SO_MARK = 36
 SO_NETNS_COOKIE = 71  # Linux 5.14+
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
+
+# The clock of bpf_ktime_get_coarse_ns() (flow entries' last_seen); Python's time module lacks the name.
+CLOCK_MONOTONIC_COARSE = 6

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bulkhead.core import wire
-from bulkhead.core.names import VERDICTS, proto_name
+from bulkhead.core.names import CLOCK_MONOTONIC_COARSE, VERDICTS, proto_name
 from bulkhead.daemon.control import ControlServer
 from bulkhead.daemon.state import prog_name, read_state, write_state, xdp_prog_ids
 from bulkhead.telemetry import flowlog
@@ -31,8 +31,6 @@ from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.agent")
 
-# bpf_ktime_get_coarse_ns() reads this clock; Python's time module lacks the name.
-CLOCK_MONOTONIC_COARSE = 6
 
 
 class AgentError(RuntimeError):
@@ -277,11 +275,15 @@ class Agent:
             newly = []
             try:
                 for ifname in ifindexes:
-                    if ifname not in self.interfaces or self.interfaces[ifname]["ifindex"] != ifindexes[ifname]:
-                        mode = self.dp.attach(ifname, self.xdp_mode)
+                    new = ifname not in self.interfaces or self.interfaces[ifname]["ifindex"] != ifindexes[ifname]
+                    if new:
                         newly.append(ifname)
-                        self.interfaces[ifname] = {"ifindex": ifindexes[ifname], "mode": mode}
+                    # TC before XDP: XDP may hand reject answers to it (reject path tc_redirect).
                     self.dp.attach_tc(ifname)  # idempotent: also re-takes interfaces of a previous agent
+                    if new:
+                        mode = self.dp.attach(ifname, self.xdp_mode)
+                        self.interfaces[ifname] = {"ifindex": ifindexes[ifname], "mode": mode,
+                                                   "reject_path": self.dp.reject_path(ifindexes[ifname])}
                 # Plumbing before the flip: if it fails, nothing has switched yet.
                 self.plumbing.apply(bundle, ifindexes, self.verifier.port if self.verifier else None)
                 generation = self.dp.active_generation() + 1
@@ -359,7 +361,9 @@ class Agent:
                        "segments": len(b.segments), "apps": len(b.apps), "rules": len(b.rules),
                        "policy_entries": len(b.policy_entries), "warnings": b.warnings},
             "last_apply": self.last_apply,
-            "interfaces": [{"name": n, **info} for n, info in sorted(self.interfaces.items())],
+            # reject_path as the kernel has it (if_cfg), not as this process remembers it.
+            "interfaces": [{"name": n, **info, "reject_path": self.dp.reject_path(info["ifindex"])}
+                           for n, info in sorted(self.interfaces.items())],
             "counters": self.dp.counters(),
             "events": self.dp.events(),
             "flows": self.dp.flow_count(),

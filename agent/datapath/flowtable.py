@@ -18,16 +18,10 @@ import socket
 import time
 from pathlib import Path
 
+from bulkhead.core.names import CLOCK_MONOTONIC_COARSE
 from bulkhead.datapath import abi, libbpf
 
-CLOCK_MONOTONIC_COARSE = 6  # the clock of bpf_ktime_get_coarse_ns()
 TCP = 6
-
-
-def _addr16(ip: ipaddress._BaseAddress) -> bytes:
-    if ip.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + ip.packed
-    return ip.packed
 
 
 class FlowTable:

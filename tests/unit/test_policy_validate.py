@@ -414,7 +414,19 @@ rules:
   - {name: a, from: web, to: db}
   - {name: b, from: laptops, to: db}
 """)
-    load_policy([str(path)])
+    bundle, warnings = load_policy([str(path)])
+    assert warnings == []
+    apps = {a["name"]: a for a in bundle.apps}
+    seg = {s["name"]: s["id"] for s in bundle.segments}
+    assert apps["web"]["id"] != apps["laptops"]["id"]
+    # the same /24 is a source in both segments, each mapping to its own app
+    v4_24 = 96 + 24
+    srcs = {(sid, plen, app) for sid, _addr, plen, app in bundle.src_entries if plen == v4_24}
+    assert (seg["prod"], v4_24, apps["web"]["id"]) in srcs
+    assert (seg["dev"], v4_24, apps["laptops"]["id"]) in srcs
+    # and both rules reach db: one allow entry per source app
+    allowed = {(src, dst) for _p, src, dst, *_ in bundle.policy_entries}
+    assert {(apps["web"]["id"], apps["db"]["id"]), (apps["laptops"]["id"], apps["db"]["id"])} <= allowed
 
 
 def test_names_are_unique_per_kind_only(tmp_path):
