@@ -393,3 +393,54 @@ def test_a_missing_room_or_module_fails():
 def test_a_missing_header_fails():
     text = "\n".join(line for line in DOC.read_text().splitlines() if not line.startswith("| `bpf/include/maps.h`"))
     assert "bpf/include/maps.h is missing from the code layout table" in header_problems(text)
+
+
+# ---------------------------------------------------------------------------- links between the docs
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", "")).replace(" ", "-")
+
+
+def link_problems(paths: list[Path], base: Path | None = None) -> list[str]:
+    """Relative links that leave the repository, name no file, or name no heading of it.
+
+    Links resolve from each file's folder, or from `base` (a file written elsewhere, as if in it).
+    """
+    bad = []
+    for path in paths:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+        if "../shared" in text:
+            bad.append(f"{where}: refers to ../shared, which is not part of the repository")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http:, https:, mailto:
+            file, _, anchor = target.partition("#")
+            dest = ((base or path.parent) / file).resolve() if file else path
+            if not dest.is_relative_to(ROOT) or not dest.exists():
+                bad.append(f"{where}: link {target}: no such file in the repository")
+                continue
+            if anchor and dest.suffix == ".md":
+                heads = {_slug(h) for h in re.findall(r"^#+\s+(.*)$", re.sub(r"```.*?```", "", dest.read_text(),
+                                                                               flags=re.S), flags=re.M)}
+                if anchor not in heads:
+                    bad.append(f"{where}: link {target}: {dest.relative_to(ROOT)} has no heading #{anchor}")
+    return bad
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_doc_links_stay_in_the_repository_and_resolve():
+    bad = link_problems(DOCS)
+    assert not bad, "\n".join(bad)
+
+
+def test_a_broken_link_fails(tmp_path):
+    fake = tmp_path / "page.md"
+    fake.write_text("[a](../shared/ARCHITECTURE.md) [b](architecture.md#no-such-part) [c](architecture.md#maps)\n")
+    bad = link_problems([fake], base=ROOT / "docs")
+    assert len(bad) == 3, bad
+    assert "refers to ../shared" in bad[0] and "no such file" in bad[1] and "has no heading #no-such-part" in bad[2]
