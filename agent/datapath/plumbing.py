@@ -233,24 +233,23 @@ def our_rules(ipr) -> set[tuple]:
     return found
 
 
-def _add_rule(ipr, key: tuple) -> None:
+def _rule(ipr, cmd: str, key: tuple, ignore: tuple[int, ...]) -> None:
+    """ip rule add/del of one of ours; `ignore`: errnos that mean it is already so."""
     fam, prio, mark, mask, table = key
     try:
-        ipr.rule("add", family=fam, priority=prio, fwmark=mark, fwmask=mask, table=table,
+        ipr.rule(cmd, family=fam, priority=prio, fwmark=mark, fwmask=mask, table=table,
                  protocol=RT_PROTO, action="FR_ACT_TO_TBL")
     except Exception as e:
-        if getattr(e, "code", None) != errno.EEXIST:
+        if getattr(e, "code", None) not in ignore:
             raise
+
+
+def _add_rule(ipr, key: tuple) -> None:
+    _rule(ipr, "add", key, (errno.EEXIST,))
 
 
 def _del_rule(ipr, key: tuple) -> None:
-    fam, prio, mark, mask, table = key
-    try:
-        ipr.rule("del", family=fam, priority=prio, fwmark=mark, fwmask=mask, table=table,
-                 protocol=RT_PROTO, action="FR_ACT_TO_TBL")
-    except Exception as e:
-        if getattr(e, "code", None) not in (errno.ENOENT, errno.ESRCH):
-            raise
+    _rule(ipr, "del", key, (errno.ENOENT, errno.ESRCH))
 
 
 def _route_spec(msg, table: int, oifs: set[int]) -> dict | None:
