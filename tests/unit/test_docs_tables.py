@@ -363,7 +363,12 @@ def test_a_stale_or_wrong_map_row_fails():
     rows = doc_rows("map")
     rows["gone_map"] = dict(rows["ctl"])
     rows["frags"] = dict(rows["frags"], type="`hash`", pinned="no")
+    rows["ctl"] = dict(rows["ctl"], **{"key -> value": "0 -> `bh_gone`"})
+    rows["stats"] = dict(rows["stats"], size="`BH_REASON_MAX_OLD`")
     bad = map_problems(maps, rows)
+    assert "map ctl: key -> value should name ['bh_ctl'] (the C declares it so)" in bad
+    assert "map ctl: key -> value names ['bh_gone'], not a struct of types.h" in bad
+    assert any(b.startswith("map stats: size should name ['BH_REASON_MAX']") for b in bad)
     assert "map gone_map is in the map table but declared nowhere in bpf/" in bad
     assert "map frags: type ['hash'] in the table, ['lru_hash'] in the C" in bad
     assert "map frags: pinned should start with 'yes', the table says 'no'" in bad
