@@ -16,7 +16,8 @@ def status_text(st: dict) -> str:
         "interfaces:",
     ]
     for i in st["interfaces"]:
-        lines.append(f"  {i['name']:<16} ifindex {i['ifindex']:<5} segment {i.get('segment', '?'):<12} xdp {i['mode']}")
+        lines.append(f"  {i['name']:<16} ifindex {i['ifindex']:<5} segment {i.get('segment', '?'):<12} xdp {i['mode']:<8}"
+                     f" reject via {i.get('reject_path', '?')}")
     lines.append(f"flows cached: {st['flows']['flows4']} IPv4 entries, {st['flows']['flows6']} IPv6 entries")
     lines.append("packets by reason:")
     for name, c in sorted(st["counters"].items(), key=lambda kv: -kv[1]["packets"]):

@@ -84,6 +84,7 @@ class Event(enum.IntEnum):
     LAT_HIST_FULL = 15
     PAIR_FULL = 16
     SNI_STATE_LOST = 17
+    REJECT_VIA_TC = 18
 
 
 class FlowEv(enum.IntEnum):
@@ -159,6 +160,7 @@ SLOTF_POL_LPM = 0x8
 SLOTF_SNI_ANY = 0x10
 APP_ANY = 0xFFFFFFFF
 META_MAGIC = 0xB4E7A11D
+METAF_SEND_BACK = 0x1
 MARK_L7 = 0x0C000000
 MARK_KEEP = 0x00FF0000
 TLS_EXTS_PER_CALL = 32
@@ -218,7 +220,7 @@ u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
 
 
 class Meta(C.Structure):
-    _fields_ = [("magic", u32), ("mark", u32)]
+    _fields_ = [("magic", u32), ("mark", u32), ("flags", u32)]
 
 
 class Ctl(C.Structure):
@@ -237,6 +239,10 @@ class SlotCfg(C.Structure):
 
 class SegVal(C.Structure):
     _fields_ = [("segment_id", u32), ("flags", u32)]
+
+
+class IfCfg(C.Structure):
+    _fields_ = [("reject_path", u8), ("pad", u8 * 3)]
 
 
 class SrcKey(C.Structure):
@@ -437,6 +443,7 @@ STRUCTS = {
     "bh_ctl": Ctl,
     "bh_slot_cfg": SlotCfg,
     "bh_seg_val": SegVal,
+    "bh_if_cfg": IfCfg,
     "bh_src_key": SrcKey,
     "bh_dst_key": DstKey,
     "bh_ident": Ident,
@@ -466,5 +473,12 @@ class Tail(enum.IntEnum):
     SNI_STREAM = 5
 
 
+class RejectPath(enum.IntEnum):
+    """if_cfg.reject_path: how a reject answer leaves its interface (status shows the lower-case name)."""
+
+    XDP_TX = 0
+    TC = 1
+
+
 ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event, "bh_tail": Tail, "bh_flow_ev": FlowEv,
-         "bh_lat": Lat}
+         "bh_lat": Lat, "bh_reject_path": RejectPath}

@@ -79,6 +79,7 @@ def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
     specs = {
         "ctl": (MAP_ARRAY, 4, s(abi.Ctl), 1),
         "slot_cfg": (MAP_ARRAY, 4, s(abi.SlotCfg), abi.NUM_SLOTS),
+        "if_cfg": (MAP_ARRAY, 4, s(abi.IfCfg), sizes["BH_MAX_IFINDEX"]),
         "flows4": (MAP_LRU_HASH, s(abi.Flow4Key), s(abi.Flow), sizes["BH_MAX_FLOWS"]),
         "flows6": (MAP_LRU_HASH, s(abi.Flow6Key), s(abi.Flow), sizes["BH_MAX_FLOWS"]),
         "frags": (MAP_LRU_HASH, s(abi.FragKey), s(abi.Frag), sizes["BH_MAX_FRAGS"]),
@@ -126,6 +127,36 @@ def cflags(pin_maps_dir: Path, sizes: dict[str, int]) -> list[str]:
     flags = [f"-I{BPF_DIR / 'include'}", f'-DBH_PIN_DIR="{pin_maps_dir}"', "-Wno-unused-function"]
     flags += [f"-D{k}={v}" for k, v in sorted(sizes.items())]
     return flags
+
+
+# How `bulkhead status` names each abi.RejectPath.
+REJECT_PATH_NAMES = {abi.RejectPath.XDP_TX: "xdp_tx", abi.RejectPath.TC: "tc_redirect"}
+
+
+def choose_reject_path(mode: str, link_kind: str | None) -> abi.RejectPath:
+    """How a reject answer built on this interface leaves it (see bh_reject_send).
+
+    XDP_TX is kept where it reaches the wire or the other end: native XDP on a
+    NIC driver (no rtnetlink link kind), and generic XDP, whose XDP_TX is a
+    dev_queue_xmit. Native XDP on a software device (veth above all) goes by
+    TC: a veth's XDP_TX lands on the peer's XDP ring, drained only while the
+    peer has an XDP program of its own, and the peer may sit in a namespace
+    bulkhead doesn't control and gain or lose one at any time. So the choice
+    is by driver and mode, never by what the peer has now.
+    """
+    if mode == "native" and link_kind:
+        return abi.RejectPath.TC
+    return abi.RejectPath.XDP_TX
+
+
+def link_kind(ifname: str) -> str | None:
+    """The rtnetlink link kind (veth, bond, tun, ...), None for a hardware driver."""
+    from pyroute2 import IPRoute  # imported late: unit tests run without it
+
+    with IPRoute() as ipr:
+        links = ipr.link("get", ifname=ifname)
+        info = links[0].get_attr("IFLA_LINKINFO") if links else None
+        return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
 def v4mapped(addr: ipaddress._BaseAddress) -> bytes:
@@ -215,20 +246,44 @@ class Datapath:
 
     # -------------------------------------------------------------- attach
     def attach(self, ifname: str, mode: str = "auto") -> str:
-        """Attach (or atomically replace) XDP on an interface. Returns the mode used."""
+        """Attach (or atomically replace) XDP on an interface and set its reject
+        path (if_cfg) for the mode it got. Returns the mode used.
+
+        Attach bulkhead_tc first (attach_tc): a reject path "tc" hands answers to it."""
         from bcc import BPF
 
         fn = self.fns[XDP_PROG]
+        used = "generic"
         if mode in ("auto", "native"):
             try:
                 BPF.attach_xdp(ifname, fn, XDP_FLAGS_DRV_MODE)
-                return "native"
+                used = "native"
             except Exception as e:  # driver without XDP support
                 if mode == "native":
                     raise DatapathError(f"{ifname}: native XDP failed: {e}") from e
                 log.warning("%s: native XDP unavailable (%s), using generic XDP", ifname, e)
-        BPF.attach_xdp(ifname, fn, XDP_FLAGS_SKB_MODE)
-        return "generic"
+        if used == "generic":
+            BPF.attach_xdp(ifname, fn, XDP_FLAGS_SKB_MODE)
+        path = choose_reject_path(used, link_kind(ifname))
+        self.set_reject_path(socket.if_nametoindex(ifname), path)
+        log.info("%s: %s XDP, reject answers sent by %s", ifname, used, REJECT_PATH_NAMES[path])
+        return used
+
+    def set_reject_path(self, ifindex: int, path: abi.RejectPath) -> None:
+        """if_cfg[ifindex].reject_path: read by bh_reject_send for every reject on the interface."""
+        if ifindex >= self.sizes["BH_MAX_IFINDEX"]:
+            return  # no segment can name it: apply() refuses the interface
+        self._upd("if_cfg", C.c_uint32(ifindex), abi.IfCfg(reject_path=path))
+
+    def reject_path(self, ifindex: int) -> str:
+        """The reject path the kernel uses on an interface, as `status` names it."""
+        v = abi.IfCfg()
+        if ifindex < self.sizes["BH_MAX_IFINDEX"]:
+            libbpf.lib().bpf_map_lookup_elem(self.map_fds["if_cfg"], C.byref(C.c_uint32(ifindex)), C.byref(v))
+        try:
+            return REJECT_PATH_NAMES[abi.RejectPath(v.reject_path)]
+        except ValueError:
+            return f"unknown ({v.reject_path})"
 
     @staticmethod
     def detach(ifname: str) -> None:
@@ -243,8 +298,9 @@ class Datapath:
     def attach_tc(self, ifname: str) -> None:
         """Attach (or replace) bulkhead_tc on the interface's clsact ingress.
 
-        It only copies the steering mark of L7 flows (see bh_steer); packets
-        without bulkhead metadata pass untouched. A clsact qdisc is added if
+        It copies the steering mark of L7 flows (see bh_steer) and sends back
+        out the reject answers of interfaces whose reject path is TC
+        (bh_reject_send); packets without bulkhead metadata pass untouched. A clsact qdisc is added if
         the interface has none (and removed by detach_tc once it is empty)."""
         qd = subprocess.run(["tc", "qdisc", "add", "dev", ifname, "clsact"], capture_output=True, text=True)
         if qd.returncode and "File exists" not in qd.stderr and "Exclusivity" not in qd.stderr:

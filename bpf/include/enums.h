@@ -88,6 +88,16 @@ enum bh_event {
 	BH_EV_LAT_HIST_FULL      = 15, /* lat_hist full: a latency sample was dropped */
 	BH_EV_PAIR_FULL          = 16, /* pair_flows full: a flow went uncounted by app pair */
 	BH_EV_SNI_STATE_LOST     = 17, /* a multi-segment ClientHello's parse was evicted: flow decided as unknown name */
+	BH_EV_REJECT_VIA_TC      = 18, /* bulkhead_tc sent a reject answer back out (if_cfg reject_path tc) */
+};
+
+/*
+ * How a reject answer leaves the interface it was built on (if_cfg,
+ * chosen by the loader per interface at attach time).
+ */
+enum bh_reject_path {
+	BH_REJECT_XDP_TX = 0, /* XDP_TX: native XDP on a NIC, and generic XDP (dev_queue_xmit) */
+	BH_REJECT_TC     = 1, /* XDP_PASS with BH_METAF_SEND_BACK; bulkhead_tc redirects it out: native XDP on veth & co. */
 };
 
 /* Kind of a flow_events record. */

@@ -21,6 +21,9 @@
 /* ctl[0]: active slot + global flags. Written by the agent only. */
 BPF_TABLE_PINNED("array", __u32, struct bh_ctl, ctl, 1, BH_PIN_DIR "/ctl");
 
+/* if_cfg: ifindex -> reject send path of the interface. Written by the loader at attach; not per slot. */
+BPF_TABLE_PINNED("array", __u32, struct bh_if_cfg, if_cfg, BH_MAX_IFINDEX, BH_PIN_DIR "/if_cfg");
+
 /* slot_cfg[slot]: generation, default action, audit mode of each slot. */
 BPF_TABLE_PINNED("array", __u32, struct bh_slot_cfg, slot_cfg, BH_NUM_SLOTS, BH_PIN_DIR "/slot_cfg");
 

@@ -20,11 +20,17 @@ struct bh_ctl {
 #define BH_CTL_L7_READY 0x2     /* a verifier listens: BH_ACT_L7 flows may be steered */
 #define BH_CTL_SNI_BENCH 0x4    /* benchmarks: after deciding a ClientHello, put its flow back to pending */
 
-/* XDP metadata in front of a steered packet (bpf_xdp_adjust_meta), read by bulkhead_tc. */
+/*
+ * XDP metadata in front of a packet XDP passes to bulkhead_tc
+ * (bpf_xdp_adjust_meta): a steered packet (mark), or a reject answer TC is
+ * to send back out of the interface (BH_METAF_SEND_BACK).
+ */
 struct bh_meta {
 	__u32 magic; /* BH_META_MAGIC */
-	__u32 mark;  /* BH_MARK_L7 | client segment id */
+	__u32 mark;  /* BH_MARK_L7 | client segment id; 0 with BH_METAF_SEND_BACK */
+	__u32 flags; /* BH_METAF_* */
 };
+#define BH_METAF_SEND_BACK 0x1 /* a reject answer built in place: TC redirects it out of its ingress interface */
 
 /* slot_cfg[slot]: settings that swap together with the slot's maps. */
 struct bh_slot_cfg {
@@ -44,6 +50,12 @@ struct bh_slot_cfg {
 struct bh_seg_val {
 	__u32 segment_id; /* 1..65535; 0 = interface in no segment */
 	__u32 flags;
+};
+
+/* if_cfg: ingress ifindex -> how this interface's attachment works, set by the loader at attach. */
+struct bh_if_cfg {
+	__u8 reject_path; /* enum bh_reject_path */
+	__u8 pad[3];
 };
 
 /*
@@ -308,6 +320,8 @@ struct bh_counter {
 #ifdef __BPF__
 /* Catch layout drift at compile time; the Python mirror checks the same. */
 _Static_assert(sizeof(struct bh_ctl) == 8, "bh_ctl");
+_Static_assert(sizeof(struct bh_meta) == 12, "bh_meta"); /* XDP metadata: a multiple of 4, at most 32 on 6.1 */
+_Static_assert(sizeof(struct bh_if_cfg) == 4, "bh_if_cfg");
 _Static_assert(sizeof(struct bh_slot_cfg) == 8, "bh_slot_cfg");
 _Static_assert(sizeof(struct bh_src_key) == 24, "bh_src_key");
 _Static_assert(sizeof(struct bh_dst_key) == 20, "bh_dst_key");

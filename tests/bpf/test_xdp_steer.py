@@ -1,6 +1,6 @@
 """Steering L7 flows to the verifier (bh_steer), on crafted frames.
 
-An L7 flow passes with a struct bh_meta {magic, mark} in front of the frame
+An L7 flow passes with a struct bh_meta {magic, mark, flags = 0} in front of the frame
 (XDP metadata, which bulkhead_tc copies into skb->mark) -- but only while a
 verifier listens (ctl flag L7_READY). Without one, every packet of the flow
 is dropped as punt_no_handler, and that is decided per packet, never cached:
@@ -40,7 +40,7 @@ from .conftest import (
 )
 from .test_xdp_flows import frag4
 
-META = struct.Struct("=II")
+META = struct.Struct("=III")  # struct bh_meta: magic, mark, flags
 
 
 def seg4(flags="S", sport=40000, dport=80, src=C4, dst=PAY4, payload=b""):
@@ -54,7 +54,8 @@ def seg6(flags="S", sport=40000, dport=80, src=C6, dst=PAY6):
 def steered(v, frame, segment: int) -> None:
     """The frame passed unchanged, behind bulkhead's metadata with the segment's mark."""
     assert len(v.data_out) == META.size + len(raw(frame))
-    assert META.unpack(v.data_out[: META.size]) == (abi.META_MAGIC, abi.MARK_L7 | segment)
+    # flags 0: bulkhead_tc must never take a steered packet for a reject answer to send back out
+    assert META.unpack(v.data_out[: META.size]) == (abi.META_MAGIC, abi.MARK_L7 | segment, 0)
     assert v.data_out[META.size:] == raw(frame)
 
 

@@ -25,7 +25,7 @@ C_TYPES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__s8": 1, "__s16": 2,
 
 # Enum member prefix -> IntEnum, per C enum.
 ENUM_PREFIX = {"bh_action": "BH_ACT_", "bh_reason": "BH_R_", "bh_event": "BH_EV_", "bh_tail": "BH_TAIL_",
-               "bh_flow_ev": "BH_FE_", "bh_lat": "BH_LAT_"}
+               "bh_flow_ev": "BH_FE_", "bh_lat": "BH_LAT_", "bh_reject_path": "BH_REJECT_"}
 # C enums with no Python mirror, and why each may stay C-only.
 C_ONLY_ENUMS: set[str] = set()
 # Constants with no abi.py mirror, and why each may stay C-only.
