@@ -53,14 +53,11 @@ from bulkhead.core.names import IP_TRANSPARENT, IPV6_TRANSPARENT, SO_MARK
 from bulkhead.datapath import abi
 from bulkhead.datapath.marks import segment_mark
 from bulkhead.datapath.flowtable import FlowTable
+from bulkhead.l7.settings import http_settings
 from bulkhead.policy import ports as portlib
 from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.verifier")
-
-HTTP_DEFAULTS = {"via": False, "x_forwarded_for": False, "max_header_bytes": 16384,
-                 "header_timeout": 10.0, "idle_timeout": 60.0}
-NO_RULE = "no L7 rule for this flow in the policy in force"
 
 
 class PolicyError(ValueError):
@@ -85,7 +82,7 @@ class PolicyView:
 
         self.generation = generation
         self.settings = dict(bundle.settings)
-        self.http = {**HTTP_DEFAULTS, **(self.settings.get("http") or {})}
+        self.http = http_settings(self.settings.get("http"))
         self.audit_all = self.settings.get("mode") == "audit"
         self.segments = {int(s["id"]): s["name"] for s in bundle.segments}
         self.app_by_id = {int(a["id"]): a for a in bundle.apps}
@@ -166,6 +163,7 @@ class LiveRules:
 
     def check(self, req, now: float | None = None):
         from bulkhead.l7.rules import Decision
+        from bulkhead.verifier.decide import NO_RULE
 
         view = self.svc.current
         rs, _, audit = view.ruleset(self.src, self.dst, self.dport) if view else (None, [], False)
@@ -258,7 +256,7 @@ class Service:
 
     # ------------------------------------------------------ per connection
     async def resolve(self, sock: socket.socket):
-        from bulkhead.verifier.proxy import FlowContext
+        from bulkhead.verifier.records import FlowContext
 
         view = self.current
         try:

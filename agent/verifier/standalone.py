@@ -25,14 +25,10 @@ import ssl
 import sys
 from typing import Optional, TextIO
 
-from bulkhead.verifier.proxy import (
-    FlowContext,
-    RequestRecord,
-    Verifier,
-    http_settings,
-    new_event_loop,
-    tcp_opener,
-)
+from bulkhead.l7.settings import http_settings
+from bulkhead.verifier.proxy import Verifier, new_event_loop
+from bulkhead.verifier.records import FlowContext, RequestRecord
+from bulkhead.verifier.upstream import tcp_opener
 
 
 class StandaloneError(Exception):

@@ -4,7 +4,7 @@ Three layers:
 - agent/l7/http1.py helpers (head scanning, chunk framing, our own responses);
 - llhttp (httptools) itself: which ambiguous inputs it rejects and which it lets
   through for the engine to refuse — if an httptools upgrade changes that, these fail;
-- the engine (proxy._Conn) driven through fake transports: what the client gets and
+- the engine (connection.Connection) driven through fake transports: what the client gets and
   exactly which bytes would reach the origin, with every input also fed split at
   every byte boundary.
 """
@@ -16,7 +16,11 @@ import httptools
 import pytest
 
 from bulkhead.l7 import http1
-from bulkhead.verifier.proxy import FlowContext, _Conn, _Upstream, http_settings, new_event_loop
+from bulkhead.l7.settings import http_settings
+from bulkhead.verifier.connection import Connection
+from bulkhead.verifier.records import FlowContext
+from bulkhead.verifier.proxy import new_event_loop
+from bulkhead.verifier.upstream import Upstream
 from bulkhead.l7.rules import RuleSet, compile_rule
 
 # ------------------------------------------------------------------ helpers (http1.py)
@@ -268,9 +272,9 @@ class Engine:
         self.v = _FakeVerifier(loop)
         self.client = FakeTransport()
         self.origin = FakeTransport()
-        self.conn = _Conn(self.v, ctx, False)
+        self.conn = Connection(self.v, ctx, False)
         self.conn.connection_made(self.client)
-        up = _Upstream(self.conn)
+        up = Upstream(self.conn)
         up.connection_made(self.origin)
         self.conn.up = up
 

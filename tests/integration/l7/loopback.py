@@ -26,7 +26,10 @@ import threading
 from pathlib import Path
 
 from bulkhead.policy import load_policy
-from bulkhead.verifier.proxy import FlowContext, Verifier, http_settings, new_event_loop, tcp_opener
+from bulkhead.l7.settings import http_settings
+from bulkhead.verifier.records import FlowContext
+from bulkhead.verifier.proxy import Verifier, new_event_loop
+from bulkhead.verifier.upstream import tcp_opener
 from bulkhead.l7.rules import RuleSet, compile_rule
 
 from .material import VAULT_NAME, Material
