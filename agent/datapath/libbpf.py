@@ -39,6 +39,7 @@ def lib() -> C.CDLL:
                                               C.POINTER(C.c_uint32), C.c_void_p]
         _lib.bpf_prog_get_fd_by_id.argtypes = [C.c_uint32]
         _lib.bpf_map_get_fd_by_id.argtypes = [C.c_uint32]
+        _lib.bpf_btf_get_fd_by_id.argtypes = [C.c_uint32]
     return _lib
 
 
@@ -66,7 +67,17 @@ class MapInfo(C.Structure):
         ("max_entries", C.c_uint32),
         ("map_flags", C.c_uint32),
         ("name", C.c_char * 16),
-        ("_rest", C.c_uint8 * 64),
+        ("ifindex", C.c_uint32),
+        ("btf_vmlinux_value_type_id", C.c_uint32),
+        ("netns_dev", C.c_uint64),
+        ("netns_ino", C.c_uint64),
+        # BTF of the map's key and value (0: created without BTF).
+        ("btf_id", C.c_uint32),
+        ("btf_key_type_id", C.c_uint32),
+        ("btf_value_type_id", C.c_uint32),
+        ("_pad", C.c_uint32),
+        ("map_extra", C.c_uint64),
+        ("_rest", C.c_uint8 * 16),
     ]
 
 
@@ -84,7 +95,27 @@ class ProgInfo(C.Structure):
         ("nr_map_ids", C.c_uint32),
         ("map_ids", C.c_uint64),
         ("name", C.c_char * 16),
-        ("_rest", C.c_uint8 * 160),
+        ("ifindex", C.c_uint32),
+        ("gpl_compatible", C.c_uint32),
+        ("netns_dev", C.c_uint64),
+        ("netns_ino", C.c_uint64),
+        ("nr_jited_ksyms", C.c_uint32),
+        ("nr_jited_func_lens", C.c_uint32),
+        ("jited_ksyms", C.c_uint64),
+        ("jited_func_lens", C.c_uint64),
+        ("btf_id", C.c_uint32),  # BTF loaded with the program (0: none)
+        ("_rest", C.c_uint8 * 108),
+    ]
+
+
+class BtfInfo(C.Structure):
+    _fields_ = [
+        ("btf", C.c_uint64),  # user buffer for the raw BTF
+        ("btf_size", C.c_uint32),
+        ("id", C.c_uint32),
+        ("name", C.c_uint64),
+        ("name_len", C.c_uint32),
+        ("kernel_btf", C.c_uint32),
     ]
 
 
@@ -104,6 +135,38 @@ def prog_info(fd: int) -> ProgInfo:
 
 def prog_fd_by_id(prog_id: int) -> int:
     return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"prog id {prog_id}")
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _check(lib().bpf_map_get_fd_by_id(map_id), f"map id {map_id}")
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """Ids of the maps a loaded program uses (ProgInfo.map_ids filled into a buffer)."""
+    n = prog_info(fd).nr_map_ids
+    ids = (C.c_uint32 * max(n, 1))()
+    info = ProgInfo(nr_map_ids=n, map_ids=C.addressof(ids))
+    size = C.c_uint32(C.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(size)), "prog info")
+    return list(ids[: min(n, info.nr_map_ids)])
+
+
+def btf_raw(btf_id: int) -> bytes:
+    """The raw BTF blob of kernel BTF object `btf_id` (BPF_BTF_GET_FD_BY_ID, then OBJ_GET_INFO).
+
+    The first info call reports the size, the second fills a buffer of it."""
+    fd = _check(lib().bpf_btf_get_fd_by_id(btf_id), f"btf id {btf_id}")
+    try:
+        info = BtfInfo()
+        n = C.c_uint32(C.sizeof(info))
+        _check(lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(n)), "btf info")
+        buf = (C.c_uint8 * info.btf_size)()
+        info = BtfInfo(btf=C.addressof(buf), btf_size=len(buf))
+        n = C.c_uint32(C.sizeof(info))
+        _check(lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(n)), "btf info")
+        return bytes(buf)
+    finally:
+        os.close(fd)
 
 
 def map_update(fd: int, key: C.Structure, value, flags: int = 0) -> None:
