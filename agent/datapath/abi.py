@@ -1,8 +1,9 @@
 """Userspace mirror of bpf/include/{enums,types,consts}.h.
 
 Every struct here matches its C twin field by field (ctypes lays them out
-with the same natural alignment as clang does for BPF). tests/unit/test_abi.py
-parses the headers and fails if names, values, sizes or offsets drift.
+with the same natural alignment as clang does for BPF). tests/bpf/test_abi_btf.py
+compares structs and enums with the compiled object's BTF, tests/unit/test_abi.py
+the constants with the headers; both fail if names, values, sizes or offsets drift.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
  * enums.h - verdict actions, reasons and datapath events.
  *
  * Every enum here is APPEND-ONLY and mirrored by agent/datapath/abi.py;
- * tests/unit/test_abi.py parses this file and fails if the two drift.
+ * tests/bpf/test_abi_btf.py compares the compiled enums with it and fails
+ * if the two drift.
  * A retired value stays reserved: never reuse a number, because counters
  * and flow-log consumers key on it.
  */

@@ -4,8 +4,8 @@
  *
  * Fixed-width types, explicit padding, byte order in the field name
  * (`_be` = network order). Mirrored field by field in
- * agent/datapath/abi.py; tests/unit/test_abi.py checks names, sizes and
- * offsets against this file. Changing a layout changes the map's value
+ * agent/datapath/abi.py; tests/bpf/test_abi_btf.py checks names, sizes and
+ * offsets against the compiled object's BTF. Changing a layout changes the map's value
  * size, and the loader refuses to reuse pinned maps of another size.
  */
 #ifndef BH_TYPES_H
