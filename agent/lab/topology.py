@@ -14,11 +14,12 @@ on the gateway is left off: the agent's plumbing turns it on.
 demo never collide; interface names are per namespace, so every topology
 has its own bh-prod. Only 198.18.0.0/15 and fd00::/8 are used.
 
+The client/server-side peers are plain veths, as in a user's container or
+namespace: no XDP program, GRO off. So reject answers reach them only by the
+path the loader picks for a veth (reject path tc_redirect, see
+loader.choose_reject_path), which the reject tests thereby cover.
+
 Facts this relies on:
-- XDP_TX on a veth (bulkhead's RST for `reject`) reaches the peer only if the
-  peer has an XDP program of its own (GRO alone is not enough on 6.18, see
-  PEER_XDP_NOTE): create() turns GRO on and attaches an XDP_PASS program to
-  every client/server-side peer.
 - `ip netns exec` remounts /sys, so /sys/fs/bpf pins made inside it vanish
   with it: run the agent with gw_cmd() (nsenter --net, root mount namespace).
 
@@ -74,43 +75,6 @@ STALE_RE = re.compile(r"^(bht|bhdemo)(\d+)x\d+-(gw|prod|dev|core)$")
 
 _counter = itertools.count()
 _libc = None
-_libbpf = None
-
-# PEER_XDP_NOTE: a reject's RST leaves the gateway by XDP_TX on its veth, which
-# puts the frame on the peer's XDP ring. The kernel (veth_xdp_flush, seen on
-# 6.18) only kicks the peer's NAPI to drain that ring when the peer has an XDP
-# program itself: with GRO alone the frame xdp_bulk_tx reports as "sent" sits
-# in the ring and the client never gets its RST. So every client/server-side
-# peer gets this two-instruction XDP_PASS program: r0 = XDP_PASS; exit.
-XDP_FLAGS_DRV_MODE = 1 << 2
-BPF_PROG_TYPE_XDP = 6
-XDP_PASS_INSNS = bytes([0xB7, 0, 0, 0, 2, 0, 0, 0,  # BPF_ALU64|BPF_MOV|BPF_K r0, 2
-                        0x95, 0, 0, 0, 0, 0, 0, 0])  # BPF_JMP|BPF_EXIT
-
-
-def _bpf() -> ctypes.CDLL:
-    global _libbpf
-    if _libbpf is None:
-        for name in ("libbpf.so.1", "libbpf.so.0", "libbpf.so"):
-            try:
-                _libbpf = ctypes.CDLL(name, use_errno=True)
-                break
-            except OSError:
-                continue
-        else:
-            raise RuntimeError("libbpf not found (apt install libbpf1)")
-        _libbpf.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
-                                          ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
-        _libbpf.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
-    return _libbpf
-
-
-def _load_xdp_pass() -> int:
-    fd = _bpf().bpf_prog_load(BPF_PROG_TYPE_XDP, b"bh_peer_pass", b"GPL", XDP_PASS_INSNS,
-                              len(XDP_PASS_INSNS) // 8, None)
-    if fd < 0:
-        raise OSError(-fd, f"loading the peer XDP_PASS program: {os.strerror(-fd)}")
-    return fd
 
 
 def _setns(path: str) -> None:
@@ -220,34 +184,7 @@ class Topology:
             self._ip("-n", peer_ns, "link", "set", PEER_IF, "up")
             self._ip("-n", peer_ns, "route", "add", "default", "via", v4gw)
             self._ip("-n", peer_ns, "-6", "route", "add", "default", "via", v6gw)
-            # NAPI on the peer (GRO on): XDP_TX toward a veth peer without NAPI is dropped.
-            self.run(role, ["ethtool", "-K", PEER_IF, "gro", "on"])
-        self._attach_peer_xdp()
         return self
-
-    def _attach_peer_xdp(self) -> None:
-        """An XDP_PASS program on every client/server-side peer (see PEER_XDP_NOTE)."""
-        fd = _load_xdp_pass()
-        try:
-            for role in ("prod", "dev", "core"):
-                err: list = []
-
-                def work():
-                    try:
-                        _setns(str(NETNS_DIR / self.ns[role]))
-                        ifindex = socket.if_nametoindex(PEER_IF)
-                        if _bpf().bpf_xdp_attach(ifindex, fd, XDP_FLAGS_DRV_MODE, None) != 0:
-                            raise OSError(ctypes.get_errno(), "bpf_xdp_attach")
-                    except BaseException as e:
-                        err.append(e)
-
-                t = threading.Thread(target=work)
-                t.start()
-                t.join()
-                if err:
-                    raise RuntimeError(f"XDP pass program on {role}/{PEER_IF}: {err[0]}")
-        finally:
-            os.close(fd)  # the attachments keep the program alive
 
     def destroy(self) -> None:
         """Stop what we spawned and delete every namespace. Idempotent, never raises."""
