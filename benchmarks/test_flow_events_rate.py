@@ -19,7 +19,7 @@ from scapy.all import IP, UDP, Ether, Raw, raw
 from bulkhead.telemetry import flowlog
 from bulkhead.datapath import abi, libbpf, loader
 
-from .conftest import record, scale_bundle, v4
+from .conftest import bench_defines, record, scale_bundle, v4
 
 RATES = [10_000, 25_000, 50_000, 100_000, 200_000, 400_000]
 
@@ -27,7 +27,7 @@ RATES = [10_000, 25_000, 50_000, 100_000, 200_000, 400_000]
 @pytest.fixture(scope="module")
 def producer(bench_dp):
     pin = loader.PIN_ROOT / f"bench-rate-{os.getpid()}"
-    dp = loader.Datapath(pin).load()
+    dp = loader.Datapath(pin, defines=bench_defines()).load()  # BH_CTL_BYPASS_FLOWS needs the hooks
     try:
         dp.apply(scale_bundle(10), bench_dp.ifindexes, 1)
         dp.ifindexes = bench_dp.ifindexes

@@ -9,7 +9,7 @@ each way, first FIN/RST: about six per TCP flow) take a tail call into
 bulkhead_observe and back: a per-flow cost, not a per-packet one.
 
 BH_BENCH_PLAIN="-D names" (default BH_NO_TELEMETRY) sets what the reference
-program is compiled with, for ablations.
+program is compiled with besides BH_BENCH, for ablations.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from scapy.all import IP, TCP, Ether, IPv6, raw
 
 from bulkhead.datapath import abi, libbpf, loader
 
-from .conftest import interleaved, record, scale_bundle, v4, v6
+from .conftest import bench_defines, interleaved, record, scale_bundle, v4, v6
 
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
@@ -30,7 +30,7 @@ ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 def pair(bench_dp):
     """(with telemetry, without) loaded in the same namespace, the same 10-app policy."""
     pin = loader.PIN_ROOT / f"bench-notel-{os.getpid()}"
-    plain = loader.Datapath(pin, defines=tuple(os.environ.get("BH_BENCH_PLAIN", "BH_NO_TELEMETRY").split())).load()
+    plain = loader.Datapath(pin, defines=bench_defines(os.environ.get("BH_BENCH_PLAIN", "BH_NO_TELEMETRY"))).load()
     try:
         bundle = scale_bundle(10)
         bench_dp.generation += 1

@@ -28,6 +28,19 @@
 #include "tls_stream.h"
 #include "maps.h"
 
+/*
+ * Benchmark hooks, compiled in only by -DBH_BENCH (benchmarks/conftest.py;
+ * tests/bpf builds it once more for the tests of the hooks): the ctl flags
+ * BH_CTL_BYPASS_FLOWS and BH_CTL_SNI_BENCH, and the reference program
+ * bulkhead_empty. The production object has none of them, and ignores the
+ * flags (tests/bpf/test_xdp_bench.py).
+ */
+#ifdef BH_BENCH
+#define BH_BYPASS_FLOWS(ctl_flags) ((ctl_flags) & BH_CTL_BYPASS_FLOWS)
+#else
+#define BH_BYPASS_FLOWS(ctl_flags) 0
+#endif
+
 /* The one place a verdict is recorded: counter by reason, then the XDP code. */
 static __always_inline int bh_record(__u32 reason, int xdp_code, __u64 len)
 {
@@ -39,6 +52,19 @@ static __always_inline int bh_record(__u32 reason, int xdp_code, __u64 len)
 		c->bytes += len;
 	}
 	return xdp_code;
+}
+
+/*
+ * The verdict after a tail call that returned: its slot of `tails` is empty
+ * (the loader fills every one: a program-array fault) or the chain ran out
+ * (the kernel allows 33 tail calls per packet). Dropped, and counted as
+ * that, not as what the caller would otherwise have fallen back to, so an
+ * operator can tell a fault from policy. Never a pass: the packet's verdict
+ * needed the program that did not run.
+ */
+static __always_inline int bh_tail_missed(__u64 len)
+{
+	return bh_record(BH_R_TAIL_CALL_MISSED, XDP_DROP, len);
 }
 
 static __always_inline void bh_event(__u32 ev)
@@ -687,7 +713,7 @@ static __always_inline int bh_sni_pending(struct xdp_md *ctx, const struct bh_pk
 	if (is_reply)
 		return bh_record(BH_R_SNI_HOLD, XDP_DROP, len);
 	tails.call(ctx, BH_TAIL_SNI);
-	return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
+	return bh_tail_missed(len);
 }
 
 /*
@@ -708,7 +734,7 @@ static __always_inline void bh_sni_carry(struct bh_flow *v, const struct bh_flow
 
 /*
  * Pass a packet of an L7 flow with the mark that steers it to the verifier
- * (nftables TPROXY on BH_MARK_L7, see agent/plumbing.py). XDP can't set
+ * (nftables TPROXY on BH_MARK_L7, see agent/datapath/plumbing.py). XDP can't set
  * skb->mark: the mark travels as packet metadata, and bulkhead_tc (TC
  * ingress) copies it. No verifier, or a driver without XDP metadata: the
  * packet is dropped, counted; a punt is never an implicit allow.
@@ -743,8 +769,7 @@ static __always_inline int bh_apply(struct xdp_md *ctx, const struct bh_pkt *p, 
 	if (is_reply || p->frag == BH_FRAG_LATER)
 		return bh_record(reason, XDP_DROP, len);
 	tails.call(ctx, BH_TAIL_REJECT);
-	/* Only reached if the tail call failed (slot empty): drop, counted. */
-	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+	return bh_tail_missed(len);
 }
 
 int bulkhead_xdp(struct xdp_md *ctx)
@@ -793,7 +818,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 	 * event, and a new ClientHello for a flow decided by server name). A SYN
 	 * while the handshake is pending is a retransmission.
 	 */
-	struct bh_flow *f = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, seg, 0);
+	struct bh_flow *f = BH_BYPASS_FLOWS(ctl_flags) ? NULL : bh_flow_get(&p, seg, 0);
 	int syn_only = (p.tcp_flags & (BH_TCP_SYN | BH_TCP_ACK)) == BH_TCP_SYN;
 	int reused = syn_only && f && !(f->flags & (BH_FLOWF_REPLY | BH_FLOWF_T_HS));
 	if (f && f->generation == cfg->generation && !reused) {
@@ -801,10 +826,13 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		/*
 		 * A few packets per TCP flow (handshake, first data, FIN/RST) are
 		 * measured in bulkhead_observe, which hands them back here (so they
-		 * are counted below, once). On failure, go on unmeasured.
+		 * are counted below, once). If the tail call returns, the packet is
+		 * judged unmeasured (telemetry never decides a verdict), counted.
 		 */
-		if (bh_observe_wanted(f, &p))
+		if (bh_observe_wanted(f, &p)) {
 			tails.call(ctx, BH_TAIL_OBSERVE);
+			bh_event(BH_EV_OBSERVE_MISSED);
+		}
 #endif
 		f->last_seen_ns = now;
 		f->packets++;
@@ -858,7 +886,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		/* A name decided under the old policy is re-decided from the entry's hashes. */
 		if (v->reason == BH_R_SNI_PENDING && (v->sni_flags & BH_FSNI_DONE)) {
 			tails.call(ctx, BH_TAIL_SNI);
-			return bh_sni_pending(ctx, &p, 1, len); /* tail call failed: hold */
+			return bh_tail_missed(len); /* held, as anything undecided */
 		}
 	} else {
 		bh_classify(slot, cfg, seg, p.saddr, p.daddr, p.proto, p.policy_dport_be, v);
@@ -883,7 +911,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			 * test, the reply of every such allowed flow was dropped as
 			 * FLOW_COLLISION (tests/bpf: test_reply_segment_from_fib).
 			 */
-			struct bh_flow *r = (ctl_flags & BH_CTL_BYPASS_FLOWS) ? NULL : bh_flow_get(&p, v->peer_segment, 1);
+			struct bh_flow *r = BH_BYPASS_FLOWS(ctl_flags) ? NULL : bh_flow_get(&p, v->peer_segment, 1);
 			if (r && r->peer_segment && r->peer_segment != seg && r->last_seen_ns + BH_FLOW_IDLE_NS > now) {
 #ifndef BH_NO_TELEMETRY
 				bh_pair_count(v, BH_R_FLOW_COLLISION);
@@ -916,7 +944,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			v->t_a = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
 		}
 #endif
-		if (!(ctl_flags & BH_CTL_BYPASS_FLOWS)) {
+		if (!BH_BYPASS_FLOWS(ctl_flags)) {
 			bh_flow_put(&p, seg, 0, v);
 			if (!f)
 				bh_event(BH_EV_FLOW_ENTRY_NEW);
@@ -945,7 +973,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			if (v->reason == BH_R_SNI_PENDING &&
 			    ((v->sni_flags & BH_FSNI_DONE) || p.l4_len > p.tcp_doff)) {
 				tails.call(ctx, BH_TAIL_SNI);
-				return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len); /* never pass unparsed */
+				return bh_tail_missed(len); /* never pass unparsed */
 			}
 		}
 	}
@@ -981,8 +1009,7 @@ int bulkhead_observe(struct xdp_md *ctx)
 	}
 #endif
 	tails.call(ctx, BH_TAIL_MAIN);
-	/* Only if the tail-call chain is exhausted: the packet can't be judged. */
-	return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, data_end - data);
+	return bh_tail_missed(data_end - data); /* the packet can't be judged */
 }
 
 /*
@@ -1264,7 +1291,7 @@ int bulkhead_sni(struct xdp_md *ctx)
 		if (rc == BH_TLS_MORE)
 			return bh_record(BH_R_SNI_PENDING, XDP_PASS, len);
 		tails.call(ctx, BH_TAIL_SNI_STREAM);
-		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+		return bh_tail_missed(len); /* the client resends: the stored parse goes on */
 	}
 
 	struct bh_flow6_key k = {};
@@ -1280,7 +1307,7 @@ int bulkhead_sni(struct xdp_md *ctx)
 	if (!(ss->flags & BH_SNIF_DONE)) {
 		/* This segment goes on with the parse (bulkhead_sni_stream), which comes back here once it is done. */
 		tails.call(ctx, BH_TAIL_SNI_STREAM);
-		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+		return bh_tail_missed(len);
 	}
 	/* The streamed parse is complete: its result to the scratch state, for the decision. */
 	st->h64 = ss->h64;
@@ -1294,9 +1321,11 @@ decide:;
 	__u32 rule_id, app_id;
 	__u8 reason = bh_sni_decide(slot, cfg, f, is_reply ? p.sport_be : p.dport_be, &rule_id, &app_id);
 	bh_event(BH_EV_SNI_DECIDED);
-	/* Settle both entries: this packet's, and its other direction's. */
+#ifdef BH_BENCH
 	int bench = gc->flags & BH_CTL_SNI_BENCH;
-	__u32 f_rule = f->rule_id, f_dst = f->dst_app; /* for benchmarks (below) */
+	__u32 f_rule = f->rule_id, f_dst = f->dst_app; /* what the benchmark puts back (below) */
+#endif
+	/* Settle both entries: this packet's, and its other direction's. */
 	bh_sni_settle(f, f, reason, is_reply, rule_id, app_id);
 	__u32 other_seg = is_reply ? client_seg : f->peer_segment;
 	struct bh_flow *o = NULL;
@@ -1319,6 +1348,7 @@ decide:;
 		bh_sni_key_of(&p, client_seg, is_reply, &dk);
 		sni_state.delete(&dk);
 	}
+#ifdef BH_BENCH
 	if (bench) {
 		/*
 		 * Benchmarks: the same ClientHello runs `repeat` times, so put the
@@ -1338,6 +1368,7 @@ decide:;
 			o->sni_flags = 0;
 		}
 	}
+#endif
 	int code = bh_reason_xdp(reason);
 	if (is_reply)
 		return code == XDP_PASS ? bh_record(BH_R_ALLOW_REPLY, XDP_PASS, len) : bh_record(reason, XDP_DROP, len);
@@ -1350,7 +1381,7 @@ decide:;
 	 * then meets the cached reject and gets its RST from bulkhead_reject.
 	 */
 	tails.call(ctx, BH_TAIL_RESET_ONWARD);
-	return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+	return bh_tail_missed(len); /* the entries are settled: the client's resend meets the reject */
 }
 
 /*
@@ -1379,7 +1410,7 @@ int bulkhead_sni_stream(struct xdp_md *ctx)
 	struct bh_sni_state *st = sni_state.lookup(&k);
 	if (!st || st->base_seq != f->sni_seq || (st->flags & BH_SNIF_DONE)) {
 		tails.call(ctx, BH_TAIL_SNI); /* bulkhead_sni sorts it out (lost, or done) */
-		return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+		return bh_tail_missed(len);
 	}
 	__u32 paylen = p.l4_len > p.tcp_doff ? p.l4_len - p.tcp_doff : 0;
 	__u32 seq = bpf_ntohl(p.seq_be) + !!(p.tcp_flags & BH_TCP_SYN);
@@ -1458,10 +1489,14 @@ int bulkhead_sni_stream(struct xdp_md *ctx)
 		bh_event(BH_EV_SNI_SEGMENT);
 		tails.call(ctx, BH_TAIL_SNI);
 	}
-	/* Tail-call chain exhausted (33 calls): a ClientHello we can't follow. Decided as unknown. */
+	/*
+	 * The tail call returned: the chain ran out (33 calls: a ClientHello we
+	 * can't follow) or a slot is empty. The parse ends here without a name,
+	 * so the client's resend of this segment is decided as an unknown name.
+	 */
 	st->flags = (st->flags & ~BH_SNIF_HAVE_NAME) | BH_SNIF_DONE;
 	st->next_rel = rel + paylen;
-	return bh_record(BH_R_SNI_UNKNOWN, XDP_DROP, len);
+	return bh_tail_missed(len);
 }
 
 /* Tail call target: this segment of a rejected flow, rewritten as a RST for its receiver. */
@@ -1511,8 +1546,10 @@ int bulkhead_tc(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+#ifdef BH_BENCH
 /* Reference program for benchmarks: the cost of XDP itself. */
 int bulkhead_empty(struct xdp_md *ctx)
 {
 	return XDP_PASS;
 }
+#endif

@@ -64,6 +64,7 @@ class Reason(enum.IntEnum):
     L7_STEER = 30
     L7_UPSTREAM = 31
     L7_NO_META = 32
+    TAIL_CALL_MISSED = 33
 
 
 class Event(enum.IntEnum):
@@ -86,6 +87,7 @@ class Event(enum.IntEnum):
     PAIR_FULL = 16
     SNI_STATE_LOST = 17
     REJECT_VIA_TC = 18
+    OBSERVE_MISSED = 19
 
 
 class FlowEv(enum.IntEnum):
@@ -138,6 +140,7 @@ REASON_VERDICT = {
     Reason.L7_STEER: PASS,
     Reason.L7_UPSTREAM: PASS,
     Reason.L7_NO_META: DROP,
+    Reason.TAIL_CALL_MISSED: DROP,
 }
 
 # consts.h

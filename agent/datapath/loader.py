@@ -41,7 +41,7 @@ OBSERVE_PROG = "bulkhead_observe"
 SNI_STREAM_PROG = "bulkhead_sni_stream"
 TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RESET_ONWARD: RESET_ONWARD_PROG,
               abi.Tail.MAIN: XDP_PROG, abi.Tail.OBSERVE: OBSERVE_PROG, abi.Tail.SNI_STREAM: SNI_STREAM_PROG}
-EMPTY_PROG = "bulkhead_empty"
+EMPTY_PROG = "bulkhead_empty"  # benchmarks' reference program: only in a BH_BENCH build
 TC_PROG = "bulkhead_tc"  # clsact ingress: copies XDP's steering mark into skb->mark
 # Our filter's preference on clsact ingress: lets us replace and delete exactly ours.
 TC_PREF = 0xB0C
@@ -122,10 +122,12 @@ def check_pinned_maps(maps_dir: Path, sizes: dict[str, int]) -> list[str]:
     return problems
 
 
-def cflags(pin_maps_dir: Path, sizes: dict[str, int]) -> list[str]:
-    """The one place compile-time knobs become -D flags."""
+def cflags(pin_maps_dir: Path, sizes: dict[str, int], defines: tuple[str, ...] = ()) -> list[str]:
+    """The one place compile-time knobs become -D flags: the pin directory, map
+    sizes (-DNAME=value, consts.h) and switches (-DNAME, see Datapath.defines)."""
     flags = [f"-I{BPF_DIR / 'include'}", f'-DBH_PIN_DIR="{pin_maps_dir}"', "-Wno-unused-function"]
     flags += [f"-D{k}={v}" for k, v in sorted(sizes.items())]
+    flags += [f"-D{d}" for d in defines]
     return flags
 
 
@@ -172,12 +174,19 @@ class Datapath:
         self.pin_dir = Path(pin_dir)
         self.sizes = dict(abi.DEFAULT_SIZES, **(sizes or {}))
         # Compile-time switches (-D NAME): BH_EVENTS_PERF (perf buffer instead of
-        # the ring buffer), BH_NO_TELEMETRY (benchmarks: the cost of having it).
+        # the ring buffer), BH_NO_TELEMETRY (benchmarks: the cost of having it),
+        # BH_BENCH (benchmark hooks: BH_CTL_BYPASS_FLOWS, BH_CTL_SNI_BENCH and
+        # bulkhead_empty; the agent never builds it).
         self.defines = tuple(defines)
         self.bpf = None
         self.fns: dict[str, object] = {}
         self.map_fds: dict[str, int] = {}
         self.last_flip = 0.0
+
+    @property
+    def bench(self) -> bool:
+        """Built with the benchmark hooks (BH_BENCH)."""
+        return "BH_BENCH" in self.defines
 
     @property
     def events_perf(self) -> bool:
@@ -213,9 +222,10 @@ class Datapath:
             (build_dir / "maps").mkdir(parents=True)
         try:
             t0 = time.monotonic()
-            self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(), cflags=cflags(build_dir / "maps", self.sizes)
-                           + [f"-D{d}" for d in self.defines])
-            for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), EMPTY_PROG)):
+            self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(),
+                           cflags=cflags(build_dir / "maps", self.sizes, self.defines))
+            bench = (EMPTY_PROG,) if self.bench else ()
+            for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), *bench)):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             self.fns[TC_PROG] = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)
             log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)

@@ -45,25 +45,32 @@
 #define BH_NUM_SLOTS 2   /* policy double buffer */
 #define BH_TAIL_MAX 8    /* size of the tails program array */
 
-/* Parser bounds. Hitting one drops the packet under its own reason. */
-#define BH_TLS_EXTS_PER_CALL 32 /* extension headers walked per bulkhead_sni call */
-#define BH_TLS_NAME_PER_CALL 64   /* server-name bytes hashed per bulkhead_sni call */
-#define BH_TLS_WHOLE_EXTS 32      /* extensions the one-shot path walks; more: the streaming parser */
-#define BH_TLS_WHOLE_NAME 64      /* longest name the one-shot path hashes (<= BH_SNI_LOG_LEN); longer: streaming */
-#define BH_TLS_NAME_MAX 255       /* longest server name accepted (RFC 6066 allows 2^16-1; DNS 253) */
-#define BH_SNI_LOG_LEN 64     /* bytes of the server name kept for flow logs */
+/*
+ * ClientHello parser bounds (tls_parse.h, tls_stream.h). A per-call bound
+ * hands the rest to the next bulkhead_sni_stream call (a tail call; a
+ * segment that needs more than the chain of 33 allows is tail_call_missed),
+ * a one-shot bound to the streaming parser; a name longer than
+ * BH_TLS_NAME_MAX is malformed: an unknown name (settings.unknown_sni).
+ */
+#define BH_TLS_EXTS_PER_CALL 32 /* extension headers walked per bulkhead_sni_stream call */
+#define BH_TLS_NAME_PER_CALL 64 /* server-name bytes hashed per bulkhead_sni_stream call */
+#define BH_TLS_WHOLE_EXTS 32    /* extensions the one-shot path walks; more: the streaming parser */
+#define BH_TLS_WHOLE_NAME 64    /* longest name the one-shot path hashes (<= BH_SNI_LOG_LEN); longer: streaming */
+#define BH_TLS_NAME_MAX 255     /* longest server name accepted (RFC 6066 allows 2^16-1; DNS 253) */
+#define BH_SNI_LOG_LEN 64       /* bytes of the server name kept for flow logs; a longer one is cut (sni_len tells) */
 /*
  * Steering L7 flows to the verifier: XDP leaves a struct bh_meta in the
  * packet's metadata, bulkhead_tc copies its mark into skb->mark, nftables
  * TPROXY and an ip rule on the mark deliver the packet to the verifier.
- * agent/plumbing.py uses the same values.
+ * agent/datapath/plumbing.py uses the same values.
  */
 #define BH_META_MAGIC 0xb4e7a11d /* "this metadata is bulkhead's" */
 #define BH_MARK_L7 0x0c000000    /* | client segment id: steer to the verifier */
 #define BH_MARK_KEEP 0x00ff0000  /* skb->mark bits that belong to others: kept */
 #define BH_APP_ANY 0xffffffff /* dst app id of hostname-only apps: any destination address */
-#define BH_VLAN_MAX_DEPTH 2 /* 802.1Q + 802.1ad (QinQ) */
-#define BH_IPV6_EXT_MAX 6   /* extension headers walked before giving up */
+/* Header parser bounds (parse.h): one more is dropped under its own reason. */
+#define BH_VLAN_MAX_DEPTH 2 /* 802.1Q + 802.1ad (QinQ); more tags: vlan_too_deep */
+#define BH_IPV6_EXT_MAX 6   /* IPv6 extension headers walked; more: ipv6_ext_chain */
 
 /*
  * Flow entries idle this long are treated as absent for collision checks

@@ -67,6 +67,7 @@ enum bh_reason {
 	BH_R_L7_STEER           = 30, /* L7 flow: passed with a mark that steers it to the verifier */
 	BH_R_L7_UPSTREAM        = 31, /* reply to a verifier's upstream connection: steered to its socket */
 	BH_R_L7_NO_META         = 32, /* L7 flow, but the driver can't carry the steering mark: dropped */
+	BH_R_TAIL_CALL_MISSED   = 33, /* a tail call returned (empty tails slot, or the chain of 33 ran out): dropped */
 };
 
 /* Datapath events (not verdicts): index into the per-CPU `events` array. */
@@ -90,6 +91,7 @@ enum bh_event {
 	BH_EV_PAIR_FULL          = 16, /* pair_flows full: a flow went uncounted by app pair */
 	BH_EV_SNI_STATE_LOST     = 17, /* a multi-segment ClientHello's parse was evicted: flow decided as unknown name */
 	BH_EV_REJECT_VIA_TC      = 18, /* bulkhead_tc sent a reject answer back out (if_cfg reject_path tc) */
+	BH_EV_OBSERVE_MISSED     = 19, /* the tail call to bulkhead_observe returned: a packet judged unmeasured */
 };
 
 /*

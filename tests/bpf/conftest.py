@@ -292,7 +292,7 @@ class Xdp:
         return out
 
     def reset(self) -> None:
-        self.dp.set_ctl_flags(clear_bits=abi.CTL_BYPASS_FLOWS | abi.CTL_L7_READY)
+        self.dp.set_ctl_flags(clear_bits=abi.CTL_BYPASS_FLOWS | abi.CTL_SNI_BENCH | abi.CTL_L7_READY)
         if self.active != BASE.checksum:
             self.apply(BASE)
         self.clear_flows()
@@ -381,6 +381,29 @@ def xdp(xdp_session: Xdp):
     xdp_session.reset()
     with xdp_session.inside():
         yield xdp_session
+
+
+@pytest.fixture(scope="session")
+def xdp_bench_session(xdp_session: Xdp):
+    """The program built as the benchmarks build it (-DBH_BENCH: the benchmark
+    hooks), in the session namespace: a second compile, once per session, and
+    only if a test asks for it. `xdp` is the production object, without them."""
+    pin = loader.PIN_ROOT / f"test-bpf-bench-{os.getpid()}"
+    with contextlib.ExitStack() as stack:
+        loader.remove_pins(pin)
+        stack.callback(loader.remove_pins, pin)
+        dp = loader.Datapath(pin, defines=("BH_BENCH",))
+        stack.callback(lambda: dp.bpf and dp.bpf.cleanup())
+        dp.load()
+        yield Xdp(dp, xdp_session.ifindex, xdp_session.ns_fd, xdp_session.orig_ns_fd)
+
+
+@pytest.fixture
+def xdp_bench(xdp_bench_session: Xdp):
+    """Like `xdp`, for the bench build (its own maps: the two share nothing)."""
+    xdp_bench_session.reset()
+    with xdp_bench_session.inside():
+        yield xdp_bench_session
 
 
 def case(id: str, frame, ifname: str, code: int, reason: abi.Reason):
