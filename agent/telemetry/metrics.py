@@ -28,7 +28,7 @@ log = logging.getLogger("bulkhead.metrics")
 
 # Parts of a scrape, each read and counted (bulkhead_collector_errors{section}) on its own.
 SECTIONS = ("counters", "policy", "pair_flows", "flow_table", "latency", "maps", "flow_log", "verifier")
-MAP_ARRAYS = {"ctl", "slot_cfg", "stats", "events", "tails", "sni_scratch"}  # preallocated: always full
+MAP_ARRAYS = {"ctl", "slot_cfg", "if_cfg", "stats", "events", "tails", "sni_scratch"}  # preallocated: always full
 
 
 class DatapathCollector:
