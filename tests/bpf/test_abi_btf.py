@@ -155,13 +155,14 @@ def test_every_struct_crossing_to_userspace_is_mirrored(compiled):
     assert not missing, _report(missing)
 
 
-def test_every_header_struct_is_mirrored(headers):
+def test_every_header_struct_is_mirrored(compiled, headers):
     c_side = {n for n in headers.names(btf.STRUCT) if n.startswith("bh_")} - {"bh_abi_anchor"}
     assert "bh_meta" in c_side, "abi_anchor.c did not anchor types.h"
     problems = [f"struct {n} (types.h) has no mirror in abi.STRUCTS"
                 for n in sorted(c_side - set(abi.STRUCTS) - set(C_ONLY_STRUCTS))]
     problems += [f"abi.STRUCTS names {n}, which the compiled C does not define" for n in sorted(abi.STRUCTS)
-                 if headers.struct(n) is None]
+                 if headers.struct(n) is None and compiled.btf.struct(n) is None]
+    problems += [f"C_ONLY_STRUCTS names {n}, which types.h does not define" for n in sorted(set(C_ONLY_STRUCTS) - c_side)]
     assert not problems, _report(problems)
 
 
@@ -188,6 +189,9 @@ def test_every_enum_is_mirrored(headers):
     problems += [f"abi.ENUMS names {n}, which the compiled C does not define" for n in sorted(set(abi.ENUMS) - c_side)]
     problems += [f"abi.ENUMS[{n!r}] has no member prefix in ENUM_PREFIX (tests/bpf/test_abi_btf.py)"
                  for n in sorted(set(abi.ENUMS) - set(ENUM_PREFIX))]
+    # The two tables must not outlive the enums they name.
+    problems += [f"ENUM_PREFIX names {n}, which abi.ENUMS does not mirror" for n in sorted(set(ENUM_PREFIX) - set(abi.ENUMS))]
+    problems += [f"C_ONLY_ENUMS names {n}, which enums.h does not define" for n in sorted(set(C_ONLY_ENUMS) - c_side)]
     assert not problems, _report(problems)
 
 
@@ -223,7 +227,12 @@ def test_the_checker_names_a_field_the_mirror_lacks(compiled):
     assert _broken(b, "bh_ctl", abi.Ctl._fields_[:-1], "CtlShort") == [
         "bh_ctl: size 8 in C, 4 in Python (CtlShort)",
         "bh_ctl.flags: in C (__u32 at offset 4, size 4), not in Python CtlShort"]
-    # ctypes rounds a size up to the alignment: a lost last field may keep it; its name still fails.
+    # ctypes rounds a size up to the alignment: without its last field a mirror may keep its
+    # size (bh_flow does), so only the name tells.
+    last = b.struct("bh_flow").members[-1]
+    assert f"bh_flow.{last.name}: in C ({last.type} at offset {last.offset}, size {last.size}), " \
+           "not in Python FlowShort" in _broken(b, "bh_flow", abi.Flow._fields_[:-1], "FlowShort")
+    # A field only Python has fails by name as well.
     assert _broken(b, "bh_lat_val", abi.LatVal._fields_ + [("extra", C.c_uint32)], "LatValLong") == [
         "bh_lat_val: size 16 in C, 24 in Python (LatValLong)",
         "bh_lat_val.extra: in Python LatValLong (offset 16, size 4), not in C"]
