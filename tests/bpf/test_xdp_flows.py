@@ -497,7 +497,10 @@ def test_icmp_error_not_judged_by_old_generation(xdp):
 
 
 # ------------------------------------------------------------- control
-def test_bypass_flag_classifies_every_packet(xdp):
+def test_bypass_flag_classifies_every_packet(xdp_bench):
+    """BH_CTL_BYPASS_FLOWS, a benchmark hook: the bench build (the production object ignores it,
+    test_xdp_bench.py)."""
+    xdp = xdp_bench
     play(xdp, [Step(FWD4, "prod", X.PASS, R.ALLOW_RULE, NEW)])  # a cached flow with its reply key
     xdp.dp.set_ctl_flags(set_bits=0x1)
     try:
