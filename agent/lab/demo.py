@@ -169,7 +169,8 @@ def print_table(results: list[tuple[Check, Probe]]) -> int:
 def print_counters(agent: AgentRunner) -> None:
     st = agent.status()
     print(f"\nagent: generation {st['generation']}, interfaces "
-          + ", ".join(f"{i['name']} ({i.get('segment')}, xdp {i['mode']})" for i in st["interfaces"]))
+          + ", ".join(f"{i['name']} ({i.get('segment')}, xdp {i['mode']}, reject via {i.get('reject_path', '?')})"
+                      for i in st["interfaces"]))
     print("packets by reason (status --json counters):")
     for name, c in sorted(st["counters"].items(), key=lambda kv: -kv[1]["packets"]):
         if c["packets"]:
