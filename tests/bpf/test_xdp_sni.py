@@ -7,7 +7,9 @@ the verdict of every segment.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes as C
+import os
 import struct
 
 import pytest
@@ -491,6 +493,18 @@ def _scratch_clear(xdp) -> None:
     libbpf.map_update(xdp.dp.map_fds["sni_scratch"], C.c_uint32(0), (abi.SniState * n)())
 
 
+@contextlib.contextmanager
+def _one_cpu():
+    """Keep this process on one CPU: BPF_PROG_TEST_RUN runs the program on the caller's
+    CPU, and a sequence of packets must leave its scratch state on one CPU."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _scratch_streamed(xdp) -> bool:
     """Did the last decision (the one CPU whose scratch is not zero) come from the streaming parser?"""
     n = libbpf.possible_cpus()
@@ -518,21 +532,22 @@ def test_one_shot_and_streaming_parsers_agree(sx, name):
     got = {}
     for how, cuts in (("whole", ()), ("late", (last_ext,)), ("first-byte", (1,))):
         sx.clear_flows()
-        _scratch_clear(sx)
-        if how == "late":
-            # the one-shot path reads the first segment and hands over to the streaming parser
-            sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
-            sx.expect(seg(hello[:last_ext], 0), "prod", X.PASS, R.SNI_PENDING)
-            assert len(libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key)) == 1, "the parse goes on"
-            assert _forward_entry(sx).sni_flags == abi.FSNI_STREAM
-            v = sx.judge(seg(hello[last_ext:], last_ext), "prod")
-        else:
-            v = send_hello(sx, hello, cuts=cuts)
+        with _one_cpu():
+            _scratch_clear(sx)
+            if how == "late":
+                # the one-shot path reads the first segment and hands over to the streaming parser
+                sx.expect(syn(), "prod", X.PASS, R.SNI_PENDING)
+                sx.expect(seg(hello[:last_ext], 0), "prod", X.PASS, R.SNI_PENDING)
+                assert len(libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key)) == 1, "the parse goes on"
+                assert _forward_entry(sx).sni_flags == abi.FSNI_STREAM
+                v = sx.judge(seg(hello[last_ext:], last_ext), "prod")
+            else:
+                v = send_hello(sx, hello, cuts=cuts)
+            # which parser decided: a streamed parse reaches the decision with BH_SNIF_STREAM set
+            one_shot = how == "whole" and len(name) <= abi.TLS_WHOLE_NAME
+            assert _scratch_streamed(sx) == (not one_shot), how
         got[how] = (res(v), _parse_state(sx))
         assert not libbpf.map_keys(sx.dp.map_fds["sni_state"], abi.Flow6Key), (how, "a finished parse is not kept")
-        # which parser decided: a streamed parse reaches the decision with BH_SNIF_STREAM set
-        one_shot = how == "whole" and len(name) <= abi.TLS_WHOLE_NAME
-        assert _scratch_streamed(sx) == (not one_shot), how
     assert got["whole"] == got["late"] == got["first-byte"]
     exact, wild = sni.lookup_hashes(name)
     flags = got["whole"][1]["flags"]
