@@ -221,8 +221,12 @@ class Connection(RequestReader, asyncio.Protocol):
     def decide(self, ex: Exchange) -> None:
         t = clock()
         o = decide_request(self.ctx, ex.method, ex.target, ex.host_hdr, ex.headers, self.sni if self.tls else None)
-        ex.action, ex.status, ex.verdict, ex.reason, ex.rule = o.action, o.status, o.verdict, o.reason, o.rule
-        ex.path, ex.host = o.path, o.host
+        # (only the fields that differ from Exchange's defaults: every attribute an instance
+        # gets costs, and an allowed request keeps status 0)
+        ex.path, ex.host, ex.rule, ex.reason = o.path, o.host, o.rule, o.reason
+        ex.action, ex.verdict = o.action, o.verdict
+        if o.status:
+            ex.status = o.status
         if o.action == ALLOW:
             self._forward_head(ex, o.forward, o.add_host)
         ex.decision_s = clock() - t

@@ -17,7 +17,6 @@ rules is denied, and a failure while deciding refuses the request.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from typing import Optional
@@ -34,19 +33,27 @@ ALLOW, DENY, REFUSE = 1, 2, 3
 
 NO_RULE = "no L7 rule for this flow in the policy in force"
 
-@dataclasses.dataclass
 class Outcome:
-    """The decision for one request, and the RequestRecord fields it determines."""
+    """The decision for one request, and the RequestRecord fields it determines.
 
-    action: int = REFUSE
-    status: int = 0                  # what the verifier answers (DENY, REFUSE); 0 for ALLOW
-    verdict: str = "error"           # allow | deny | error
-    reason: str = ""
+    A plain class whose defaults are class attributes (one is made per request, on the hot
+    path): decide() assigns only what differs.
+    """
+
+    action = REFUSE
+    status = 0                    # what the verifier answers (DENY, REFUSE); 0 for ALLOW
+    verdict = "error"             # allow | deny | error
+    reason = ""
     rule: Optional[str] = None
-    path: str = ""                   # normalized ("" if the target could not be)
-    host: Optional[str] = None       # normalized Host (or the target's authority)
-    forward: Optional[bytes] = None  # ALLOW: the target to send; the given bytes object if unchanged
+    path = ""                     # normalized ("" if the target could not be)
+    host: Optional[str] = None    # normalized Host (or the target's authority)
+    forward: Optional[bytes] = None   # ALLOW: the target to send; the given bytes object if unchanged
     add_host: Optional[bytes] = None  # ALLOW: an HTTP/1.0 absolute-form request without Host gets this
+
+    _FIELDS = ("action", "status", "verdict", "reason", "rule", "path", "host", "forward", "add_host")
+
+    def __repr__(self) -> str:
+        return "Outcome(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self._FIELDS) + ")"
 
 
 def check_head(ex: Exchange) -> Optional[tuple[int, str]]:

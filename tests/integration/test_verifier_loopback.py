@@ -1,5 +1,5 @@
 """The L7 verifier on loopback: every case of tests/integration/l7/cases.py against the
-engine (agent/verifier/proxy.py) in-process, plus what only loopback can stage
+engine (agent/verifier/) in-process, plus what only loopback can stage
 (origin down / slow, overload, unresolved flows).
 
 No root, no BPF: origins are origin.py processes on 127.0.0.1.
