@@ -310,12 +310,7 @@ class Upstream(asyncio.Protocol):
             if name.lower() not in http1.FORBIDDEN_TRAILERS:
                 self.trailers.append((name, value.rstrip(b" \t")))
             return
-        ln = name.lower()
-        if ln == b"content-length":
-            self.n_cl += 1
-        elif ln == b"transfer-encoding":
-            self.n_te += 1
-            self.chunked = http1.is_token_chunked(value.rsplit(b",", 1)[-1])
+        self.on_header_raw(name, value)  # the framing counts
         self.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self):
