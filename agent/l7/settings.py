@@ -1,8 +1,9 @@
 """`settings.http`: how the L7 verifier proxies requests, and the one place their defaults live.
 
-The policy's `settings.http` (policy/model.py HttpSettings) carries POLICY_KEYS into the bundle;
-the verifier fills in the rest with http_settings(). The engine knobs after POLICY_KEYS are not
-in the policy schema: callers of the engine (tests, `bulkhead verifier serve`) may set them.
+The policy's `settings.http` (policy/model.py HttpSettings, keys in policy/schema.py) carries
+the first five fields below into the bundle; the verifier fills in the rest with http_settings().
+The engine knobs are not in the policy schema: callers of the engine (tests, `bulkhead verifier
+serve`) may set them.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ class HttpDefaults:
 
 
 HTTP_DEFAULTS = HttpDefaults()
-POLICY_KEYS = ("via", "x_forwarded_for", "max_header_bytes", "header_timeout", "idle_timeout")
 _DEFAULTS_DICT = dataclasses.asdict(HTTP_DEFAULTS)
 
 

@@ -11,8 +11,9 @@ import dataclasses
 import ipaddress
 from typing import Any, NamedTuple, Optional, Union
 
-from bulkhead.l7.settings import HTTP_DEFAULTS, POLICY_KEYS as HTTP_POLICY_KEYS
+from bulkhead.l7.settings import HTTP_DEFAULTS
 from bulkhead.policy.ports import PortSpec
+from bulkhead.policy.schema import HTTP_SETTINGS_KEYS
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -106,7 +107,7 @@ class HttpSettings:
     idle_timeout: float = HTTP_DEFAULTS.idle_timeout
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in HTTP_POLICY_KEYS}
+        return {k: getattr(self, k) for k in HTTP_SETTINGS_KEYS}
 
 
 @dataclasses.dataclass

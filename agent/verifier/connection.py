@@ -41,6 +41,7 @@ class Connection(RequestReader, asyncio.Protocol):
     """The client side of one connection."""
 
     def __init__(self, verifier, ctx: FlowContext, tls: bool):
+        # verifier: the proxy.Verifier serving this connection (unannotated: proxy imports us)
         self.v = verifier
         self.loop = verifier.loop
         self.ctx = ctx

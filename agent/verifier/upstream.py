@@ -142,6 +142,7 @@ class Upstream(asyncio.Protocol):
     """The origin side of one client connection: parses responses, relays them."""
 
     def __init__(self, conn):
+        # conn: the connection.Connection this serves (unannotated: connection imports us)
         self.conn = conn
         self.transport: Optional[asyncio.Transport] = None
         self.parser = None
