@@ -134,6 +134,28 @@ static __always_inline int bh_write_ip(void *ip, void *data_end, const struct bh
  * turned into a reset for its receiver (seq = this segment's, which is the
  * receiver's next expected byte), passed on with XDP_PASS.
  */
+/*
+ * Cut the frame in hand to `new_len` bytes (an answer is never longer than what it answers:
+ * a longer one is refused) and write the saved L2 header back at its front. Every packet
+ * pointer is invalid afterwards: the caller reloads ctx->data / data_end.
+ */
+static __always_inline int bh_reframe(struct xdp_md *ctx, int new_len, __u32 l2_len, const __u8 *l2)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 cur_len = data_end - data;
+	/* Keep clang from re-associating this into pointer math on data_end (refused). */
+	asm volatile("" : "+r"(cur_len));
+	int delta = new_len - (int)cur_len;
+	if (delta > 0)
+		return -1;
+	if (delta && bpf_xdp_adjust_tail(ctx, delta))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	return bh_write_l2(data, data_end, l2_len, l2);
+}
+
 static __always_inline int bh_build_tcp_rst(struct xdp_md *ctx, const struct bh_pkt *p, int onward)
 {
 	void *data = (void *)(long)ctx->data;
@@ -169,20 +191,10 @@ static __always_inline int bh_build_tcp_rst(struct xdp_md *ctx, const struct bh_
 	th.check = bh_csum_fold(bh_csum_buf(&th, sizeof(th), bh_csum_pseudo(p, IPPROTO_TCP, sizeof(th))));
 
 	__u32 ip_hlen = p->family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
-	int new_len = l2_len + ip_hlen + sizeof(th);
-	__u32 cur_len = data_end - data;
-	/* Keep clang from re-associating this into pointer math on data_end (refused). */
-	asm volatile("" : "+r"(cur_len));
-	int delta = new_len - (int)cur_len;
-	if (delta > 0)
+	if (bh_reframe(ctx, l2_len + ip_hlen + sizeof(th), l2_len, l2))
 		return -1;
-	if (delta && bpf_xdp_adjust_tail(ctx, delta))
-		return -1;
-
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (bh_write_l2(data, data_end, l2_len, l2))
-		return -1;
 	void *ip = data + l2_len;
 	if (bh_write_ip(ip, data_end, p, IPPROTO_TCP, sizeof(th), !onward))
 		return -1;
@@ -225,22 +237,10 @@ static __always_inline int bh_build_icmp_unreach(struct xdp_md *ctx, const struc
 	int add = ip_hlen + 8;
 	if (bpf_xdp_adjust_head(ctx, -add))
 		return -1;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	int new_len = l2_len + add + quote_len;
-	__u32 cur_len = data_end - data;
-	/* Keep clang from re-associating this into pointer math on data_end (refused). */
-	asm volatile("" : "+r"(cur_len));
-	int delta = new_len - (int)cur_len;
-	if (delta > 0)
-		return -1;
-	if (delta && bpf_xdp_adjust_tail(ctx, delta))
+	if (bh_reframe(ctx, l2_len + add + quote_len, l2_len, l2))
 		return -1;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-
-	if (bh_write_l2(data, data_end, l2_len, l2))
-		return -1;
 	void *ip = data + l2_len;
 	__u8 proto = p->family == 4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
 	__u32 icmp_len = 8 + quote_len;
