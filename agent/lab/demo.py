@@ -18,13 +18,13 @@ import tempfile
 import time
 
 from bulkhead.core.paths import POLICIES_DIR
+from bulkhead.lab.runner import AgentRunner
 from bulkhead.lab.topology import (
     CATALOG_V4,
     CATALOG_V6,
     CLIENT_V4,
     PAYMENTS_V4,
     PAYMENTS_V6,
-    AgentRunner,
     Probe,
     Topology,
     failed_probe,

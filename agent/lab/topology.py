@@ -23,10 +23,8 @@ Facts this relies on:
 - `ip netns exec` remounts /sys, so /sys/fs/bpf pins made inside it vanish
   with it: run the agent with gw_cmd() (nsenter --net, root mount namespace).
 
-Servers: `python -m bulkhead.lab.topology serve NAME --tcp ADDR:PORT --udp ADDR:PORT`
-greets each TCP connection with "hello from NAME\\n" and then echoes; UDP
-datagrams come back as b"NAME: " + data. No http.server (its bind does a
-reverse DNS lookup that hangs without DNS).
+Servers: lab/servers.py (started in a namespace by Topology.serve). The agent in the gateway
+and the CLI around it: lab/runner.py.
 """
 from __future__ import annotations
 
@@ -34,12 +32,9 @@ import argparse
 import ctypes
 import dataclasses
 import errno
-import ipaddress
 import itertools
 import os
 import re
-import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -267,10 +262,10 @@ class Topology:
         probe = Probe("error")
         try:
             s.connect((addr, port))
-            reply = _recv_line(s)
+            reply = recv_line(s)
             if send is not None:
                 s.sendall(send)
-                reply += _recv_exact(s, len(send)).decode(errors="replace")
+                reply += recv_exact(s, len(send)).decode(errors="replace")
             probe = Probe("connected", reply.strip())
         except OSError as e:
             probe = failed_probe(e)
@@ -314,7 +309,7 @@ class Topology:
     def serve(self, ns: str, name: str, tcp: list[str] = (), udp: list[str] = (),
               http: list[str] = ()) -> subprocess.Popen:
         """Start a greeting/echo server (and HTTP origin) in `ns` and wait until it listens."""
-        argv = [sys.executable, "-m", "bulkhead.lab.topology", "serve", name]
+        argv = [sys.executable, "-m", "bulkhead.lab.servers", name]
         for a in tcp:
             argv += ["--tcp", a]
         for a in udp:
@@ -342,132 +337,7 @@ class Topology:
                        http=[f"{v4}:{p}" for p in http] + [f"[{v6}]:{p}" for p in http])
 
 
-def bulkhead_argv() -> list[str]:
-    """How to run the `bulkhead` CLI of this checkout with this interpreter."""
-    script = Path(sys.executable).parent / "bulkhead"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from bulkhead.cli.main import main; sys.exit(main())"]
-
-
-class AgentRunner:
-    """A `bulkhead agent run` in the topology's gateway namespace, and the CLI around it.
-
-    The agent is started with nsenter (Topology.gw_cmd) so its pins live in the
-    root bpffs and survive restarts. CLI calls that act on the gateway's
-    interfaces (down) run in the gateway namespace too; the others only need
-    the control socket under state_dir.
-    """
-
-    def __init__(self, topo: Topology, state_dir: str | os.PathLike):
-        self.topo = topo
-        self.state_dir = str(state_dir)
-        self.proc: subprocess.Popen | None = None
-        self.log_path = Path(self.state_dir) / "agent.log"
-
-    def start(self, policy: str | os.PathLike, timeout: float = 120, args: tuple[str, ...] = ()) -> int:
-        """Start the agent (`args`: more `agent run` options) and wait for
-        `bulkhead agent ready generation=N`; returns N."""
-        Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "a")
-        try:
-            self.proc = self.topo.spawn("gw", [*bulkhead_argv(), "agent", "run", "--policy", str(policy),
-                                               "--state-dir", self.state_dir, *args],
-                                        stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(REPO))
-        finally:
-            log.close()
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                break
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            m = re.match(r"bulkhead agent ready generation=(\d+)", line)
-            if m:
-                # Keep draining stdout so a chatty agent can never block on a full pipe.
-                threading.Thread(target=lambda f=self.proc.stdout: [None for _ in f], daemon=True).start()
-                return int(m.group(1))
-        self.stop(signal.SIGKILL)
-        raise RuntimeError(f"agent did not become ready; log:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()[-6000:]
-        except OSError:
-            return ""
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        """Signal the agent (it leaves enforcement in place) and wait for it to exit."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)  # nsenter execs the agent: this pid is the agent
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        rc = self.proc.returncode
-        if self.proc in self.topo.procs:
-            self.topo.procs.remove(self.proc)
-        self.proc = None
-        return rc
-
-    def cli(self, *args: str, gw: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
-        argv = [*bulkhead_argv(), *args, "--state-dir", self.state_dir]
-        if gw:
-            argv = self.topo.gw_cmd(argv)
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
-
-    def apply(self, policy: str | os.PathLike) -> subprocess.CompletedProcess:
-        return self.cli("policy", "apply", str(policy))
-
-    def status(self) -> dict:
-        import json
-
-        p = self.cli("status", "--json")
-        if p.returncode != 0:
-            raise RuntimeError(f"bulkhead status: exit {p.returncode}: {p.stderr}")
-        return json.loads(p.stdout)
-
-    def counters(self) -> dict[str, int]:
-        return {k: v["packets"] for k, v in self.status()["counters"].items()}
-
-    def down(self) -> subprocess.CompletedProcess:
-        return self.cli("down", gw=True)
-
-    def cleanup(self) -> None:
-        """down (in the gateway netns), then make sure the process and pins are gone. Never raises."""
-        try:
-            if self.topo.created and (NETNS_DIR / self.topo.gw).exists():
-                self.down()
-        except Exception:
-            pass
-        try:
-            self.stop(signal.SIGKILL if self.running() else signal.SIGTERM, timeout=5)
-        except Exception:
-            pass
-        try:
-            from bulkhead.datapath import loader
-
-            pin_dir = loader.pin_dir_for(self.state_dir)
-            if pin_dir.exists():
-                loader.remove_pins(pin_dir)
-            from bulkhead.datapath.plumbing import RECORD_DIR
-
-            for rec in RECORD_DIR.glob(f"*-{loader.instance_name(self.state_dir)}.json"):
-                rec.unlink(missing_ok=True)
-        except Exception:
-            pass
-
-
-def _recv_line(s: socket.socket, limit: int = 4096) -> str:
+def recv_line(s: socket.socket, limit: int = 4096) -> str:
     buf = b""
     while not buf.endswith(b"\n") and len(buf) < limit:
         chunk = s.recv(1)
@@ -477,7 +347,7 @@ def _recv_line(s: socket.socket, limit: int = 4096) -> str:
     return buf.decode(errors="replace")
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
+def recv_exact(s: socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = s.recv(n - len(buf))
@@ -488,114 +358,15 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
 
 
 # ------------------------------------------------------------------ server
-def _parse_addr(text: str) -> tuple[int, tuple]:
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    return fam, (host, int(port))
-
-
-def _http_conn(name: str, c: socket.socket, peer) -> None:
-    """A minimal HTTP/1.1 origin: answers every request (keep-alive) with one text line."""
-    buf = b""
-    with c:
-        try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = c.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                    if len(buf) > 65536:
-                        return
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, target = (lines[0].split() + ["?", "?"])[:2]
-                length = 0
-                for ln in lines[1:]:
-                    k, _, v = ln.partition(":")
-                    if k.strip().lower() == "content-length" and v.strip().isdigit():
-                        length = int(v.strip())
-                while len(buf) < length:
-                    data = c.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                buf = buf[length:]
-                body = f"{name}: {method} {target} from {peer[0]}\n".encode()
-                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-                          % (len(body), body if method != "HEAD" else b""))
-        except OSError:
-            return
-
-
-def _serve(name: str, tcp: list[str], udp: list[str], http: list[str] = ()) -> None:
-    greeting = f"hello from {name}\n".encode()
-    sel = selectors.DefaultSelector()
-    for kind, specs in (("accept", tcp), ("http", http)):
-        for spec in specs:
-            fam, addr = _parse_addr(spec)
-            s = socket.socket(fam, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(addr)
-            s.listen(128)
-            sel.register(s, selectors.EVENT_READ, kind)
-    for spec in udp:
-        fam, addr = _parse_addr(spec)
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        s.bind(addr)
-        sel.register(s, selectors.EVENT_READ, "udp")
-
-    def conn(c: socket.socket) -> None:
-        with c:
-            try:
-                c.sendall(greeting)
-                while True:
-                    data = c.recv(65536)
-                    if not data:
-                        return
-                    c.sendall(data)
-            except OSError:
-                return
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print("ready", flush=True)
-    while True:
-        for key, _ in sel.select():
-            s = key.fileobj
-            if key.data in ("accept", "http"):
-                try:
-                    c, peer = s.accept()
-                except OSError:
-                    continue
-                if key.data == "http":
-                    threading.Thread(target=_http_conn, args=(name, c, peer), daemon=True).start()
-                else:
-                    threading.Thread(target=conn, args=(c,), daemon=True).start()
-            else:
-                try:
-                    data, peer = s.recvfrom(65536)
-                    s.sendto(name.encode() + b": " + data, peer)
-                except OSError:
-                    pass
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bulkhead.lab.topology")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("serve", help="greeting/echo TCP and UDP echo server")
-    sp.add_argument("name")
-    sp.add_argument("--tcp", action="append", default=[], metavar="ADDR:PORT")
-    sp.add_argument("--udp", action="append", default=[], metavar="ADDR:PORT")
-    sp.add_argument("--http", action="append", default=[], metavar="ADDR:PORT",
-                    help="a minimal HTTP/1.1 origin answering each request with one line")
     sub.add_parser("reap", help="delete namespaces of crashed topologies")
-    a = ap.parse_args(argv)
-    if a.cmd == "serve":
-        _serve(a.name, a.tcp, a.udp, a.http)
-    else:
-        for n in reap_stale():
-            print(f"deleted netns {n}")
+    ap.parse_args(argv)
+    for n in reap_stale():
+        print(f"deleted netns {n}")
     return 0
 
 

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from bulkhead.datapath.plumbing import FWD_V4, FWD_V6
-from bulkhead.lab.topology import AgentRunner, Topology, reap_stale
+from bulkhead.lab.runner import AgentRunner
+from bulkhead.lab.topology import Topology, reap_stale
 
 DENY_TIMEOUT = 1.0  # seconds a dropped SYN/datagram is waited for
 REJECT_FAST = 0.5  # a reject must answer well within this

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead.lab.topology import CATALOG_V4, CATALOG_V6, CLIENT_V4, CLIENT_V6, PAYMENTS_V4, REPO
+from bulkhead.core.paths import REPO
+from bulkhead.lab.topology import CATALOG_V4, CATALOG_V6, CLIENT_V4, CLIENT_V6, PAYMENTS_V4
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bulkhead.lab.topology import CATALOG_V4, PAYMENTS_V4, REPO, AgentRunner
+from bulkhead.core.paths import REPO
+from bulkhead.lab.runner import AgentRunner
+from bulkhead.lab.topology import CATALOG_V4, PAYMENTS_V4
 from l7 import cases
 from l7.loopback import OriginLogs
 from l7.material import VAULT_NAME, Material

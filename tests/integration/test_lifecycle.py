@@ -14,7 +14,7 @@ import pytest
 from bulkhead.core.paths import REPO
 from bulkhead.datapath import marks, plumbing
 from bulkhead.datapath import libbpf, loader
-from bulkhead.lab.topology import bulkhead_argv
+from bulkhead.lab.runner import bulkhead_argv
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 

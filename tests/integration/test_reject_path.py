@@ -14,7 +14,8 @@ import socket
 
 import pytest
 
-from bulkhead.lab.topology import AgentRunner, Topology, reap_stale
+from bulkhead.lab.runner import AgentRunner
+from bulkhead.lab.topology import Topology, reap_stale
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 

@@ -21,7 +21,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bulkhead.lab.topology import CATALOG_V4, PAYMENTS_V4, REPO, bulkhead_argv
+from bulkhead.core.paths import REPO
+from bulkhead.lab.runner import bulkhead_argv
+from bulkhead.lab.topology import CATALOG_V4, PAYMENTS_V4
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 

@@ -1,0 +1,140 @@
+"""A `bulkhead agent run` in a lab topology's gateway namespace, and the CLI around it."""
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import threading
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bulkhead.core.paths import REPO
+from bulkhead.lab.topology import NETNS_DIR, Topology
+
+
+def bulkhead_argv() -> list[str]:
+    """How to run the `bulkhead` CLI of this checkout with this interpreter."""
+    script = Path(sys.executable).parent / "bulkhead"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from bulkhead.cli.main import main; sys.exit(main())"]
+
+
+class AgentRunner:
+    """A `bulkhead agent run` in the topology's gateway namespace, and the CLI around it.
+
+    The agent is started with nsenter (Topology.gw_cmd) so its pins live in the
+    root bpffs and survive restarts. CLI calls that act on the gateway's
+    interfaces (down) run in the gateway namespace too; the others only need
+    the control socket under state_dir.
+    """
+
+    def __init__(self, topo: Topology, state_dir: str | os.PathLike):
+        self.topo = topo
+        self.state_dir = str(state_dir)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = Path(self.state_dir) / "agent.log"
+
+    def start(self, policy: str | os.PathLike, timeout: float = 120, args: tuple[str, ...] = ()) -> int:
+        """Start the agent (`args`: more `agent run` options) and wait for
+        `bulkhead agent ready generation=N`; returns N."""
+        Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "a")
+        try:
+            self.proc = self.topo.spawn("gw", [*bulkhead_argv(), "agent", "run", "--policy", str(policy),
+                                               "--state-dir", self.state_dir, *args],
+                                        stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(REPO))
+        finally:
+            log.close()
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            m = re.match(r"bulkhead agent ready generation=(\d+)", line)
+            if m:
+                # Keep draining stdout so a chatty agent can never block on a full pipe.
+                threading.Thread(target=lambda f=self.proc.stdout: [None for _ in f], daemon=True).start()
+                return int(m.group(1))
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(f"agent did not become ready; log:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-6000:]
+        except OSError:
+            return ""
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Signal the agent (it leaves enforcement in place) and wait for it to exit."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)  # nsenter execs the agent: this pid is the agent
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        if self.proc in self.topo.procs:
+            self.topo.procs.remove(self.proc)
+        self.proc = None
+        return rc
+
+    def cli(self, *args: str, gw: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+        argv = [*bulkhead_argv(), *args, "--state-dir", self.state_dir]
+        if gw:
+            argv = self.topo.gw_cmd(argv)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+
+    def apply(self, policy: str | os.PathLike) -> subprocess.CompletedProcess:
+        return self.cli("policy", "apply", str(policy))
+
+    def status(self) -> dict:
+        import json
+
+        p = self.cli("status", "--json")
+        if p.returncode != 0:
+            raise RuntimeError(f"bulkhead status: exit {p.returncode}: {p.stderr}")
+        return json.loads(p.stdout)
+
+    def counters(self) -> dict[str, int]:
+        return {k: v["packets"] for k, v in self.status()["counters"].items()}
+
+    def down(self) -> subprocess.CompletedProcess:
+        return self.cli("down", gw=True)
+
+    def cleanup(self) -> None:
+        """down (in the gateway netns), then make sure the process and pins are gone. Never raises."""
+        try:
+            if self.topo.created and (NETNS_DIR / self.topo.gw).exists():
+                self.down()
+        except Exception:
+            pass
+        try:
+            self.stop(signal.SIGKILL if self.running() else signal.SIGTERM, timeout=5)
+        except Exception:
+            pass
+        try:
+            from bulkhead.datapath import loader
+
+            pin_dir = loader.pin_dir_for(self.state_dir)
+            if pin_dir.exists():
+                loader.remove_pins(pin_dir)
+            from bulkhead.datapath.plumbing import RECORD_DIR
+
+            for rec in RECORD_DIR.glob(f"*-{loader.instance_name(self.state_dir)}.json"):
+                rec.unlink(missing_ok=True)
+        except Exception:
+            pass
