@@ -21,7 +21,6 @@ from pathlib import Path
 from bulkhead.core.names import CLOCK_MONOTONIC_COARSE
 from bulkhead.datapath import abi, libbpf
 
-TCP = 6
 
 
 class FlowTable:
@@ -92,4 +91,4 @@ class FlowTable:
             action=int(abi.Action.ALLOW), flags=abi.FLOWF_REPLY, reason=int(abi.Reason.L7_UPSTREAM),
             peer_segment=client_segment,
         )
-        self.put(server[0], client[0], server[1], client[1], TCP, fwd.peer_segment, v)
+        self.put(server[0], client[0], server[1], client[1], socket.IPPROTO_TCP, fwd.peer_segment, v)

@@ -28,12 +28,11 @@ from typing import Callable
 import msgpack
 
 from bulkhead.core import wire
+from bulkhead.core.names import IP_TRANSPARENT, IPV6_TRANSPARENT
 from bulkhead.core.paths import REPO
 
 log = logging.getLogger("bulkhead.verifier")
 
-IP_TRANSPARENT = 19
-IPV6_TRANSPARENT = 75
 BACKLOG = 4096
 RESTART_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)  # seconds, by consecutive quick failures
 STABLE_AFTER = 30.0  # a child that ran this long resets the backoff
