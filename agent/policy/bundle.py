@@ -37,7 +37,9 @@ BUNDLE_FORMAT = 1
 @dataclasses.dataclass
 class Bundle:
     settings: dict[str, str]  # default_action, mode, unknown_sni
-    segments: list[dict[str, Any]]  # {"id", "name", "interfaces": [str]}
+    # {"id", "name", "interfaces": [str], "gateway": str|None}; a None gateway is left out when
+    # packed, so a policy without `gateways:` packs (and checksums) exactly as before fleets
+    segments: list[dict[str, Any]]
     apps: list[dict[str, Any]]  # {"id", "name", "segment", "addresses", "ports", "hostnames", "tls": {cert, key, ca}|None}
     # {"id", "name", "from", "to", "action", "mode", "ports", "l7": bool, "http": [entries]|None}
     # (http entries as written, file paths made absolute: the verifier compiles them)
@@ -49,10 +51,17 @@ class Bundle:
     source: list[str] = dataclasses.field(default_factory=list)  # policy file paths
     warnings: list[str] = dataclasses.field(default_factory=list)
     format: int = BUNDLE_FORMAT
+    # The policy's `gateways:` names; empty = one gateway, no fleet (then not packed at all).
+    gateways: list[str] = dataclasses.field(default_factory=list)
 
     def _content(self) -> dict[str, Any]:
         # Built by hand: dataclasses.asdict deep-copies every entry (slow at 100k rules).
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # Fleet fields only when used: a bundle from before gateways keeps its bytes and checksum.
+        if not self.gateways:
+            del d["gateways"]
+        d["segments"] = [s if s.get("gateway") is not None else {k: v for k, v in s.items() if k != "gateway"}
+                         for s in self.segments]
         d["src_entries"] = [list(e) for e in self.src_entries]
         d["dst_entries"] = [list(e) for e in self.dst_entries]
         d["policy_entries"] = [list(e) for e in self.policy_entries]
@@ -89,7 +98,24 @@ class Bundle:
         b.sni_entries = [tuple(e) for e in b.sni_entries]
         if checksum != cls._digest(d):
             raise ValueError("bundle checksum mismatch")
+        b.segments = [dict(s, gateway=s.get("gateway")) for s in b.segments]
         return b
+
+    def for_gateway(self, name: str) -> "Bundle":
+        """What gateway `name` enforces: its segments and their source entries.
+
+        Ids are unchanged, so rule and app ids in counters and flow logs mean the
+        same on every gateway. Apps, rules, destination and policy entries are kept
+        whole: a destination's address is looked up the same from any gateway, and
+        entries for another gateway's source apps are never matched here.
+        """
+        if name not in self.gateways:
+            known = ", ".join(self.gateways) or "none: it declares no gateways"
+            raise ValueError(f"gateway {name!r} is not in this policy (gateways: {known})")
+        segments = [s for s in self.segments if s.get("gateway") == name]
+        ids = {s["id"] for s in segments}
+        return dataclasses.replace(self, segments=segments,
+                                   src_entries=[e for e in self.src_entries if e[0] in ids])
 
     def app_names(self) -> dict[int, str]:
         return {a["id"]: a["name"] for a in self.apps}

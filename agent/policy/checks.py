@@ -26,12 +26,13 @@ class CrossChecks:
         if self.version_loc is None and not self.load_failed and paths:
             self.error(Loc(paths[0], 1), f"version is required: add `version: {POLICY_VERSION}`")
         self.check_app_segments()
+        self.check_segment_gateways()
         self.check_segment_overlaps()
         self.check_rules()
         self.check_destination_overlaps()
         self.collect_warnings()
         return Policy(self.settings, list(self.segments.values()), list(self.apps.values()),
-                      list(self.rules.values()), paths)
+                      list(self.rules.values()), paths, gateways=list(self.gateways.values()))
 
     def undefined(self, kind: str, ref: str, registry: dict) -> str:
         return f"{kind} {ref!r} is not defined{suggest(ref, registry)}"
@@ -43,6 +44,37 @@ class CrossChecks:
             if app.segment is not None and app.segment not in self.segments:
                 self.error(app.segment_loc, f"app {app.name}: "
                                             f"{self.undefined('segment', app.segment, self.segments)}")
+
+    def check_segment_gateways(self) -> None:
+        """With `gateways:` every segment names one of them; without, none may."""
+        if self.load_failed:
+            return  # the unreadable file may hold `gateways:` or the segments' gateway keys
+        declared = ", ".join(self.gateways)
+        for seg in self.segments.values():
+            if self.gateways_loc is None:
+                if seg.gateway_loc is not None:
+                    self.error(seg.gateway_loc, f"segment {seg.name}: gateway needs the gateways declared: "
+                                                f"add a top-level `gateways:` list (e.g. `gateways: "
+                                                f"[{{name: {seg.gateway or 'NAME'}}}]`), or leave gateway "
+                                                "out for a policy enforced by one gateway")
+            elif seg.gateway_loc is None:
+                self.error(seg.loc, f"segment {seg.name}: gateway is required: the policy declares "
+                                    f"gateways ({declared}), so every segment names the one it is attached to")
+            elif seg.gateway is not None and seg.gateway not in self.gateways and self.gateways:
+                self.error(seg.gateway_loc, f"segment {seg.name}: "
+                                            f"{self.undefined('gateway', seg.gateway, self.gateways)}")
+
+    def gateway_of(self, app: App) -> Optional[str]:
+        """The gateway an app sits behind: its segment's; None for a hostname-only app.
+
+        A hostname-only app has no address, so it is never a source, and as a
+        destination it is found by server name on whichever gateway the client
+        is behind: it is behind no gateway.
+        """
+        if not app.addresses or app.segment is None:
+            return None
+        seg = self.segments.get(app.segment)
+        return seg.gateway if seg is not None else None
 
     def check_segment_overlaps(self) -> None:
         """Within a segment the source trie must map each address to one app."""
@@ -72,6 +104,13 @@ class CrossChecks:
             if src is not None and not src.addresses and src.hostnames:
                 self.error(rule.from_loc, f"{label}: from app {src.name} has no addresses; sources are "
                                           "identified by address only, so the rule could never match")
+            if src is not None and dst is not None and self.gateways:
+                src_gw, dst_gw = self.gateway_of(src), self.gateway_of(dst)
+                if src_gw is not None and dst_gw is not None and src_gw != dst_gw:
+                    self.error(rule.to_loc, f"{label}: app {src.name} is behind gateway {src_gw} and app "
+                                            f"{dst.name} behind {dst_gw}: rules across gateways need the "
+                                            "fabric (not supported yet)")
+                    continue
             if dst is not None and rule.ports is not None and dst.ports is not None:
                 mine, theirs = portlib.portset(rule.ports), portlib.portset(dst.ports)
                 if portlib.is_empty(portlib.intersect(mine, theirs)):

@@ -130,7 +130,8 @@ def compile_policy(policy: Policy) -> Bundle:
 
     return Bundle(
         settings=policy.settings.as_dict(),
-        segments=[{"id": seg_ids[s.name], "name": s.name, "interfaces": list(s.interfaces)}
+        segments=[{"id": seg_ids[s.name], "name": s.name, "interfaces": list(s.interfaces),
+                   "gateway": s.gateway if policy.gateways else None}
                   for s in policy.segments],
         apps=[{"id": app_ids[a.name], "name": a.name, "segment": a.segment,
                "addresses": [str(x) for x in a.addresses],
@@ -150,6 +151,7 @@ def compile_policy(policy: Policy) -> Bundle:
         sni_entries=sni_entries,
         source=list(policy.sources),
         warnings=list(policy.warnings),
+        gateways=[g.name for g in policy.gateways],
     )
 
 

@@ -124,10 +124,20 @@ class Settings:
 
 
 @dataclasses.dataclass
+class Gateway:
+    """One entry of `gateways:`: a host that enforces the segments attached to it."""
+
+    name: str
+    loc: Loc
+
+
+@dataclasses.dataclass
 class Segment:
     name: str
     interfaces: list[str]
     loc: Loc
+    gateway: Optional[str] = None  # `gateway:` as written; None when absent or malformed
+    gateway_loc: Optional[Loc] = None  # where `gateway:` was written, None when absent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,3 +223,4 @@ class Policy:
     rules: list[Rule]
     sources: list[str]
     warnings: list[str] = dataclasses.field(default_factory=list)
+    gateways: list[Gateway] = dataclasses.field(default_factory=list)  # empty: a single gateway, no fleet

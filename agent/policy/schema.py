@@ -8,12 +8,13 @@ import re
 
 POLICY_VERSION = 1
 
-TOP_KEYS = ("version", "settings", "segments", "apps", "rules")
+TOP_KEYS = ("version", "settings", "gateways", "segments", "apps", "rules")
 SETTINGS_KEYS = ("default_action", "mode", "unknown_sni", "http")
 HTTP_SETTINGS_KEYS = ("via", "x_forwarded_for", "max_header_bytes", "header_timeout", "idle_timeout")
 MAX_HEADER_BYTES = (1024, 1048576)
 TIMEOUT_MAX = {"header_timeout": 3600, "idle_timeout": 86400}
-SEGMENT_KEYS = ("name", "interfaces")
+GATEWAY_KEYS = ("name",)
+SEGMENT_KEYS = ("name", "interfaces", "gateway")
 APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls")
 TLS_KEYS = ("cert", "key", "ca")
 RULE_KEYS = ("name", "from", "to", "action", "ports", "mode", "http")

@@ -29,6 +29,7 @@ from bulkhead.policy import ports as portlib
 from bulkhead.policy.checks import CrossChecks, suggest
 from bulkhead.policy.schema import (
     APP_KEYS,
+    GATEWAY_KEYS,
     HOSTNAME_MAX,
     HTTP_SETTINGS_KEYS,
     IFNAME_BAD,
@@ -56,6 +57,7 @@ from bulkhead.policy.model import (
     Address,
     App,
     Diags,
+    Gateway,
     HttpSettings,
     Loc,
     Policy,
@@ -95,10 +97,13 @@ class _Builder(CrossChecks):
         self.version_loc: Optional[Loc] = None
         self.settings_loc: Optional[Loc] = None
         self.settings = Settings()
+        self.gateways: dict[str, Gateway] = {}
+        self.gateways_loc: Optional[Loc] = None  # the first `gateways:` key, None = no fleet
         self.segments: dict[str, Segment] = {}
         self.apps: dict[str, App] = {}
         self.rules: dict[str, Rule] = {}
-        self.iface_owner: dict[str, tuple[str, Loc]] = {}
+        # (gateway as written, interface) -> (segment, where): every gateway has its own interfaces
+        self.iface_owner: dict[tuple[Optional[str], str], tuple[str, Loc]] = {}
         self.tls_broken: set[str] = set()  # apps whose tls was given but invalid (already reported)
         self._app_order: Optional[dict[str, int]] = None
 
@@ -125,6 +130,8 @@ class _Builder(CrossChecks):
             self.add_version(doc)
         if "settings" in doc:
             self.add_settings(doc)
+        if "gateways" in doc:
+            self.add_gateways(doc)
         for i, m in self.entries(doc, "segments", "segment", SEGMENT_KEYS):
             self.add_segment(m, i)
         for i, m in self.entries(doc, "apps", "app", APP_KEYS):
@@ -291,9 +298,25 @@ class _Builder(CrossChecks):
             out.append((item, seq.loc(i)))
         return out
 
+    def add_gateways(self, doc: YMap) -> None:
+        seq = doc["gateways"]
+        if seq is None or (isinstance(seq, YSeq) and not seq):
+            self.error(doc.loc("gateways"), "gateways must be a non-empty list of {name: NAME} "
+                                            "(leave it out for a policy enforced by one gateway)")
+            return
+        if self.gateways_loc is None:
+            self.gateways_loc = doc.loc("gateways")
+        for i, m in self.entries(doc, "gateways", "gateway", GATEWAY_KEYS):
+            name, label = self.name(m, "gateway", i, self.gateways)
+            self.check_keys(m, GATEWAY_KEYS, label)
+            if name is not None:
+                self.gateways[name] = Gateway(name, m.loc())
+
     def add_segment(self, m: YMap, index: int) -> None:
         name, label = self.name(m, "segment", index, self.segments)
         self.check_keys(m, SEGMENT_KEYS, label)
+        # Checked against `gateways:` in the second pass: another file may declare them.
+        gateway = self.string(m, "gateway", label, required=False)
         interfaces: list[str] = []
         if "interfaces" not in m:
             self.error(m.loc(), f"{label}: interfaces is required (the interfaces whose traffic "
@@ -303,20 +326,22 @@ class _Builder(CrossChecks):
                 self.error(loc, f"{label}: interface name {ifname!r} is invalid: Linux interface names "
                                 f"are 1-{IFNAME_MAX} characters without '/', ':' or whitespace")
                 continue
-            owner = self.iface_owner.get(ifname)
+            owner = self.iface_owner.get((gateway, ifname))
             if owner is not None:
                 where = "listed twice in this segment" if owner[0] == name else f"already in segment {owner[0]}"
+                on = f" on gateway {gateway}" if gateway is not None else ""
                 self.error(loc, f"{label}: interface {ifname!r} is {where} ({owner[1]}); "
-                                "an interface belongs to one segment")
+                                f"an interface belongs to one segment{on}")
                 continue
-            self.iface_owner[ifname] = (name or label, loc)
+            self.iface_owner[(gateway, ifname)] = (name or label, loc)
             interfaces.append(ifname)
         if name is None:
             return
         if len(self.segments) == MAX_SEGMENTS:
             self.error(m.loc("name"), f"{label}: too many segments (at most {MAX_SEGMENTS})")
             return
-        self.segments[name] = Segment(name, interfaces, m.loc())
+        self.segments[name] = Segment(name, interfaces, m.loc(), gateway,
+                                      m.loc("gateway") if "gateway" in m else None)
 
     def add_app(self, m: YMap, index: int) -> None:
         name, label = self.name(m, "app", index, self.apps)
