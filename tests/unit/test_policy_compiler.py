@@ -374,3 +374,70 @@ def test_bundle_checksum_is_deterministic(tmp_path):
     a, _ = load_policy([EXAMPLE])
     b, _ = load_policy([EXAMPLE])
     assert a.checksum == b.checksum
+
+
+# --- gateways (a fleet) -------------------------------------------------------------
+
+FLEET = os.path.join(os.path.dirname(EXAMPLE), "fleet.yaml")
+DEMO = os.path.join(os.path.dirname(EXAMPLE), "demo.yaml")
+
+
+def test_policy_without_gateways_packs_as_before_fleets(monkeypatch):
+    """Bundles from before gateways existed must keep their bytes: agents compare checksums."""
+    monkeypatch.chdir(REPO)  # the bundle records the path as given
+    bundle, _ = load_policy(["policies/demo.yaml"])
+    # The checksum policies/demo.yaml had before `gateways:` was added (commit 4b132ad); an edit
+    # of demo.yaml itself changes it: recompute it with that commit's agent/policy.
+    assert bundle.checksum == "3ec2787534849bbdefb9edf3870643ddee0b7c7fd8d0b274e7c1d2137c5308bc"
+    assert bundle.gateways == [] and all(s["gateway"] is None for s in bundle.segments)
+    d = msgpack.unpackb(bundle.pack(), raw=False)
+    assert "gateways" not in d and all("gateway" not in s for s in d["segments"])
+    back = Bundle.unpack(bundle.pack())
+    assert back == bundle and back.segments[0]["gateway"] is None
+
+
+def test_bundle_packed_before_gateways_still_loads():
+    """A bundle written by an agent without fleet support: no gateways, no segment gateway."""
+    bundle, _ = load_policy([DEMO])
+    d = {f: v for f, v in msgpack.unpackb(bundle.pack(), raw=False).items() if f != "checksum"}
+    d["segments"] = [{"id": s["id"], "name": s["name"], "interfaces": s["interfaces"]} for s in d["segments"]]
+    d["checksum"] = Bundle._digest(d)
+    back = Bundle.unpack(msgpack.packb(d, use_bin_type=True))
+    assert back.gateways == [] and [s["gateway"] for s in back.segments] == [None, None, None]
+    assert back.checksum == bundle.checksum
+
+
+def test_fleet_bundle_round_trip_and_checksum_covers_gateways():
+    bundle, _ = load_policy([FLEET])
+    assert bundle.gateways == ["gw-east", "gw-west"]
+    assert [(s["id"], s["name"], s["interfaces"], s["gateway"]) for s in bundle.segments] == [
+        (1, "prod", ["bh-prod"], "gw-east"), (2, "core", ["bh-core"], "gw-east"),
+        (3, "dev", ["bh-dev"], "gw-west"), (4, "core2", ["bh-core"], "gw-west")]
+    back = Bundle.unpack(bundle.pack())
+    assert back == bundle and back.checksum == bundle.checksum
+    d = msgpack.unpackb(bundle.pack(), raw=False)
+    d["segments"][3]["gateway"] = "gw-east"  # move a segment to another gateway, keep the checksum
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        Bundle.unpack(msgpack.packb(d, use_bin_type=True))
+
+
+def test_for_gateway_keeps_its_segments_and_their_sources_only():
+    bundle, _ = load_policy([FLEET])
+    apps = {a["name"]: a["id"] for a in bundle.apps}
+    east, west = bundle.for_gateway("gw-east"), bundle.for_gateway("gw-west")
+    assert [(s["id"], s["name"]) for s in east.segments] == [(1, "prod"), (2, "core")]
+    assert [(s["id"], s["name"]) for s in west.segments] == [(3, "dev"), (4, "core2")]
+    assert {(e[0], e[3]) for e in east.src_entries} == {(1, apps["web"]), (2, apps["payments"])}
+    assert {(e[0], e[3]) for e in west.src_entries} == {(3, apps["laptops"]), (4, apps["inventory"])}
+    assert sorted(east.src_entries + west.src_entries) == sorted(bundle.src_entries)
+    for part in (east, west):
+        assert part.apps == bundle.apps and part.rules == bundle.rules
+        assert part.dst_entries == bundle.dst_entries and part.policy_entries == bundle.policy_entries
+        assert part.settings == bundle.settings and part.gateways == bundle.gateways
+        assert Bundle.unpack(part.pack()) == part
+    assert bundle.segments[0]["gateway"] == "gw-east" and len(bundle.src_entries) == 8  # the whole is untouched
+    with pytest.raises(ValueError, match="gateway 'gw-north' is not in this policy"):
+        bundle.for_gateway("gw-north")
+    demo, _ = load_policy([DEMO])
+    with pytest.raises(ValueError, match="declares no gateways"):
+        demo.for_gateway("gw-east")

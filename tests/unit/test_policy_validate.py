@@ -347,6 +347,73 @@ rules:
             keepalive: 5             # ERR: settings http: unknown key 'keepalive'
         """,
     "settings-http-shape": "version: 1\nsettings:\n  http: [via]   # ERR: settings: http must be a mapping\n",
+    # --- gateways (a fleet) --------------------------------------------------
+    "gateway-entries": """\
+        version: 1
+        gateways:
+          - name: gw-east
+          - name: gw/west          # ERR: gateway name 'gw/west' is invalid
+          - name: gw-east          # ERR: duplicate gateway name 'gw-east'
+          - {name: gw-north, transit: true}   # ERR: gateway gw-north: unknown key 'transit'
+          - gw-south               # ERR: each entry of gateways must be a mapping
+          - {}                     # ERR: gateway #6 in
+        """,
+    "gateways-empty": "version: 1\ngateways: []   # ERR: gateways must be a non-empty list\n",
+    "gateways-not-list": "version: 1\ngateways: gw-east   # ERR: gateways must be a list of gateways\n",
+    "gateway-without-gateways": """\
+        version: 1
+        segments:
+          - name: prod
+            gateway: gw-east       # ERR: segment prod: gateway needs the gateways declared: add a top-level `gateways:`
+            interfaces: [bh-prod]
+        """,
+    "gateway-missing-or-unknown": """\
+        version: 1
+        gateways: [{name: gw-east}, {name: gw-west}]
+        segments:
+          - name: prod             # ERR: segment prod: gateway is required: the policy declares gateways (gw-east, gw-west)
+            interfaces: [bh-prod]
+          - name: dev
+            gateway: gw-wset       # ERR: segment dev: gateway 'gw-wset' is not defined (did you mean 'gw-west'?)
+            interfaces: [bh-dev]
+          - name: core
+            gateway: 7             # ERR: segment core: gateway must be a non-empty string, got the number 7
+            interfaces: [bh-core]
+        """,
+    "gateway-interfaces": """\
+        version: 1
+        gateways: [{name: gw-east}, {name: gw-west}]
+        segments:
+          - name: prod
+            gateway: gw-east
+            interfaces: [bh-prod, bh-core]
+          - name: core
+            gateway: gw-east
+            interfaces: [bh-core]  # ERR: segment core: interface 'bh-core' is already in segment prod (
+          - name: dev
+            gateway: gw-west
+            interfaces: [bh-prod, bh-core]
+        """,
+    "gateway-cross-rule": """\
+        version: 1
+        gateways: [{name: gw-east}, {name: gw-west}]
+        segments:
+          - {name: prod, gateway: gw-east, interfaces: [bh-prod]}
+          - {name: dev, gateway: gw-west, interfaces: [bh-dev]}
+        apps:
+          - {name: web, segment: prod, addresses: [198.18.1.0/24]}
+          - {name: db, segment: dev, addresses: [198.19.0.5]}
+          - {name: laptops, segment: dev, addresses: [198.18.2.0/24]}
+          - {name: saas, segment: dev, hostnames: [api.saas.example]}
+        rules:
+          - name: web-db
+            from: web
+            to: db                 # ERR: rule web-db: app web is behind gateway gw-east and app db behind gw-west: rules across gateways need the fabric (not supported yet)
+          - {name: laptops-db, from: laptops, to: db}
+          - {name: web-saas, from: web, to: saas}
+          - {name: laptops-saas, from: laptops, to: saas}
+          - {name: db-web, from: db, to: web}   # ERR: app db is behind gateway gw-west and app web behind gw-east
+        """,
 }
 
 
@@ -484,6 +551,40 @@ rules:
 
 
 # --- several files --------------------------------------------------------------
+
+def test_gateways_merge_across_files(tmp_path):
+    """`gateways:` in one file, segments naming them in another: one fleet policy."""
+    gws, segs = tmp_path / "gateways.yaml", tmp_path / "segments.yaml"
+    gws.write_text("version: 1\ngateways: [{name: gw-east}]\n")
+    segs.write_text("""\
+gateways: [{name: gw-west}]
+segments:
+  - {name: prod, gateway: gw-east, interfaces: [bh-prod]}
+  - {name: dev, gateway: gw-west, interfaces: [bh-prod]}
+apps:
+  - {name: web, segment: prod, addresses: [198.18.1.0/24]}
+  - {name: db, segment: dev, addresses: [198.19.0.5]}
+rules:
+  - {name: db-db, from: db, to: db}
+""")
+    bundle, _ = load_policy([str(gws), str(segs)])
+    assert bundle.gateways == ["gw-east", "gw-west"]
+    assert [(s["name"], s["gateway"]) for s in bundle.segments] == [("prod", "gw-east"), ("dev", "gw-west")]
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("gateways:\n  - name: gw-east\n")
+    got = [(d.file, d.line, d.message) for d in errors_of([str(gws), str(segs), str(dup)])]
+    assert got == [(str(dup), 2, f"duplicate gateway name 'gw-east' (first defined at {gws}:2)")]
+
+
+def test_gateways_in_an_unreadable_file_do_not_cascade(tmp_path):
+    """The broken file may be the one declaring gateways: no "gateway needs ..." errors."""
+    broken, segs = tmp_path / "broken.yaml", tmp_path / "segments.yaml"
+    broken.write_text("version: 1\ngateways: [\n")
+    segs.write_text("segments:\n  - {name: prod, gateway: gw-east, interfaces: [bh-prod]}\n")
+    got = errors_of([str(broken), str(segs)])
+    assert len(got) == 1 and got[0].file == str(broken) and "invalid YAML" in got[0].message
+
+
 
 def test_two_files_merge_in_order():
     base = os.path.join(FIXTURES, "split-base.yaml")
