@@ -27,7 +27,7 @@ __all__ = ["Bundle", "Diag", "Policy", "PolicyError", "compile_policy", "load_po
 def load_policy(paths: list[str]) -> tuple[Bundle, list[str]]:
     """Validate and compile the policy made of `paths`.
 
-    Several files are merged: their segments, apps and rules lists are
+    Several files are merged: their gateways, segments, apps and rules lists are
     concatenated in the order given (ids follow that order); version and
     settings may appear in at most one of them. Returns the bundle and its
     warnings (non-fatal messages), which
