@@ -74,7 +74,8 @@ class CrossChecks:
         if not app.addresses or app.segment is None:
             return None
         seg = self.segments.get(app.segment)
-        return seg.gateway if seg is not None else None
+        # An undeclared gateway was reported at its segment; no second error for its rules.
+        return seg.gateway if seg is not None and seg.gateway in self.gateways else None
 
     def check_segment_overlaps(self) -> None:
         """Within a segment the source trie must map each address to one app."""

@@ -379,6 +379,12 @@ rules:
           - name: core
             gateway: 7             # ERR: segment core: gateway must be a non-empty string, got the number 7
             interfaces: [bh-core]
+          - {name: east, gateway: gw-east, interfaces: [bh-east]}
+        apps:
+          - {name: web, segment: dev, addresses: [198.18.1.0/24]}
+          - {name: db, segment: east, addresses: [198.19.0.5]}
+        rules:
+          - {name: web-db, from: web, to: db}   # no "across gateways" on top of the errors above
         """,
     "gateway-interfaces": """\
         version: 1
