@@ -4,7 +4,7 @@
 # Usage (as root, from anywhere):   bash scripts/setup.sh
 #
 # What it does, in order:
-#   1. apt packages: bcc (python3-bpfcc), clang/llvm, libbpf, nftables, iproute2 and the
+#   1. apt packages: bcc (python3-bpfcc), clang/llvm, libbpf, nftables, iproute2, etcd and the
 #      tools the tests use. Only missing ones are installed; `apt-get update` runs once,
 #      and only when something has to be installed.
 #   2. kernel headers at /lib/modules/$(uname -r)/{build,source} (bcc compiles C at load
@@ -129,6 +129,9 @@ apt_install() {
 ESSENTIAL=(python3-bpfcc clang llvm nftables iproute2 python3-venv)
 # Useful: tests, demo and debugging use them; a missing one is reported, not fatal.
 USEFUL=(bpfcc-tools ethtool conntrack python3-dev curl openssl socat tcpdump iputils-ping kmod make)
+# The fleet's store: the tests, the demo and the benchmark run their own etcd (agent/lab/etcd.py);
+# the package's system service is never started here (there is no systemd in CI either).
+USEFUL+=(etcd-server etcd-client)
 
 # libbpf: bulkhead calls bpf_prog_test_run_opts from libbpf.so.1 through ctypes. libbpf1
 # is in Debian 12 and Ubuntu 23.04+; Ubuntu 22.04 only has libbpf0 (0.5, too old for
@@ -296,7 +299,7 @@ package_layout() {
 }
 want_stamp="$( { cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/scripts/setup.sh"; package_layout; } | sha256sum | cut -d' ' -f1)"
 have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
-IMPORTS='import bcc, click, yaml, msgpack, pyroute2, scapy, prometheus_client, pytest, pytest_benchmark, pytest_timeout'
+IMPORTS='import bcc, click, yaml, msgpack, pyroute2, scapy, prometheus_client, etcd3gw, cryptography, pytest, pytest_benchmark, pytest_timeout'
 
 fresh_install=0
 if [[ "${BULKHEAD_SETUP_FORCE:-0}" == 1 || "$want_stamp" != "$have_stamp" ]] \

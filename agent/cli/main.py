@@ -524,5 +524,9 @@ def top(state_dir: str, interval: float, once: bool, as_json: bool, rows: int) -
         _fail(f"control socket: {e}")
 
 
+from bulkhead.cli.fleet import fleet  # noqa: E402  (the group, defined in its own module)
+main.add_command(fleet)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""The agent side of the fleet (placeholder: the follower lands in its own commit)."""

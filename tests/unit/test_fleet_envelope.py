@@ -1,0 +1,218 @@
+"""Fleet keys and envelopes without etcd: what verifies, and every way a bundle is refused.
+
+Each refusal must name its reason (EnvelopeError.reason and a message an operator can act on),
+because the agent puts that text in its status key and `bulkhead fleet status` shows it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import msgpack
+import pytest
+from click.testing import CliRunner
+
+from bulkhead.cli.main import main
+from bulkhead.fleet import envelope, keys
+from bulkhead.fleet.envelope import EnvelopeError, open_verified, seal
+from bulkhead.policy import Bundle
+
+BUNDLE = Bundle(settings={"default_action": "deny", "mode": "enforce", "unknown_sni": "deny"},
+                segments=[{"id": 1, "name": "prod", "interfaces": ["bh-prod"]}], apps=[], rules=[],
+                src_entries=[], dst_entries=[], policy_entries=[]).pack()
+
+
+@pytest.fixture
+def keypair(tmp_path):
+    priv, pub = keys.keygen(tmp_path / "fleet.key")
+    return keys.load_private(priv), keys.load_public(pub)
+
+
+@pytest.fixture
+def other(tmp_path):
+    priv, pub = keys.keygen(tmp_path / "other.key")
+    return keys.load_private(priv), keys.load_public(pub)
+
+
+def _fields(raw: bytes) -> dict:
+    return msgpack.unpackb(raw, raw=False)
+
+
+def _repack(d: dict) -> bytes:
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def refused(raw, pub) -> EnvelopeError:
+    with pytest.raises(EnvelopeError) as ei:
+        open_verified(raw, pub)
+    return ei.value
+
+
+# ---------------------------------------------------------------- keys
+def test_keygen_writes_a_private_key_0600_and_a_public_one(tmp_path):
+    priv, pub = keys.keygen(tmp_path / "k")
+    assert stat.S_IMODE(os.stat(priv).st_mode) == 0o600
+    assert pub == tmp_path / "k.pub"
+    assert b"BEGIN PRIVATE KEY" in priv.read_bytes() and b"BEGIN PUBLIC KEY" in pub.read_bytes()
+    assert keys.key_id(keys.load_public(pub)) == keys.key_id(keys.load_private(priv))
+    assert len(keys.key_id(keys.load_public(pub))) == 16
+
+
+def test_keygen_refuses_to_overwrite_without_force(tmp_path):
+    priv, pub = keys.keygen(tmp_path / "k")
+    before = priv.read_bytes()
+    with pytest.raises(keys.FleetKeyError, match="already exists"):
+        keys.keygen(tmp_path / "k")
+    assert priv.read_bytes() == before
+    os.chmod(priv, 0o644)
+    keys.keygen(tmp_path / "k", force=True)
+    assert priv.read_bytes() != before
+    assert stat.S_IMODE(os.stat(priv).st_mode) == 0o600  # --force fixes a loosened mode too
+
+
+def test_the_private_key_is_never_readable_by_others_even_with_a_loose_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        priv, _ = keys.keygen(tmp_path / "k")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(priv).st_mode) == 0o600
+
+
+def test_loading_the_wrong_kind_of_file_says_what_it_is(tmp_path):
+    priv, pub = keys.keygen(tmp_path / "k")
+    with pytest.raises(keys.FleetKeyError, match="this is a public key"):
+        keys.load_private(pub)
+    with pytest.raises(keys.FleetKeyError, match="this is a private key"):
+        keys.load_public(priv)
+    with pytest.raises(keys.FleetKeyError, match="cannot read"):
+        keys.load_public(tmp_path / "missing.pub")
+    (tmp_path / "junk").write_text("hello")
+    with pytest.raises(keys.FleetKeyError, match="not a PEM"):
+        keys.load_private(tmp_path / "junk")
+
+
+# ---------------------------------------------------------------- envelopes
+def test_a_sealed_bundle_opens_with_its_revision_digest_and_bytes(keypair):
+    priv, pub = keypair
+    raw = seal(BUNDLE, 7, priv, published_at=1234.5)
+    s = open_verified(raw, pub)
+    assert (s.revision, s.bundle, s.published_at) == (7, BUNDLE, 1234.5)
+    assert s.digest == hashlib.sha256(BUNDLE).hexdigest()
+    assert s.key_id == keys.key_id(pub)
+    assert Bundle.unpack(s.bundle).segments[0]["name"] == "prod"
+
+
+def test_a_tampered_bundle_is_refused(keypair):
+    priv, pub = keypair
+    d = _fields(seal(BUNDLE, 3, priv))
+    d["bundle"] = d["bundle"].replace(b"bh-prod", b"bh-evil")
+    e = refused(_repack(d), pub)
+    assert e.reason == "digest" and "digest mismatch" in str(e)
+    # ... and with the digest fixed to match, the signature still doesn't cover it
+    d["digest"] = hashlib.sha256(d["bundle"]).hexdigest()
+    e = refused(_repack(d), pub)
+    assert e.reason == "signature" and "signature invalid" in str(e)
+
+
+def test_a_tampered_revision_is_refused(keypair):
+    """Relabelling an old envelope as new (to get it past the agent's replay check) breaks the signature."""
+    priv, pub = keypair
+    d = _fields(seal(BUNDLE, 3, priv))
+    d["revision"] = 99
+    e = refused(_repack(d), pub)
+    assert e.reason == "signature" and "revision 99" in str(e)
+
+
+@pytest.mark.parametrize("field, value", [("published_at", 1.0), ("sig", b"\0" * 64)])
+def test_any_other_signed_field_changed_is_refused(keypair, field, value):
+    priv, pub = keypair
+    d = _fields(seal(BUNDLE, 3, priv))
+    d[field] = value
+    assert refused(_repack(d), pub).reason == "signature"
+
+
+def test_a_bundle_signed_by_another_key_is_refused_naming_both_keys(keypair, other):
+    _, pub = keypair
+    other_priv, other_pub = other
+    e = refused(seal(BUNDLE, 3, other_priv), pub)
+    assert e.reason == "key"
+    assert keys.key_id(other_pub) in str(e) and keys.key_id(pub) in str(e)
+
+
+def test_another_key_claiming_the_trusted_key_id_is_refused_by_the_signature(keypair, other):
+    priv, pub = keypair
+    other_priv, _ = other
+    d = _fields(seal(BUNDLE, 3, other_priv))
+    d["key_id"] = keys.key_id(pub)
+    assert refused(_repack(d), pub).reason == "signature"
+
+
+@pytest.mark.parametrize("raw, says", [
+    (b"", "not msgpack"),
+    (b"\xc1garbage", "not msgpack"),
+    (msgpack.packb([1, 2, 3]), "not a map"),
+    (msgpack.packb({"format": 1}), "missing"),
+    ("text", "not bytes"),
+])
+def test_malformed_envelopes_are_refused(keypair, raw, says):
+    _, pub = keypair
+    e = refused(raw, pub)
+    assert e.reason == "malformed" and says in str(e)
+
+
+def test_wrong_field_types_and_extra_fields_are_malformed(keypair):
+    priv, pub = keypair
+    good = _fields(seal(BUNDLE, 3, priv))
+    for field, value in [("revision", "3"), ("revision", True), ("revision", 0),
+                         ("bundle", "text"), ("published_at", 3)]:
+        d = dict(good, **{field: value})
+        assert refused(_repack(d), pub).reason == "malformed", (field, value)
+    assert "unknown ['x']" in str(refused(_repack(dict(good, x=1)), pub))
+
+
+def test_a_different_format_is_refused_as_such(keypair):
+    priv, pub = keypair
+    d = _fields(seal(BUNDLE, 3, priv))
+    d["format"] = 2
+    e = refused(_repack(d), pub)
+    assert e.reason == "format" and "format 2" in str(e)
+
+
+def test_the_signature_covers_a_context_string(keypair):
+    """A signature made over the bare fields (another use of the same key) is not an envelope's."""
+    priv, pub = keypair
+    d = _fields(seal(BUNDLE, 3, priv))
+    d["sig"] = priv.sign(msgpack.packb([1, 3, d["published_at"], d["key_id"], d["digest"], BUNDLE],
+                                       use_bin_type=True))
+    assert refused(_repack(d), pub).reason == "signature"
+
+
+def test_seal_refuses_a_revision_below_one(keypair):
+    priv, _ = keypair
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError):
+            seal(BUNDLE, bad, priv)
+
+
+def test_peek_revision_reads_unverified_and_never_raises(keypair):
+    priv, _ = keypair
+    assert envelope.peek_revision(seal(BUNDLE, 41, priv)) == 41
+    assert envelope.peek_revision(b"junk") is None
+
+
+# ---------------------------------------------------------------- CLI (no etcd needed)
+def test_cli_keygen_and_its_refusal(tmp_path):
+    r = CliRunner().invoke(main, ["fleet", "keygen", "--key", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    assert "key id" in r.output and (tmp_path / "k.pub").exists()
+    r = CliRunner().invoke(main, ["fleet", "keygen", "--key", str(tmp_path / "k")])
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_cli_bad_etcd_url_is_bad_input(tmp_path):
+    r = CliRunner().invoke(main, ["fleet", "status", "--etcd", "etcd1:2379"])
+    assert r.exit_code == 2 and "expected http(s)://HOST:PORT" in r.output
+    r = CliRunner().invoke(main, ["fleet", "status"], env={"BULKHEAD_ETCD": ""})
+    assert r.exit_code == 2 and "--etcd" in r.output
