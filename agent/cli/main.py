@@ -166,8 +166,16 @@ def agent() -> None:
 
 
 @agent.command("run")
-@click.option("--policy", "policy_files", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="Policy file (repeatable).")
+@click.option("--policy", "policy_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Policy file (repeatable); a gateway with no fleet. Exclusive with --etcd.")
+@click.option("--etcd", "etcd", envvar="BULKHEAD_ETCD", metavar="URL[,URL...]",
+              help="Follow the fleet's signed policy in etcd (default $BULKHEAD_ETCD); needs --gateway, --trust.")
+@click.option("--gateway", metavar="NAME", help="With --etcd: this gateway's name in the policy's gateways:.")
+@click.option("--trust", type=click.Path(dir_okay=False), metavar="FILE.pub",
+              help="With --etcd: the public key policies must be signed with (`bulkhead fleet keygen`).")
+@click.option("--etcd-wait", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="S",
+              help="With --etcd and no verified policy in STATE_DIR/fleet: how long to wait for etcd's "
+              "before exiting 1.")
 @STATE_DIR_OPT
 @click.option("--metrics", "metrics_addr", default="127.0.0.1:9477", show_default=True,
               help="Prometheus listen address HOST:PORT; 'off' disables.")
@@ -179,23 +187,48 @@ def agent() -> None:
               "refused: `bulkhead down` first.")
 @click.option("--events-keep", default=10000, show_default=True, type=click.IntRange(min=0),
               help="Flow events the agent keeps for `bulkhead flows` (older ones are dropped, counted).")
-def agent_run(policy_files, state_dir, metrics_addr, xdp_mode, map_sizes, events_keep) -> None:
+def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_addr, xdp_mode, map_sizes,
+              events_keep) -> None:
     """Run the agent in the foreground.
 
     Attaches XDP to the interfaces the policy's segments name, enforces, and
     serves STATE_DIR/bulkhead.sock. Stopping the agent leaves enforcement in
     place (so a restart opens no window); `bulkhead down` removes it.
+
+    With --etcd the policy is the fleet's: the newest envelope signed by --trust
+    whose revision is above the applied one, cut to --gateway's segments. It
+    starts from STATE_DIR/fleet/last.envelope if there is one (stale until etcd
+    answers); without one it waits up to --etcd-wait for etcd, then exits 1.
     """
     try:
         sizes = parse_map_sizes(map_sizes)
     except ValueError as e:
         _fail(str(e), 2)
+    if policy_files and etcd and click.get_current_context().get_parameter_source("etcd") \
+            == click.core.ParameterSource.ENVIRONMENT:
+        etcd = None  # an explicit --policy wins over $BULKHEAD_ETCD; only --etcd and --policy clash
+    if bool(policy_files) == bool(etcd):
+        _fail("agent run takes --policy FILE (a gateway on its own) or --etcd URL (the fleet's policy; "
+              "also $BULKHEAD_ETCD), " + ("not both" if policy_files else "one of them"), 2)
+    fleet = None
+    if etcd:
+        from bulkhead.fleet.store import parse_urls
+
+        missing = [o for o, v in (("--gateway NAME", gateway), ("--trust FILE.pub", trust)) if not v]
+        if missing:
+            _fail(f"agent run --etcd needs {' and '.join(missing)}", 2)
+        try:
+            fleet = {"urls": parse_urls(etcd), "gateway": gateway, "trust": trust, "wait": etcd_wait}
+        except ValueError as e:
+            _fail(str(e), 2)
+    elif gateway or trust:
+        _fail("--gateway and --trust go with --etcd", 2)
     if os.geteuid() != 0:
         _fail("the agent needs root (CAP_BPF, CAP_NET_ADMIN)")
     from bulkhead.daemon import agent as daemon
 
     sys.exit(daemon.run(list(policy_files), state_dir, None if metrics_addr == "off" else metrics_addr, xdp_mode,
-                        sizes=sizes, events_keep=events_keep))
+                        sizes=sizes, events_keep=events_keep, fleet=fleet))
 
 
 

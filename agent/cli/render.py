@@ -13,8 +13,10 @@ def status_text(st: dict) -> str:
         f"policy: {', '.join(st['policy']['files'])}  {st['policy']['apps']} apps, {st['policy']['rules']} rules,"
         f" {st['policy']['policy_entries']} entries, default {st['policy']['settings'].get('default_action')},"
         f" mode {st['policy']['settings'].get('mode')}",
-        "interfaces:",
     ]
+    if st.get("fleet"):
+        lines.append(fleet_line(st["fleet"]))
+    lines.append("interfaces:")
     for i in st["interfaces"]:
         lines.append(f"  {i['name']:<16} ifindex {i['ifindex']:<5} segment {i.get('segment', '?'):<12} xdp {i['mode']:<8}"
                      f" reject via {i.get('reject_path', '?')}")
@@ -45,6 +47,17 @@ def status_text(st: dict) -> str:
             lines.append(f"  {p['src_app']} -> {p['dst_app']}: {p['new']} new flows ({by or '-'}), {p['end']} ended")
     lines += latency_lines(st.get("latency") or [])
     return "\n".join(lines)
+
+
+def fleet_line(f: dict) -> str:
+    """fleet: gateway gw-east, revision 7 (stale), etcd http://a:2379 unreachable; refused: why"""
+    stale = " (stale: etcd has not confirmed it)" if f.get("stale") else ""
+    etcd = ", ".join(f.get("etcd") or [])
+    conn = "connected" if f.get("connected") else "unreachable" + (f" ({f['etcd_error']})" if f.get("etcd_error") else "")
+    line = f"fleet: gateway {f.get('gateway')}, revision {f.get('revision')}{stale}, etcd {etcd} {conn}"
+    if f.get("error"):
+        line += f"; last refused: {f['error']}"
+    return line
 
 
 def latency_lines(rows: list[dict]) -> list[str]:

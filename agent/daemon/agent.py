@@ -139,6 +139,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.verifier = None  # bulkhead.verifier.supervisor.Supervisor
         self.l7 = L7Records()
+        self.follower = None  # bulkhead.fleet.follower.Follower when the fleet supplies the policy
 
     # ---------------------------------------------------------------- start
     def start(self, bundle: Bundle) -> int:
@@ -370,6 +371,7 @@ class Agent:
             "verifier": self.verifier_status(),
             "flow_log": self.flow_log_status(),
             "latency": self._safe(self.latency_summary, []),
+            "fleet": self.follower.status() if self.follower else None,
         }
 
     @staticmethod
@@ -463,6 +465,11 @@ class Agent:
             seq, recs = self.l7.since(int(req.get("after", 0)), int(req.get("limit", 1000)))
             return {"ok": True, "seq": seq, "requests": recs}
         if op == "apply":
+            if self.follower is not None:
+                f = self.follower
+                return {"ok": False, "code": 1, "generation": self.dp.active_generation(),
+                        "error": f"this agent follows the fleet (gateway {f.gateway}, etcd {', '.join(f.urls)}): "
+                                 "publish with `bulkhead fleet publish`"}
             try:
                 bundle = Bundle.unpack(req["bundle"])
             except Exception as e:
@@ -480,30 +487,57 @@ class Agent:
 
 
 def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_mode: str = "auto",
-        sizes: dict[str, int] | None = None, events_keep: int = flowlog.DEFAULT_KEEP) -> int:
-    from bulkhead.policy import PolicyError, load_policy
-
-    try:
-        bundle, warnings = load_policy(policy_paths)
-    except PolicyError as e:
-        print(str(e), flush=True)
-        return 2
-    for w in warnings:
-        log.warning("%s", w)
+        sizes: dict[str, int] | None = None, events_keep: int = flowlog.DEFAULT_KEEP,
+        fleet: dict | None = None) -> int:
+    """Run until SIGTERM/SIGINT. The policy comes from `policy_paths`, or with `fleet`
+    ({"urls", "gateway", "trust", "wait"}) from etcd through a Follower (bulkhead.fleet.follower):
+    its first verified envelope (the cached one in STATE_DIR/fleet, else etcd's, waited for up to
+    fleet["wait"] seconds: none by then is exit 1) starts the data path, later ones are applied."""
     agent = Agent(state_dir, xdp_mode, sizes=sizes, events_keep=events_keep)
+    bundle = first = None
+    expected: tuple[type, ...] = (AgentError, DatapathError, wire.ControlError)  # said in one line, no trace
+    if fleet is None:
+        from bulkhead.policy import PolicyError, load_policy
+
+        try:
+            bundle, warnings = load_policy(policy_paths)
+        except PolicyError as e:
+            print(str(e), flush=True)
+            return 2
+        for w in warnings:
+            log.warning("%s", w)
+    else:
+        from bulkhead.fleet.follower import Follower, FollowerError
+        from bulkhead.fleet.keys import FleetKeyError
+
+        expected += (FollowerError,)
+
+        try:
+            agent.follower = Follower(fleet["urls"], fleet["gateway"], fleet["trust"], state_dir,
+                                      lambda b, revision: agent.apply(b))
+        except (FleetKeyError, ValueError) as e:
+            print(f"bulkhead: {e}", flush=True)
+            return 2
     server = ControlServer(state_dir, agent.handle)
     try:
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         server.ensure_free()  # before touching the kernel: never fight a live agent
         probe.require(log)  # logs missing kernel features; raises naming a required one
+        if agent.follower is not None:
+            first = agent.follower.initial(fleet["wait"])  # FollowerError: nothing verified to start from
+            bundle = first.bundle
         gen = agent.start(bundle)
+        if first is not None:
+            agent.follower.applied(first)
         server.start()
     except Exception as e:  # noqa: BLE001 -- any start failure: say why, exit 1, leave no child behind
         agent.stop()
-        if not isinstance(e, (AgentError, DatapathError, wire.ControlError)):
+        if not isinstance(e, expected):
             log.exception("agent start failed")
         log.error("%s", e)
         return 1
+    if agent.follower is not None:
+        agent.follower.start()  # from here on etcd's newer envelopes are applied as they come
     if metrics_addr:
         from bulkhead.telemetry import metrics
 
@@ -514,11 +548,15 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop_event.set())
-    print(f"bulkhead agent ready generation={gen} interfaces={','.join(sorted(agent.interfaces))}", flush=True)
+    revision = f" revision={first.revision}" if first is not None else ""
+    print(f"bulkhead agent ready generation={gen} interfaces={','.join(sorted(agent.interfaces))}{revision}",
+          flush=True)
     try:
         while not agent.stop_event.wait(1.0):
             pass
     finally:
+        if agent.follower is not None:
+            agent.follower.stop()
         server.stop()
         agent.stop()
     log.info("agent exiting; XDP stays attached and enforcing (use `bulkhead down` to remove)")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 import re
 import selectors
-import threading
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +21,11 @@ def bulkhead_argv() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-c", "import sys; from bulkhead.cli.main import main; sys.exit(main())"]
+
+
+def fleet_args(etcd: str, gateway: str, trust: str | os.PathLike) -> tuple[str, ...]:
+    """The `agent run` options that make it follow the fleet instead of a --policy file."""
+    return ("--etcd", etcd, "--gateway", gateway, "--trust", str(trust))
 
 
 class AgentRunner:
@@ -38,15 +43,19 @@ class AgentRunner:
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(self.state_dir) / "agent.log"
 
-    def start(self, policy: str | os.PathLike, timeout: float = 120, args: tuple[str, ...] = ()) -> int:
-        """Start the agent (`args`: more `agent run` options) and wait for
-        `bulkhead agent ready generation=N`; returns N."""
+    def start(self, policy: str | os.PathLike | None, timeout: float = 120, args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> int:
+        """Start the agent (`args`: more `agent run` options, `env`: more environment) and wait for
+        `bulkhead agent ready generation=N`; returns N. policy None: `args` says where the policy
+        comes from (fleet_args)."""
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
+        source = ["--policy", str(policy)] if policy is not None else []
         try:
-            self.proc = self.topo.spawn("gw", [*bulkhead_argv(), "agent", "run", "--policy", str(policy),
+            self.proc = self.topo.spawn("gw", [*bulkhead_argv(), "agent", "run", *source,
                                                "--state-dir", self.state_dir, *args],
-                                        stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(REPO))
+                                        stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(REPO),
+                                        env={**os.environ, **env} if env else None)
         finally:
             log.close()
         sel = selectors.DefaultSelector()
@@ -65,6 +74,11 @@ class AgentRunner:
                 return int(m.group(1))
         self.stop(signal.SIGKILL)
         raise RuntimeError(f"agent did not become ready; log:\n{self.log()}")
+
+    def start_fleet(self, etcd: str, gateway: str, trust: str | os.PathLike, timeout: float = 120,
+                    args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> int:
+        """`bulkhead agent run --etcd ETCD --gateway GATEWAY --trust TRUST` (the fleet's policy)."""
+        return self.start(None, timeout, (*fleet_args(etcd, gateway, trust), *args), env=env)
 
     def log(self) -> str:
         try:
