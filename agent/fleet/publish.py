@@ -70,8 +70,16 @@ def publish_bundle(store: Store, bundle: Bundle, private_key, warnings: list[str
         highest, guard = highest_seen(store)
         revision = highest + 1
         sealed = envelope.seal(data, revision, private_key, published_at=time.time())
-        if store.put_if_unchanged(REVISION_KEY, guard,
-                                  [(REVISION_KEY, str(revision)), (POLICY_KEY, sealed)]):
+        try:
+            written = store.put_if_unchanged(REVISION_KEY, guard,
+                                             [(REVISION_KEY, str(revision)), (POLICY_KEY, sealed)])
+        except FleetStoreError as e:
+            if "request is too large" in str(e):
+                raise FleetStoreError(f"{e}: the envelope is {len(sealed)} bytes, above this etcd's "
+                                      "--max-request-bytes (1.5 MiB by default); raise it on every "
+                                      "member (see docs/fleet.md)") from None
+            raise
+        if written:
             opened = envelope.open_verified(sealed, private_key.public_key())
             return Published(revision=revision, digest=opened.digest, key_id=opened.key_id,
                              envelope_bytes=len(sealed), bundle_bytes=len(data),

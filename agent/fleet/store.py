@@ -193,8 +193,12 @@ class Store:
         out = self._post("/kv/put", payload)
         return int(out.get("header", {}).get("revision", 0))
 
-    def delete(self, key: str) -> int:
-        out = self._post("/kv/deleterange", {"key": _b64(key)})
+    def delete(self, key: str, prefix: bool = False) -> int:
+        """Delete key (or every key under it with prefix=True); how many were deleted."""
+        payload: dict[str, Any] = {"key": _b64(key)}
+        if prefix:
+            payload["range_end"] = _b64(_prefix_end(key))
+        out = self._post("/kv/deleterange", payload)
         return int(out.get("deleted", 0))
 
     def txn(self, payload: dict) -> dict:
@@ -273,21 +277,16 @@ class Store:
             if cancelled.is_set():
                 return
             cancelled.set()
-            # Unblock a reader sitting in recv() in another thread: shut the socket down.
-            try:
-                fd = resp.raw._fp.fp.raw._sock.fileno()  # type: ignore[union-attr]
-                socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
-            except (AttributeError, OSError, ValueError):
-                pass
+            # Unblock a reader sitting in recv() in another thread: shut the socket down (a
+            # close() alone leaves that recv() waiting for etcd's next byte).
+            _shutdown(resp)
             resp.close()
 
         def events() -> Iterator[Event]:
             try:
-                for line in resp.iter_lines(chunk_size=None):
+                for line in _lines(resp):
                     if cancelled.is_set():
                         return
-                    if not line.strip():
-                        continue
                     try:
                         chunk = json.loads(line)
                     except ValueError:
@@ -319,6 +318,50 @@ class Store:
                 raise FleetStoreError(f"etcd at {url}: watch stream ended (etcd stopped?)")
 
         return events(), cancel
+
+
+def _lines(resp: requests.Response) -> Iterator[bytes]:
+    """The stream's non-empty lines (one JSON message each). requests' iter_lines rescans
+    everything pending on every chunk, quadratic for a multi-megabyte envelope: look for the
+    newline in the new chunk only."""
+    parts: list[bytes] = []
+    for chunk in resp.iter_content(chunk_size=None):
+        while chunk:
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                parts.append(chunk)
+                break
+            parts.append(chunk[:nl])
+            line = b"".join(parts)
+            parts = []
+            chunk = chunk[nl + 1:]
+            if line.strip():
+                yield line
+    tail = b"".join(parts)
+    if tail.strip():
+        yield tail
+
+
+def _shutdown(resp: requests.Response) -> None:
+    sock = None
+    for path in (("raw", "_fp", "fp", "raw", "_sock"), ("raw", "_connection", "sock"),
+                 ("raw", "connection", "sock")):
+        obj = resp
+        try:
+            for attr in path:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        if isinstance(obj, socket.socket):
+            sock = obj
+            break
+    if sock is None:
+        return
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as s:
+            s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _short(e: Exception) -> str:

@@ -44,12 +44,13 @@ def _host(addr: str) -> str:
 class EtcdServer:
     def __init__(self, name: str = "bhetcd", client_addr: str = "127.0.0.1",
                  netns: str | None = None, client_port: int | None = None,
-                 peer_port: int | None = None):
+                 peer_port: int | None = None, max_request_bytes: int | None = None):
         self.name = name
         self.client_addr = client_addr
         self.netns = netns
         self._client_port = client_port
         self._peer_port = peer_port
+        self.max_request_bytes = max_request_bytes  # None: etcd's default (1.5 MiB)
         self.proc: subprocess.Popen | None = None
         self.data_dir: Path | None = None
         self._own_dir = False
@@ -88,6 +89,8 @@ class EtcdServer:
                 "--initial-cluster", f"{self.name}={self.peer_url}",
                 "--initial-cluster-state", "new",
                 "--log-level", "warn", "--logger", "zap"]
+        if self.max_request_bytes:
+            argv += ["--max-request-bytes", str(self.max_request_bytes)]
         if self.netns:
             argv = ["nsenter", f"--net={NETNS_DIR / self.netns}", *argv]
         return argv
