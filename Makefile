@@ -5,6 +5,7 @@
 #   make test    setup, then unit + BPF + integration tests (root; what CI runs)
 #   make unit    unit tests only, no root (needs an existing .venv)
 #   make demo    setup, then `bulkhead demo` (root)
+#   make demo-fleet setup, then `bulkhead demo --fleet`: two gateways, one policy through etcd (root)
 #   make bench   setup (+ the bench packages: haproxy, wrk), then the benchmarks (root)
 #   make lint    byte-compile everything, plus ruff if it is installed
 #   make clean   remove .venv and caches (never touches the system)
@@ -23,7 +24,7 @@ BENCH_ARGS     ?=
 # Only directories that exist: git does not keep empty ones.
 TEST_DIRS := $(wildcard tests/unit tests/bpf tests/integration)
 
-.PHONY: help setup test unit demo bench lint clean
+.PHONY: help setup test unit demo demo-fleet bench lint clean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -45,6 +46,9 @@ unit:
 
 demo: setup
 	$(VENV)/bin/bulkhead demo
+
+demo-fleet: setup
+	$(VENV)/bin/bulkhead demo --fleet
 
 # Not `bench: setup`: the same setup, plus the bench-only packages (BULKHEAD_SETUP_BENCH=1).
 bench:

@@ -453,12 +453,17 @@ def down(state_dir: str, as_json: bool) -> None:
 
 # -------------------------------------------------------------------- demo
 @main.command()
-def demo() -> None:
+@click.option("--fleet", is_flag=True,
+              help="Two gateways following one policy published through etcd (make demo-fleet).")
+def demo(fleet: bool) -> None:
     """Build a demo topology in network namespaces, enforce policies/demo.yaml
     with real traffic, show who reached what and why, then clean up."""
     if os.geteuid() != 0:
         _fail("the demo needs root (it creates network namespaces)")
-    from bulkhead.lab import demo as demo_mod
+    if fleet:
+        from bulkhead.lab import demo_fleet as demo_mod
+    else:
+        from bulkhead.lab import demo as demo_mod
 
     sys.exit(demo_mod.main())
 

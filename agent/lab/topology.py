@@ -66,7 +66,7 @@ LINKS = {
                 (GW_CORE_V4, GW_CORE_V6)),
 }
 PEER_IF = "eth0"
-STALE_RE = re.compile(r"^(bht|bhdemo)(\d+)x\d+-(gw|prod|dev|core)$")
+STALE_RE = re.compile(r"^(bht|bhdemo)(\d+)x\d+-(gw|prod|dev|core|etcd)$")  # etcd: lab/fleetlab.py
 
 _counter = itertools.count()
 _libc = None
