@@ -46,14 +46,16 @@ APPS = [
 ]
 
 
-def policy_doc(to: str, gateway: str = GW) -> str:
-    """Default deny; web (prod) may reach `to` (payments on 8443 or catalog on 8080) only."""
+def policy_doc(to: str, gateway: str = GW, core_ifs: tuple[str, ...] = ()) -> str:
+    """Default deny; web (prod) may reach `to` (payments on 8443 or catalog on 8080) only.
+    core_ifs: more interfaces for the core segment."""
     port = {"payments": "tcp/8443", "catalog": "tcp/8080"}[to]
+    ifs = {"prod": ["bh-prod"], "dev": ["bh-dev"], "core": ["bh-core", *core_ifs]}
     return yaml.safe_dump({
         "version": 1,
         "settings": {"default_action": "deny", "mode": "enforce"},
         "gateways": [{"name": gateway}],
-        "segments": [{"name": n, "gateway": gateway, "interfaces": [f"bh-{n}"]} for n in ("prod", "dev", "core")],
+        "segments": [{"name": n, "gateway": gateway, "interfaces": i} for n, i in ifs.items()],
         "apps": APPS,
         "rules": [{"name": f"web-{to}", "from": "web", "to": to, "action": "allow", "ports": [port]}],
     }, sort_keys=False)
@@ -105,8 +107,8 @@ class Fleet:
         p.write_text(text)
         return p
 
-    def publish(self, to: str, key=None, gateway: str = GW) -> int:
-        p = self.cli("fleet", "publish", str(self.write(policy_doc(to, gateway))), "--etcd", self.etcd.url,
+    def publish(self, to: str, key=None, gateway: str = GW, core_ifs: tuple[str, ...] = ()) -> int:
+        p = self.cli("fleet", "publish", str(self.write(policy_doc(to, gateway, core_ifs))), "--etcd", self.etcd.url,
                      "--key", str(key or self.key))
         return int(p.stdout.split()[-1])
 
@@ -244,6 +246,19 @@ def test_untrusted_key_and_other_gateway_are_refused(fleet):
     fleet.enforces("catalog")
 
 
+def test_a_bundle_the_data_path_refuses_is_a_refusal(fleet):
+    """Verified and newer, but not applicable here (an interface this gateway lacks): refused,
+    acknowledged with the data path's reason; the old policy stays."""
+    assert fleet.publish("payments", core_ifs=("bh-nope",)) == 5
+    st = wait_until(fleet.agent_fleet, lambda s: "bh-nope" in (s["error"] or ""))
+    assert "revision 5: apply failed: interfaces not found" in (st["error"] or ""), st
+    assert st["revision"] == 2
+    gw = wait_until(fleet.gateway, lambda g: "bh-nope" in (g.get("error") or ""))
+    assert gw["applied_revision"] == 2 and "apply failed" in gw["error"], gw
+    fleet.enforces("catalog")
+    assert fleet.topo.run("gw", ["ip", "link", "show", "bh-nope"], check=False).returncode != 0  # really absent
+
+
 def test_replayed_envelope_is_refused_and_the_next_publish_applies(fleet):
     # A validly signed envelope of an older revision, as an attacker would write it back.
     key = load_private(fleet.key)
@@ -256,8 +271,8 @@ def test_replayed_envelope_is_refused_and_the_next_publish_applies(fleet):
     assert gw and gw["applied_revision"] == 2
     fleet.enforces("catalog")
     # The operator's next publish is above everything seen, so it applies.
-    assert fleet.publish("payments") == 5
-    st = wait_until(fleet.agent_fleet, lambda s: s["revision"] == 5)
+    assert fleet.publish("payments") == 6
+    st = wait_until(fleet.agent_fleet, lambda s: s["revision"] == 6)
     assert st and st["error"] is None, fleet.agent_fleet()
     fleet.enforces("payments")
 
@@ -265,7 +280,7 @@ def test_replayed_envelope_is_refused_and_the_next_publish_applies(fleet):
 def test_etcd_down_enforcement_stays_and_a_restart_comes_up_stale(fleet):
     fleet.etcd.stop()
     st = wait_until(fleet.agent_fleet, lambda s: not s["connected"])
-    assert st and st["stale"] and st["revision"] == 5 and st["etcd_error"], fleet.agent_fleet()
+    assert st and st["stale"] and st["revision"] == 6 and st["etcd_error"], fleet.agent_fleet()
     fleet.enforces("payments")
     assert "unreachable" in fleet.agent.cli("status").stdout
 
@@ -273,7 +288,7 @@ def test_etcd_down_enforcement_stays_and_a_restart_comes_up_stale(fleet):
     fleet.enforces("payments")  # no agent: XDP keeps enforcing
     fleet.start_agent()
     st = fleet.agent_fleet()
-    assert st["revision"] == 5 and st["stale"] and not st["connected"], st
+    assert st["revision"] == 6 and st["stale"] and not st["connected"], st
     fleet.enforces("payments")
     assert "(stale: etcd has not confirmed it)" in fleet.agent.cli("status").stdout
 
@@ -299,7 +314,7 @@ def test_tampered_cache_is_never_used(fleet):
         in p.stderr, p.stderr
     fleet.enforces("payments")
     fleet.start_agent()
-    assert fleet.agent_fleet()["revision"] == 5
+    assert fleet.agent_fleet()["revision"] == 6
 
 
 def test_etcd_back_the_agent_catches_up_without_restart(fleet):
@@ -307,14 +322,14 @@ def test_etcd_back_the_agent_catches_up_without_restart(fleet):
     fleet.etcd.start()
     # Reconnecting backs off up to 5 s between tries.
     st = wait_until(fleet.agent_fleet, lambda s: s["connected"] and not s["stale"], timeout=30)
-    assert st["connected"] and not st["stale"] and st["revision"] == 5, st
-    assert fleet.publish("catalog") == 6
-    assert wait_for(lambda: fleet.agent_fleet()["revision"] == 6), fleet.agent_fleet()
+    assert st["connected"] and not st["stale"] and st["revision"] == 6, st
+    assert fleet.publish("catalog") == 7
+    assert wait_for(lambda: fleet.agent_fleet()["revision"] == 7), fleet.agent_fleet()
     assert fleet.agent.status()["pid"] == pid
     fleet.enforces("catalog")
-    gw = wait_until(fleet.gateway, lambda g: g.get("applied_revision") == 6)
-    assert gw["applied_revision"] == 6 and gw["alive"] and not gw["stale"] and gw["error"] is None
-    p = fleet.cli("fleet", "status", "--etcd", fleet.etcd.url, "--wait", "6", "--timeout", "10")
+    gw = wait_until(fleet.gateway, lambda g: g.get("applied_revision") == 7)
+    assert gw["applied_revision"] == 7 and gw["alive"] and not gw["stale"] and gw["error"] is None
+    p = fleet.cli("fleet", "status", "--etcd", fleet.etcd.url, "--wait", "7", "--timeout", "10")
     assert p.returncode == 0
 
 
@@ -322,8 +337,8 @@ def test_killed_agent_is_not_alive_within_the_ttl(fleet):
     assert fleet.gateway()["alive"]
     fleet.agent.stop(signal.SIGKILL)
     gw = wait_until(fleet.gateway, lambda g: not g["alive"], timeout=TTL * 4)
-    assert gw and not gw["alive"] and gw["applied_revision"] == 6, fleet.fleet_status()
+    assert gw and not gw["alive"] and gw["applied_revision"] == 7, fleet.fleet_status()
     fleet.enforces("catalog")  # a dead agent's policy stays in force
     # fleet status --wait: no live gateway is not "done"
-    p = fleet.cli("fleet", "status", "--etcd", fleet.etcd.url, "--wait", "6", "--timeout", "0", check=False)
+    p = fleet.cli("fleet", "status", "--etcd", fleet.etcd.url, "--wait", "7", "--timeout", "0", check=False)
     assert p.returncode == 1
