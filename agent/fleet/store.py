@@ -37,6 +37,9 @@ REVISION_KEY = PREFIX + "revision"
 GATEWAYS_PREFIX = PREFIX + "gateways/"
 ENV_VAR = "BULKHEAD_ETCD"
 API_PATH = "/v3/"  # etcd >= 3.4 (Debian 12 ships 3.4.23); saves etcd3gw's /version discovery
+# etcd errors that are one member's trouble (cut off from the leader, no quorum on its side):
+# the request is tried on the next member.
+MEMBER_TROUBLE = ("no leader", "request timed out", "leader changed", "not capable", "stopped")
 ALIVE_TTL = 10  # seconds: the agent's lease; keepalive every ~TTL/3
 
 
@@ -150,7 +153,11 @@ class Store:
                 errors.append(f"{self.urls[i]}: {_short(e)}")
                 continue
             except gw_exc.Etcd3Exception as e:
-                raise FleetStoreError(f"etcd at {self.urls[i]}: {_etcd_message(e)}") from None
+                msg = _etcd_message(e)
+                if any(m in msg for m in MEMBER_TROUBLE):
+                    errors.append(f"{self.urls[i]}: {msg}")  # this member can't serve; another may
+                    continue
+                raise FleetStoreError(f"etcd at {self.urls[i]}: {msg}") from None
             self._first = i
             return out
         raise self._unreachable(errors)

@@ -30,11 +30,19 @@ ETCD_BIN = "etcd"
 HEALTHY_WITHIN = 10.0  # seconds; a fresh single member is healthy in well under 3 s
 
 
-def _free_port(addr: str) -> int:
+def _free_ports(addr: str, n: int) -> list[int]:
+    """n distinct ports free on addr now (all held open together, so no two are the same)."""
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((addr, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _host(addr: str) -> str:
@@ -65,8 +73,9 @@ class EtcdServer:
                 self._client_port = self._client_port or 2379
                 self._peer_port = self._peer_port or 2380
             else:
-                self._client_port = self._client_port or _free_port(self.client_addr)
-                self._peer_port = self._peer_port or _free_port(self.client_addr)
+                cport, pport = _free_ports(self.client_addr, 2)
+                self._client_port = self._client_port or cport
+                self._peer_port = self._peer_port or pport
         return self._client_port, self._peer_port
 
     @property

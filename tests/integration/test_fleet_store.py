@@ -48,6 +48,13 @@ rules:
     to: payments
     ports: [tcp/443]
 """
+# The same, for three gateways: gw-north has a segment but (in the test) never reports.
+FLEET_POLICY = POLICY.replace("segments:\n", "gateways:\n  - name: gw-east\n  - name: gw-north\n"
+                              "  - name: gw-west\nsegments:\n").replace(
+    "    interfaces: [bh-prod]\n", "    gateway: gw-east\n    interfaces: [bh-prod]\n").replace(
+    "    interfaces: [bh-core]\n", "    gateway: gw-east\n    interfaces: [bh-core]\n"
+    "  - name: north\n    gateway: gw-north\n    interfaces: [bh-n]\n"
+    "  - name: west\n    gateway: gw-west\n    interfaces: [bh-w]\n")
 WAIT = 30.0  # seconds a condition that must come true is given (a bound, not a measurement)
 
 
@@ -252,10 +259,11 @@ def test_a_replayed_old_envelope_does_not_lower_the_next_revision(etcd, store, k
 # ---------------------------------------------------------------- status
 def test_status_lists_reported_and_policy_named_gateways(etcd, store, key, policy_file):
     assert cli("publish", str(policy_file), "--etcd", etcd.url, "--key", str(key[0])).returncode == 0
-    # The policy engineer's `gateways:` may not be in the validator yet: name them in the bundle.
-    bundle, _ = load_policy([str(policy_file)])
-    bundle.gateways = ["gw-east", "gw-north", "gw-west"]
-    publish.publish_bundle(store, bundle, keys.load_private(key[0]))
+    fleet_policy = policy_file.with_name("fleet.yaml")
+    fleet_policy.write_text(FLEET_POLICY)
+    r = cli("publish", str(fleet_policy), "--etcd", etcd.url, "--key", str(key[0]), "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["gateways"] == ["gw-east", "gw-north", "gw-west"]
     lease = store.lease(10)
     try:
         report(store, "gw-east", 2, lease=lease)

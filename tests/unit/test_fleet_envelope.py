@@ -216,3 +216,35 @@ def test_cli_bad_etcd_url_is_bad_input(tmp_path):
     assert r.exit_code == 2 and "expected http(s)://HOST:PORT" in r.output
     r = CliRunner().invoke(main, ["fleet", "status"], env={"BULKHEAD_ETCD": ""})
     assert r.exit_code == 2 and "--etcd" in r.output
+
+
+# ---------------------------------------------------------------- URLs and --wait's rule
+@pytest.mark.parametrize("text, urls", [
+    ("http://127.0.0.1:2379", ["http://127.0.0.1:2379"]),
+    (" http://a:1, https://b:2/ ,http://a:1", ["http://a:1", "https://b:2"]),
+    (["http://a:1,http://b:2", "http://c:3"], ["http://a:1", "http://b:2", "http://c:3"]),
+    ("http://[fd00::1]:2379", ["http://[fd00::1]:2379"]),
+])
+def test_parse_urls(text, urls):
+    from bulkhead.fleet.store import parse_urls
+    assert parse_urls(text) == urls
+
+
+@pytest.mark.parametrize("text", ["", " , ", "127.0.0.1:2379", "http://a", "http://a:99999",
+                                  "ftp://a:1", "http://a:1/v3", "http://u@a:1"])
+def test_parse_urls_refuses(text):
+    from bulkhead.fleet.store import parse_urls
+    with pytest.raises(ValueError, match="etcd URL"):
+        parse_urls(text)
+
+
+def test_wait_counts_live_gateways_only_and_needs_one():
+    from bulkhead.fleet.status import done
+
+    def gw(alive, applied):
+        return {"alive": alive, "applied_revision": applied}
+    assert done({"gateways": [gw(True, 3), gw(False, 1)]}, 3)
+    assert not done({"gateways": [gw(True, 3), gw(True, 2)]}, 3)
+    assert not done({"gateways": [gw(True, None)]}, 1)  # alive, never applied anything
+    assert not done({"gateways": [gw(False, 9)]}, 1)
+    assert not done({"gateways": []}, 1)
