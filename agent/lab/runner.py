@@ -143,9 +143,9 @@ class AgentRunner:
         try:
             from bulkhead.datapath import loader
 
-            pin_dir = loader.pin_dir_for(self.state_dir)
-            if pin_dir.exists():
-                loader.remove_pins(pin_dir)
+            # Also when pin_dir is absent: an agent killed in its first load leaves only
+            # tmp-<instance>-<pid>, which remove_pins takes too.
+            loader.remove_pins(loader.pin_dir_for(self.state_dir))
             from bulkhead.datapath.plumbing import RECORD_DIR
 
             for rec in RECORD_DIR.glob(f"*-{loader.instance_name(self.state_dir)}.json"):
