@@ -9,6 +9,9 @@ same `url` with the same data (how the tests take etcd down and bring it back).
 
     with EtcdServer() as etcd:         # temporary data dir, removed at exit
         Store([etcd.url]).put(...)
+
+`EtcdCluster(3)` runs three such members as one cluster (a member killed, the others keep the
+data and the quorum), for the failover tests.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ class EtcdServer:
         self._client_port = client_port
         self._peer_port = peer_port
         self.max_request_bytes = max_request_bytes  # None: etcd's default (1.5 MiB)
+        self.initial_cluster: str | None = None  # "name=peer_url,..." when a member of an EtcdCluster
         self.proc: subprocess.Popen | None = None
         self.data_dir: Path | None = None
         self._own_dir = False
@@ -95,8 +99,8 @@ class EtcdServer:
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", self.peer_url,
                 "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", f"{self.name}={self.peer_url}",
-                "--initial-cluster-state", "new",
+                "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
+                "--initial-cluster-state", "new", "--initial-cluster-token", self.name.split("-")[0],
                 "--log-level", "warn", "--logger", "zap"]
         if self.max_request_bytes:
             argv += ["--max-request-bytes", str(self.max_request_bytes)]
@@ -104,8 +108,10 @@ class EtcdServer:
             argv = ["nsenter", f"--net={NETNS_DIR / self.netns}", *argv]
         return argv
 
-    def start(self, data_dir: str | os.PathLike | None = None) -> "EtcdServer":
-        """Start etcd (on `data_dir`, else the one of the last start, else a temporary one)."""
+    def start(self, data_dir: str | os.PathLike | None = None, wait: bool = True) -> "EtcdServer":
+        """Start etcd (on `data_dir`, else the one of the last start, else a temporary one) and
+        wait until it is healthy (wait=False: the caller waits, as a cluster's members must all
+        be started before any is healthy)."""
         if self.running():
             return self
         if shutil.which(ETCD_BIN) is None:
@@ -123,6 +129,8 @@ class EtcdServer:
         # Own process group: the test's ^C does not reach it first, and stop() ends it alone.
         self.proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        if not wait:
+            return self
         try:
             self._wait_healthy()
         except BaseException:
@@ -209,6 +217,42 @@ class EtcdServer:
 
     def __enter__(self) -> "EtcdServer":
         return self.start() if not self.running() else self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+class EtcdCluster:
+    """n EtcdServer members on client_addr forming one cluster (for failover tests): `.members`,
+    `.urls` (every member's client URL), `.start()`, `.cleanup()`, a context manager."""
+
+    def __init__(self, n: int = 3, name: str = "bhcluster", client_addr: str = "127.0.0.1"):
+        self.members = [EtcdServer(f"{name}-{i}", client_addr) for i in range(n)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = initial
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def start(self) -> "EtcdCluster":
+        try:
+            for m in self.members:
+                m.start(wait=False)
+            for m in self.members:
+                m._wait_healthy()  # healthy = this member sees a leader: a quorum is up
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def cleanup(self) -> None:
+        for m in self.members:
+            m.cleanup()
+
+    def __enter__(self) -> "EtcdCluster":
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.cleanup()

@@ -22,7 +22,7 @@ from bulkhead.fleet import envelope, keys, publish
 from bulkhead.fleet.status import fleet_status
 from bulkhead.fleet.store import (GATEWAYS_PREFIX, POLICY_KEY, PREFIX, REVISION_KEY, FleetStoreError,
                                   Store, WatchCompacted, alive_key, status_key)
-from bulkhead.lab.etcd import EtcdServer
+from bulkhead.lab.etcd import EtcdCluster, EtcdServer
 from bulkhead.lab.runner import bulkhead_argv
 from bulkhead.policy import Bundle, load_policy
 
@@ -369,6 +369,37 @@ def test_several_urls_with_the_first_dead_still_work(etcd, store, key, policy_fi
         assert envelope.peek_revision(next(it).value) == 1
     finally:
         cancel()
+
+
+def test_a_three_member_cluster_keeps_serving_with_a_member_down(key, policy_file):
+    """The etcd a production fleet runs: a member dies, the others have the data and a quorum;
+    with two down there is no quorum, and the error names every member."""
+    cluster = EtcdCluster(3, name="bhclu")
+    try:
+        cluster.start()
+        urls = ",".join(cluster.urls)
+        assert cli("publish", str(policy_file), "--etcd", urls, "--key", str(key[0])).returncode == 0
+        s = Store(cluster.urls)
+        it, cancel = s.watch(POLICY_KEY, start_revision=s.get_rev(POLICY_KEY)[2] + 1)
+        cluster.members[0].kill()  # the member the store (and its watch) used first
+        with pytest.raises(FleetStoreError, match="watch stream"):
+            next(it)
+        cancel()
+        r = cli("publish", str(policy_file), "--etcd", urls, "--key", str(key[0]))
+        assert r.stdout.strip() == "revision 2", r.stderr
+        _, _, rev = s.get_rev(POLICY_KEY)  # a watch again, now on a live member
+        it, cancel = s.watch(POLICY_KEY, start_revision=rev)
+        try:
+            assert envelope.peek_revision(next(it).value) == 2
+        finally:
+            cancel()
+        cluster.members[1].kill()
+        r = cli("status", "--etcd", urls)
+        assert r.returncode == 1 and "etcd unreachable" in r.stderr
+        assert all(u in r.stderr for u in cluster.urls)
+    finally:
+        cluster.cleanup()
+    assert not any(m.running() for m in cluster.members)
 
 
 # ---------------------------------------------------------------- watches (what the follower uses)
