@@ -163,6 +163,14 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 else
     log "apt packages: all present"
 fi
+# The etcd-server package enables (and on a systemd host starts) a system etcd on
+# 127.0.0.1:2379. bulkhead's tests, demo and benchmark run their own (agent/lab/etcd.py) and a
+# production etcd is set up on purpose (docs/fleet.md), so one installed here is switched off.
+if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null; then
+    log "etcd-server: disabling the package's system service (bulkhead starts its own etcd where it needs one)"
+    run systemctl disable etcd.service >/dev/null 2>&1 || true
+    run systemctl stop etcd.service >/dev/null 2>&1 || true
+fi
 
 # -------------------------------------------------------------------- 2. kernel headers
 
