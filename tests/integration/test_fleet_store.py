@@ -477,3 +477,15 @@ def test_a_watch_from_a_compacted_revision_says_so(store):
         assert ei.value.compact_revision == rev
     finally:
         cancel()
+    # What a watcher must do: watch from the store revision of its read (get_rev's third value),
+    # not from the key's mod_revision, which other keys' writes leave below the compaction.
+    store.put(status_key("gw-a"), "{}")
+    store._post("/kv/compaction", {"revision": store.get_rev(POLICY_KEY)[2], "physical": True})
+    _, mod, rev = store.get_rev(POLICY_KEY)
+    assert mod < rev
+    it, cancel = store.watch(POLICY_KEY, start_revision=rev + 1)
+    try:
+        store.put(POLICY_KEY, "after")
+        assert next(it).value == b"after"
+    finally:
+        cancel()
