@@ -10,7 +10,6 @@ import json
 import sys
 
 import click
-
 from bulkhead.fleet.store import ENV_VAR
 
 ETCD_OPT = click.option(
@@ -62,7 +61,8 @@ def keygen(key_path: str, force: bool, as_json: bool) -> None:
     (`agent run --trust FILE.pub`). Refuses to overwrite without --force: agents
     that trust the old key refuse everything signed with a new one.
     """
-    from bulkhead.fleet.keys import FleetKeyError, key_id, keygen as make, load_public
+    from bulkhead.fleet.keys import FleetKeyError, key_id, load_public
+    from bulkhead.fleet.keys import keygen as make
 
     try:
         priv, pub = make(key_path, force=force)

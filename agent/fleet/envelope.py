@@ -17,10 +17,12 @@ import math
 import time
 
 import msgpack
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from bulkhead.fleet.keys import key_id as _key_id
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 ENVELOPE_FORMAT = 1
 SIGN_CONTEXT = b"bulkhead-policy-v1\0"

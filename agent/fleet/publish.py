@@ -15,7 +15,13 @@ import json
 import time
 
 from bulkhead.fleet import envelope, keys
-from bulkhead.fleet.store import GATEWAYS_PREFIX, POLICY_KEY, REVISION_KEY, Store, FleetStoreError
+from bulkhead.fleet.store import (
+    GATEWAYS_PREFIX,
+    POLICY_KEY,
+    REVISION_KEY,
+    FleetStoreError,
+    Store,
+)
 from bulkhead.policy import Bundle, load_policy
 
 MAX_TRIES = 50  # concurrent publishers: each lost race costs one re-read

@@ -13,7 +13,6 @@ import json
 import time
 
 import msgpack
-
 from bulkhead.fleet.store import GATEWAYS_PREFIX, POLICY_KEY, REVISION_KEY, Store
 
 POLL = 0.2  # seconds between reads while --wait waits

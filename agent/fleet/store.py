@@ -249,7 +249,9 @@ class Store:
               ) -> tuple[Iterator[Event], Callable[[], None]]:
         """Events on `key` (or every key under it with prefix=True) from start_revision on.
 
-        Returns (iterator, cancel). The iterator ends after cancel(); it raises FleetStoreError
+        Start from the store revision of the read the watcher acts on, plus one (get_rev's third
+        value): the key's own mod_revision may lie below a compaction made since, which other
+        keys' writes make likely. Returns (iterator, cancel). The iterator ends after cancel(); it raises FleetStoreError
         if the stream breaks (etcd went away: reconnect and watch again from the last revision
         seen + 1) and WatchCompacted if start_revision is no longer kept.
         """

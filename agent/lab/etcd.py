@@ -108,7 +108,7 @@ class EtcdServer:
             argv = ["nsenter", f"--net={NETNS_DIR / self.netns}", *argv]
         return argv
 
-    def start(self, data_dir: str | os.PathLike | None = None, wait: bool = True) -> "EtcdServer":
+    def start(self, data_dir: str | os.PathLike | None = None, wait: bool = True) -> EtcdServer:
         """Start etcd (on `data_dir`, else the one of the last start, else a temporary one) and
         wait until it is healthy (wait=False: the caller waits, as a cluster's members must all
         be started before any is healthy)."""
@@ -215,7 +215,7 @@ class EtcdServer:
                 self.data_dir = None
                 self._own_dir = False
 
-    def __enter__(self) -> "EtcdServer":
+    def __enter__(self) -> EtcdServer:
         return self.start() if not self.running() else self
 
     def __exit__(self, *exc) -> None:
@@ -236,7 +236,7 @@ class EtcdCluster:
     def urls(self) -> list[str]:
         return [m.url for m in self.members]
 
-    def start(self) -> "EtcdCluster":
+    def start(self) -> EtcdCluster:
         try:
             for m in self.members:
                 m.start(wait=False)
@@ -251,7 +251,7 @@ class EtcdCluster:
         for m in self.members:
             m.cleanup()
 
-    def __enter__(self) -> "EtcdCluster":
+    def __enter__(self) -> EtcdCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -17,11 +17,19 @@ import threading
 import time
 
 import pytest
-
 from bulkhead.fleet import envelope, keys, publish
 from bulkhead.fleet.status import fleet_status
-from bulkhead.fleet.store import (GATEWAYS_PREFIX, POLICY_KEY, PREFIX, REVISION_KEY, FleetStoreError,
-                                  Store, WatchCompacted, alive_key, status_key)
+from bulkhead.fleet.store import (
+    GATEWAYS_PREFIX,
+    POLICY_KEY,
+    PREFIX,
+    REVISION_KEY,
+    FleetStoreError,
+    Store,
+    WatchCompacted,
+    alive_key,
+    status_key,
+)
 from bulkhead.lab.etcd import EtcdCluster, EtcdServer
 from bulkhead.lab.runner import bulkhead_argv
 from bulkhead.policy import Bundle, load_policy

@@ -11,12 +11,11 @@ import stat
 
 import msgpack
 import pytest
-from click.testing import CliRunner
-
 from bulkhead.cli.main import main
 from bulkhead.fleet import envelope, keys
 from bulkhead.fleet.envelope import EnvelopeError, open_verified, seal
 from bulkhead.policy import Bundle
+from click.testing import CliRunner
 
 BUNDLE = Bundle(settings={"default_action": "deny", "mode": "enforce", "unknown_sni": "deny"},
                 segments=[{"id": 1, "name": "prod", "interfaces": ["bh-prod"]}], apps=[], rules=[],
