@@ -291,8 +291,9 @@ class Follower:
         st = self._connect()
         self._lease = st.lease(self.ttl)
         st.put(fstore.alive_key(self.gateway), self.agent_id.encode(), lease=self._lease)
-        raw, rev = st.get(fstore.POLICY_KEY)
-        # Watch before acting on the get: an event after `rev` is never missed.
+        raw, _, rev = st.get_rev(fstore.POLICY_KEY)
+        # Watch before acting on the get: an event after `rev` is never missed. From the store's
+        # revision at the read, not the key's mod_revision: that one may be compacted away already.
         events, cancel = st.watch(fstore.POLICY_KEY, start_revision=rev + 1)
         self._cancel = cancel
         with self.lock:
