@@ -38,11 +38,14 @@ from bulkhead.fleet.keys import load_public
 from bulkhead.fleet.store import ALIVE_TTL, POLICY_KEY, alive_key, status_key
 
 KEEPALIVE_EVERY = ALIVE_TTL / 3
-POOL = 8  # unary connections per process: acks, lease keepalives
 
 
 def b64(data: bytes | str) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+class EtcdError(Exception):
+    pass
 
 
 class Conn:
@@ -63,32 +66,40 @@ class Conn:
         self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                           f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
 
-    async def head(self) -> dict[str, str]:
+    async def head(self) -> tuple[int, dict[str, str]]:
         status = await self.reader.readline()
-        if not status.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"etcd answered {status!r}")
+        if not status.startswith(b"HTTP/1.1 "):
+            raise ConnectionError(f"etcd: not an HTTP answer: {status[:80]!r}")
         headers = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             k, _, v = line.decode().partition(":")
             headers[k.strip().lower()] = v.strip()
-        return headers
+        return int(status.split()[1]), headers
 
     async def chunk(self) -> bytes:
         size = int((await self.reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            # The last chunk; the gateway may send trailers (Grpc-Trailer-*) before the blank line.
+            while (await self.reader.readline()) not in (b"\r\n", b""):
+                pass
+            return b""
         data = await self.reader.readexactly(size + 2)
         return data[:-2]
 
     async def call(self, path: str, body: dict) -> dict:
+        """One request and its whole answer (so the connection stays in step); EtcdError if not 200."""
         self.send(path, body)
         await self.writer.drain()
-        headers = await self.head()
+        code, headers = await self.head()
         if "content-length" in headers:
             data = await self.reader.readexactly(int(headers["content-length"]))
         else:
             parts = []
-            while part := await self.chunk():  # the last chunk (size 0) ends the body, no trailers
+            while part := await self.chunk():
                 parts.append(part)
             data = b"".join(parts)
+        if code != 200:
+            raise EtcdError(f"etcd {path}: {code} {data[:200]!r}")
         return json.loads(data)
 
     def close(self) -> None:
@@ -96,7 +107,8 @@ class Conn:
 
 
 class Pool:
-    def __init__(self, conns: list[Conn]):
+    def __init__(self, host: str, port: int, conns: list[Conn]):
+        self.host, self.port = host, port
         self.free: asyncio.Queue[Conn] = asyncio.Queue()
         for c in conns:
             self.free.put_nowait(c)
@@ -105,6 +117,11 @@ class Pool:
         c = await self.free.get()
         try:
             return await c.call(path, body)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            # Out of step or broken: never reuse it.
+            c.close()
+            c = await Conn.open(self.host, self.port)
+            raise
         finally:
             self.free.put_nowait(c)
 
@@ -112,6 +129,8 @@ class Pool:
 class Stats:
     def __init__(self) -> None:
         self.revs: dict[int, dict[str, Any]] = {}
+        # Lease keepalives: the slowest answer, and how many found the lease already gone.
+        self.keepalive = {"count": 0, "max_s": 0.0, "expired": 0, "failed": 0, "last_error": None}
 
     def rev(self, n: int) -> dict[str, Any]:
         return self.revs.setdefault(n, {"acked": 0, "refused": 0, "first_recv": None, "last_recv": 0.0,
@@ -132,8 +151,15 @@ class Gateway:
                            "agent": self.agent}).encode()
 
     async def put_status(self) -> None:
-        await self.pool.call("/v3/kv/put", {"key": b64(status_key(self.name)),
-                                            "value": b64(self.status())})
+        for attempt in range(3):  # as the follower: a failed ack is written again
+            try:
+                await self.pool.call("/v3/kv/put", {"key": b64(status_key(self.name)),
+                                                    "value": b64(self.status())})
+                return
+            except (EtcdError, OSError, asyncio.IncompleteReadError, ValueError):
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def register(self) -> None:
         self.lease = int((await self.pool.call("/v3/lease/grant", {"TTL": ALIVE_TTL}))["ID"])
@@ -145,8 +171,9 @@ class Gateway:
         conn = await Conn.open(host, port)
         conn.send("/v3/watch", {"create_request": {"key": b64(POLICY_KEY)}})
         await conn.writer.drain()
-        if "chunked" not in (await conn.head()).get("transfer-encoding", ""):
-            raise RuntimeError("etcd's watch answer is not a chunked stream")
+        code, headers = await conn.head()
+        if code != 200 or "chunked" not in headers.get("transfer-encoding", ""):
+            raise RuntimeError(f"{self.name}: etcd refused the watch ({code})")
         buf = b""
         while True:
             part = await conn.chunk()
@@ -190,7 +217,21 @@ class Gateway:
     async def keepalive(self) -> None:
         while True:
             await asyncio.sleep(KEEPALIVE_EVERY)
-            await self.pool.call("/v3/lease/keepalive", {"ID": self.lease})
+            t = time.monotonic()
+            ka = self.stats.keepalive
+            try:
+                out = await self.pool.call("/v3/lease/keepalive", {"ID": self.lease})
+            except (EtcdError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+                ka["failed"] += 1
+                ka["last_error"] = str(e)[:200]
+                out = {}
+            ka["count"] += 1
+            ka["max_s"] = max(ka["max_s"], time.monotonic() - t)
+            if int(out.get("result", {}).get("TTL", -1)) <= 0:
+                # Gone: the alive key went with it. A follower grants a new lease and writes the
+                # key again; so does this gateway, and the benchmark counts it.
+                ka["expired"] += 1
+                await self.register()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -198,9 +239,11 @@ async def main(args: argparse.Namespace) -> None:
     host, port = url.hostname, url.port
     public_key = load_public(args.trust)
     stats = Stats()
-    pool = Pool([await Conn.open(host, port) for _ in range(POOL)])
     agent = f"{socket.gethostname()}/{os.getpid()}"
-    gws = [Gateway(f"gw-{i:04d}", pool, public_key, stats, agent) for i in range(args.first, args.first + args.count)]
+    # Every gateway has its own connection for acks and keepalives, as a real agent does: a
+    # shared few would queue one gateway's keepalive behind another's ack.
+    gws = [Gateway(f"gw-{i:04d}", Pool(host, port, [await Conn.open(host, port)]), public_key, stats, agent)
+           for i in range(args.first, args.first + args.count)]
     await asyncio.gather(*(g.register() for g in gws))
     created = [asyncio.Event() for _ in gws]
     tasks = [asyncio.ensure_future(g.watch(host, port, c)) for g, c in zip(gws, created)]
@@ -223,7 +266,8 @@ async def main(args: argparse.Namespace) -> None:
         if not line:
             return
         if line.strip() == b"stats":
-            print("STATS " + json.dumps({str(k): v for k, v in stats.revs.items()}), flush=True)
+            print("STATS " + json.dumps({"revs": {str(k): v for k, v in stats.revs.items()},
+                                         "keepalive": stats.keepalive}), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ revisions, seal, one transaction).
 
 One publish is timed from the publish call to the moment every gateway's ack for that revision
 has been seen on a watch of the gateways prefix in this process. BULKHEAD_FLEET_PUBLISHES
-(default 15) measured publishes follow one warm-up publish; each waits for the previous one's
+(default 10) measured publishes follow one warm-up publish; each waits for the previous one's
 acks. Reported: p50/p99/max, and a breakdown per publish (the publish call, the first and last
 gateway to have the envelope in hand, decode + verify time summed over gateways, CPU seconds of
 etcd / the gateway processes / the publisher), etcd's bytes sent per publish, its keys and
@@ -44,7 +44,7 @@ from . import l7bench as L
 
 GATEWAYS = int(os.environ.get("BULKHEAD_FLEET_GATEWAYS", "1000"))
 PROCS = max(1, min(int(os.environ.get("BULKHEAD_FLEET_PROCS", "4")), GATEWAYS))
-PUBLISHES = int(os.environ.get("BULKHEAD_FLEET_PUBLISHES", "15"))
+PUBLISHES = int(os.environ.get("BULKHEAD_FLEET_PUBLISHES", "10"))
 RULES = int(os.environ.get("BULKHEAD_FLEET_RULES", "10000"))
 P99_TARGET_S = 5.0
 ACK_TIMEOUT_S = float(os.environ.get("BULKHEAD_FLEET_ACK_TIMEOUT", "120"))
@@ -196,16 +196,23 @@ class Sims:
             raise AssertionError(f"gateway process {p.pid} said nothing in {timeout:.0f} s (exit {p.poll()})")
         return out[0].strip()
 
-    def stats(self) -> dict[int, list[dict]]:
+    def stats(self) -> tuple[dict[int, list[dict]], dict]:
         per_rev: dict[int, list[dict]] = {}
+        ka = {"count": 0, "max_s": 0.0, "expired": 0, "failed": 0, "last_error": None}
         for p in self.procs:
             p.stdin.write("stats\n")
             p.stdin.flush()
             line = self._line(p, 30)
             assert line.startswith("STATS "), line
-            for rev, s in json.loads(line[6:]).items():
+            doc = json.loads(line[6:])
+            for rev, s in doc["revs"].items():
                 per_rev.setdefault(int(rev), []).append(s)
-        return per_rev
+            ka["count"] += doc["keepalive"]["count"]
+            ka["expired"] += doc["keepalive"]["expired"]
+            ka["failed"] += doc["keepalive"]["failed"]
+            ka["last_error"] = doc["keepalive"]["last_error"] or ka["last_error"]
+            ka["max_s"] = max(ka["max_s"], doc["keepalive"]["max_s"])
+        return per_rev, ka
 
     def cpu(self) -> float:
         return sum(cpu_s(p.pid) for p in self.procs)
@@ -304,7 +311,7 @@ def run(f) -> dict:
     finally:
         acks.cancel()
 
-    per_rev = sims.stats()
+    per_rev, keepalive = sims.stats()
     for r in rows:
         s = per_rev.get(r["revision"], [])
         assert sum(x["acked"] for x in s) == GATEWAYS, f"revision {r['revision']}: gateway acks {s}"
@@ -343,6 +350,7 @@ def run(f) -> dict:
         "db_bytes": {"empty": f["before"]["db"], "registered": registered["db"], "after": after["db"]},
         "one_gateway_local_ms": {"open_verified": statistics.median(local["verify_ms"]),
                                  "bundle_unpack": statistics.median(local["unpack_ms"])},
+        "keepalive": keepalive,
         "latencies_s": [round(x, 3) for x in lat],
     }
 
@@ -381,6 +389,8 @@ def table(r: dict) -> str:
         f"{r['idle_cpu_per_s']['sims_cpu_per_s']:.2f} s per s |",
         f"| one gateway's own work, not in the fan-out: open_verified / Bundle.unpack | "
         f"{r['one_gateway_local_ms']['open_verified']:.1f} / {r['one_gateway_local_ms']['bundle_unpack']:.0f} ms |",
+        f"| lease keepalives: slowest answer / failed / leases found expired (of {r['keepalive']['count']:,}) | "
+        f"{r['keepalive']['max_s']:.2f} s / {r['keepalive']['failed']} / {r['keepalive']['expired']} |",
         "",
         f"latencies (s): {r['latencies_s']}",
     ]
