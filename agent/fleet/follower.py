@@ -93,7 +93,6 @@ class Follower:
         self.connected = False
         self.error: str | None = None
         self.etcd_error: str | None = None  # why etcd is away, while it is
-        self.updated = 0.0
         self.agent_id = f"{socket.gethostname()}/{os.getpid()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -267,22 +266,25 @@ class Follower:
     def _run(self) -> None:
         delay = BACKOFF_MIN
         while not self._stop.is_set():
+            trace = False
             try:
                 self._follow()
-                delay = BACKOFF_MIN  # it ran, then the watch ended: etcd went away
+                why = "the watch ended"
             except fstore.FleetStoreError as e:
-                with self.lock:
-                    self.etcd_error = str(e)
-                log.warning("fleet: etcd unreachable (%s); enforcing revision %d, retry in %.1fs",
-                            e, self.applied_revision, delay)
+                why = str(e)
             except Exception as e:  # noqa: BLE001 -- never let the follower thread die
-                with self.lock:
-                    self.etcd_error = f"{type(e).__name__}: {e}"
-                log.exception("fleet: follower error; retry in %.1fs", delay)
+                why, trace = f"{type(e).__name__}: {e}", True
+            if self._stop.is_set():
+                return
             with self.lock:
+                if self.connected:  # it was up, then went away: back off afresh
+                    delay = BACKOFF_MIN
                 self.connected = False
                 self.stale = True
+                self.etcd_error = why
             self._cancel = None
+            log.warning("fleet: etcd unreachable (%s); enforcing revision %d, retry in %.1fs",
+                        why, self.applied_revision, delay, exc_info=trace)
             if self._stop.wait(delay):
                 return
             delay = min(BACKOFF_MAX, delay * 2)
