@@ -55,7 +55,7 @@ class Conn:
         self.reader, self.writer, self.host = reader, writer, host
 
     @classmethod
-    async def open(cls, host: str, port: int) -> "Conn":
+    async def open(cls, host: str, port: int) -> Conn:
         # 8 MiB: a watch message carries a whole base64'd envelope on one line.
         reader, writer = await asyncio.open_connection(host, port, limit=8 << 20)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
