@@ -13,6 +13,7 @@ import json
 import time
 
 import msgpack
+from bulkhead.fleet.envelope import peek_bundle, peek_revision
 from bulkhead.fleet.store import GATEWAYS_PREFIX, POLICY_KEY, REVISION_KEY, Store
 
 POLL = 0.2  # seconds between reads while --wait waits
@@ -40,11 +41,10 @@ def _policy_gateways(raw: bytes | None) -> tuple[int | None, list[str]]:
     if raw is None:
         return None, []
     try:
-        env = msgpack.unpackb(raw, raw=False)
-        bundle = msgpack.unpackb(env["bundle"], raw=False, strict_map_key=False)
+        packed = peek_bundle(raw)
+        bundle = msgpack.unpackb(packed, raw=False, strict_map_key=False) if packed else {}
         names = [str(n) for n in bundle.get("gateways") or []]
-        rev = env.get("revision")
-        return (rev if isinstance(rev, int) else None), names
+        return peek_revision(raw), names
     except Exception:  # anything a store writer may have put there
         return None, []
 

@@ -28,6 +28,12 @@ def fleet_args(etcd: str, gateway: str, trust: str | os.PathLike) -> tuple[str, 
     return ("--etcd", etcd, "--gateway", gateway, "--trust", str(trust))
 
 
+# Seconds an agent may take to compile, load and attach before a start counts as failed. bcc's
+# compile is most of it: seconds here, minutes under qemu TCG on a busy host (the VM harness sets
+# BULKHEAD_AGENT_START_TIMEOUT).
+START_TIMEOUT = float(os.environ.get("BULKHEAD_AGENT_START_TIMEOUT", "120"))
+
+
 class AgentRunner:
     """A `bulkhead agent run` in the topology's gateway namespace, and the CLI around it.
 
@@ -43,11 +49,12 @@ class AgentRunner:
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(self.state_dir) / "agent.log"
 
-    def start(self, policy: str | os.PathLike | None, timeout: float = 120, args: tuple[str, ...] = (),
+    def start(self, policy: str | os.PathLike | None, timeout: float | None = None, args: tuple[str, ...] = (),
               env: dict[str, str] | None = None) -> int:
         """Start the agent (`args`: more `agent run` options, `env`: more environment) and wait for
         `bulkhead agent ready generation=N`; returns N. policy None: `args` says where the policy
-        comes from (fleet_args)."""
+        comes from (fleet_args). timeout None: START_TIMEOUT (the compile dominates it)."""
+        timeout = START_TIMEOUT if timeout is None else timeout
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
         source = ["--policy", str(policy)] if policy is not None else []
@@ -75,7 +82,7 @@ class AgentRunner:
         self.stop(signal.SIGKILL)
         raise RuntimeError(f"agent did not become ready; log:\n{self.log()}")
 
-    def start_fleet(self, etcd: str, gateway: str, trust: str | os.PathLike, timeout: float = 120,
+    def start_fleet(self, etcd: str, gateway: str, trust: str | os.PathLike, timeout: float | None = None,
                     args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> int:
         """`bulkhead agent run --etcd ETCD --gateway GATEWAY --trust TRUST` (the fleet's policy)."""
         return self.start(None, timeout, (*fleet_args(etcd, gateway, trust), *args), env=env)

@@ -81,6 +81,8 @@ EXTRA=(${VM_PYTEST_ARGS:-})
 # kernel feature this kernel lacks (the one legitimate reason), checked below from junit.xml.
 log "pytest ${TESTS[*]} ${EXTRA[*]} (timeout ${VM_PYTEST_TIMEOUT}s per test)"
 export BULKHEAD_STRICT_SKIPS=0 CI='' PYTHONUNBUFFERED=1
+# bcc compiles under TCG take minutes on a loaded host: an agent start may take that long
+export BULKHEAD_AGENT_START_TIMEOUT="${BULKHEAD_AGENT_START_TIMEOUT:-900}"
 # Straight to the results share, which the host streams: the serial console is slow under
 # TCG, and a verifier log can be tens of thousands of lines.
 .venv/bin/python -m pytest -ra -v -p no:cacheprovider --timeout="$VM_PYTEST_TIMEOUT" \

@@ -154,7 +154,7 @@ def test_publish_json_and_the_etcd_env_var(store, etcd, key, policy_file):
     r = cli("publish", str(policy_file), "--key", str(key[0]), "--json", etcd=etcd.url)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["ok"] and out["revision"] == 1 and out["envelope_bytes"] > out["bundle_bytes"] > 0
+    assert out["ok"] and out["revision"] == 1 and out["envelope_bytes"] > 0 and out["bundle_bytes"] > 0
 
 
 def test_publish_of_an_invalid_policy_exits_2_with_file_line_and_writes_nothing(store, etcd, key,

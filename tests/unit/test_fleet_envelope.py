@@ -98,15 +98,36 @@ def test_a_sealed_bundle_opens_with_its_revision_digest_and_bytes(keypair):
     raw = seal(BUNDLE, 7, priv, published_at=1234.5)
     s = open_verified(raw, pub)
     assert (s.revision, s.bundle, s.published_at) == (7, BUNDLE, 1234.5)
-    assert s.digest == hashlib.sha256(BUNDLE).hexdigest()
+    d = _fields(raw)
+    assert d["encoding"] == "zlib" and len(d["bundle"]) < len(BUNDLE)  # stored compressed
+    assert s.digest == hashlib.sha256(d["bundle"]).hexdigest() == d["digest"]
     assert s.key_id == keys.key_id(pub)
     assert Bundle.unpack(s.bundle).segments[0]["name"] == "prod"
+    plain = open_verified(seal(BUNDLE, 8, priv, encoding="identity"), pub)
+    assert plain.bundle == BUNDLE and plain.digest == hashlib.sha256(BUNDLE).hexdigest()
+
+
+def test_a_signed_bundle_that_does_not_decompress_is_malformed(keypair, monkeypatch):
+    """zlib sees only signed bytes; a signed stream that is cut or too big is still refused."""
+    import zlib
+
+    from bulkhead.fleet import envelope
+    priv, pub = keypair
+    cut = zlib.compress(BUNDLE, 1)[:-5]
+    monkeypatch.setattr(envelope.zlib, "compress", lambda data, level: cut)
+    e = refused(seal(BUNDLE, 3, priv), pub)
+    assert e.reason == "malformed" and "truncated" in str(e)
+    monkeypatch.undo()
+    raw = seal(BUNDLE, 4, priv)  # well-formed, but larger than this agent will inflate
+    monkeypatch.setattr(envelope, "MAX_BUNDLE", len(BUNDLE) - 1)
+    e = refused(raw, pub)
+    assert e.reason == "malformed" and f"more than {len(BUNDLE) - 1} bytes" in str(e)
 
 
 def test_a_tampered_bundle_is_refused(keypair):
     priv, pub = keypair
     d = _fields(seal(BUNDLE, 3, priv))
-    d["bundle"] = d["bundle"].replace(b"bh-prod", b"bh-evil")
+    d["bundle"] = d["bundle"][:-1] + bytes([d["bundle"][-1] ^ 1])
     e = refused(_repack(d), pub)
     assert e.reason == "digest" and "digest mismatch" in str(e)
     # ... and with the digest fixed to match, the signature still doesn't cover it
@@ -152,7 +173,7 @@ def test_another_key_claiming_the_trusted_key_id_is_refused_by_the_signature(key
     (b"", "not msgpack"),
     (b"\xc1garbage", "not msgpack"),
     (msgpack.packb([1, 2, 3]), "not a map"),
-    (msgpack.packb({"format": 1}), "missing"),
+    (msgpack.packb({"format": 2}), "missing"),
     ("text", "not bytes"),
 ])
 def test_malformed_envelopes_are_refused(keypair, raw, says):
@@ -174,17 +195,17 @@ def test_wrong_field_types_and_extra_fields_are_malformed(keypair):
 def test_a_different_format_is_refused_as_such(keypair):
     priv, pub = keypair
     d = _fields(seal(BUNDLE, 3, priv))
-    d["format"] = 2
+    d["format"] = 1  # the uncompressed envelopes of before: an older publisher
     e = refused(_repack(d), pub)
-    assert e.reason == "format" and "format 2" in str(e)
+    assert e.reason == "format" and "format 1" in str(e)
 
 
 def test_the_signature_covers_a_context_string(keypair):
     """A signature made over the bare fields (another use of the same key) is not an envelope's."""
     priv, pub = keypair
     d = _fields(seal(BUNDLE, 3, priv))
-    d["sig"] = priv.sign(msgpack.packb([1, 3, d["published_at"], d["key_id"], d["digest"], BUNDLE],
-                                       use_bin_type=True))
+    d["sig"] = priv.sign(msgpack.packb([2, 3, d["published_at"], d["key_id"], d["encoding"], d["digest"],
+                                        d["bundle"]], use_bin_type=True))
     assert refused(_repack(d), pub).reason == "signature"
 
 
