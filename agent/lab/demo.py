@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+from typing import Callable
 
 from bulkhead.core.paths import POLICIES_DIR
 from bulkhead.lab.runner import AgentRunner
@@ -184,21 +185,54 @@ def print_plumbing(topo: Topology) -> None:
         print("  ip rule " + ln.split(":", 1)[1].strip())
 
 
-class _Interrupted(Exception):
-    pass
+class Interrupted(Exception):
+    """A signal during a demo: clean up and exit 130."""
+
+
+def run_demo(what: str, body: Callable[[], int], logs: Callable[[], list[tuple[str, str]]],
+             cleanup: Callable[[], None], cleaning: str) -> int:
+    """The frame both demos run in: SIGINT/SIGTERM/SIGHUP end the demo cleanly (130), a failure
+    is reported with the agents' log tails (1), and cleanup runs whatever happened, without a
+    second Ctrl-C cutting it short."""
+    def on_signal(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    rc = 1
+    try:
+        rc = body()
+    except Interrupted as e:
+        print(f"\ninterrupted ({e}); cleaning up", file=sys.stderr)
+        rc = 130
+    except Exception as e:
+        print(f"\n{what} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        for name, log in logs():
+            if log:
+                print(f"--- {name} log (tail) ---\n{log}", file=sys.stderr)
+        rc = 1
+    finally:
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        print(cleaning, flush=True)
+        cleanup()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc
+
+
+def verdict(bad: int, against: str, ok: str) -> int:
+    """The demo's last line and exit code: every result as the policy says, or how many differ."""
+    print(f"\n{bad} result(s) differ from {against}: FAILED" if bad else f"\n{ok}")
+    return 1 if bad else 0
 
 
 def main() -> int:
-    def on_signal(signum, frame):
-        raise _Interrupted(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     reap_stale(("bhdemo",))
     topo = Topology("bhdemo")
     state_dir = tempfile.mkdtemp(prefix="bulkhead-demo-")
     agent = AgentRunner(topo, state_dir)
-    rc = 1
-    try:
+
+    def body() -> int:
         t0 = time.monotonic()
         print(f"building namespaces {topo.prefix}-{{gw,prod,dev,core}} ...", flush=True)
         topo.create()
@@ -213,30 +247,15 @@ def main() -> int:
         bad += print_http(topo)
         print_counters(agent)
         print_plumbing(topo)
-        if bad:
-            print(f"\n{bad} result(s) differ from the policy: FAILED")
-        else:
-            print("\nevery result matches policies/demo.yaml")
-        rc = 1 if bad else 0
-    except _Interrupted as e:
-        print(f"\ninterrupted ({e}); cleaning up", file=sys.stderr)
-        rc = 130
-    except Exception as e:
-        print(f"\ndemo failed: {type(e).__name__}: {e}", file=sys.stderr)
-        log = agent.log()
-        if log:
-            print("--- agent log (tail) ---\n" + log, file=sys.stderr)
-        rc = 1
-    finally:
-        for s in old:  # cleanup must not be cut short by a second Ctrl-C
-            signal.signal(s, signal.SIG_IGN)
-        print("cleaning up: bulkhead down, namespaces ...", flush=True)
+        return verdict(bad, "the policy", "every result matches policies/demo.yaml")
+
+    def cleanup() -> None:
         agent.cleanup()
         topo.destroy()
         shutil.rmtree(state_dir, ignore_errors=True)
-        for s, h in old.items():
-            signal.signal(s, h)
-    return rc
+
+    return run_demo("demo", body, lambda: [("agent", agent.log())], cleanup,
+                    "cleaning up: bulkhead down, namespaces ...")
 
 
 if __name__ == "__main__":

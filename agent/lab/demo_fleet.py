@@ -10,20 +10,15 @@ error. Exits 1 if any result differs from what the policy says.
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 
-from bulkhead.lab.demo import print_rows
+from bulkhead.lab.demo import print_rows, run_demo, verdict
 from bulkhead.lab.fleetlab import CATALOG_PORT, PAYMENTS_PORT, FleetLab, expected
 from bulkhead.lab.topology import CLIENT_V4, reap_stale
 
 GATEWAYS = ["gw-east", "gw-west"]
 WHY = {"connected": "allow", "refused": "reject (TCP RST)"}
-
-
-class _Interrupted(Exception):
-    pass
 
 
 def show(lab: FleetLab, variant: str, revision: int) -> int:
@@ -65,14 +60,10 @@ def describe(lab: FleetLab, variant: str) -> str:
 
 
 def main() -> int:
-    def on_signal(signum, frame):
-        raise _Interrupted(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     reap_stale(("bhdemo",))
     lab = FleetLab(GATEWAYS, kind="bhdemo")
-    rc = 1
-    try:
+
+    def body() -> int:
         t0 = time.monotonic()
         print(f"building two gateways ({', '.join(GATEWAYS)}), each with its own client and server "
               f"namespaces, and etcd in {lab.etcd_ns} ...", flush=True)
@@ -97,29 +88,12 @@ def main() -> int:
         bad += show(lab, "B", rev_b)
         print(f"\n$ bulkhead fleet status --etcd {lab.url}")
         print(lab.fleet("status").stdout.rstrip())
-        if bad:
-            print(f"\n{bad} result(s) differ from the published policy: FAILED")
-        else:
-            print("\nboth gateways follow the one published policy")
-        rc = 1 if bad else 0
-    except _Interrupted as e:
-        print(f"\ninterrupted ({e}); cleaning up", file=sys.stderr)
-        rc = 130
-    except Exception as e:
-        print(f"\nfleet demo failed: {type(e).__name__}: {e}", file=sys.stderr)
-        for gw in lab.gateways.values():
-            log = gw.agent.log()
-            if log:
-                print(f"--- {gw.name} agent log (tail) ---\n{log}", file=sys.stderr)
-        rc = 1
-    finally:
-        for s in old:  # cleanup must not be cut short by a second Ctrl-C
-            signal.signal(s, signal.SIG_IGN)
-        print("cleaning up: agents down, namespaces, etcd ...", flush=True)
-        lab.destroy()
-        for s, h in old.items():
-            signal.signal(s, h)
-    return rc
+        return verdict(bad, "the published policy", "both gateways follow the one published policy")
+
+    def logs() -> list[tuple[str, str]]:
+        return [(f"{gw.name} agent", gw.agent.log()) for gw in lab.gateways.values()]
+
+    return run_demo("fleet demo", body, logs, lab.destroy, "cleaning up: agents down, namespaces, etcd ...")
 
 
 if __name__ == "__main__":

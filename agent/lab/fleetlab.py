@@ -33,7 +33,7 @@ from bulkhead.core.paths import REPO
 from bulkhead.lab import topology
 from bulkhead.lab.etcd import EtcdServer
 from bulkhead.lab.runner import AgentRunner, bulkhead_argv
-from bulkhead.lab.topology import NETNS_DIR, Topology
+from bulkhead.lab.topology import Lab, NETNS_DIR, Topology
 
 ETCD_V4 = "198.18.250.1"
 LINK_IF = "fl0"  # in the gateway namespace; the etcd side is fl<i>
@@ -73,7 +73,7 @@ class Gateway:
         return catalog_v4(self.index)
 
 
-class FleetLab:
+class FleetLab(Lab):
     """`with FleetLab(["gw-a", "gw-b"]) as lab:` builds everything; exit (or destroy())
     removes agents, pins, namespaces, etcd and the work dir, also after a failure."""
 
@@ -93,17 +93,6 @@ class FleetLab:
         self.created = False
 
     # ------------------------------------------------------------- lifecycle
-    def __enter__(self) -> "FleetLab":
-        try:
-            self.create()
-        except BaseException:
-            self.destroy()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.destroy()
-
     @staticmethod
     def _ip(*args: str) -> None:
         p = subprocess.run(["ip", *args], capture_output=True, text=True)

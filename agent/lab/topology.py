@@ -126,18 +126,17 @@ def failed_probe(e: OSError) -> "Probe":
     return Probe("refused" if e.errno in REFUSED_ERRNOS else "error", detail=f"{type(e).__name__}: {e}")
 
 
-class Topology:
-    def __init__(self, kind: str = "bht"):
-        if kind not in ("bht", "bhdemo"):
-            raise ValueError("kind is bht (tests) or bhdemo (the demo)")
-        self.prefix = f"{kind}{os.getpid()}x{next(_counter)}"
-        self.ns = {role: f"{self.prefix}-{role}" for role in ROLES}
-        self.gw = self.ns["gw"]
-        self.procs: list[subprocess.Popen] = []
-        self.created = False
+class Lab:
+    """A lab is a context manager: create() on enter (destroy() if that fails half-way, so a
+    failed build leaves nothing), destroy() on exit. Subclasses define both."""
 
-    # ------------------------------------------------------------- lifecycle
-    def __enter__(self) -> "Topology":
+    def create(self):
+        raise NotImplementedError
+
+    def destroy(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
         try:
             self.create()
         except BaseException:
@@ -147,6 +146,17 @@ class Topology:
 
     def __exit__(self, *exc) -> None:
         self.destroy()
+
+
+class Topology(Lab):
+    def __init__(self, kind: str = "bht"):
+        if kind not in ("bht", "bhdemo"):
+            raise ValueError("kind is bht (tests) or bhdemo (the demo)")
+        self.prefix = f"{kind}{os.getpid()}x{next(_counter)}"
+        self.ns = {role: f"{self.prefix}-{role}" for role in ROLES}
+        self.gw = self.ns["gw"]
+        self.procs: list[subprocess.Popen] = []
+        self.created = False
 
     def name(self, ns: str) -> str:
         return self.ns.get(ns, ns)
