@@ -85,6 +85,26 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
+def in_netns(ns: str, fn):
+    """fn() in a thread that entered network namespace `ns` (this thread stays where it is); its
+    value, or its exception re-raised here. Sockets made there keep their namespace."""
+    out: dict = {}
+
+    def work():
+        try:
+            _setns(str(NETNS_DIR / ns))
+            out["v"] = fn()
+        except BaseException as e:  # handed to the caller
+            out["e"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if "e" in out:
+        raise out["e"]
+    return out.get("v")
+
+
 def reap_stale(kinds: tuple[str, ...] = ("bht", "bhdemo")) -> list[str]:
     """Delete namespaces left by topologies whose process is gone (a crashed run)."""
     removed = []
@@ -239,21 +259,7 @@ class Topology(Lab):
     # -------------------------------------------------------------- sockets
     def socket(self, ns: str, family: int = socket.AF_INET, type_: int = socket.SOCK_STREAM) -> socket.socket:
         """A socket that lives in `ns` (created by a thread that entered it), usable from here."""
-        out: dict = {}
-
-        def work():
-            try:
-                _setns(str(NETNS_DIR / self.name(ns)))
-                out["s"] = socket.socket(family, type_)
-            except BaseException as e:  # handed to the caller
-                out["e"] = e
-
-        t = threading.Thread(target=work)
-        t.start()
-        t.join()
-        if "e" in out:
-            raise out["e"]
-        return out["s"]
+        return in_netns(self.name(ns), lambda: socket.socket(family, type_))
 
     def tcp(self, ns: str, addr: str, port: int, timeout: float = 1.5, send: bytes | None = None,
             keep: bool = False, sport: int | None = None):

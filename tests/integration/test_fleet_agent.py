@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -32,7 +31,7 @@ from bulkhead.fleet.envelope import seal
 from bulkhead.fleet.keys import load_private
 from bulkhead.lab.etcd import EtcdServer
 from bulkhead.lab.runner import AgentRunner, bulkhead_argv, fleet_args
-from bulkhead.lab.topology import NETNS_DIR, _setns
+from bulkhead.lab.topology import in_netns
 from bulkhead.policy import load_policy
 
 GW = "gw1"
@@ -124,21 +123,7 @@ class Fleet:
 
     def in_gw(self, fn):
         """fn() in a thread inside the gateway namespace (etcd's 127.0.0.1 is that namespace's)."""
-        out: dict = {}
-
-        def work():
-            try:
-                _setns(str(NETNS_DIR / self.topo.gw))
-                out["v"] = fn()
-            except BaseException as e:  # handed to the caller
-                out["e"] = e
-
-        t = threading.Thread(target=work)
-        t.start()
-        t.join()
-        if "e" in out:
-            raise out["e"]
-        return out.get("v")
+        return in_netns(self.topo.gw, fn)
 
     def get_policy(self) -> bytes:
         return self.in_gw(lambda: fstore.Store([self.etcd.url]).get(fstore.POLICY_KEY)[0])

@@ -21,14 +21,13 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import threading
 import time
 import urllib.request
 
 import pytest
 
 from bulkhead.lab.fleetlab import FleetLab
-from bulkhead.lab.topology import NETNS_DIR, _setns, reap_stale
+from bulkhead.lab.topology import in_netns, reap_stale
 
 GATEWAYS = ["gw-a", "gw-b"]
 TTL = 3  # the agents' lease (BULKHEAD_FLEET_TTL): a killed agent is "not alive" within it
@@ -61,24 +60,13 @@ def wait_for(cond, timeout: float = WAIT, interval: float = 0.1):
 def etcd_kv(lab: FleetLab, op: str, body: dict) -> dict:
     """etcd's JSON gateway (/v3/kv/OP) from the etcd namespace: the raw key, as an attacker
     with write access to etcd sees it, not through bulkhead's client."""
-    out: dict = {}
+    def call() -> dict:
+        req = urllib.request.Request(f"{lab.url}/v3/kv/{op}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
 
-    def work():
-        try:
-            _setns(str(NETNS_DIR / lab.etcd_ns))  # this thread only
-            req = urllib.request.Request(f"{lab.url}/v3/kv/{op}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=5) as r:
-                out["r"] = json.loads(r.read())
-        except BaseException as e:  # handed to the caller
-            out["e"] = e
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    if "e" in out:
-        raise out["e"]
-    return out["r"]
+    return in_netns(lab.etcd_ns, call)
 
 
 def etcd_get(lab: FleetLab, key: str) -> bytes:
