@@ -10,6 +10,8 @@
 #   make lint    byte-compile everything, plus ruff if it is installed
 #   make clean   remove .venv and caches (never touches the system)
 #   make vm-test the tests on Debian 12's stock kernel in a qemu VM (root; image cached in /var/cache/bulkhead-vm)
+#   make install install the agent as the systemd service bulkhead (root; POLICY=my.yaml, docs/operations.md)
+#   make uninstall remove the service and everything install put on the host (stops enforcing)
 #
 # Knobs: PYTEST_ARGS="-k foo -x", PYTEST_TIMEOUT=300 (seconds per test), BENCH_ARGS=...
 
@@ -71,3 +73,13 @@ clean:
 .PHONY: vm-test
 vm-test:
 	bash scripts/vm-test.sh
+
+# The systemd service (scripts/service/): a venv in /opt/bulkhead, the unit, /etc/bulkhead.
+# Neither needs `make setup`'s .venv; install.sh checks the system packages it needs.
+POLICY ?=
+.PHONY: install uninstall
+install:
+	bash scripts/service/install.sh $(if $(POLICY),--policy "$(POLICY)")
+
+uninstall:
+	bash scripts/service/uninstall.sh

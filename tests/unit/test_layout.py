@@ -171,10 +171,13 @@ def test_imports_are_absolute_and_never_agent():
 
 
 def test_installed_packages_are_the_rooms():
-    """pyproject maps agent/ to `bulkhead` and lists every room: nothing installs as `agent`."""
+    """pyproject maps agent/ to `bulkhead` and lists every room: nothing installs as `agent`.
+    bpf/ and policies/ ride along as data packages (core/paths.py finds them once installed)."""
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert cfg["package-dir"] == {"bulkhead": "agent"}
-    assert set(cfg["packages"]) == {"bulkhead", *(f"bulkhead.{r}" for r in ALLOWED)}
+    data = {"bulkhead.bpf": "bpf", "bulkhead.policies": "policies"}
+    assert cfg["package-dir"] == {"bulkhead": "agent", **data}
+    assert set(cfg["packages"]) == {"bulkhead", *(f"bulkhead.{r}" for r in ALLOWED), *data}
+    assert set(cfg["package-data"]) == set(data)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"bulkhead": "bulkhead.cli.main:main"}
 
