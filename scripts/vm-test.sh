@@ -10,8 +10,11 @@
 #      made from (provision.sh, setup.sh, pyproject.toml, the package layout, this recipe's
 #      version): change one and the next run rebuilds. mkfs.ext4 -d makes the disk from the
 #      tree directly: no loop device, no mount on the host.
-#   2. boot it with qemu (KVM when /dev/kvm works, else TCG) with the disk as a throw-away
-#      snapshot, the repo shared read-only over 9p and a results directory shared read-write.
+#   2. boot it with qemu (KVM when /dev/kvm works, else TCG) on a per-run qcow2 overlay of the
+#      cached disk (thrown away after the run), the repo shared read-only over 9p and a
+#      results directory shared read-write. When the guest asks for a reboot (it writes
+#      results/reboot and reboots; qemu runs with -no-reboot and exits), the host boots the
+#      same overlay again, up to VM_MAX_BOOTS times: the service tests check what comes back.
 #   3. the guest runs scripts/vm/guest-run.sh from the shared repo: copies the tree, checks it
 #      with setup.sh (offline), probes the kernel's BPF features, runs pytest (tests/unit,
 #      tests/bpf and a subset of tests/integration, see guest-run.sh), writes the log, the
@@ -23,7 +26,8 @@
 #   VM_CACHE=/var/cache/bulkhead-vm   where images (and the last run's results) are kept
 #   VM_ACCEL=auto|kvm|tcg             auto: KVM if a probe boot works, else TCG
 #   VM_CPUS=2  VM_MEM=4096            guest size (MiB)
-#   VM_TIMEOUT=3000                   seconds the guest may run before it is killed (a failure)
+#   VM_TIMEOUT=3600                   seconds the guest may run (all its boots) before it is killed
+#   VM_MAX_BOOTS=2                    boots the guest may ask for (the service tests reboot once)
 #   VM_PYTEST_TIMEOUT=1200            pytest-timeout per test inside the guest (TCG is slow)
 #   VM_TESTS="tests/unit ..."         override the test selection (pytest arguments)
 #   VM_PYTEST_ARGS="-x"               extra pytest arguments
@@ -40,7 +44,8 @@ VM_CACHE="${VM_CACHE:-/var/cache/bulkhead-vm}"
 VM_ACCEL="${VM_ACCEL:-auto}"
 VM_CPUS="${VM_CPUS:-2}"
 VM_MEM="${VM_MEM:-4096}"
-VM_TIMEOUT="${VM_TIMEOUT:-3000}"
+VM_TIMEOUT="${VM_TIMEOUT:-3600}"
+VM_MAX_BOOTS="${VM_MAX_BOOTS:-2}"
 VM_PYTEST_TIMEOUT="${VM_PYTEST_TIMEOUT:-1200}"
 VM_MIRROR="${VM_MIRROR:-http://deb.debian.org/debian}"
 VM_SECURITY_MIRROR="${VM_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
@@ -101,6 +106,7 @@ trap 'log "terminated"; exit 143' TERM
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v unshare >/dev/null || need+=(util-linux)
@@ -194,7 +200,7 @@ build_image() {
     cp "$root/boot/vmlinuz-$kver" "$BUILD_DIR/vmlinuz"
     cp "$root/boot/initrd.img-$kver" "$BUILD_DIR/initrd.img"
     echo "$kver" > "$BUILD_DIR/kernel-release"
-    # The tree's size plus room for what the tests write (the disk is a snapshot anyway).
+    # The tree's size plus room for what the tests write (the disk is a per-run overlay anyway).
     size_mb=$(( $(du -sm --apparent-size "$root" | cut -f1) * 12 / 10 + 3072 ))
     log "  mkfs.ext4 -d: ${size_mb} MiB sparse disk from the tree"
     mkfs.ext4 -q -F -L bulkhead-vm -E lazy_itable_init=1 -d "$root" "$BUILD_DIR/rootfs.img" "${size_mb}M" \
@@ -262,6 +268,11 @@ esac
 ACCEL_NAME="${ACCEL[1]%%,*}"
 [[ "$ACCEL_NAME" == tcg ]] && log "KVM is not usable here: TCG (software emulation; tests run several times slower)"
 
+# The guest's disk for this run: its writes survive a reboot (the service tests reboot), the
+# cached image stays untouched (qemu opens a backing file read-only).
+qemu-img create -q -f qcow2 -b "$IMAGE_DIR/rootfs.img" -F raw "$WORK/disk.qcow2" \
+    || die "qemu-img create of the run's overlay failed"
+
 # What the guest runs: guest-run.sh reads this file from the results share.
 {
     printf 'VM_PYTEST_TIMEOUT=%q\n' "$VM_PYTEST_TIMEOUT"
@@ -270,26 +281,40 @@ ACCEL_NAME="${ACCEL[1]%%,*}"
     printf 'VM_ACCEL=%q\n' "$ACCEL_NAME"
 } > "$WORK/results/config"
 
+# boot N: qemu on the overlay until the guest powers off (or reboots: -no-reboot makes that an
+# exit too, and a panic ends the run rather than looping). Its console goes to console-N.log.
+boot_guest() {
+    local n=$1
+    echo "$n" > "$WORK/results/boot"
+    rm -f "$WORK/results/reboot"
+    : > "$WORK/console-$n.log"
+    qemu-system-x86_64 \
+        "${ACCEL[@]}" -smp "$VM_CPUS" -m "$VM_MEM" \
+        -machine q35 -nodefaults -display none -no-reboot -no-user-config \
+        -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
+        -append "root=/dev/vda rw console=ttyS0 quiet loglevel=3 systemd.show_status=error panic=-1 net.ifnames=0" \
+        -drive "file=$WORK/disk.qcow2,format=qcow2,if=virtio,cache=unsafe,aio=threads" \
+        -virtfs "local,path=$REPO_ROOT,mount_tag=repo,security_model=none,readonly=on,id=repo" \
+        -virtfs "local,path=$WORK/results,mount_tag=results,security_model=none,id=results" \
+        -serial "file:$WORK/console-$n.log" -monitor none -nic none \
+        </dev/null >>"$WORK/qemu.log" 2>&1 &
+    QEMU_PID=$!
+}
+
 log "booting Debian 12, kernel $KVER ($ACCEL_NAME, $VM_CPUS cpus, $VM_MEM MiB); repo $REPO_ROOT shared read-only"
-: > "$WORK/console.log"
-qemu-system-x86_64 \
-    "${ACCEL[@]}" -smp "$VM_CPUS" -m "$VM_MEM" \
-    -machine q35 -nodefaults -display none -no-reboot -no-user-config \
-    -kernel "$IMAGE_DIR/vmlinuz" -initrd "$IMAGE_DIR/initrd.img" \
-    -append "root=/dev/vda rw console=ttyS0 quiet loglevel=3 systemd.show_status=error panic=-1 net.ifnames=0" \
-    -drive "file=$IMAGE_DIR/rootfs.img,format=raw,if=virtio,snapshot=on,cache=unsafe,aio=threads" \
-    -virtfs "local,path=$REPO_ROOT,mount_tag=repo,security_model=none,readonly=on,id=repo" \
-    -virtfs "local,path=$WORK/results,mount_tag=results,security_model=none,id=results" \
-    -serial "file:$WORK/console.log" -monitor none -nic none \
-    </dev/null >"$WORK/qemu.log" 2>&1 &
-QEMU_PID=$!
+: > "$WORK/qemu.log"
+: > "$WORK/results/pytest.log"
+: > "$WORK/results/pytest-after-reboot.log"
+: > "$WORK/console-1.log"
 T_BOOT=$SECONDS
 
-# Stream the console (boot, [vm] [guest] lines) and pytest's per-test lines as they come.
-: > "$WORK/results/pytest.log"
+# Stream the consoles (boot, [vm] [guest] lines) and pytest's per-test lines as they come
+# (tail -F waits for the files of later boots; -q: no file-name headers).
 (
-    tail -n +1 -F "$WORK/console.log" 2>/dev/null | sed -u 's/\r//g; s/^/[guest] /' &
-    tail -n +1 -F "$WORK/results/pytest.log" 2>/dev/null \
+    consoles=()
+    for n in $(seq 1 "$VM_MAX_BOOTS"); do consoles+=("$WORK/console-$n.log"); done
+    tail -q -n +1 -F "${consoles[@]}" 2>/dev/null | sed -u 's/\r//g; s/^/[guest] /' &
+    tail -q -n +1 -F "$WORK/results/pytest.log" "$WORK/results/pytest-after-reboot.log" 2>/dev/null \
         | grep --line-buffered -E ' (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)( |$)|^collected|^=+ .*(passed|failed|error|no tests)' \
         | sed -u 's/^/[pytest] /' &
     wait
@@ -297,17 +322,31 @@ T_BOOT=$SECONDS
 TAIL_PID=$!
 
 timed_out=0
-while kill -0 "$QEMU_PID" 2>/dev/null; do
-    if (( SECONDS - T_BOOT > VM_TIMEOUT )); then
-        timed_out=1
-        warn "the guest ran longer than VM_TIMEOUT=${VM_TIMEOUT}s: killing it"
-        kill "$QEMU_PID" 2>/dev/null || true
+boots=0
+too_many_boots=0
+qrc=0
+while :; do
+    boots=$((boots + 1))
+    (( boots > 1 )) && log "the guest asked for a reboot: boot $boots of at most $VM_MAX_BOOTS (same disk)"
+    boot_guest "$boots"
+    while kill -0 "$QEMU_PID" 2>/dev/null; do
+        if (( SECONDS - T_BOOT > VM_TIMEOUT )); then
+            timed_out=1
+            warn "the guest ran longer than VM_TIMEOUT=${VM_TIMEOUT}s: killing it"
+            kill "$QEMU_PID" 2>/dev/null || true
+            break
+        fi
+        sleep 2
+    done
+    wait "$QEMU_PID" 2>/dev/null && qrc=0 || qrc=$?
+    QEMU_PID=""
+    [[ "$timed_out" == 0 && -e "$WORK/results/reboot" && ! -s "$WORK/results/status" ]] || break
+    if (( boots >= VM_MAX_BOOTS )); then
+        too_many_boots=1
+        warn "the guest asked for boot $((boots + 1)), more than VM_MAX_BOOTS=$VM_MAX_BOOTS"
         break
     fi
-    sleep 2
 done
-wait "$QEMU_PID" 2>/dev/null && qrc=0 || qrc=$?
-QEMU_PID=""
 sleep 1
 stop_tails
 [[ -s "$WORK/qemu.log" ]] && sed 's/^/[qemu] /' "$WORK/qemu.log"
@@ -317,27 +356,38 @@ LAST="$VM_CACHE/last-run"
 rm -rf "$LAST"
 mkdir -p "$LAST"
 cp -a "$WORK/results/." "$LAST/" 2>/dev/null || true
-cp "$WORK/console.log" "$LAST/console.log"
-log "guest ran $(elapsed "$T_BOOT") (qemu exit $qrc); total $(elapsed); results in $LAST/"
+# (made for tail -F; empty when the guest did not reboot)
+[[ -s "$LAST/pytest-after-reboot.log" ]] || rm -f "$LAST/pytest-after-reboot.log"
+for n in $(seq 1 "$boots"); do
+    (( boots > 1 )) && echo "===== boot $n"
+    cat "$WORK/console-$n.log"
+done > "$LAST/console.log"
+log "guest ran $(elapsed "$T_BOOT") in $boots boot(s) (last qemu exit $qrc); total $(elapsed); results in $LAST/"
 
-# pytest's summary, and on failure the start of the first failure (the full log is in $LAST).
-if [[ -s "$LAST/pytest.log" ]]; then
+# pytest's summary, and on failure the start of the first failure (the full logs are in $LAST):
+# the first boot's run, then the after-reboot run if there was one.
+for plog in "$LAST/pytest.log" "$LAST/pytest-after-reboot.log"; do
+    [[ -s "$plog" ]] || continue
+    [[ "$plog" == *after-reboot* ]] && log "after the reboot ($(basename "$plog")):"
     # (|| true: head closing the pipe early is not an error)
-    sed -n '/^=* short test summary info =*$/,$p' "$LAST/pytest.log" | head -n 80 | sed 's/^/[pytest] /' || true
-    if grep -qE '^=+ (FAILURES|ERRORS) =+$' "$LAST/pytest.log"; then
-        log "first failure (the full output is in $LAST/pytest.log):"
-        sed -n '/^=\+ \(FAILURES\|ERRORS\) =\+$/,$p' "$LAST/pytest.log" | head -n 40 | sed 's/^/[pytest] /' || true
+    sed -n '/^=* short test summary info =*$/,$p' "$plog" | head -n 80 | sed 's/^/[pytest] /' || true
+    if grep -qE '^=+ (FAILURES|ERRORS) =+$' "$plog"; then
+        log "first failure (the full output is in $plog):"
+        sed -n '/^=\+ \(FAILURES\|ERRORS\) =\+$/,$p' "$plog" | head -n 40 | sed 's/^/[pytest] /' || true
         # A program the verifier refused: its verdict is the line before "processed N insns".
-        if grep -q '^processed [0-9]* insns' "$LAST/pytest.log"; then
+        if grep -q '^processed [0-9]* insns' "$plog"; then
             log "verifier verdicts:"
-            grep -h -B1 '^processed [0-9]* insns' "$LAST/pytest.log" | grep -v '^processed\|^--' \
+            grep -h -B1 '^processed [0-9]* insns' "$plog" | grep -v '^processed\|^--' \
                 | sort | uniq -c | sed 's/^/[pytest] /' || true
         fi
     fi
-fi
+done
 status="$(cat "$WORK/results/status" 2>/dev/null || true)"
 if [[ "$timed_out" == 1 ]]; then
     die "timed out after ${VM_TIMEOUT}s (see $LAST/console.log)"
+fi
+if [[ "$too_many_boots" == 1 ]]; then
+    die "the guest asked for more than VM_MAX_BOOTS=$VM_MAX_BOOTS boots (see $LAST/console.log)"
 fi
 if [[ -z "$status" ]]; then
     die "the guest wrote no test status: it did not boot or crashed (see $LAST/console.log)"

@@ -9,8 +9,10 @@
 #   3. the repository's own scripts/setup.sh for the image's kernel release, on a copy of the
 #      repo at /root/bulkhead: apt packages, linux-headers-<release>, .venv + pip install.
 #      (the guest later replaces the copy's files with the tree under test and keeps .venv)
+#   3b. a wheelhouse (/root/wheelhouse) of the project's runtime and build dependencies, for
+#      the service tests' offline `pip install` (PIP_NO_INDEX=1 PIP_FIND_LINKS=/root/wheelhouse)
 #   4. the boot-time test unit: mounts the 9p shares and runs scripts/vm/guest-run.sh from the
-#      shared repo, then powers the guest off
+#      shared repo, then powers the guest off, or reboots it when guest-run.sh asks for it
 #
 # This file is part of the image's cache key: editing it rebuilds the image.
 #
@@ -95,6 +97,30 @@ cleanup_host_moddir
 "$REPO/.venv/bin/python" -c 'import bcc, pytest, pyroute2, scapy' \
     || die "the venv made by setup.sh cannot import its packages"
 
+# ---------------------------------------------------------------- 3b. wheelhouse
+# The guest has no network, and the service tests install bulkhead the way a host owner
+# does (scripts/service/install.sh: its own venv and pip). pip finds everything here with
+# PIP_NO_INDEX=1 PIP_FIND_LINKS=/root/wheelhouse: the runtime dependencies (pyproject's, with
+# their own), the build backend (build-system.requires, for pip's isolated build), wheel, pip.
+log "wheelhouse for offline pip installs: /root/wheelhouse"
+WHEELHOUSE=/root/wheelhouse
+mapfile -t DEPS < <("$REPO/.venv/bin/python" - "$REPO/pyproject.toml" <<'PYEOF'
+import sys, tomllib
+d = tomllib.load(open(sys.argv[1], "rb"))
+print("\n".join(d["project"]["dependencies"] + d["build-system"]["requires"]))
+PYEOF
+)
+[[ ${#DEPS[@]} -gt 0 ]] || die "no dependencies read from pyproject.toml"
+"$REPO/.venv/bin/python" -m pip wheel -q --progress-bar off -w "$WHEELHOUSE" \
+    "${DEPS[@]}" setuptools wheel pip || die "pip wheel for the wheelhouse failed"
+# Proof that it is enough: the project installs from it with no index, into a venv that
+# sees nothing else (no system site-packages: every dependency must come from the wheelhouse).
+python3 -m venv /tmp/wheelhouse-check || die "python3 -m venv failed"
+PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELHOUSE" /tmp/wheelhouse-check/bin/pip install -q \
+    --progress-bar off "$REPO" || die "the project does not install from the wheelhouse alone"
+rm -rf /tmp/wheelhouse-check "$REPO/build"
+log "wheelhouse: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels"
+
 # ---------------------------------------------------------------- 4. guest config
 log "configuring the guest"
 echo bulkhead-vm > /etc/hostname
@@ -124,7 +150,18 @@ fi
 bash /mnt/repo/scripts/vm/guest-run.sh
 rc=$?
 sync
-exit $rc
+# A clean shutdown, as a host owner's `reboot` is (units stopped in order): guest-run.sh asks
+# for another boot by writing /mnt/results/reboot; qemu runs with -no-reboot, so either way
+# qemu exits and the host boots the same disk again if asked. --force only if systemd can't.
+target=poweroff
+[[ -e /mnt/results/reboot ]] && target=reboot
+# (The tests' status is in /mnt/results/status; exiting non-zero here would fire the
+# unit's FailureAction and force the power-off in the middle of the clean one.) The target,
+# not `systemctl poweroff`: that asks logind first, over a D-Bus this image does not have.
+echo "[vm] [guest] guest-run.sh exit $rc: $target"
+systemctl --no-block start --job-mode=replace-irreversibly "$target.target" && exit 0
+systemctl --force --force "$target"
+exit 1
 EOF
 chmod 755 /usr/local/sbin/bulkhead-vm-boot
 
@@ -133,8 +170,9 @@ cat > /etc/systemd/system/bulkhead-vm-test.service <<'EOF'
 Description=bulkhead test suite on the stock kernel (make vm-test)
 After=local-fs.target systemd-modules-load.service systemd-udev-settle.service
 Wants=systemd-modules-load.service
-# Whatever happens, the VM ends: qemu runs with -no-reboot and exits on power-off.
-SuccessAction=poweroff-force
+# Whatever happens, the VM ends: qemu runs with -no-reboot and exits on power-off or reboot.
+# bulkhead-vm-boot itself powers off (or reboots) cleanly; a SuccessAction would cut that
+# shutdown short when the unit stops, so only a failure forces it.
 FailureAction=poweroff-force
 
 [Service]
