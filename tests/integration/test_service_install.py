@@ -30,7 +30,7 @@ PARENTS = {"etc", "etc/systemd", "etc/systemd/system", "usr", "usr/local", "usr/
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    p = subprocess.run(["bash", str(SERVICE / script), *args], capture_output=True, text=True,
+    p = subprocess.run(["bash", str(SERVICE / script), *args], check=False, capture_output=True, text=True,
                        timeout=600, cwd="/", env=env)
     assert p.returncode == 0, f"{script} {' '.join(args)}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     return p
@@ -78,10 +78,11 @@ def test_install_upgrade_uninstall(staged):
     # the installed package stands on its own: its own BPF sources, no path into the repo
     py = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    p = subprocess.run([str(py), "-c", "import bulkhead; from bulkhead.core.paths import BPF_DIR, SOURCE_TREE;"
-                        "assert SOURCE_TREE is None, SOURCE_TREE; assert (BPF_DIR / 'bulkhead.c').exists();"
-                        "print(bulkhead.__file__); print(BPF_DIR)"],
-                       capture_output=True, text=True, cwd="/", env=env, timeout=60)
+    code = ("import bulkhead; from bulkhead.core.paths import BPF_DIR, SOURCE_TREE;"
+            "assert SOURCE_TREE is None, SOURCE_TREE; assert (BPF_DIR / 'bulkhead.c').exists();"
+            "print(bulkhead.__file__); print(BPF_DIR)")
+    p = subprocess.run([str(py), "-c", code],
+                       check=False, capture_output=True, text=True, cwd="/", env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     pkg_file, bpf_dir = p.stdout.split()
     assert Path(pkg_file).is_relative_to(venv) and Path(bpf_dir).is_relative_to(venv), p.stdout
@@ -91,7 +92,7 @@ def test_install_upgrade_uninstall(staged):
     site = next(venv.glob("lib/python3*/site-packages"))
     leaks = [str(f) for f in site.iterdir() if f.suffix in (".pth", ".egg-link") and str(ROOT) in f.read_text()]
     assert not leaks, f"the venv points into the repo: {leaks}"
-    p = subprocess.run([str(venv / "bin" / "bulkhead"), "--help"], capture_output=True, text=True, cwd="/",
+    p = subprocess.run([str(venv / "bin" / "bulkhead"), "--help"], check=False, capture_output=True, text=True, cwd="/",
                        env=env, timeout=60)
     assert p.returncode == 0 and "agent" in p.stdout and "reload" in p.stdout, p.stderr
 
@@ -110,7 +111,7 @@ def test_install_upgrade_uninstall(staged):
     bad.write_text("version: 1\nsegments: [{name: x, interfaces: []}]\nrules: nope\n")
     before = {f: (root / f).read_bytes() for f in CONFIG}
     p = subprocess.run(["bash", str(SERVICE / "install.sh"), "--root", str(root), "--prefix", PREFIX,
-                        "--policy", str(bad)], capture_output=True, text=True, timeout=600, cwd="/", env=env)
+                        "--policy", str(bad)], check=False, capture_output=True, text=True, timeout=600, cwd="/", env=env)
     assert p.returncode != 0 and "does not validate" in p.stderr, (p.stdout, p.stderr)
     assert {f: (root / f).read_bytes() for f in CONFIG} == before
 
