@@ -123,6 +123,32 @@ def policy_apply(files: tuple[str, ...], state_dir: str, as_json: bool) -> None:
         click.echo(f"generation {reply['generation']}")
 
 
+@main.command()
+@STATE_DIR_OPT
+@JSON_OPT
+def reload(state_dir: str, as_json: bool) -> None:
+    """Make the running agent re-read the policy files it was started with.
+
+    The same atomic apply as `policy apply`: prints the new generation, and on
+    any error the old policy stays in force (exit 2: the files don't validate,
+    1: the agent refused or follows the fleet). The service unit's ExecReload
+    (`systemctl reload bulkhead`); SIGHUP to the agent does the same, reported
+    only in its log.
+    """
+    reply = _agent_request(state_dir, "reload", timeout=300)
+    if as_json:
+        click.echo(json.dumps(reply))
+    if not reply.get("ok"):
+        if not as_json:
+            click.echo(f"bulkhead: reload failed: {reply.get('error')}", err=True)
+            click.echo(f"bulkhead: generation {reply.get('generation', '?')} stays in force", err=True)
+        sys.exit(int(reply.get("code", 1)))
+    if not as_json:
+        for w in reply.get("warnings") or ():
+            click.echo(f"warning: {w}", err=True)
+        click.echo(f"generation {reply['generation']}")
+
+
 # --map-size NAME -> the consts.h knob it sets (abi.DEFAULT_SIZES)
 MAP_SIZE_NAMES = {
     "flows": "BH_MAX_FLOWS", "frags": "BH_MAX_FRAGS", "ident": "BH_MAX_IDENT", "policy": "BH_MAX_POLICY",
@@ -224,8 +250,8 @@ def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_
     elif gateway or trust:
         _fail("--gateway and --trust go with --etcd", 2)
     if os.geteuid() != 0:
-        _fail("the agent needs root (CAP_BPF, CAP_NET_ADMIN)")
-    from bulkhead.daemon import agent as daemon
+        _fail("the agent needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)")
+    from bulkhead.daemon import service as daemon
 
     sys.exit(daemon.run(list(policy_files), state_dir, None if metrics_addr == "off" else metrics_addr, xdp_mode,
                         sizes=sizes, events_keep=events_keep, fleet=fleet))

@@ -1,7 +1,8 @@
 """The agent: owns the data path of one state dir, applies policy, answers the CLI.
 
-Lifecycle: load the policy (bad policy: exit 2 before touching the kernel),
-load/reuse the pinned programs and maps, start the L7 verifier (a supervised
+Lifecycle (the process around it is daemon/service.py): load the policy (bad
+policy: exit 2 before touching the kernel), load/reuse the pinned programs and
+maps (no compile when they are this build's), start the L7 verifier (a supervised
 child process, agent/verifier/), attach XDP and the TC steering program to
 every interface the policy names, apply, set up the gateway plumbing, then
 serve the control socket until SIGTERM/SIGINT. Exiting leaves XDP, pins and plumbing in place
@@ -14,19 +15,16 @@ import collections
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
-from bulkhead.core import wire
 from bulkhead.core.names import CLOCK_MONOTONIC_COARSE, VERDICTS, proto_name
-from bulkhead.daemon.control import ControlServer
+from bulkhead.daemon.l7records import L7Records
 from bulkhead.daemon.state import prog_name, read_state, write_state, xdp_prog_ids
 from bulkhead.telemetry import flowlog
-from bulkhead.datapath import abi, loader, probe
-from bulkhead.datapath.errors import DatapathError
+from bulkhead.datapath import abi, loader
 from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.agent")
@@ -53,63 +51,6 @@ def resolve_ifindexes(bundle: Bundle) -> dict[str, int]:
 def _addr(raw: bytes) -> str:
     a = ipaddress.IPv6Address(bytes(raw))
     return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
-
-
-class L7Records:
-    """What the verifier reported: recent requests (bounded), totals, latency histograms."""
-
-    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-    PHASES = ("decision_s", "connect_s", "ttfb_s", "total_s")
-
-    def __init__(self, keep: int = 2000):
-        self.lock = threading.Lock()
-        self.recent: collections.deque = collections.deque(maxlen=keep)
-        self.seq = 0
-        self.requests: collections.Counter = collections.Counter()  # (verdict, rule, src, dst, status) -> n
-        self.connections: collections.Counter = collections.Counter()  # event -> n
-        # (phase, src, dst) -> [bucket counts..., +Inf count, sum]
-        self.latency: dict[tuple, list] = {}
-
-    def add(self, rec: dict) -> None:
-        kind = rec.get("t")
-        with self.lock:
-            if kind == "request":
-                self.seq += 1
-                rec["seq"] = self.seq
-                self.recent.append(rec)
-                src, dst = rec.get("src_app") or "-", rec.get("dst_app") or "-"
-                self.requests[(rec.get("verdict") or "?", rec.get("rule") or "", src, dst,
-                               str(rec.get("status") or 0))] += 1
-                for phase in self.PHASES:
-                    v = rec.get(phase)
-                    if v is None:
-                        continue
-                    h = self.latency.setdefault((phase, src, dst), [0] * (len(self.BUCKETS) + 2))
-                    for i, b in enumerate(self.BUCKETS):
-                        if v <= b:
-                            h[i] += 1
-                    h[-2] += 1
-                    h[-1] += v
-            elif kind == "conn":
-                self.connections[rec.get("event") or "?"] += 1
-        if kind == "request" and rec.get("verdict") in ("deny", "error", "audit"):
-            log.info("L7 %s %s %s %s%s from %s (%s) to %s: rule %s: %s", rec.get("verdict"), rec.get("status"),
-                     rec.get("method"), rec.get("host") or "", rec.get("path"), rec.get("src_app"),
-                     rec.get("client"), rec.get("dst_app"), rec.get("rule") or "-", rec.get("reason"))
-        elif kind == "conn" and rec.get("event") not in ("accepted", "closed", "ready"):
-            log.warning("L7 connection %s %s: %s", rec.get("event"), rec.get("flow_id") or "", rec.get("detail"))
-
-    def since(self, after: int, limit: int) -> tuple[int, list[dict]]:
-        with self.lock:
-            out = [r for r in self.recent if r["seq"] > after]
-            return self.seq, out[-limit:] if limit else out
-
-    def totals(self) -> dict:
-        with self.lock:
-            by_verdict: collections.Counter = collections.Counter()
-            for (verdict, *_), n in self.requests.items():
-                by_verdict[verdict] += n
-            return {"by_verdict": dict(by_verdict), "connections": dict(self.connections)}
 
 
 class Agent:
@@ -140,16 +81,20 @@ class Agent:
         self.verifier = None  # bulkhead.verifier.supervisor.Supervisor
         self.l7 = L7Records()
         self.follower = None  # bulkhead.fleet.follower.Follower when the fleet supplies the policy
+        self._previous_progs: dict[str, int | None] = {}  # ifname -> XDP program id the previous agent attached
+        self.policy_paths: list[str] = []  # the files `reload` re-reads (none when the fleet supplies the policy)
 
     # ---------------------------------------------------------------- start
     def start(self, bundle: Bundle) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.state_dir, 0o700)
-        self.dp = loader.Datapath(self.pin_dir, self.sizes).load()
         from bulkhead.datapath.plumbing import Plumbing  # imported late: needs nft/pyroute2 only at runtime
 
         self.plumbing = Plumbing(self.instance)
+        self.dp = loader.Datapath(self.pin_dir, self.sizes)
+        self.dp.load()
         previous = read_state(self.state_dir)
+        self._previous_progs = {n: i.get("prog_id") for n, i in previous.get("interfaces", {}).items()}
         if os.environ.get("BULKHEAD_NO_VERIFIER") != "1":
             from bulkhead.verifier.supervisor import Supervisor
 
@@ -166,7 +111,8 @@ class Agent:
                 raise RuntimeError("the data path was built without telemetry (BH_NO_TELEMETRY)")
             # The loader says whether the program was built with -DBH_EVENTS_PERF (Datapath.events_perf).
             perf = self.events_perf or bool(getattr(self.dp, "events_perf", False))
-            self.flowlog.start(self.dp.bpf, use_perf=perf)
+            self.flowlog.start(self.dp.bpf if perf or self.dp.events_fd is None else self.dp.events_fd,
+                               use_perf=perf)
         except Exception as e:  # the agent enforces without its flow log; status and metrics say so
             self.flowlog.error = f"{type(e).__name__}: {e}"
             log.error("flow log unavailable: %s", e)
@@ -184,8 +130,10 @@ class Agent:
                     log.debug("counting %s: %s", mname, e)
 
     def _detach_if_ours(self, ifname: str) -> None:
-        pid = xdp_prog_ids().get(ifname)
-        if pid and prog_name(pid).startswith(loader.XDP_PROG[:15]):
+        """Ours: the program pinned now, or the one the previous agent recorded attaching there
+        (an upgrade replaced the pin). Both are known without CAP_SYS_ADMIN, which reading a
+        program by id would need; the name check remains for state files older than prog_id."""
+        if self._is_ours(ifname, xdp_prog_ids().get(ifname)):
             loader.Datapath.detach(ifname)
             loader.Datapath.detach_tc(ifname)
             log.info("detached XDP from %s (no longer in policy)", ifname)
@@ -198,11 +146,46 @@ class Agent:
             else:
                 self.dp.set_ctl_flags(clear_bits=abi.CTL_L7_READY)
 
+    def _is_ours(self, ifname: str, pid: int | None) -> bool:
+        if not pid:
+            return False
+        recorded = self._previous_progs.get(ifname)
+        return pid in (self.xdp_prog_id(), recorded) or (
+            recorded is None and prog_name(pid).startswith(loader.XDP_PROG[:15]))
+
+    def xdp_prog_id(self) -> int:
+        return loader.libbpf.prog_info(self.dp.prog_fd()).id
+
     def stop(self) -> None:
         """Agent exit: stop the verifier; L7 flows are dropped (counted) until the next agent."""
         self.flowlog.stop()
         if self.verifier:
             self.verifier.stop()
+
+    def abandon(self) -> list[str]:
+        """A start that failed: remove what it created, when it created the pin tree. A start that
+        adopted a previous agent's pins leaves them (and their attachments) enforcing."""
+        self.stop()
+        if self.dp is None or not self.dp.fresh:
+            return []
+        done = []
+        for ifname in list(self.interfaces):
+            loader.Datapath.detach(ifname)
+            loader.Datapath.detach_tc(ifname)
+            done.append(f"detached {ifname}")
+        self.interfaces.clear()
+        if self.plumbing is not None:
+            try:
+                self.plumbing.remove()
+                done.append("removed the gateway plumbing")
+            except Exception as e:  # noqa: BLE001 -- keep removing the rest
+                log.error("removing the plumbing of the failed start: %s", e)
+        loader.remove_pins(self.pin_dir)
+        done.append(f"removed {self.pin_dir}")
+        from bulkhead.daemon.state import STATE_FILE
+
+        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+        return done
 
     # ---------------------------------------------------------------- names
     def names_for(self, generation: int) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
@@ -273,18 +256,21 @@ class Agent:
         with self.lock:
             ifindexes = resolve_ifindexes(bundle)
             seg_of = {i: s["name"] for s in bundle.segments for i in s["interfaces"]}
-            newly = []
+            newly = []  # attached by this attempt: a failure takes them off again
+            # Enforced before this agent (a restart adopting pins): a failed first apply leaves them on.
+            before = {n for n, pid in xdp_prog_ids().items() if n not in self.interfaces and self._is_ours(n, pid)}
             try:
                 for ifname in ifindexes:
                     new = ifname not in self.interfaces or self.interfaces[ifname]["ifindex"] != ifindexes[ifname]
-                    if new:
+                    if new and ifname not in before:
                         newly.append(ifname)
                     # TC before XDP: XDP may hand reject answers to it (reject path tc_redirect).
                     self.dp.attach_tc(ifname)  # idempotent: also re-takes interfaces of a previous agent
                     if new:
                         mode = self.dp.attach(ifname, self.xdp_mode)
                         self.interfaces[ifname] = {"ifindex": ifindexes[ifname], "mode": mode,
-                                                   "reject_path": self.dp.reject_path(ifindexes[ifname])}
+                                                   "reject_path": self.dp.reject_path(ifindexes[ifname]),
+                                                   "prog_id": self.xdp_prog_id()}
                 # Plumbing before the flip: if it fails, nothing has switched yet.
                 self.plumbing.apply(bundle, ifindexes, self.verifier.port if self.verifier else None)
                 generation = self.dp.active_generation() + 1
@@ -348,6 +334,41 @@ class Agent:
                      generation, len(bundle.rules), len(bundle.policy_entries), result["seconds"])
             return generation
 
+    def reload(self) -> dict:
+        """Re-read the policy files this agent was started with and apply them (the same atomic
+        apply: a refused policy leaves the running one). code 2: the files don't validate."""
+        if not self.policy_paths:
+            f = self.follower
+            where = f"gateway {f.gateway}, etcd {', '.join(f.urls)}" if f else "no policy files"
+            return {"ok": False, "code": 1, "generation": self.dp.active_generation(),
+                    "error": f"nothing to re-read: this agent follows the fleet ({where}); "
+                             "publish with `bulkhead fleet publish`"}
+        from bulkhead.core.notify import notify
+        from bulkhead.policy import PolicyError, load_policy
+
+        notify(RELOADING=1, STATUS="re-reading " + " ".join(self.policy_paths))
+        try:
+            try:
+                bundle, warnings = load_policy(self.policy_paths)
+            except PolicyError as e:
+                log.error("reload: %s: generation %d stays in force", e, self.dp.active_generation())
+                return {"ok": False, "code": 2, "error": str(e), "generation": self.dp.active_generation()}
+            for w in warnings:
+                log.warning("%s", w)
+            try:
+                gen = self.apply(bundle)
+            except Exception as e:
+                log.error("reload failed, generation %d stays in force: %s", self.dp.active_generation(), e)
+                return {"ok": False, "code": 1, "error": str(e), "generation": self.dp.active_generation()}
+            log.info("reloaded %s: generation %d", " ".join(self.policy_paths), gen)
+            return {"ok": True, "generation": gen, "seconds": self.last_apply.get("seconds"), "warnings": warnings}
+        finally:
+            notify(READY=1, STATUS=self.ready_status())
+
+    def ready_status(self) -> str:
+        return (f"enforcing generation {self.dp.active_generation()} on "
+                f"{', '.join(sorted(self.interfaces)) or 'no interfaces'}")
+
     # --------------------------------------------------------------- status
     def status(self) -> dict:
         b = self.bundle
@@ -358,6 +379,7 @@ class Agent:
             "generation": self.dp.active_generation(),
             "active_slot": self.dp.ctl().active_slot,
             "pin_dir": str(self.pin_dir),
+            "datapath": {"build_id": self.dp.build_id, "compiled": self.dp.compiled},
             "policy": {"files": b.source, "checksum": self.checksum, "settings": b.settings,
                        "segments": len(b.segments), "apps": len(b.apps), "rules": len(b.rules),
                        "policy_entries": len(b.policy_entries), "warnings": b.warnings},
@@ -480,84 +502,9 @@ class Agent:
                 log.error("apply failed, generation %d stays in force: %s", self.dp.active_generation(), e)
                 return {"ok": False, "code": 1, "error": str(e), "generation": self.dp.active_generation()}
             return {"ok": True, "generation": gen, "seconds": self.last_apply.get("seconds")}
+        if op == "reload":
+            return self.reload()
         if op == "shutdown":
             self.stop_event.set()
             return {"ok": True}
         return {"ok": False, "code": 2, "error": f"unknown op {op!r}"}
-
-
-def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_mode: str = "auto",
-        sizes: dict[str, int] | None = None, events_keep: int = flowlog.DEFAULT_KEEP,
-        fleet: dict | None = None) -> int:
-    """Run until SIGTERM/SIGINT. The policy comes from `policy_paths`, or with `fleet`
-    ({"urls", "gateway", "trust", "wait"}) from etcd through a Follower (bulkhead.fleet.follower):
-    its first verified envelope (the cached one in STATE_DIR/fleet, else etcd's, waited for up to
-    fleet["wait"] seconds: none by then is exit 1) starts the data path, later ones are applied."""
-    agent = Agent(state_dir, xdp_mode, sizes=sizes, events_keep=events_keep)
-    bundle = first = None
-    expected: tuple[type, ...] = (AgentError, DatapathError, wire.ControlError)  # said in one line, no trace
-    if fleet is None:
-        from bulkhead.policy import PolicyError, load_policy
-
-        try:
-            bundle, warnings = load_policy(policy_paths)
-        except PolicyError as e:
-            print(str(e), flush=True)
-            return 2
-        for w in warnings:
-            log.warning("%s", w)
-    else:
-        from bulkhead.fleet.follower import Follower, FollowerError
-        from bulkhead.fleet.keys import FleetKeyError
-
-        expected += (FollowerError,)
-
-        try:
-            agent.follower = Follower(fleet["urls"], fleet["gateway"], fleet["trust"], state_dir,
-                                      lambda b, revision: agent.apply(b))
-        except (FleetKeyError, ValueError) as e:
-            print(f"bulkhead: {e}", flush=True)
-            return 2
-    server = ControlServer(state_dir, agent.handle)
-    try:
-        Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-        server.ensure_free()  # before touching the kernel: never fight a live agent
-        probe.require(log)  # logs missing kernel features; raises naming a required one
-        if agent.follower is not None:
-            first = agent.follower.initial(fleet["wait"])  # FollowerError: nothing verified to start from
-            bundle = first.bundle
-        gen = agent.start(bundle)
-        if first is not None:
-            agent.follower.applied(first)
-        server.start()
-    except Exception as e:  # noqa: BLE001 -- any start failure: say why, exit 1, leave no child behind
-        agent.stop()
-        if not isinstance(e, expected):
-            log.exception("agent start failed")
-        log.error("%s", e)
-        return 1
-    if agent.follower is not None:
-        agent.follower.start()  # from here on etcd's newer envelopes are applied as they come
-    if metrics_addr:
-        from bulkhead.telemetry import metrics
-
-        try:
-            metrics.serve(agent, metrics_addr)
-        except (OSError, ValueError) as e:
-            log.error("metrics exporter not started on %s: %s", metrics_addr, e)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop_event.set())
-    revision = f" revision={first.revision}" if first is not None else ""
-    print(f"bulkhead agent ready generation={gen} interfaces={','.join(sorted(agent.interfaces))}{revision}",
-          flush=True)
-    try:
-        while not agent.stop_event.wait(1.0):
-            pass
-    finally:
-        if agent.follower is not None:
-            agent.follower.stop()
-        server.stop()
-        agent.stop()
-    log.info("agent exiting; XDP stays attached and enforcing (use `bulkhead down` to remove)")
-    return 0

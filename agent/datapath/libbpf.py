@@ -324,3 +324,42 @@ def prog_test_run_xdp(prog_fd: int, frame: bytes, ingress_ifindex: int = 0, repe
         opts.ctx_size_in = C.sizeof(ctx)
     _check(lib().bpf_prog_test_run_opts(prog_fd, C.byref(opts)), "BPF_PROG_TEST_RUN")
     return TestRunResult(opts.retval, opts.duration, buf_out.raw[: opts.data_size_out])
+
+
+# ring_buffer_sample_fn: int (*)(void *ctx, void *data, size_t size)
+RingSampleFn = C.CFUNCTYPE(C.c_int, C.c_void_p, C.c_void_p, C.c_size_t)
+
+
+class RingBuffer:
+    """A BPF ring buffer opened from its map fd (libbpf's ring_buffer__*).
+
+    bcc opens ring buffers only through the BPF object that compiled the program; an agent
+    that reuses pinned programs has no such object, only the pinned map."""
+
+    def __init__(self, map_fd: int, callback):
+        L = lib()
+        L.ring_buffer__new.restype = C.c_void_p
+        L.ring_buffer__new.argtypes = [C.c_int, RingSampleFn, C.c_void_p, C.c_void_p]
+        L.ring_buffer__poll.argtypes = [C.c_void_p, C.c_int]
+        L.ring_buffer__free.argtypes = [C.c_void_p]
+
+        def sample(_ctx, data, size):
+            callback(data, size)
+            return 0
+
+        self._cb = RingSampleFn(sample)  # kept alive as long as libbpf may call it
+        self._rb = L.ring_buffer__new(map_fd, self._cb, None, None)
+        if not self._rb:
+            err = C.get_errno() or errno.EINVAL
+            raise OSError(err, f"ring_buffer__new: {os.strerror(err)}")
+
+    def poll(self, timeout_ms: int) -> int:
+        rc = lib().ring_buffer__poll(self._rb, timeout_ms)
+        if rc < 0 and -rc != errno.EINTR:
+            _check(rc, "ring_buffer__poll")
+        return rc
+
+    def close(self) -> None:
+        if self._rb:
+            lib().ring_buffer__free(self._rb)
+            self._rb = None

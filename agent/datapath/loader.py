@@ -5,7 +5,11 @@ first load pins into a temporary directory and renames it into place, so a
 crash never leaves a half-made pin tree. A restarted agent compiles against
 the existing pins (bcc reuses a pinned map named in the C source), after
 checking that every pinned map has the type and sizes this build expects.
-XDP stays attached while the agent is gone: enforcement never pauses.
+A restart of the same build (same sources, flags, kernel and bcc: build_id)
+compiles nothing: it opens the pinned programs and maps (Datapath.compiled is
+False). An upgrade compiles the new build first, then replaces the pinned
+programs and the attachments. XDP stays attached while the agent is gone:
+enforcement never pauses.
 
 Policy apply is double-buffered: fill the inactive slot, write its config
 (generation), then flip ctl.active_slot with one array update.
@@ -26,6 +30,8 @@ from pathlib import Path
 from bulkhead.core.paths import BPF_DIR
 from bulkhead.datapath import abi, libbpf
 from bulkhead.datapath.errors import DatapathError
+from bulkhead.datapath.maps import (MAP_ARRAY, MAP_HASH, MAP_LPM_TRIE, MAP_LRU_HASH, MAP_PERCPU_ARRAY,  # noqa: F401
+                                    MAP_PERCPU_HASH, MAP_PROG_ARRAY, check_pinned_maps, map_specs, misfits)
 
 log = logging.getLogger("bulkhead.datapath")
 
@@ -43,11 +49,10 @@ TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RES
               abi.Tail.MAIN: XDP_PROG, abi.Tail.OBSERVE: OBSERVE_PROG, abi.Tail.SNI_STREAM: SNI_STREAM_PROG}
 EMPTY_PROG = "bulkhead_empty"  # benchmarks' reference program: only in a BH_BENCH build
 TC_PROG = "bulkhead_tc"  # clsact ingress: copies XDP's steering mark into skb->mark
+PINNED_PROGS = tuple(dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), TC_PROG)))
 # Our filter's preference on clsact ingress: lets us replace and delete exactly ours.
 TC_PREF = 0xB0C
 
-# linux/bpf.h map types
-MAP_HASH, MAP_ARRAY, MAP_PROG_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE = 1, 2, 3, 5, 6, 9, 11
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 # Seconds to wait after a flip before the old slot may be rewritten: XDP runs
 # under RCU and a packet takes microseconds, so this is generous.
@@ -73,55 +78,6 @@ def ensure_bpffs() -> None:
     PIN_ROOT.mkdir(exist_ok=True)
 
 
-def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
-    """name -> (type, key_size, value_size, max_entries), as maps.h declares them."""
-    s = C.sizeof
-    specs = {
-        "ctl": (MAP_ARRAY, 4, s(abi.Ctl), 1),
-        "slot_cfg": (MAP_ARRAY, 4, s(abi.SlotCfg), abi.NUM_SLOTS),
-        "if_cfg": (MAP_ARRAY, 4, s(abi.IfCfg), sizes["BH_MAX_IFINDEX"]),
-        "flows4": (MAP_LRU_HASH, s(abi.Flow4Key), s(abi.Flow), sizes["BH_MAX_FLOWS"]),
-        "flows6": (MAP_LRU_HASH, s(abi.Flow6Key), s(abi.Flow), sizes["BH_MAX_FLOWS"]),
-        "frags": (MAP_LRU_HASH, s(abi.FragKey), s(abi.Frag), sizes["BH_MAX_FRAGS"]),
-        "stats": (MAP_PERCPU_ARRAY, 4, s(abi.Counter), abi.REASON_MAX),
-        "events": (MAP_PERCPU_ARRAY, 4, 8, abi.EVENT_MAX),
-        "tails": (MAP_PROG_ARRAY, 4, 4, 8),
-        "sni_state": (MAP_LRU_HASH, s(abi.Flow6Key), s(abi.SniState), sizes["BH_MAX_SNI_PARSE"]),
-        "sni_scratch": (MAP_PERCPU_ARRAY, 4, s(abi.SniState), 1),
-        "lat_hist": (MAP_PERCPU_HASH, s(abi.LatKey), s(abi.LatVal), sizes["BH_MAX_LAT"]),
-        "pair_flows": (MAP_PERCPU_HASH, s(abi.PairKey), 8, sizes["BH_MAX_PAIRS"]),
-    }
-    for n in range(abi.NUM_SLOTS):
-        specs[f"seg_map_{n}"] = (MAP_ARRAY, 4, s(abi.SegVal), sizes["BH_MAX_IFINDEX"])
-        specs[f"src_host_{n}"] = (MAP_HASH, s(abi.SrcKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
-        specs[f"src_ident_{n}"] = (MAP_LPM_TRIE, s(abi.SrcKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
-        specs[f"dst_host_{n}"] = (MAP_HASH, s(abi.DstKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
-        specs[f"dst_ident_{n}"] = (MAP_LPM_TRIE, s(abi.DstKey), s(abi.Ident), sizes["BH_MAX_IDENT"])
-        specs[f"pol_exact_{n}"] = (MAP_HASH, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
-        specs[f"policy_{n}"] = (MAP_LPM_TRIE, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
-        specs[f"sni_names_{n}"] = (MAP_HASH, s(abi.SniKey), s(abi.SniVal), sizes["BH_MAX_SNI"])
-    return specs
-
-
-def check_pinned_maps(maps_dir: Path, sizes: dict[str, int]) -> list[str]:
-    """Problems that forbid reusing the pinned maps (bcc would not notice)."""
-    problems = []
-    for name, want in map_specs(sizes).items():
-        path = maps_dir / name
-        if not path.exists():
-            problems.append(f"{name}: missing")
-            continue
-        fd = libbpf.obj_get(str(path))
-        try:
-            info = libbpf.map_info(fd)
-        finally:
-            os.close(fd)
-        have = (info.type, info.key_size, info.value_size, info.max_entries)
-        if have != want:
-            problems.append(f"{name}: pinned (type, key, value, entries) {have} != expected {want}")
-    return problems
-
-
 def cflags(pin_maps_dir: Path, sizes: dict[str, int], defines: tuple[str, ...] = ()) -> list[str]:
     """The one place compile-time knobs become -D flags: the pin directory, map
     sizes (-DNAME=value, consts.h) and switches (-DNAME, see Datapath.defines)."""
@@ -129,6 +85,36 @@ def cflags(pin_maps_dir: Path, sizes: dict[str, int], defines: tuple[str, ...] =
     flags += [f"-D{k}={v}" for k, v in sorted(sizes.items())]
     flags += [f"-D{d}" for d in defines]
     return flags
+
+
+# Bumped when what a pin tree holds changes in a way the sources don't show.
+PIN_LAYOUT = "2"
+BUILD_MARK = "build-"  # pin_dir/build-<id>: an empty bpffs directory naming the pinned programs' build
+FLOW_EVENTS = "flow_events"  # the ring buffer: pinned by the loader (bcc can't pin a ring buffer output)
+PROG_TYPE_XDP, PROG_TYPE_SCHED_CLS = 6, 3
+
+
+def build_id(pin_maps_dir: Path, sizes: dict[str, int], defines: tuple[str, ...] = ()) -> str:
+    """What the compiled object depends on, hashed: every source under bpf/, the flags, the
+    kernel release (its headers), bcc's version and the programs the loader pins. Equal ids
+    mean a compile would produce the same programs, so a restart may reuse the pinned ones."""
+    import bcc
+
+    h = hashlib.sha256(f"bulkhead pins {PIN_LAYOUT}\0".encode())
+    for path in sorted(BPF_DIR.rglob("*")):
+        if path.suffix in (".c", ".h") and path.is_file():
+            h.update(str(path.relative_to(BPF_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for item in (*cflags(pin_maps_dir, sizes, defines), os.uname().release, getattr(bcc, "__version__", "?"),
+                 *PINNED_PROGS):
+        h.update(item.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def pinned_prog(name: str, fd: int):
+    """A pinned program opened by path, as bcc's function object (what BPF.attach_xdp takes)."""
+    from bcc import BPF
+
+    return BPF.Function(None, name.encode(), fd)
 
 
 # How `bulkhead status` names each abi.RejectPath.
@@ -182,6 +168,10 @@ class Datapath:
         self.fns: dict[str, object] = {}
         self.map_fds: dict[str, int] = {}
         self.last_flip = 0.0
+        self.build_id = ""
+        self.events_fd: int | None = None  # the flow_events ring buffer (None: perf buffer or no telemetry)
+        self.compiled = False  # this load compiled bpf/bulkhead.c (else it reused the pinned programs)
+        self.fresh = False  # this load created the pin tree (nothing was pinned before)
 
     @property
     def bench(self) -> bool:
@@ -195,9 +185,7 @@ class Datapath:
 
     # ---------------------------------------------------------------- load
     def load(self) -> "Datapath":
-        """Compile, load and pin (or reuse pins). Does not attach."""
-        from bcc import BPF  # imported late: unit tests run without bcc
-
+        """Compile, load and pin, or reuse the pins of the same build without compiling. Does not attach."""
         ensure_bpffs()
         if "BH_EVENTS_PERF" not in self.defines and "BH_NO_TELEMETRY" not in self.defines:
             from bulkhead.datapath import probe
@@ -206,8 +194,9 @@ class Datapath:
                 log.warning("no BPF ring buffer in this kernel: flow events use a perf buffer")
                 self.defines += ("BH_EVENTS_PERF",)
         maps_dir = self.pin_dir / "maps"
-        fresh = not maps_dir.exists()
-        if not fresh:
+        self.fresh = not maps_dir.exists()
+        self.build_id = build_id(maps_dir, self.sizes, self.defines)
+        if not self.fresh:
             problems = check_pinned_maps(maps_dir, self.sizes)
             if problems:
                 raise DatapathError(
@@ -215,11 +204,53 @@ class Datapath:
                     + "; ".join(problems)
                     + "): run `bulkhead down` to remove them, then start again"
                 )
-            build_dir = self.pin_dir
-        else:
+            if self._reuse_pins():
+                log.info("reusing pinned programs (build %s): no compile", self.build_id)
+                return self
+        self._compile()
+        return self
+
+    def _reuse_pins(self) -> bool:
+        """Open the pinned programs and maps if they are this build's; False: compile instead."""
+        why = None
+        if not (self.pin_dir / f"{BUILD_MARK}{self.build_id}").is_dir():
+            why = "they are another build's (sources, flags, kernel or bcc changed)"
+        elif self.events_perf or self.bench or "BH_NO_TELEMETRY" in self.defines:
+            why = "this build's flow events or benchmark hooks need the compiled object"
+        if why is None:
+            fds: dict[str, int] = {}
+            try:
+                for name in PINNED_PROGS:
+                    fd = fds[name] = libbpf.obj_get(str(self.pin_dir / name))
+                    want = PROG_TYPE_SCHED_CLS if name == TC_PROG else PROG_TYPE_XDP
+                    if libbpf.prog_info(fd).type != want:
+                        raise OSError(f"{name} is not a program of type {want}")
+                for name in (*map_specs(self.sizes), FLOW_EVENTS):
+                    fds["map:" + name] = libbpf.obj_get(str(self.pin_dir / "maps" / name))
+            except OSError as e:
+                for fd in fds.values():
+                    os.close(fd)
+                why = f"a pin can't be opened ({e})"
+        if why is not None:
+            log.info("compiling: the pinned programs can't be reused: %s", why)
+            return False
+        self.fns = {n: pinned_prog(n, fds[n]) for n in PINNED_PROGS}
+        self.events_fd = fds.pop("map:" + FLOW_EVENTS)
+        self.map_fds = {k[4:]: fd for k, fd in fds.items() if k.startswith("map:")}
+        self.compiled = False
+        return True
+
+    def _compile(self) -> None:
+        """Compile against the pinned maps (or a new pin tree, renamed into place when done),
+        then replace the program pins one by one, each with an atomic rename."""
+        from bcc import BPF  # imported late: unit tests run without bcc
+
+        if self.fresh:
             build_dir = self.pin_dir.parent / f"tmp-{self.pin_dir.name}-{os.getpid()}"  # bpffs forbids dots
             shutil.rmtree(build_dir, ignore_errors=True)
             (build_dir / "maps").mkdir(parents=True)
+        else:
+            build_dir = self.pin_dir
         try:
             t0 = time.monotonic()
             self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(),
@@ -228,28 +259,36 @@ class Datapath:
             for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), *bench)):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             self.fns[TC_PROG] = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)
-            log.info("compiled and loaded bpf/bulkhead.c in %.1fs", time.monotonic() - t0)
+            log.info("compiled and loaded bpf/bulkhead.c in %.1fs (build %s)", time.monotonic() - t0, self.build_id)
             tails = self.bpf.get_table(b"tails")
             for slot, prog in TAIL_PROGS.items():
                 tails[C.c_int(slot)] = C.c_int(self.fns[prog].fd)
-            # Pin programs: to a temp name, then rename over the old pin (atomic).
-            for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), TC_PROG)):
-                tmp = build_dir / f"new-{name}"
+            # The build mark goes first and comes back last: pins of two builds are never marked as one.
+            for old in build_dir.glob(BUILD_MARK + "*"):
+                old.rmdir()
+            pins = [(self.fns[n].fd, build_dir / n) for n in PINNED_PROGS]
+            if not self.events_perf and "BH_NO_TELEMETRY" not in self.defines:
+                pins.append((self.bpf.get_table(FLOW_EVENTS.encode()).map_fd, build_dir / "maps" / FLOW_EVENTS))
+            for fd, path in pins:  # to a temp name, then renamed over the old pin (atomic)
+                tmp = path.with_name(f"new-{path.name}")
                 if tmp.exists():
                     tmp.unlink()
-                libbpf.obj_pin(self.fns[name].fd, str(tmp))
-                os.rename(tmp, build_dir / name)
-            if fresh:
+                libbpf.obj_pin(fd, str(tmp))
+                os.rename(tmp, path)
+            (build_dir / f"{BUILD_MARK}{self.build_id}").mkdir()
+            if self.fresh:
                 if self.pin_dir.exists():
                     shutil.rmtree(self.pin_dir)
                 os.rename(build_dir, self.pin_dir)
         except Exception:
-            if fresh:
+            if self.fresh:
                 shutil.rmtree(build_dir, ignore_errors=True)
             raise
         for name in map_specs(self.sizes):
             self.map_fds[name] = self.bpf.get_table(name.encode()).map_fd
-        return self
+        if not self.events_perf and "BH_NO_TELEMETRY" not in self.defines:
+            self.events_fd = self.bpf.get_table(FLOW_EVENTS.encode()).map_fd
+        self.compiled = True
 
     def prog_fd(self, name: str = XDP_PROG) -> int:
         return self.fns[name].fd
@@ -384,6 +423,9 @@ class Datapath:
         a half-written slot can never become active.
         """
         t0 = time.monotonic()
+        problems = misfits(bundle, self.sizes, ifindexes)
+        if problems:
+            raise DatapathError("the policy does not fit the maps: " + "; ".join(problems))
         active = self.ctl().active_slot & 1
         slot = 1 - active
         wait = SLOT_QUIESCE_S - (time.monotonic() - self.last_flip)
@@ -464,9 +506,10 @@ class Datapath:
     def counters(self) -> dict[str, dict[str, int]]:
         """Per-reason packets/bytes, summed over CPUs at read time."""
         out = {}
-        table = self.bpf.get_table(b"stats")
+        stats = dict((k.value, v) for k, v in libbpf.map_items(self.map_fds["stats"], C.c_uint32, abi.Counter,
+                                                               percpu=True))
         for r in abi.Reason:
-            vals = table.getvalue(table.Key(int(r)))
+            vals = stats.get(int(r), [])
             out[r.name.lower()] = {
                 "packets": sum(v.packets for v in vals),
                 "bytes": sum(v.bytes for v in vals),
@@ -475,8 +518,9 @@ class Datapath:
         return out
 
     def events(self) -> dict[str, int]:
-        table = self.bpf.get_table(b"events")
-        return {e.name.lower(): int(sum(table.getvalue(table.Key(int(e))))) for e in abi.Event}
+        counts = {k.value: sum(v.value for v in vals)
+                  for k, vals in libbpf.map_items(self.map_fds["events"], C.c_uint32, C.c_uint64, percpu=True)}
+        return {e.name.lower(): int(counts.get(int(e), 0)) for e in abi.Event}
 
     def pair_flows(self) -> dict[tuple[int, int, int, int], int]:
         """Flows judged per (src app id, dst app id, rule id, reason): pair_flows summed over CPUs."""

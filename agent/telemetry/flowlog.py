@@ -136,6 +136,7 @@ class FlowLog:
 
     def __init__(self, names: NamesFn, keep: int = DEFAULT_KEEP):
         self.names = names
+        self._ring = None  # libbpf.RingBuffer when opened from a map fd
         self.keep = keep
         self.lock = threading.Lock()
         self.buf: collections.deque = collections.deque(maxlen=keep) if keep > 0 else collections.deque(maxlen=0)
@@ -268,17 +269,26 @@ class FlowLog:
     def start(self, bpf, use_perf: bool = False, page_cnt: int = PERF_PAGES, map_name: bytes = b"flow_events") -> None:
         """Open the loaded program's flow_events map and poll it on a thread.
 
+        bpf: the bcc BPF object that compiled the program, or the fd of its flow_events ring
+        buffer (an agent that reused pinned programs has only the pinned map).
+
         use_perf: the program was built with -DBH_EVENTS_PERF (kernels without
         BPF_MAP_TYPE_RINGBUF): the map is a perf event array, one buffer per CPU.
         """
         self.use_perf = use_perf
-        table = bpf[map_name]
-        if use_perf:
-            table.open_perf_buffer(lambda _cpu, data, size: self.ingest_raw(data, size), page_cnt=page_cnt,
-                                   lost_cb=self._perf_lost)
+        if isinstance(bpf, int):  # a map fd: the pinned ring buffer of programs reused without a compile
+            if use_perf:
+                raise ValueError("a perf buffer is opened through the compiled BPF object, not a map fd")
+            from bulkhead.datapath.libbpf import RingBuffer
+
+            self._ring = RingBuffer(bpf, self.ingest_raw)
+            poll = self._ring.poll
+        elif use_perf:
+            bpf[map_name].open_perf_buffer(lambda _cpu, data, size: self.ingest_raw(data, size),
+                                           page_cnt=page_cnt, lost_cb=self._perf_lost)
             poll = bpf.perf_buffer_poll
         else:
-            table.open_ring_buffer(lambda _ctx, data, size: self.ingest_raw(data, size))
+            bpf[map_name].open_ring_buffer(lambda _ctx, data, size: self.ingest_raw(data, size))
             poll = bpf.ring_buffer_poll
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(poll,), name="flowlog", daemon=True)
@@ -303,9 +313,14 @@ class FlowLog:
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
+        stuck = False
         if self._thread:
             self._thread.join(timeout)
+            stuck = self._thread.is_alive()
             self._thread = None
+        ring, self._ring = self._ring, None
+        if ring is not None and not stuck:  # a poll still running would use freed memory
+            ring.close()
 
 
 # ------------------------------------------------------------------ latency

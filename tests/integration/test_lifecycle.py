@@ -34,6 +34,17 @@ def pinned_map_ids(pin_dir: Path) -> dict[str, int]:
     return ids
 
 
+def pinned_prog_ids(pin_dir: Path) -> dict[str, int]:
+    ids = {}
+    for name in loader.PINNED_PROGS:
+        fd = libbpf.obj_get(str(pin_dir / name))
+        try:
+            ids[name] = libbpf.prog_info(fd).id
+        finally:
+            os.close(fd)
+    return ids
+
+
 def echo(sock, msg: bytes) -> bytes:
     sock.sendall(msg)
     got = b""
@@ -121,14 +132,22 @@ def test_restart_keeps_enforcing_and_reuses_pins(gateway):
         assert agent.cli("status").returncode != 0  # nobody on the socket
 
         # Start again on the same state dir, no `down` in between.
+        progs_before = pinned_prog_ids(pin_dir)
+        log_before = agent.log_path.read_text()
         policy = sorted(gateway.policy_dir.glob("policy-*.yaml"))[-1]
         new_gen = agent.start(policy)
         assert new_gen == gen + 1
         assert pinned_map_ids(pin_dir) == ids_before  # same maps, not new ones
+        # The same build: the pinned programs are taken as they are, nothing is compiled.
+        assert pinned_prog_ids(pin_dir) == progs_before
+        started = agent.log_path.read_text()[len(log_before):]
+        assert "reusing pinned programs (build " in started and "compiled and loaded" not in started, started
         assert echo(conn, b"after\n") == b"after\n"
         assert topo.tcp("dev", PAY4, 8443, timeout=gateway.DENY_TIMEOUT).result == "timeout"
         st = agent.status()
         assert st["generation"] == gen + 1
+        assert st["datapath"]["compiled"] is False and st["datapath"]["build_id"]
+        assert st["flow_log"]["running"] and not st["flow_log"]["error"]  # the pinned ring buffer, reopened
         assert {i["name"] for i in st["interfaces"]} == set(GW_IFS)
         assert gateway.apply(R("web", "payments")) == gen + 2
     finally:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from bulkhead.daemon import agent as daemon
+from bulkhead.daemon import service as daemon
 from bulkhead.datapath import probe
 from bulkhead.datapath.errors import DatapathError
 
