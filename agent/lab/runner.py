@@ -68,19 +68,21 @@ class AgentRunner:
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
+        said = []  # what the agent printed (a policy error goes to stdout)
         while time.monotonic() < deadline:
             if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
                 break
             line = self.proc.stdout.readline()
             if not line:
                 break
+            said.append(line)
             m = re.match(r"bulkhead agent ready generation=(\d+)", line)
             if m:
                 # Keep draining stdout so a chatty agent can never block on a full pipe.
                 threading.Thread(target=lambda f=self.proc.stdout: [None for _ in f], daemon=True).start()
                 return int(m.group(1))
         self.stop(signal.SIGKILL)
-        raise RuntimeError(f"agent did not become ready; log:\n{self.log()}")
+        raise RuntimeError(f"agent did not become ready; stdout:\n{''.join(said[-20:])}log:\n{self.log()}")
 
     def start_fleet(self, etcd: str, gateway: str, trust: str | os.PathLike, timeout: float | None = None,
                     args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> int:
