@@ -159,6 +159,9 @@ target=poweroff
 # unit's FailureAction and force the power-off in the middle of the clean one.) The target,
 # not `systemctl poweroff`: that asks logind first, over a D-Bus this image does not have.
 echo "[vm] [guest] guest-run.sh exit $rc: $target"
+# The shutdown stops this unit: a SIGTERM landing before the exit below would fail the unit
+# and its FailureAction would turn the clean reboot into a forced power-off.
+trap '' TERM
 systemctl --no-block start --job-mode=replace-irreversibly "$target.target" && exit 0
 systemctl --force --force "$target"
 exit 1

@@ -58,7 +58,20 @@ def run(argv: list[str], check: bool = True, timeout: float = 120, **kw) -> subp
 
 
 def systemctl(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    return run(["systemctl", *args], check=check, timeout=timeout)
+    p = run(["systemctl", *args], check=False, timeout=timeout)
+    if check and p.returncode != 0:
+        units = [a for a in args if a.endswith(".service")] or [UNIT]
+        raise AssertionError(f"systemctl {' '.join(args)}: exit {p.returncode}\n{p.stdout}\n{p.stderr}\n"
+                             + "\n".join(diagnose(u) for u in units))
+    return p
+
+
+def diagnose(unit: str = UNIT, lines: int = 60) -> str:
+    """The unit's status and the end of its journal, for a failure message."""
+    st = run(["systemctl", "status", "--no-pager", "-l", "-n", "0", unit], check=False)
+    run(["journalctl", "--sync"], check=False)
+    jl = run(["journalctl", "--no-pager", "-o", "short-monotonic", "-n", str(lines), "-u", unit], check=False)
+    return f"--- systemctl status {unit}\n{st.stdout}{st.stderr}--- journalctl -u {unit}\n{jl.stdout}{jl.stderr}"
 
 
 def unit_props(unit: str = UNIT, *names: str) -> dict[str, str]:
