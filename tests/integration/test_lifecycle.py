@@ -4,6 +4,7 @@ The tests in this module run in order on one agent: restart, then down,
 then the plumbing on its own (no agent) including `down` without state.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,6 +150,43 @@ def test_restart_keeps_enforcing_and_reuses_pins(gateway):
         assert st["datapath"]["compiled"] is False and st["datapath"]["build_id"]
         assert st["flow_log"]["running"] and not st["flow_log"]["error"]  # the pinned ring buffer, reopened
         assert {i["name"] for i in st["interfaces"]} == set(GW_IFS)
+        assert gateway.apply(R("web", "payments")) == gen + 2
+    finally:
+        conn.close()
+
+
+def test_upgrade_compiles_first_and_replaces_the_programs_without_a_gap(gateway):
+    """Pins marked as another build's (what an upgraded bulkhead finds): the new agent compiles
+    while the old programs keep enforcing, then swaps the program pins and attachments; the
+    maps, and the flows in them, carry over."""
+    R = gateway.rule
+    topo, agent = gateway.topo, gateway.agent
+    gen = gateway.generation()
+    pin_dir = loader.PIN_ROOT / agent.status()["instance"]
+    maps_before, progs_before = pinned_map_ids(pin_dir), pinned_prog_ids(pin_dir)
+    probe, conn = topo.tcp("prod", PAY4, 8443, send=b"before\n", keep=True)
+    assert probe.ok, probe
+    try:
+        assert agent.stop() == 0
+        (mark,) = pin_dir.glob(loader.BUILD_MARK + "*")
+        mark.rename(pin_dir / f"{loader.BUILD_MARK}0000000000000000")
+        log_before = agent.log_path.read_text()
+        agent.start(sorted(gateway.policy_dir.glob("policy-*.yaml"))[-1])
+        started = agent.log_path.read_text()[len(log_before):]
+        assert "compiling: the pinned programs can't be reused: they are another build's" in started, started
+        assert "compiled and loaded" in started, started
+        progs_after = pinned_prog_ids(pin_dir)
+        assert all(progs_after[n] != progs_before[n] for n in progs_before), (progs_before, progs_after)
+        after = pinned_map_ids(pin_dir)
+        assert after.pop(loader.FLOW_EVENTS) != maps_before.pop(loader.FLOW_EVENTS)  # a compile makes a new ring
+        assert after == maps_before
+        assert [m.name for m in pin_dir.glob(loader.BUILD_MARK + "*")] == [mark.name]
+        st = agent.status()
+        assert st["datapath"]["compiled"] is True and st["generation"] == gen + 1
+        attached = {m for i in GW_IFS for m in re.findall(r"prog/xdp id (\d+)", gateway.gw("ip", "-d", "link", "show", "dev", i))}
+        assert attached == {str(progs_after[loader.XDP_PROG])}, attached
+        assert echo(conn, b"after\n") == b"after\n"
+        assert topo.tcp("dev", PAY4, 8443, timeout=gateway.DENY_TIMEOUT).result == "timeout"
         assert gateway.apply(R("web", "payments")) == gen + 2
     finally:
         conn.close()
