@@ -93,3 +93,7 @@ def test_agent_run_exits_1_before_loading_when_a_required_feature_is_missing(mon
         rc = daemon.run([str(policy)], str(tmp_path / "state"), None)
     assert rc == 1
     assert "lru_hash" in caplog.text and "flow tables" in caplog.text
+    from bulkhead.datapath import loader
+
+    assert not loader.pin_dir_for(tmp_path / "state").exists()  # nothing pinned, nothing to undo
+    assert list((tmp_path / "state").iterdir()) == []  # no socket, no state file
