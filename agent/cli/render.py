@@ -14,6 +14,10 @@ def status_text(st: dict) -> str:
         f" {st['policy']['policy_entries']} entries, default {st['policy']['settings'].get('default_action')},"
         f" mode {st['policy']['settings'].get('mode')}",
     ]
+    dp = st.get("datapath") or {}
+    if dp:
+        how = "compiled by this agent" if dp.get("compiled") else "pinned programs reused, no compile"
+        lines.append(f"data path: build {dp.get('build_id', '?')} ({how})")
     if st.get("fleet"):
         lines.append(fleet_line(st["fleet"]))
     lines.append("interfaces:")

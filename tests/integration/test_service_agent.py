@@ -48,6 +48,8 @@ def test_ready_reload_and_stopping_are_notified_and_reload_rereads_the_files(gat
     assert int(ready["MAINPID"]) > 0
     st = agent.status()
     assert st["datapath"]["compiled"] is False  # the module's agent pinned this build already
+    assert f"data path: build {st['datapath']['build_id']} (pinned programs reused, no compile)" \
+        in agent.cli("status").stdout
     gen = st["generation"]
     assert topo.tcp("prod", PAY4, 8443).ok
     assert topo.tcp("prod", PAY4, 8444, timeout=gateway.DENY_TIMEOUT).result == "timeout"
