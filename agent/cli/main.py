@@ -197,8 +197,10 @@ def agent() -> None:
 @click.option("--etcd", "etcd", envvar="BULKHEAD_ETCD", metavar="URL[,URL...]",
               help="Follow the fleet's signed policy in etcd (default $BULKHEAD_ETCD); needs --gateway, --trust.")
 @click.option("--gateway", metavar="NAME", help="With --etcd: this gateway's name in the policy's gateways:.")
-@click.option("--trust", type=click.Path(dir_okay=False), metavar="FILE.pub",
-              help="With --etcd: the public key policies must be signed with (`bulkhead fleet keygen`).")
+@click.option("--trust", type=click.Path(dir_okay=False), metavar="FILE.pub", multiple=True,
+              help="With --etcd: the public key policies must be signed with (`bulkhead fleet keygen`). "
+              "Repeatable: during a key rotation trust the old and the new key, publish with the new one, "
+              "then drop the old.")
 @click.option("--etcd-wait", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="S",
               help="With --etcd and no verified policy in STATE_DIR/fleet: how long to wait for etcd's "
               "before exiting 1.")
@@ -244,7 +246,7 @@ def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_
         if missing:
             _fail(f"agent run --etcd needs {' and '.join(missing)}", 2)
         try:
-            fleet = {"urls": parse_urls(etcd), "gateway": gateway, "trust": trust, "wait": etcd_wait}
+            fleet = {"urls": parse_urls(etcd), "gateway": gateway, "trust": list(trust), "wait": etcd_wait}
         except ValueError as e:
             _fail(str(e), 2)
     elif gateway or trust:

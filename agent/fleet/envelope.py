@@ -21,6 +21,7 @@ import hashlib
 import math
 import time
 import zlib
+from collections.abc import Sequence
 
 import msgpack
 from bulkhead.fleet.keys import key_id as _key_id
@@ -148,12 +149,15 @@ def peek_bundle(raw: bytes) -> bytes | None:
         return None
 
 
-def open_verified(raw: bytes, public_key: Ed25519PublicKey) -> Sealed:
-    """Check `raw` against the trusted key; the verified content, or EnvelopeError(reason)."""
+def open_verified(raw: bytes, public_key: Ed25519PublicKey | Sequence[Ed25519PublicKey]) -> Sealed:
+    """Check `raw` against the trusted key (or keys: during a rotation a gateway trusts the old and
+    the new one); the verified content, or EnvelopeError(reason)."""
     d = _unpack(raw)
-    trusted = _key_id(public_key)
-    if d["key_id"] != trusted:
-        raise EnvelopeError("key", f"signed by key {d['key_id']}, not the trusted key {trusted}")
+    trusted = {_key_id(k): k for k in ((public_key,) if isinstance(public_key, Ed25519PublicKey) else public_key)}
+    if d["key_id"] not in trusted:
+        names = ", ".join(sorted(trusted))
+        raise EnvelopeError("key", f"signed by key {d['key_id']}, not the trusted key{'s' if len(trusted) > 1 else ''} {names}")
+    public_key = trusted[d["key_id"]]
     # The digest first, only because it names the cheaper, clearer fault (bundle bytes changed);
     # the signature below covers the digest and the bundle both, so neither check alone is trusted.
     if hashlib.sha256(d["bundle"]).hexdigest() != d["digest"]:

@@ -76,13 +76,18 @@ class Candidate:
 
 
 class Follower:
-    def __init__(self, store_urls: list[str], gateway: str, trust_path: str | os.PathLike,
+    def __init__(self, store_urls: list[str], gateway: str,
+                 trust_path: str | os.PathLike | list[str | os.PathLike],
                  state_dir: str | os.PathLike, apply: Callable[[Bundle, int], None],
                  ttl: int | None = None):
         self.urls = list(store_urls)
         self.gateway = gateway
-        self.public_key = keys.load_public(trust_path)  # FleetKeyError: a bad --trust stops the start
-        self.key_id = keys.key_id(self.public_key)
+        paths = trust_path if isinstance(trust_path, (list, tuple)) else [trust_path]
+        if not paths:
+            raise ValueError("the fleet needs at least one trusted key (--trust FILE.pub)")
+        # Several during a key rotation: envelopes signed by any of them are accepted.
+        self.public_keys = [keys.load_public(p) for p in paths]  # FleetKeyError: a bad --trust stops the start
+        self.key_id = ",".join(keys.key_id(k) for k in self.public_keys)
         self.dir = Path(state_dir) / "fleet"
         self.apply_fn = apply
         self.ttl = lease_ttl() if ttl is None else ttl
@@ -103,7 +108,7 @@ class Follower:
     # ------------------------------------------------------------ verify
     def check(self, raw: bytes, cached: bool = False) -> Candidate:
         """Verify `raw` and cut it to this gateway; EnvelopeError / ValueError say why not."""
-        sealed = open_verified(raw, self.public_key)  # signature first: nothing unsigned is unpacked
+        sealed = open_verified(raw, self.public_keys)  # signature first: nothing unsigned is unpacked
         if sealed.revision == self.applied_revision and sealed.digest == self.digest:
             raise _Same()
         if sealed.revision <= self.applied_revision:

@@ -344,3 +344,19 @@ def test_killed_agent_is_not_alive_within_the_ttl(fleet):
     # fleet status --wait: no live gateway is not "done"
     p = fleet.cli("fleet", "status", "--etcd", fleet.etcd.url, "--wait", "7", "--timeout", "0", check=False)
     assert p.returncode == 1
+
+
+def test_a_key_rotation_overlaps_the_old_and_the_new_key(fleet):
+    """--trust twice: envelopes of either key apply, so a rotation never refuses a policy."""
+    if fleet.agent.running():
+        fleet.agent.stop()
+    fleet.start_agent("--trust", f"{fleet.other_key}.pub")
+    assert wait_for(lambda: fleet.agent_fleet()["revision"] == 7), fleet.agent_fleet()
+    assert fleet.publish("payments", key=fleet.other_key) == 8  # the new key
+    assert wait_for(lambda: fleet.agent_fleet()["revision"] == 8), fleet.agent_fleet()
+    assert fleet.agent_fleet()["error"] is None
+    fleet.enforces("payments")
+    assert fleet.publish("catalog", key=fleet.key) == 9  # the old one still verifies meanwhile
+    assert wait_for(lambda: fleet.agent_fleet()["revision"] == 9), fleet.agent_fleet()
+    fleet.enforces("catalog")
+    assert "," in fleet.agent_fleet()["key_id"]  # both key ids, as status shows them

@@ -268,3 +268,18 @@ def test_wait_counts_live_gateways_only_and_needs_one():
     assert not done({"gateways": [gw(True, None)]}, 1)  # alive, never applied anything
     assert not done({"gateways": [gw(False, 9)]}, 1)
     assert not done({"gateways": []}, 1)
+
+
+def test_a_rotation_trusts_several_keys_and_the_signature_is_checked_with_the_named_one(keypair, other, tmp_path):
+    (old_priv, old_pub), (new_priv, new_pub) = keypair, other
+    both = [old_pub, new_pub]
+    assert open_verified(seal(BUNDLE, 1, old_priv), both).revision == 1
+    assert open_verified(seal(BUNDLE, 2, new_priv), both).key_id == keys.key_id(new_pub)
+    third_priv, _ = keys.keygen(tmp_path / "third.key")
+    e = refused(seal(BUNDLE, 3, keys.load_private(third_priv)), both)
+    assert e.reason == "key" and "not the trusted keys" in str(e)
+    # The key id names which trusted key must verify: a signature by another key under a
+    # trusted id is still refused.
+    d = _fields(seal(BUNDLE, 4, keys.load_private(third_priv)))
+    d["key_id"] = keys.key_id(new_pub)
+    assert refused(_repack(d), both).reason == "signature"
