@@ -148,9 +148,10 @@ fi
 USEFUL+=("$LIBBPF_PKG")
 
 # Bench-only (BULKHEAD_SETUP_BENCH=1, i.e. `make bench`): the L7 verifier benchmark compares
-# the verifier with HAProxy, loaded by wrk (benchmarks/test_verifier_http.py). A missing one
+# the verifier with HAProxy, loaded by wrk (benchmarks/test_verifier_http.py); the live-rate
+# benchmark plots with matplotlib (benchmarks/test_live_rate.py). A missing one
 # is reported, not fatal: that benchmark then skips with the reason.
-BENCH=(haproxy wrk)
+BENCH=(haproxy wrk python3-matplotlib)
 [[ "$WANT_BENCH" == 1 ]] || BENCH=()
 
 missing=()
