@@ -215,8 +215,10 @@ def agent() -> None:
               "refused: `bulkhead down` first.")
 @click.option("--events-keep", default=10000, show_default=True, type=click.IntRange(min=0),
               help="Flow events the agent keeps for `bulkhead flows` (older ones are dropped, counted).")
+@click.option("--verifier-procs", default=1, show_default=True, type=click.IntRange(1, 64), metavar="N",
+              envvar="BULKHEAD_VERIFIER_PROCS", help="L7 verifier processes (SO_REUSEPORT on one port).")
 def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_addr, xdp_mode, map_sizes,
-              events_keep) -> None:
+              events_keep, verifier_procs) -> None:
     """Run the agent in the foreground.
 
     Attaches XDP to the interfaces the policy's segments name, enforces, and
@@ -253,6 +255,7 @@ def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_
         _fail("--gateway and --trust go with --etcd", 2)
     if os.geteuid() != 0:
         _fail("the agent needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)")
+    os.environ["BULKHEAD_VERIFIER_PROCS"] = str(verifier_procs)  # read by verifier.supervisor
     from bulkhead.daemon import service as daemon
 
     sys.exit(daemon.run(list(policy_files), state_dir, None if metrics_addr == "off" else metrics_addr, xdp_mode,
@@ -515,9 +518,9 @@ def verifier() -> None:
                    "its tls ca); plain HTTP is still served on the same port.")
 @JSON_OPT
 @click.option("--quiet", is_flag=True, help="No line per request (benchmarks).")
-@click.option("--max-connections", default=10000, show_default=True,
-              help="Connections beyond this are reset at once.")
-def verifier_serve(listen, upstream, policy_file, rules, tls_app, as_json, quiet, max_connections) -> None:
+@click.option("--max-connections", default=10000, show_default=True, help="Per process; beyond: reset at once.")
+@click.option("--procs", default=1, show_default=True, type=click.IntRange(1, 64), help="Processes (SO_REUSEPORT).")
+def verifier_serve(listen, upstream, policy_file, rules, tls_app, as_json, quiet, max_connections, procs) -> None:
     """Check every request to --listen against a policy rule; forward the allowed ones.
 
     A fixed-upstream reverse proxy running the gateway verifier's engine: the
@@ -538,9 +541,8 @@ def verifier_serve(listen, upstream, policy_file, rules, tls_app, as_json, quiet
     unknown rule, a rule without http:).
     """
     from bulkhead.verifier.standalone import StandaloneError, serve
-
     try:
-        code = serve(listen, upstream, policy_file, list(rules), tls_app, as_json, quiet, max_connections)
+        code = serve(listen, upstream, policy_file, list(rules), tls_app, as_json, quiet, max_connections, procs=procs)
     except StandaloneError as e:
         _fail(str(e), 2)
     sys.exit(code)

@@ -152,23 +152,108 @@ class Printer:
             pass
 
 
+def _listen(fam: int, lhost: str, lport: int, reuseport: bool) -> socket.socket:
+    ls = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        ls.bind((lhost, lport))
+        ls.listen(1024)
+    except BaseException:
+        ls.close()
+        raise
+    return ls
+
+
 def serve(listen: str, upstream: str, policy: str, rules: list[str], tls_app: Optional[str] = None,
           as_json: bool = False, quiet: bool = False, max_connections: int = 10000,
-          out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Run until SIGINT/SIGTERM. Raises StandaloneError on bad input (exit 2)."""
+          out: TextIO = sys.stdout, err: TextIO = sys.stderr, procs: int = 1) -> int:
+    """Run until SIGINT/SIGTERM. Raises StandaloneError on bad input (exit 2).
+
+    procs > 1: that many processes (forked after the policy is loaded), each serving its own
+    SO_REUSEPORT socket on the one port; this process waits for them and passes signals on."""
     lhost, lport = parse_addr(listen, "--listen")
     uhost, uport = parse_addr(upstream, "--upstream")
     setup = Setup(policy, rules, tls_app)
     fam = socket.AF_INET6 if ":" in lhost else socket.AF_INET
-    ls = socket.socket(fam, socket.SOCK_STREAM)
+    socks: list[socket.socket] = []
     try:
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind((lhost, lport))
-        ls.listen(1024)
+        socks.append(_listen(fam, lhost, lport, procs > 1))
+        for _ in range(1, procs):  # the same port: port 0 was resolved by the first bind
+            socks.append(_listen(fam, lhost, socks[0].getsockname()[1], True))
     except OSError as e:
-        ls.close()
+        for ls in socks:
+            ls.close()
         err.write(f"bulkhead: cannot listen on {listen}: {e.strerror or e}\n")
         return 1
+    bound = socks[0].getsockname()
+    where = f"[{bound[0]}]:{bound[1]}" if fam == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
+    for w in setup.warnings:
+        if "L7 verifier" not in w:
+            err.write(f"bulkhead: warning: {w}\n")
+    err.write(f"bulkhead verifier: listening on {where} ({'TLS ' + setup.dst_app if setup.tls_server else 'plain HTTP'}"
+              f"), upstream {upstream}, rules {', '.join(r['name'] for r in setup.rules)}"
+              + (f", Host must be one of {', '.join(setup.hostnames)}" if setup.hostnames else "")
+              + (f", {procs} processes" if procs > 1 else "") + "\n")
+    err.flush()
+    if procs == 1:
+        return _serve_one(socks[0], setup, (uhost, uport), as_json, quiet, max_connections, out, err, "")
+    out.flush()
+    pids: list[int] = []
+
+    def pass_on(signum, _frame):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    # before forking: a signal between two forks still reaches the children forked so far
+    old = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for i, ls in enumerate(socks):
+        pid = os.fork()
+        if pid == 0:  # the child: serve its socket, never return into the caller
+            code = 1
+            try:
+                for sig in old:
+                    signal.signal(sig, signal.SIG_DFL)
+                for other in socks:
+                    if other is not ls:
+                        other.close()
+                code = _serve_one(ls, setup, (uhost, uport), as_json, quiet, max_connections, out, err,
+                                  f" (process {i}, pid {os.getpid()})")
+            finally:
+                try:
+                    out.flush()
+                    err.flush()
+                finally:
+                    os._exit(code)
+        pids.append(pid)
+    for ls in socks:
+        ls.close()
+    code = 0
+    try:
+        for pid in pids:
+            while True:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+            rc = os.waitstatus_to_exitcode(status)
+            if rc != 0 and code == 0:
+                code = 1
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return code
+
+
+def _serve_one(ls: socket.socket, setup: Setup, upstream: tuple, as_json: bool, quiet: bool,
+               max_connections: int, out: TextIO, err: TextIO, who: str) -> int:
+    """One process's event loop on `ls` until SIGINT/SIGTERM."""
+    uhost, uport = upstream
     printer = Printer(out, as_json, quiet, err)
 
     async def resolve(sock: socket.socket) -> FlowContext:
@@ -192,15 +277,6 @@ def serve(listen: str, upstream: str, policy: str, rules: list[str], tls_app: Op
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    bound = ls.getsockname()
-    where = f"[{bound[0]}]:{bound[1]}" if fam == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
-    for w in setup.warnings:
-        if "L7 verifier" not in w:
-            err.write(f"bulkhead: warning: {w}\n")
-    err.write(f"bulkhead verifier: listening on {where} ({'TLS ' + setup.dst_app if setup.tls_server else 'plain HTTP'}"
-              f"), upstream {upstream}, rules {', '.join(r['name'] for r in setup.rules)}"
-              + (f", Host must be one of {', '.join(setup.hostnames)}" if setup.hostnames else "") + "\n")
-    err.flush()
     loop.call_later(0.2, flusher)
     try:
         loop.run_until_complete(verifier.serve([ls]))
@@ -209,6 +285,6 @@ def serve(listen: str, upstream: str, policy: str, rules: list[str], tls_app: Op
         ls.close()
         loop.close()
     c = printer.count
-    err.write(f"bulkhead verifier: stopped; {c.get('allow', 0)} allowed, {c.get('deny', 0)} denied, "
+    err.write(f"bulkhead verifier: stopped{who}; {c.get('allow', 0)} allowed, {c.get('deny', 0)} denied, "
               f"{c.get('error', 0)} errors\n")
     return 0
