@@ -40,6 +40,7 @@ def remove_everything_at_the_end():
     if svc.SBIN.exists():
         svc.run([str(svc.SBIN), "down"], check=False, timeout=120)
     svc.remove_lab()
+    svc.remove_dropin()
 
 
 def test_enforcing_after_the_reboot():
@@ -83,6 +84,7 @@ def test_uninstall_leaves_nothing():
         if "bulkhead" in tc:
             left.append(f"TC on {ifname}: {tc.strip()}")
     svc.remove_lab()
+    svc.remove_dropin()
 
     props = svc.unit_props()
     if props.get("LoadState") != "not-found":
