@@ -393,16 +393,14 @@ class Supervisor:
         for child, r in self._all({"op": "commit", "generation": generation}):
             if isinstance(r, Exception) or not r.get("ok"):
                 failed.append((child, r if isinstance(r, Exception) else r.get("error")))
+        # (set_ready is not called here: the agent calls commit holding the lock its flag
+        # setter takes, and sets L7_READY itself when commit returns; the watchers clear it)
         for child, _ in failed:
-            self._mark(child, False)
             p = child.proc
             if p is not None and p.poll() is None:
-                p.kill()  # its watcher restarts it onto self.committed
+                p.kill()  # its watcher clears L7_READY and restarts it onto self.committed
         if failed:
             raise VerifierError(f"verifier {failed[0][0].index} commit failed: {failed[0][1]}")
-        with self._state_lock:
-            if self.committed is not None and all(c.up for c in self.children):
-                self.set_ready(True)
 
     def abort(self) -> None:
         self._all({"op": "abort"}, timeout=5)

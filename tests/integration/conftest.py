@@ -149,8 +149,9 @@ def topo():
 
 
 @pytest.fixture(scope="module")
-def gateway(topo, tmp_path_factory):
-    """A running agent in the gateway, started once per module with a deny-all policy."""
+def gateway(topo, tmp_path_factory, request):
+    """A running agent in the gateway, started once per module with a deny-all policy
+    (and the module's AGENT_ARGS, more `agent run` options, if it has them)."""
     base = tmp_path_factory.mktemp("bh")
     state_dir = base / "state"
     policies = base / "policies"
@@ -158,7 +159,7 @@ def gateway(topo, tmp_path_factory):
     agent = AgentRunner(topo, state_dir)
     gw = Gateway(topo, agent, policies)
     try:
-        agent.start(gw.write(policy_yaml()))
+        agent.start(gw.write(policy_yaml()), args=tuple(getattr(request.module, "AGENT_ARGS", ())))
         yield gw
     finally:
         agent.cleanup()
