@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from bulkhead.core.paths import BPF_DIR
-from bulkhead.datapath import abi, libbpf
+from bulkhead.datapath import abi, fastpath, fill, libbpf
 from bulkhead.datapath.errors import DatapathError
 from bulkhead.datapath.maps import (MAP_ARRAY, MAP_HASH, MAP_LPM_TRIE, MAP_LRU_HASH, MAP_PERCPU_ARRAY,  # noqa: F401
                                     MAP_PERCPU_HASH, MAP_PROG_ARRAY, check_pinned_maps, map_specs, misfits)
@@ -172,6 +172,9 @@ class Datapath:
         self.events_fd: int | None = None  # the flow_events ring buffer (None: perf buffer or no telemetry)
         self.compiled = False  # this load compiled bpf/bulkhead.c (else it reused the pinned programs)
         self.fresh = False  # this load created the pin tree (nothing was pinned before)
+        # What the last complete fill wrote into each slot (None: unknown, e.g. after a restart).
+        self.slot_content: dict[int, fill.Packed | None] = {n: None for n in range(abi.NUM_SLOTS)}
+        self.writer = fill.SlotWriter()
 
     @property
     def bench(self) -> bool:
@@ -313,16 +316,20 @@ class Datapath:
                 log.warning("%s: native XDP unavailable (%s), using generic XDP", ifname, e)
         if used == "generic":
             BPF.attach_xdp(ifname, fn, XDP_FLAGS_SKB_MODE)
-        path = choose_reject_path(used, link_kind(ifname))
-        self.set_reject_path(socket.if_nametoindex(ifname), path)
-        log.info("%s: %s XDP, reject answers sent by %s", ifname, used, REJECT_PATH_NAMES[path])
+        kind = link_kind(ifname)
+        path = choose_reject_path(used, kind)
+        redirect = fastpath.redirect_ok(used, kind, ifname)
+        self.set_reject_path(socket.if_nametoindex(ifname), path, redirect_ok=redirect)
+        log.info("%s: %s XDP, reject answers sent by %s, fast path %s", ifname, used, REJECT_PATH_NAMES[path],
+                 "redirects out of it" if redirect else "passes what leaves by it to the stack")
         return used
 
-    def set_reject_path(self, ifindex: int, path: abi.RejectPath) -> None:
-        """if_cfg[ifindex].reject_path: read by bh_reject_send for every reject on the interface."""
+    def set_reject_path(self, ifindex: int, path: abi.RejectPath, redirect_ok: bool = False) -> None:
+        """if_cfg[ifindex]: reject_path, read by bh_reject_send for every reject on the interface, and
+        redirect_ok, whether the fast path may redirect frames out of it (datapath/fastpath.py)."""
         if ifindex >= self.sizes["BH_MAX_IFINDEX"]:
             return  # no segment can name it: apply() refuses the interface
-        self._upd("if_cfg", C.c_uint32(ifindex), abi.IfCfg(reject_path=path))
+        self._upd("if_cfg", C.c_uint32(ifindex), abi.IfCfg(reject_path=path, redirect_ok=int(redirect_ok)))
 
     def reject_path(self, ifindex: int) -> str:
         """The reject path the kernel uses on an interface, as `status` names it."""
@@ -384,11 +391,6 @@ class Datapath:
     def _upd(self, name: str, key, value) -> None:
         libbpf.map_update(self.map_fds[name], key, value)
 
-    def _clear(self, name: str, key_type) -> None:
-        fd = self.map_fds[name]
-        for k in libbpf.map_keys(fd, key_type):
-            libbpf.map_delete(fd, k)
-
     def _zero_seg_map(self, slot: int) -> None:
         """Arrays can't delete: zero every ifindex with one batch update."""
         n = self.sizes["BH_MAX_IFINDEX"]
@@ -415,12 +417,14 @@ class Datapath:
         c.flags = (c.flags | set_bits) & ~clear_bits
         self._upd("ctl", C.c_uint32(0), c)
 
-    def apply(self, bundle, ifindexes: dict[str, int], generation: int) -> dict:
+    def apply(self, bundle, ifindexes: dict[str, int], generation: int, progress=None) -> dict:
         """Program the inactive slot with `bundle` and flip to it.
 
         Raises (leaving the active slot untouched) if anything fails: the
         inactive slot is marked empty (generation 0) before it is written, so
-        a half-written slot can never become active.
+        a half-written slot can never become active. A policy that doesn't fit
+        the maps is refused before the slot is touched. A fill that takes over
+        a second logs a progress line a second (or calls progress(done, total, map)).
         """
         t0 = time.monotonic()
         problems = misfits(bundle, self.sizes, ifindexes)
@@ -431,62 +435,21 @@ class Datapath:
         wait = SLOT_QUIESCE_S - (time.monotonic() - self.last_flip)
         if wait > 0:
             time.sleep(wait)
+        packed, flags = fill.pack_slot(bundle)
+        t_pack = time.monotonic()
         self._upd("slot_cfg", C.c_uint32(slot), abi.SlotCfg(generation=0))
+        before, self.slot_content[slot] = self.slot_content[slot], None  # unknown until the fill completes
         self._zero_seg_map(slot)
-        for name, key_t in (("src_host", abi.SrcKey), ("src_ident", abi.SrcKey), ("dst_host", abi.DstKey),
-                            ("dst_ident", abi.DstKey), ("pol_exact", abi.PolicyKey), ("policy", abi.PolicyKey),
-                            ("sni_names", abi.SniKey)):
-            self._clear(f"{name}_{slot}", key_t)
-
         for seg in bundle.segments:
             for ifname in seg["interfaces"]:
-                ifindex = ifindexes[ifname]
-                if ifindex >= self.sizes["BH_MAX_IFINDEX"]:
-                    raise DatapathError(f"{ifname}: ifindex {ifindex} exceeds BH_MAX_IFINDEX "
-                                        f"({self.sizes['BH_MAX_IFINDEX']})")
-                self._upd(f"seg_map_{slot}", C.c_uint32(ifindex), abi.SegVal(segment_id=seg["id"]))
-        # Hosts go to the hash maps, prefixes to the tries; the slot flags say
-        # whether the datapath must consult a trie at all.
-        flags = 0
-        for seg_id, addr, plen, app_id in bundle.src_entries:
-            k = abi.SrcKey(prefixlen=abi.SEG_BITS + plen, segment_id=seg_id)
-            C.memmove(k.addr, addr, 16)
-            host = plen == 128
-            flags |= 0 if host else abi.SLOTF_SRC_LPM
-            self._upd(f"src_host_{slot}" if host else f"src_ident_{slot}", k,
-                      abi.Ident(app_id=app_id, segment_id=seg_id))
-        for addr, plen, app_id, seg_id in bundle.dst_entries:
-            k = abi.DstKey(prefixlen=plen)
-            C.memmove(k.addr, addr, 16)
-            host = plen == 128
-            flags |= 0 if host else abi.SLOTF_DST_LPM
-            self._upd(f"dst_host_{slot}" if host else f"dst_ident_{slot}", k,
-                      abi.Ident(app_id=app_id, segment_id=seg_id))
-        exact = (abi.POLICY_PLEN_EXACT, abi.POLICY_PLEN_ANY_PORT, abi.POLICY_PLEN_ANY_PROTO)
-        for plen, s_app, d_app, proto, dport, action, aflags, rule_id in bundle.policy_entries:
-            if plen == abi.POLICY_PLEN_ANY_PROTO:
-                proto, dport = 0, 0
-            elif plen == abi.POLICY_PLEN_ANY_PORT:
-                dport = 0
-            elif not abi.POLICY_PLEN_PORT_BASE < plen <= abi.POLICY_PLEN_EXACT:
-                raise DatapathError(f"policy entry with prefix length {plen} is not a policy key")
-            k = abi.PolicyKey(prefixlen=plen, src_app=s_app, dst_app=d_app, proto=proto,
-                              dport_be=socket.htons(dport))
-            if plen not in exact:
-                flags |= abi.SLOTF_POL_LPM
-            self._upd(f"pol_exact_{slot}" if plen in exact else f"policy_{slot}", k,
-                      abi.PolicyVal(action=action, flags=aflags, rule_id=rule_id))
+                self._upd(f"seg_map_{slot}", C.c_uint32(ifindexes[ifname]), abi.SegVal(segment_id=seg["id"]))
 
-        for name_hash, s_app, d_app, dport, action, aflags, rule_id, app_id in bundle.sni_entries:
-            k = abi.SniKey(name_hash=name_hash, src_app=s_app, dst_app=d_app, dport_be=socket.htons(dport),
-                           proto=6)
-            if d_app == abi.APP_ANY:
-                flags |= abi.SLOTF_SNI_ANY
-            self._upd(f"sni_names_{slot}", k, abi.SniVal(action=action, flags=aflags, rule_id=rule_id,
-                                                         app_id=app_id))
-        if any(e[2] == abi.APP_ANY for e in bundle.policy_entries):
-            flags |= abi.SLOTF_SNI_ANY
+        def report(done: int, total: int, what: str) -> None:
+            log.info("applying generation %d: %d of %d entries in slot %d (%s), %.1fs", generation, done, total,
+                     slot, what, time.monotonic() - t0)
 
+        fill.fill_slot(self.writer, self.map_fds, slot, packed, before, progress or report)
+        self.slot_content[slot] = packed
         st = bundle.settings
         cfg = abi.SlotCfg(
             generation=generation,
@@ -500,7 +463,8 @@ class Datapath:
         c.active_slot = slot
         self._upd("ctl", C.c_uint32(0), c)
         self.last_flip = time.monotonic()
-        return {"slot": slot, "generation": generation, "seconds": time.monotonic() - t0}
+        return {"slot": slot, "generation": generation, "seconds": self.last_flip - t0,
+                "pack_s": t_pack - t0, "write_s": self.last_flip - t_pack}
 
     # ------------------------------------------------------------ counters
     def counters(self) -> dict[str, dict[str, int]]:
