@@ -313,6 +313,29 @@ def pin(pid: int, cpu: int) -> None:
                 os.sched_setaffinity(tid, {cpu})
 
 
+def serving_children(pid: int) -> list[int]:
+    """The processes serving under `verifier serve --procs N` started as `pid` (taskset execs
+    in place, so pid is the parent that forked them), oldest first."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return sorted(int(c) for c in f.read().split())
+    except OSError:
+        return []
+
+
+def qemu_running() -> bool:
+    """A qemu VM (the project's `make vm-test`, or anyone's) shares this box's CPUs."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().startswith("qemu"):
+                        return True
+            except OSError:
+                pass
+    return False
+
+
 def _descendants(pid: int) -> list[int]:
     """pid and every process below it (taskset execs in place; the verifier may fork)."""
     out, todo = [], [pid]

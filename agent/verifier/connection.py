@@ -387,6 +387,9 @@ class Connection(RequestReader, asyncio.Protocol):
         sink = self.v.sink
         if sink.__class__ is NullSink:
             return
+        if getattr(sink, "count_only", False):  # a sink that only counts verdicts: no record is built
+            sink.tally(verdict or ex.verdict or "error")
+            return
         m = ex.method
         rec = RequestRecord(
             METHODS.get(m) or m.decode("latin-1"), ex.path or ex.target.decode("latin-1"),

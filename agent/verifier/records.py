@@ -156,6 +156,10 @@ class RequestRecord:
 
 
 class Sink(Protocol):
+    count_only: bool  # True: the engine calls tally(verdict) instead of request(ctx, record)
+
+    def tally(self, verdict: str) -> None: ...
+
     def request(self, ctx: FlowContext, rec: RequestRecord) -> None: ...
 
     def connection(self, ctx: Optional[FlowContext], event: str, detail: str = "") -> None: ...
@@ -163,6 +167,8 @@ class Sink(Protocol):
 
 class NullSink:
     """No one listens: the connection skips building records."""
+
+    count_only = False
 
     def request(self, ctx, rec):
         pass

@@ -120,6 +120,10 @@ class Printer:
     def __init__(self, out: TextIO, as_json: bool, quiet: bool, err: TextIO):
         self.out, self.as_json, self.quiet, self.err = out, as_json, quiet, err
         self.count = {"allow": 0, "deny": 0, "error": 0}
+        self.count_only = quiet  # --quiet prints nothing per request: the engine builds no record
+
+    def tally(self, verdict: str) -> None:
+        self.count[verdict] = self.count.get(verdict, 0) + 1
 
     def request(self, ctx: FlowContext, rec: RequestRecord) -> None:
         self.count[rec.verdict] = self.count.get(rec.verdict, 0) + 1
