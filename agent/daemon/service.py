@@ -119,6 +119,8 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
         except Exception as e2:  # noqa: BLE001
             log.exception("removing what the failed start created: %s", e2)
             undone = []
+        if agent.follower is not None and first is not None:
+            agent.follower.start_failed(str(e))
         if undone:
             log.error("start failed: removed what it created (%s)", "; ".join(undone))
         elif agent.dp is not None and not agent.dp.fresh:

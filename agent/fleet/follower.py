@@ -235,6 +235,20 @@ class Follower:
         except fstore.FleetStoreError as e:
             log.warning("fleet: acknowledgement not written: %s", e)
 
+    def start_failed(self, why: str) -> None:
+        """The agent could not start on the policy it had: put the reason in this gateway's status
+        key (best effort), so `fleet status` shows it rather than an old acknowledgement. What a
+        previous agent acknowledged as applied stays there: its programs still enforce it."""
+        self._note_refusal(f"agent start failed: {why}")
+        try:
+            st = self._store or self._connect()
+            raw, _ = st.get(fstore.status_key(self.gateway))
+            doc = json.loads(raw) if raw else self._ack_doc()
+            doc.update(error=self.error, updated=time.time(), agent=self.agent_id)
+            st.put(fstore.status_key(self.gateway), json.dumps(doc).encode())
+        except Exception as e:  # noqa: BLE001 -- etcd away too: the journal has it
+            log.warning("fleet: the start failure was not written to etcd: %s", e)
+
     def _note_refusal(self, why: str) -> None:
         with self.lock:
             self.error = why

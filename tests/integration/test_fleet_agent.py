@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from bulkhead.core.paths import REPO
+from bulkhead.datapath import loader
 from bulkhead.fleet import store as fstore
 from bulkhead.fleet.envelope import seal
 from bulkhead.fleet.keys import load_private
@@ -360,3 +361,21 @@ def test_a_key_rotation_overlaps_the_old_and_the_new_key(fleet):
     assert wait_for(lambda: fleet.agent_fleet()["revision"] == 9), fleet.agent_fleet()
     fleet.enforces("catalog")
     assert "," in fleet.agent_fleet()["key_id"]  # both key ids, as status shows them
+
+
+def test_a_start_that_fails_on_the_fleets_policy_says_why_in_etcd(fleet, tmp_path):
+    """A fresh agent whose first policy can't be enforced here (an interface this gateway lacks)
+    exits 1, removes what it made, and the reason reaches `fleet status`."""
+    fleet.agent.stop()
+    before = fleet.gateway()["applied_revision"]
+    rev = fleet.publish("payments", core_ifs=("bh-nothere",))
+    second = AgentRunner(fleet.topo, tmp_path / "state2")
+    try:
+        with pytest.raises(RuntimeError, match="did not become ready"):
+            second.start_fleet(fleet.etcd.url, GW, f"{fleet.key}.pub", args=("--metrics", "off"), timeout=120)
+        gw = wait_until(fleet.gateway, lambda g: "agent start failed" in (g.get("error") or ""))
+        assert "bh-nothere" in gw["error"], gw
+        assert gw["applied_revision"] == before != rev  # what the stopped agent left still enforces
+        assert not (loader.PIN_ROOT / loader.instance_name(tmp_path / "state2")).exists()
+    finally:
+        second.cleanup()
