@@ -16,6 +16,7 @@ entries), bundle (the serialized output).
 """
 from __future__ import annotations
 
+from bulkhead.core.gcpause import gc_paused
 from bulkhead.policy.bundle import Bundle
 from bulkhead.policy.compiler import compile_policy
 from bulkhead.policy.model import Diag, Policy, PolicyError
@@ -38,6 +39,7 @@ def load_policy(paths: list[str]) -> tuple[Bundle, list[str]]:
         paths = [paths]  # a lone path is an easy mistake; a str would iterate by character
     if not paths:
         raise PolicyError([Diag("<none>", 1, "no policy file given")])
-    policy = validate_files(list(paths))
-    bundle = compile_policy(policy)
+    with gc_paused():  # millions of small objects, no cycles: see bulkhead.core.gcpause
+        policy = validate_files(list(paths))
+        bundle = compile_policy(policy)
     return bundle, list(bundle.warnings)

@@ -31,6 +31,8 @@ from typing import Any
 
 import msgpack
 
+from bulkhead.core.gcpause import gc_paused
+
 BUNDLE_FORMAT = 1
 
 
@@ -74,15 +76,22 @@ class Bundle:
 
     @property
     def checksum(self) -> str:
-        return self._digest(self._content())
+        with gc_paused():
+            return self._digest(self._content())
 
     def pack(self) -> bytes:
-        d = self._content()
-        d["checksum"] = self._digest(d)
-        return msgpack.packb(d, use_bin_type=True)
+        with gc_paused():
+            d = self._content()
+            d["checksum"] = self._digest(d)
+            return msgpack.packb(d, use_bin_type=True)
 
     @classmethod
     def unpack(cls, data: bytes) -> "Bundle":
+        with gc_paused():
+            return cls._unpack(data)
+
+    @classmethod
+    def _unpack(cls, data: bytes) -> "Bundle":
         d = msgpack.unpackb(data, raw=False, strict_map_key=False)
         if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"unsupported bundle format {d.get('format') if isinstance(d, dict) else '?'}")
