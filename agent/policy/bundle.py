@@ -74,12 +74,22 @@ class Bundle:
     def _digest(content: dict[str, Any]) -> str:
         return hashlib.sha256(msgpack.packb(content, use_bin_type=True)).hexdigest()
 
+    # unpack() keeps the bytes it read and the checksum it verified: the agent hands the same
+    # bundle on (to the verifier) and records its checksum, and re-packing 100k rules costs
+    # a quarter of a second each time. Nobody changes an unpacked bundle in place
+    # (for_gateway and dataclasses.replace make new ones, which pack afresh).
+    _wire = None  # (bytes, checksum); not a dataclass field: replace() and == ignore it
+
     @property
     def checksum(self) -> str:
+        if self._wire is not None:
+            return self._wire[1]
         with gc_paused():
             return self._digest(self._content())
 
     def pack(self) -> bytes:
+        if self._wire is not None:
+            return self._wire[0]
         with gc_paused():
             d = self._content()
             d["checksum"] = self._digest(d)
@@ -108,6 +118,7 @@ class Bundle:
         if checksum != cls._digest(d):
             raise ValueError("bundle checksum mismatch")
         b.segments = [dict(s, gateway=s.get("gateway")) for s in b.segments]
+        b._wire = (bytes(data), checksum)
         return b
 
     def for_gateway(self, name: str) -> "Bundle":
