@@ -19,7 +19,7 @@ import logging
 import socket
 import struct
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from bulkhead.datapath import abi, libbpf
 from bulkhead.datapath.errors import DatapathError
@@ -133,7 +133,7 @@ def _errno(rc: int) -> int:
 class Progress:
     """Calls `report(done, total, what)` at most once a second, from one second into the fill on."""
 
-    def __init__(self, total: int, report: Optional[Callable[[int, int, str], None]], every_s: float = 1.0):
+    def __init__(self, total: int, report: Callable[[int, int, str], None] | None, every_s: float = 1.0):
         self.total, self.done, self.report, self.every = total, 0, report, every_s
         self.t0 = self.last = time.monotonic()
 
@@ -239,8 +239,8 @@ class SlotWriter:
         return out
 
 
-def fill_slot(writer: SlotWriter, fds: dict[str, int], slot: int, packed: Packed, before: Optional[Packed],
-              report: Optional[Callable[[int, int, str], None]] = None) -> None:
+def fill_slot(writer: SlotWriter, fds: dict[str, int], slot: int, packed: Packed, before: Packed | None,
+              report: Callable[[int, int, str], None] | None = None) -> None:
     """Make slot `slot`'s maps hold exactly `packed`. `before` is what the previous fill of this
     slot wrote (None: unknown, so every key found in the maps is deleted)."""
     total = sum(len(k) for k, _ in packed.values())

@@ -6,7 +6,6 @@ import ctypes as C
 import socket
 
 import pytest
-
 from bulkhead.datapath import abi, fill
 from bulkhead.datapath.errors import DatapathError
 from bulkhead.policy.bundle import Bundle
@@ -16,7 +15,8 @@ V6 = bytes.fromhex("fd000001000000000000000000000005")
 
 
 def bundle(**kw) -> Bundle:
-    d = dict(settings={}, segments=[], apps=[], rules=[], src_entries=[], dst_entries=[], policy_entries=[])
+    d = {"settings": {}, "segments": [], "apps": [], "rules": [], "src_entries": [], "dst_entries": [],
+         "policy_entries": []}
     d.update(kw)
     return Bundle(**d)
 
