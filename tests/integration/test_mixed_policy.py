@@ -34,11 +34,12 @@ import struct
 import threading
 
 import pytest
+from pyroute2 import IPRoute, netns
+from scapy.all import IP, TCP, Ether, raw
+
 from bulkhead.datapath import abi, libbpf, loader
 from bulkhead.datapath.flowtable import FlowTable
 from bulkhead.policy.bundle import Bundle
-from pyroute2 import IPRoute, netns
-from scapy.all import IP, TCP, Ether, raw
 
 SEG_C, SEG_S = 1, 2
 CLIENT, SERVER_X, SERVER_Y = "198.18.9.10", "198.19.9.10", "198.19.9.20"
