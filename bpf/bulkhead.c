@@ -23,6 +23,7 @@
 #include "types.h"
 #include "parse.h"
 #include "reject.h"
+#include "forward.h"
 #include "sni_hash.h"
 #include "tls_parse.h"
 #include "tls_stream.h"
@@ -755,14 +756,45 @@ static __always_inline int bh_steer(struct xdp_md *ctx, __u8 reason, __u32 seg, 
 	return bh_record(reason, XDP_PASS, len);
 }
 
-/* Apply a verdict: pass, drop, steer to the verifier, or hand the packet to bulkhead_reject. */
+/*
+ * An allowed packet bulkhead does not steer goes on to bulkhead_forward (the
+ * fast path), carrying what it needs in the packet's metadata: the verdict
+ * to record and BH_MARK_SEG | the segment it leaves by (0: by the main
+ * table). The mark is also what the stack gets if the packet passes up
+ * (bulkhead_tc copies it into skb->mark): the plumbing skips conntrack for
+ * it and routes it by that segment's table (agent/datapath/plumbing.py). A
+ * tail call keeps the forwarding's branches out of this program's verifier
+ * budget (every path here would otherwise meet each of them). A driver
+ * without XDP metadata passes the packet unmarked: conntrack and the ct-mark
+ * rules route it, as before the mark existed.
+ */
+static __always_inline int bh_fwd_handoff(struct xdp_md *ctx, __u8 reason, __u32 out_seg, __u32 slot, __u64 len)
+{
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
+		return bh_record(reason, XDP_PASS, len);
+	void *data = (void *)(long)ctx->data;
+	struct bh_meta *m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 1) > data)
+		return bh_record(reason, XDP_PASS, len);
+	m->magic = BH_META_MAGIC;
+	m->mark = BH_MARK_SEG | (out_seg & 0xffff);
+	m->flags = BH_METAF_FORWARD | (slot ? BH_METAF_SLOT1 : 0) | ((__u32)reason << BH_METAF_REASON_SHIFT);
+	tails.call(ctx, BH_TAIL_FORWARD);
+	bh_event(BH_EV_FWD_TAIL_MISSED);
+	return bh_record(reason, XDP_PASS, len); /* allowed either way: the stack forwards it, marked */
+}
+
+/* Apply a verdict: forward, pass, drop, steer to the verifier, or hand the packet to bulkhead_reject. */
 static __always_inline int bh_apply(struct xdp_md *ctx, const struct bh_pkt *p, __u8 reason, int is_reply,
-				    __u64 len, __u32 seg, __u32 ctl_flags)
+				    __u64 len, __u32 seg, __u32 peer_seg, __u32 slot, __u32 ctl_flags)
 {
 	int code = bh_reason_xdp(reason);
 
 	if (reason == BH_R_L7_STEER || reason == BH_R_L7_UPSTREAM)
 		return bh_steer(ctx, reason, seg, ctl_flags, len);
+	/* SNI-pending flows pass their handshake plainly: their verdict is not known yet. */
+	if (code == XDP_PASS && reason != BH_R_SNI_PENDING && !(ctl_flags & BH_CTL_NO_FASTPATH))
+		return bh_fwd_handoff(ctx, reason, is_reply ? peer_seg : 0, slot, len);
 	if (code != XDP_TX)
 		return bh_record(reason, code, len);
 	/* Replies of a flow now rejected are only dropped: the client is not waiting on us. */
@@ -843,7 +875,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			bh_pkt_addrs16(&p);
 			bh_remember_fragment(&p, seg, now, f->reason);
 		}
-		return bh_apply(ctx, &p, f->reason, f->flags & BH_FLOWF_REPLY, len, seg, ctl_flags);
+		return bh_apply(ctx, &p, f->reason, f->flags & BH_FLOWF_REPLY, len, seg, f->peer_segment, slot, ctl_flags);
 	}
 
 	/* Slow path from here: classification and fragment keys need 16-byte addresses. */
@@ -980,7 +1012,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 
 	if (p.frag == BH_FRAG_FIRST)
 		bh_remember_fragment(&p, seg, now, v->reason);
-	return bh_apply(ctx, &p, v->reason, is_reply, len, seg, ctl_flags);
+	return bh_apply(ctx, &p, v->reason, is_reply, len, seg, v->peer_segment, slot, ctl_flags);
 }
 
 /*
@@ -1513,6 +1545,137 @@ int bulkhead_reset_onward(struct xdp_md *ctx)
 		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
 	bh_event(BH_EV_RESET_ONWARD);
 	return bh_record(BH_R_REJECT_RULE, XDP_PASS, len);
+}
+
+#define BH_FIB_OTHER_SEGMENT 1000 /* not a BPF_FIB_LKUP_RET_*: the route found leaves by another segment */
+
+/*
+ * Where the kernel would send the packet. Replies leave by their client's
+ * segment (out_seg), whose table the plumbing keeps (ip rule on its mark):
+ * looked up in that table directly where the kernel can
+ * (BPF_FIB_LOOKUP_TBID, 6.8+). Older kernels reject the flag (-EINVAL) and
+ * get the main table's answer, taken only if it leaves by that same
+ * segment: the segment's table holds the main table's routes via the
+ * segment's interfaces, so the two then agree; else the stack routes it, by
+ * the mark. Forward packets carry no segment in the stack either: the
+ * policy-routed lookup without a mark is theirs (out_seg 0).
+ */
+static __always_inline long bh_fwd_fib(struct xdp_md *ctx, const struct bh_pkt *p, __u32 out_seg, __u32 slot,
+				       struct bpf_fib_lookup *fib)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *ip = data + BH_ETH_HLEN;
+
+	/* bh_fwd_plain checked the lengths; the verifier wants them again. */
+	if ((void *)(ip + BH_IPV4_MIN_HLEN) > data_end)
+		return BPF_FIB_LKUP_RET_NOT_FWDED;
+	fib->ifindex = ctx->ingress_ifindex;
+	fib->l4_protocol = p->proto;
+	fib->sport = p->sport_be;
+	fib->dport = p->dport_be;
+	fib->tot_len = p->ip_len; /* the MTU check: FRAG_NEEDED if it does not fit */
+	if (p->family == 4) {
+		fib->family = 2; /* AF_INET */
+		fib->tos = ip[1];
+		fib->ipv4_src = p->saddr4_be;
+		fib->ipv4_dst = p->daddr4_be;
+	} else {
+		if ((void *)(ip + BH_IPV6_HLEN) > data_end)
+			return BPF_FIB_LKUP_RET_NOT_FWDED;
+		fib->family = 10; /* AF_INET6 */
+		fib->flowinfo = *(__be32 *)ip & bpf_htonl(0x0fffffff);
+		__builtin_memcpy(fib->ipv6_src, p->saddr, 16);
+		__builtin_memcpy(fib->ipv6_dst, p->daddr, 16);
+	}
+	if (!out_seg)
+		return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	/* fib.tbid shares its place with h_vlan_proto/h_vlan_TCI (6.8+ headers; 6.1's lack the name). */
+	*(__u32 *)&fib->h_vlan_proto = BH_MARK_SEG | out_seg;
+	long rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_DIRECT | BH_FIB_TBID);
+	if (rc >= 0)
+		return rc;
+	*(__u32 *)&fib->h_vlan_proto = 0;
+	fib->ifindex = ctx->ingress_ifindex;
+	rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS && bh_segment_of(slot, fib->ifindex) != out_seg)
+		return BH_FIB_OTHER_SEGMENT;
+	return rc;
+}
+
+/*
+ * Tail call target for allowed, unsteered packets (bh_fwd_handoff): the fast
+ * path. Forwarded as the kernel would forward it (FIB lookup, new MACs,
+ * TTL - 1) with bpf_redirect, it never reaches the stack, netfilter or
+ * conntrack. What can't go this way passes to the stack, counted by why
+ * (BH_EV_FWD_*), with the metadata's mark, so that it skips conntrack;
+ * except local delivery (FIB: not forwarded), which keeps conntrack (the
+ * gateway's own replies are routed back by ct mark): its mark is withdrawn.
+ * The verdict was recorded by nobody yet: each exit here records it.
+ */
+int bulkhead_forward(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct bh_meta *m = (void *)(long)ctx->data_meta;
+	__u64 len = data_end - data;
+	struct bpf_fib_lookup fib = {};
+	struct bh_pkt p;
+	__u32 ev = BH_EV_FWD_FIB_OTHER;
+
+	if ((void *)(m + 1) > data || m->magic != BH_META_MAGIC || !(m->flags & BH_METAF_FORWARD))
+		return bh_record(BH_R_TAIL_CALL_MISSED, XDP_DROP, len); /* only bh_fwd_handoff calls here */
+	__u8 reason = m->flags >> BH_METAF_REASON_SHIFT;
+	__u32 slot = !!(m->flags & BH_METAF_SLOT1);
+	__u32 out_seg = m->mark & 0xffff;
+	/* TC copies the mark only; the flags are for this program. */
+	m->flags = 0;
+
+	bh_pkt_init(&p);
+	if (bh_parse(data, data_end, &p) != BH_PARSE_OK) {
+		bh_event(BH_EV_FWD_PACKET); /* bulkhead_xdp parsed it: unreachable */
+		return bh_record(reason, XDP_PASS, len);
+	}
+	if (!bh_fwd_plain(&p, data, data_end)) {
+		ev = BH_EV_FWD_PACKET;
+		goto stack;
+	}
+	bh_pkt_addrs16(&p);
+	long rc = bh_fwd_fib(ctx, &p, out_seg, slot, &fib);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		__u32 oif = fib.ifindex;
+		struct bh_if_cfg *ic = if_cfg.lookup(&oif);
+		/* Array lookups fail only past BH_MAX_IFINDEX: not an interface the loader set up. */
+		if (!ic || !ic->redirect_ok) {
+			ev = BH_EV_FWD_NO_TARGET;
+			goto stack;
+		}
+		data = (void *)(long)ctx->data;
+		data_end = (void *)(long)ctx->data_end;
+		if (bh_fwd_rewrite(&p, data, data_end, fib.dmac, fib.smac)) {
+			ev = BH_EV_FWD_PACKET;
+			goto stack;
+		}
+		/* The metadata would travel with the frame into the peer: taken off. */
+		bpf_xdp_adjust_meta(ctx, (int)sizeof(struct bh_meta));
+		bh_event(BH_EV_FWD_REDIRECT);
+		return bh_record(reason, bpf_redirect(oif, 0), len);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED) {
+		data = (void *)(long)ctx->data;
+		m = (void *)(long)ctx->data_meta;
+		if ((void *)(m + 1) <= data)
+			m->magic = 0;
+		bh_event(BH_EV_FWD_LOCAL);
+		return bh_record(reason, XDP_PASS, len);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		ev = BH_EV_FWD_NO_NEIGH;
+	else if (rc == BH_FIB_OTHER_SEGMENT)
+		ev = BH_EV_FWD_OTHER_SEGMENT;
+stack:
+	bh_event(ev);
+	return bh_record(reason, XDP_PASS, len);
 }
 
 /*

@@ -88,6 +88,14 @@ class Event(enum.IntEnum):
     SNI_STATE_LOST = 17
     REJECT_VIA_TC = 18
     OBSERVE_MISSED = 19
+    FWD_REDIRECT = 20
+    FWD_LOCAL = 21
+    FWD_NO_NEIGH = 22
+    FWD_NO_TARGET = 23
+    FWD_PACKET = 24
+    FWD_FIB_OTHER = 25
+    FWD_OTHER_SEGMENT = 26
+    FWD_TAIL_MISSED = 27
 
 
 class FlowEv(enum.IntEnum):
@@ -157,6 +165,7 @@ POLICY_PLEN_PORT_BASE = 80
 CTL_BYPASS_FLOWS = 0x1
 CTL_L7_READY = 0x2
 CTL_SNI_BENCH = 0x4
+CTL_NO_FASTPATH = 0x8
 SLOTF_AUDIT = 0x1
 SLOTF_SRC_LPM = 0x2
 SLOTF_DST_LPM = 0x4
@@ -165,8 +174,12 @@ SLOTF_SNI_ANY = 0x10
 APP_ANY = 0xFFFFFFFF
 META_MAGIC = 0xB4E7A11D
 METAF_SEND_BACK = 0x1
+METAF_FORWARD = 0x2
+METAF_SLOT1 = 0x4
+METAF_REASON_SHIFT = 8
 MARK_L7 = 0x0C000000
 MARK_KEEP = 0x00FF0000
+MARK_SEG = 0x0B000000
 TLS_EXTS_PER_CALL = 32
 TLS_NAME_PER_CALL = 64
 TLS_WHOLE_EXTS = 32
@@ -246,7 +259,7 @@ class SegVal(C.Structure):
 
 
 class IfCfg(C.Structure):
-    _fields_ = [("reject_path", u8), ("pad", u8 * 3)]
+    _fields_ = [("reject_path", u8), ("redirect_ok", u8), ("pad", u8 * 2)]
 
 
 class SrcKey(C.Structure):
@@ -475,6 +488,7 @@ class Tail(enum.IntEnum):
     MAIN = 3
     OBSERVE = 4
     SNI_STREAM = 5
+    FORWARD = 6
 
 
 class RejectPath(enum.IntEnum):

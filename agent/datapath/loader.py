@@ -45,8 +45,10 @@ RESET_ONWARD_PROG = "bulkhead_reset_onward"
 # enum bh_tail slot -> the program the loader puts there
 OBSERVE_PROG = "bulkhead_observe"
 SNI_STREAM_PROG = "bulkhead_sni_stream"
+FORWARD_PROG = "bulkhead_forward"
 TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RESET_ONWARD: RESET_ONWARD_PROG,
-              abi.Tail.MAIN: XDP_PROG, abi.Tail.OBSERVE: OBSERVE_PROG, abi.Tail.SNI_STREAM: SNI_STREAM_PROG}
+              abi.Tail.MAIN: XDP_PROG, abi.Tail.OBSERVE: OBSERVE_PROG, abi.Tail.SNI_STREAM: SNI_STREAM_PROG,
+              abi.Tail.FORWARD: FORWARD_PROG}
 EMPTY_PROG = "bulkhead_empty"  # benchmarks' reference program: only in a BH_BENCH build
 TC_PROG = "bulkhead_tc"  # clsact ingress: copies XDP's steering mark into skb->mark
 PINNED_PROGS = tuple(dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), TC_PROG)))

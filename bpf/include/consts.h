@@ -67,6 +67,13 @@
 #define BH_META_MAGIC 0xb4e7a11d /* "this metadata is bulkhead's" */
 #define BH_MARK_L7 0x0c000000    /* | client segment id: steer to the verifier */
 #define BH_MARK_KEEP 0x00ff0000  /* skb->mark bits that belong to others: kept */
+/*
+ * | the segment the packet leaves by (0: by the main table): a packet of a
+ * flow bulkhead forwards without steering, passed to the stack. The
+ * plumbing skips conntrack for it (notrack) and routes it by the segment's
+ * table (its ip rule on this mark), what the ct mark did before.
+ */
+#define BH_MARK_SEG 0x0b000000
 #define BH_APP_ANY 0xffffffff /* dst app id of hostname-only apps: any destination address */
 /* Header parser bounds (parse.h): one more is dropped under its own reason. */
 #define BH_VLAN_MAX_DEPTH 2 /* 802.1Q + 802.1ad (QinQ); more tags: vlan_too_deep */

@@ -92,6 +92,15 @@ enum bh_event {
 	BH_EV_SNI_STATE_LOST     = 17, /* a multi-segment ClientHello's parse was evicted: flow decided as unknown name */
 	BH_EV_REJECT_VIA_TC      = 18, /* bulkhead_tc sent a reject answer back out (if_cfg reject_path tc) */
 	BH_EV_OBSERVE_MISSED     = 19, /* the tail call to bulkhead_observe returned: a packet judged unmeasured */
+	/* The XDP fast path (bh_forward): an allowed packet forwarded in XDP, or why it went to the stack. */
+	BH_EV_FWD_REDIRECT       = 20, /* forwarded by bpf_fib_lookup + bpf_redirect, never reaching the stack */
+	BH_EV_FWD_LOCAL          = 21, /* the FIB says not forwarded (a local address, or no route in the table) */
+	BH_EV_FWD_NO_NEIGH       = 22, /* next hop's neighbour entry not resolved: the stack resolves it */
+	BH_EV_FWD_NO_TARGET      = 23, /* egress can't take XDP frames (no bulkhead interface, a veth peer without XDP) */
+	BH_EV_FWD_PACKET         = 24, /* the packet itself: VLAN tag, IPv4 options, fragment, TTL/hop limit <= 1 */
+	BH_EV_FWD_FIB_OTHER      = 25, /* FIB: blackhole/unreachable/prohibit, needs fragmenting, forwarding off, error */
+	BH_EV_FWD_OTHER_SEGMENT  = 26, /* no per-table lookup (kernel < 6.8) and the main table leaves by another segment */
+	BH_EV_FWD_TAIL_MISSED    = 27, /* the tail call to bulkhead_forward returned: passed to the stack, marked */
 };
 
 /*
@@ -126,6 +135,7 @@ enum bh_tail {
 	BH_TAIL_MAIN = 3,    /* bulkhead_xdp itself: bulkhead_observe hands the packet back to it */
 	BH_TAIL_OBSERVE = 4, /* bulkhead_observe: hop timing and end events, then back to bulkhead_xdp */
 	BH_TAIL_SNI_STREAM = 5, /* bulkhead_sni_stream: one step of the streaming ClientHello parser */
+	BH_TAIL_FORWARD = 6, /* bulkhead_forward: the fast path for allowed, unsteered packets */
 };
 
 #endif /* BH_ENUMS_H */

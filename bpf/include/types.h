@@ -20,6 +20,7 @@ struct bh_ctl {
 #define BH_CTL_BYPASS_FLOWS 0x1 /* benchmarks: ignore the flow cache (every packet is new) */
 #define BH_CTL_L7_READY 0x2     /* a verifier listens: BH_ACT_L7 flows may be steered */
 #define BH_CTL_SNI_BENCH 0x4    /* benchmarks: after deciding a ClientHello, put its flow back to pending */
+#define BH_CTL_NO_FASTPATH 0x8  /* every allowed packet goes up the stack, through conntrack (no redirect, no notrack mark) */
 
 /*
  * XDP metadata in front of a packet XDP passes to bulkhead_tc
@@ -28,10 +29,13 @@ struct bh_ctl {
  */
 struct bh_meta {
 	__u32 magic; /* BH_META_MAGIC */
-	__u32 mark;  /* BH_MARK_L7 | client segment id; 0 with BH_METAF_SEND_BACK */
+	__u32 mark;  /* BH_MARK_L7 | client segment id (steered), BH_MARK_SEG | out segment (forwarded); 0 with BH_METAF_SEND_BACK */
 	__u32 flags; /* BH_METAF_* */
 };
 #define BH_METAF_SEND_BACK 0x1 /* a reject answer built in place: TC redirects it out of its ingress interface */
+#define BH_METAF_FORWARD 0x2   /* bulkhead_forward's input (bh_fwd_handoff); cleared before TC sees it */
+#define BH_METAF_SLOT1 0x4     /* with FORWARD: the packet was judged by policy slot 1 */
+#define BH_METAF_REASON_SHIFT 8 /* with FORWARD: bits 8..15 hold the enum bh_reason to record */
 
 /* slot_cfg[slot]: settings that swap together with the slot's maps. */
 struct bh_slot_cfg {
@@ -56,7 +60,8 @@ struct bh_seg_val {
 /* if_cfg: ingress ifindex -> how this interface's attachment works, set by the loader at attach. */
 struct bh_if_cfg {
 	__u8 reject_path; /* enum bh_reject_path */
-	__u8 pad[3];
+	__u8 redirect_ok; /* 1: the XDP fast path may bpf_redirect frames out of this interface */
+	__u8 pad[2];
 };
 
 /*

@@ -49,6 +49,7 @@ class X(enum.IntEnum):
     DROP = 1
     PASS = 2
     TX = 3
+    REDIRECT = 4
 
 
 R = abi.Reason

@@ -80,10 +80,17 @@ def test_l7_flow_is_steered_with_its_segment_mark(ready, make):
         (R.L7_STEER, RULE_PAY_L7, APP_WEB, APP_PAY)]
 
 
-def test_non_l7_flows_carry_no_metadata(ready):
+def test_non_l7_flows_carry_no_steering_mark(ready):
+    """An allowed flow passes unchanged; metadata in front of it (the fast path's, see
+    test_xdp_fastpath.py) never carries the verifier's mark."""
     syn = seg4("S", dport=443)
     v = ready.expect(syn, "prod", X.PASS, R.ALLOW_RULE)
-    assert v.data_out == raw(syn)
+    assert v.data_out[-len(raw(syn)):] == raw(syn)
+    meta = v.data_out[: -len(raw(syn))]
+    assert len(meta) in (0, META.size)
+    if meta:
+        magic, mark, _ = META.unpack(meta)
+        assert magic != abi.META_MAGIC or mark & abi.MARK_L7 != abi.MARK_L7
 
 
 def test_no_verifier_drops_per_packet_and_is_not_cached(ready):

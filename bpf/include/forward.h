@@ -1,0 +1,79 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * forward.h - the packet side of the XDP fast path (bh_forward in bulkhead.c):
+ * what the kernel's forwarding would write into a packet that leaves by
+ * another interface, done in place: new MAC addresses from the FIB answer,
+ * the IPv4 TTL (with the header checksum) or the IPv6 hop limit decremented.
+ *
+ * Only plain frames go this way: no VLAN tag (the tag belongs to the ingress
+ * link), IPv4 without options (the kernel may have to act on them), no
+ * fragment, and a TTL that survives the decrement (else the kernel sends
+ * the ICMP time exceeded). bh_fwd_plain says which.
+ */
+#ifndef BH_FORWARD_H
+#define BH_FORWARD_H
+
+#include "parse.h"
+
+/*
+ * bpf_fib_lookup flags and fields newer than some kernels' headers. The
+ * kernel rejects a flag it does not know with -EINVAL (6.1 knows DIRECT and
+ * OUTPUT only), which is how bh_forward learns to fall back.
+ */
+#ifndef BPF_FIB_LOOKUP_DIRECT
+#define BPF_FIB_LOOKUP_DIRECT (1U << 0)
+#endif
+#define BH_FIB_TBID (1U << 3) /* BPF_FIB_LOOKUP_TBID, kernel 6.8+: look up in the table named by fib.tbid */
+
+#define BH_ETH_HLEN 14
+#define BH_IPV4_MIN_HLEN 20
+#define BH_IPV6_HLEN 40
+
+/* The packet can leave by redirect as far as its own headers go. */
+static __always_inline int bh_fwd_plain(const struct bh_pkt *p, void *data, void *data_end)
+{
+	if (p->vlan_depth || p->frag != BH_FRAG_NONE || p->l3_off != BH_ETH_HLEN)
+		return 0;
+	if (p->family == 4) {
+		__u8 *ip = data + BH_ETH_HLEN;
+		if ((void *)(ip + BH_IPV4_MIN_HLEN) > data_end)
+			return 0;
+		return ip[0] == 0x45 && ip[8] > 1; /* version 4, ihl 5: no options; ttl */
+	}
+	__u8 *ip6 = data + BH_ETH_HLEN;
+	if ((void *)(ip6 + BH_IPV6_HLEN) > data_end)
+		return 0;
+	return ip6[7] > 1; /* hop limit */
+}
+
+/*
+ * New MACs, TTL / hop limit minus one. As the kernel's ip_decrease_ttl: the
+ * TTL is the high byte of its 16-bit word, so the checksum goes up by 0x0100
+ * (RFC 1624, with the end-around carry). Returns -1 if the frame is shorter
+ * than bh_fwd_plain found it (it is not: the verifier needs the checks again).
+ */
+static __always_inline int bh_fwd_rewrite(const struct bh_pkt *p, void *data, void *data_end,
+					  const __u8 *dmac, const __u8 *smac)
+{
+	__u8 *eth = data;
+	__u8 *ip = eth + BH_ETH_HLEN;
+
+	if (p->family == 4) {
+		if ((void *)(ip + BH_IPV4_MIN_HLEN) > data_end)
+			return -1;
+		__u16 *check = (void *)(ip + 10);
+		__u32 c = *check;
+		c += bpf_htons(0x0100);
+		*check = (__u16)(c + (c >= 0xffff));
+		ip[8]--;
+	} else {
+		if ((void *)(ip + BH_IPV6_HLEN) > data_end)
+			return -1;
+		ip[7]--;
+	}
+	__builtin_memcpy(eth, dmac, 6);
+	__builtin_memcpy(eth + 6, smac, 6);
+	return 0;
+}
+
+#endif /* BH_FORWARD_H */

@@ -1,0 +1,202 @@
+"""The XDP fast path (bulkhead_forward, tail slot 6): an allowed packet bulkhead does not steer
+is forwarded in XDP — bpf_fib_lookup, new MACs, TTL - 1 with the checksum the kernel would
+write, XDP_REDIRECT — or passes to the stack, counted by why, with the segment mark that makes
+the plumbing skip conntrack (BH_MARK_SEG | the segment it leaves by), except local delivery.
+
+Routes and neighbours are added to the session namespace for each test and removed after:
+
+    core  198.19.0.1/24, fd00:19::1/64; payments (PAY4/PAY6) has a static neighbour, db none
+    lo    catalog's address (CAT4): local, as if the gateway served it
+    table 0x0b000001 (prod's segment table, as the plumbing keeps it): 198.18.1.0/24 via prod,
+          client C4 a static neighbour on prod
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import pytest
+from pyroute2 import IPRoute
+from scapy.all import IP, TCP, Dot1Q, Ether, IPv6, raw
+
+from bulkhead.datapath import abi
+
+from .conftest import C4, C6, CAT4, DB4, E, EV, GW_MAC, PAY4, PAY6, SEG_PROD, R, X
+from .test_xdp_flows import frag4
+
+META = struct.Struct("=III")  # struct bh_meta: magic, mark, flags
+PAY_MAC, CLIENT_NEIGH_MAC = "02:00:00:00:00:10", "02:00:00:00:00:11"
+NUD_PERMANENT = 0x80
+PROD_TABLE = abi.MARK_SEG | SEG_PROD
+FWD_EVENTS = {e for e in EV if e.name.startswith("FWD_")}
+
+
+def mac(ifname: str) -> str:
+    with IPRoute() as ipr:  # the session namespace's link (sysfs shows the host's)
+        return ipr.get_links(ifname=ifname)[0].get_attr("IFLA_ADDRESS")
+
+
+def set_redirect(xdp, ifname: str, ok: bool) -> None:
+    xdp.dp.set_reject_path(xdp.ifindex[ifname], abi.RejectPath.XDP_TX, redirect_ok=ok)
+
+
+@pytest.fixture
+def routed(xdp):
+    """The session namespace with the routes and neighbours above, core and prod redirect targets."""
+    idx = xdp.ifindex
+    with IPRoute() as ipr, contextlib.ExitStack() as undo:
+        def add(kind, cmd_del, **kw):
+            getattr(ipr, kind)("add", **kw)
+            undo.callback(lambda: getattr(ipr, kind)(cmd_del, **kw))
+
+        add("addr", "del", index=idx["core"], address="198.19.0.1", prefixlen=24)
+        add("addr", "del", index=idx["core"], address="fd00:19::1", prefixlen=64, flags=0x80)  # nodad
+        add("addr", "del", index=idx["lo"], address=CAT4, prefixlen=32)
+        add("neigh", "del", dst=PAY4, lladdr=PAY_MAC, ifindex=idx["core"], state=NUD_PERMANENT)
+        add("neigh", "del", dst=PAY6, lladdr=PAY_MAC, ifindex=idx["core"], state=NUD_PERMANENT)
+        add("neigh", "del", dst=C4, lladdr=CLIENT_NEIGH_MAC, ifindex=idx["prod"], state=NUD_PERMANENT)
+        add("route", "del", dst="198.18.1.0/24", oif=idx["prod"], table=PROD_TABLE)
+        for name in ("core", "prod"):
+            set_redirect(xdp, name, True)
+            undo.callback(set_redirect, xdp, name, False)
+        yield xdp
+
+
+def fwd_events(v) -> dict:
+    return {e.name: n for e, n in v.events.items() if e in FWD_EVENTS}
+
+
+def redirected(v, frame, out_if: str, dmac: str):
+    """The frame as the kernel would forward it: new MACs, TTL - 1, the IPv4 checksum valid."""
+    out = Ether(v.data_out)
+    assert (out.dst, out.src) == (dmac, mac(out_if))
+    sent = Ether(raw(frame))
+    if IP in sent:
+        assert out[IP].ttl == sent[IP].ttl - 1
+        fixed = out[IP].copy()
+        fixed.chksum = None
+        assert out[IP].chksum == IP(raw(fixed))[IP].chksum  # what a fresh computation gives
+        out[IP].ttl, out[IP].chksum = sent[IP].ttl, sent[IP].chksum
+    else:
+        assert out[IPv6].hlim == sent[IPv6].hlim - 1
+        out[IPv6].hlim = sent[IPv6].hlim
+    assert raw(out)[12:] == raw(sent)[12:], "only MACs and TTL change"
+    assert fwd_events(v) == {"FWD_REDIRECT": 1}
+
+
+def marked(v, frame, out_seg: int, reason: str):
+    """Passed to the stack unchanged, behind metadata with BH_MARK_SEG | out_seg (flags cleared)."""
+    assert len(v.data_out) == META.size + len(raw(frame))
+    assert META.unpack(v.data_out[: META.size]) == (abi.META_MAGIC, abi.MARK_SEG | out_seg, 0)
+    assert v.data_out[META.size:] == raw(frame)
+    assert fwd_events(v) == {reason: 1}
+
+
+def test_established_flow_is_redirected_v4(routed):
+    syn = E / IP(src=C4, dst=PAY4, ttl=64) / TCP(sport=40000, dport=443, flags="S")
+    redirected(routed.expect(syn, "prod", X.REDIRECT, R.ALLOW_RULE), syn, "core", PAY_MAC)
+    ack = E / IP(src=C4, dst=PAY4, ttl=17) / TCP(sport=40000, dport=443, flags="A")
+    redirected(routed.expect(ack, "prod", X.REDIRECT, R.ALLOW_RULE), ack, "core", PAY_MAC)
+
+
+def test_established_flow_is_redirected_v6(routed):
+    syn = E / IPv6(src=C6, dst=PAY6, hlim=64) / TCP(sport=40000, dport=443, flags="S")
+    redirected(routed.expect(syn, "prod", X.REDIRECT, R.ALLOW_RULE), syn, "core", PAY_MAC)
+    ack = E / IPv6(src=C6, dst=PAY6, hlim=9) / TCP(sport=40000, dport=443, flags="A")
+    redirected(routed.expect(ack, "prod", X.REDIRECT, R.ALLOW_RULE), ack, "core", PAY_MAC)
+
+
+def test_reply_leaves_by_the_client_segments_table(routed):
+    """The reply is looked up in prod's table (the main table has no route to 198.18.1.0/24 via
+    prod here), so it can only have been found there."""
+    routed.expect(E / IP(src=C4, dst=PAY4) / TCP(sport=40001, dport=443, flags="S"), "prod",
+                  X.REDIRECT, R.ALLOW_RULE)
+    synack = Ether(src=PAY_MAC, dst=GW_MAC) / IP(src=PAY4, dst=C4, ttl=64) / TCP(sport=443, dport=40001, flags="SA")
+    redirected(routed.expect(synack, "core", X.REDIRECT, R.ALLOW_REPLY), synack, "prod", CLIENT_NEIGH_MAC)
+
+
+def _ids_for_checksum_carry() -> list[int]:
+    """IP ids whose header checksum makes the TTL decrement carry (checksum + 0x0100 > 0xffff)."""
+    hdr = bytearray(raw(IP(src=C4, dst=PAY4, id=0, ttl=64, chksum=0) / TCP(sport=40002, dport=443, flags="A"))[:20])
+    out = []
+    for ident in range(65536):
+        hdr[4:6] = ident.to_bytes(2, "big")
+        s = sum(struct.unpack("!10H", hdr))
+        s = (s & 0xffff) + (s >> 16)
+        if (~((s & 0xffff) + (s >> 16))) & 0xffff >= 0xff00:
+            out.append(ident)
+            if len(out) == 2:
+                break
+    return out
+
+
+@pytest.mark.parametrize("ident", [0, 1, 0x1234, *_ids_for_checksum_carry()])
+def test_ttl_checksum_as_the_kernel_writes_it(routed, ident):
+    routed.expect(E / IP(src=C4, dst=PAY4) / TCP(sport=40002, dport=443, flags="S"), "prod", X.REDIRECT, R.ALLOW_RULE)
+    ack = E / IP(src=C4, dst=PAY4, id=ident, ttl=64) / TCP(sport=40002, dport=443, flags="A")
+    redirected(routed.expect(ack, "prod", X.REDIRECT, R.ALLOW_RULE), ack, "core", PAY_MAC)
+
+
+def test_unresolved_neighbour_goes_to_the_stack(routed):
+    """db (web -> db tcp: allow) is routed by core but has no neighbour entry: the stack resolves it."""
+    syn = E / IP(src=C4, dst=DB4) / TCP(sport=40003, dport=5432, flags="S")
+    marked(routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE), syn, 0, "FWD_NO_NEIGH")
+
+
+def test_egress_that_cannot_take_xdp_frames_goes_to_the_stack(routed):
+    set_redirect(routed, "core", False)
+    syn = E / IP(src=C4, dst=PAY4) / TCP(sport=40004, dport=443, flags="S")
+    marked(routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE), syn, 0, "FWD_NO_TARGET")
+
+
+def test_reply_marked_with_the_client_segment_when_it_goes_to_the_stack(routed):
+    routed.expect(E / IP(src=C4, dst=PAY4) / TCP(sport=40005, dport=443, flags="S"), "prod",
+                  X.REDIRECT, R.ALLOW_RULE)
+    set_redirect(routed, "prod", False)
+    synack = Ether(src=PAY_MAC, dst=GW_MAC) / IP(src=PAY4, dst=C4) / TCP(sport=443, dport=40005, flags="SA")
+    marked(routed.expect(synack, "core", X.PASS, R.ALLOW_REPLY), synack, SEG_PROD, "FWD_NO_TARGET")
+
+
+@pytest.mark.parametrize("frame", [
+    pytest.param(E / IP(src=C4, dst=PAY4, ttl=1) / TCP(sport=40006, dport=443, flags="S"), id="ttl-1"),
+    pytest.param(E / IPv6(src=C6, dst=PAY6, hlim=1) / TCP(sport=40006, dport=443, flags="S"), id="hop-limit-1"),
+    pytest.param(E / IP(src=C4, dst=PAY4, options=b"\x01\x01\x01\x00") / TCP(sport=40006, dport=443, flags="S"),
+                 id="ip-options"),
+    pytest.param(Ether(src="02:00:00:00:00:01", dst=GW_MAC) / Dot1Q(vlan=7) / IP(src=C4, dst=PAY4)
+                 / TCP(sport=40006, dport=443, flags="S"), id="vlan-tag"),
+    pytest.param(frag4(443, 77, 0, True), id="first-fragment"),
+])
+def test_packets_the_kernel_must_handle_go_to_the_stack(routed, frame):
+    v = routed.expect(frame, "prod", X.PASS, R.ALLOW_RULE)
+    assert fwd_events(v) == {"FWD_PACKET": 1}
+    assert v.data_out[-len(raw(frame)):] == raw(frame), "passed unchanged"
+
+
+def test_local_delivery_keeps_conntrack(routed):
+    """catalog's address is the gateway's own (on lo): not forwarded, so the packet passes without
+    the notrack mark (the gateway's replies are routed back by conntrack's mark)."""
+    syn = E / IP(src=C4, dst=CAT4) / TCP(sport=40007, dport=80, flags="S")
+    v = routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE)
+    assert fwd_events(v) == {"FWD_LOCAL": 1}
+    meta = v.data_out[: -len(raw(syn))]
+    assert len(meta) == META.size and META.unpack(meta)[0] != abi.META_MAGIC, "the mark is withdrawn"
+
+
+def test_no_fastpath_flag_passes_everything_plainly(routed):
+    routed.dp.set_ctl_flags(set_bits=abi.CTL_NO_FASTPATH)
+    try:
+        syn = E / IP(src=C4, dst=PAY4) / TCP(sport=40008, dport=443, flags="S")
+        v = routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE)
+        assert v.data_out == raw(syn) and not fwd_events(v)
+    finally:
+        routed.dp.set_ctl_flags(clear_bits=abi.CTL_NO_FASTPATH)
+
+
+def test_denied_and_steered_packets_never_take_it(routed):
+    routed.dp.set_ctl_flags(set_bits=abi.CTL_L7_READY)
+    steered = E / IP(src=C4, dst=PAY4) / TCP(sport=40009, dport=80, flags="S")
+    v = routed.expect(steered, "prod", X.PASS, R.L7_STEER)
+    assert not fwd_events(v)
+    assert META.unpack(v.data_out[: META.size])[1] == abi.MARK_L7 | SEG_PROD
+    denied = E / IP(src=C4, dst=PAY4) / TCP(sport=40009, dport=23, flags="S")
+    assert not fwd_events(routed.expect(denied, "prod", X.DROP, R.DENY_RULE))
