@@ -221,7 +221,7 @@ def test_env_file_fleet_variant_makes_a_fleet_command_line():
     env = read_env(text + "\n" + "\n".join(fleet) + "\n")
     params = agent_run_params(exec_argv(env, one("Service", "ExecStart")))
     assert params["policy_files"] == ()
-    assert params["etcd"] and params["gateway"] and params["trust"] == "/etc/bulkhead/fleet.pub"
+    assert params["etcd"] and params["gateway"] and params["trust"] == ("/etc/bulkhead/fleet.pub",)
 
 
 def test_exec_reload_is_a_reload_command():
