@@ -4,7 +4,7 @@ At 100k rules the per-entry path (one bpf_map_update_elem per entry, plus a get_
 delete per key to clear the slot) spent seconds in syscalls and ctypes objects. Here every map's
 entries are packed with struct into one buffer and written with BPF_MAP_UPDATE_BATCH, chunked so
 a progress line can be logged. Clearing the slot deletes only what the previous fill of that slot
-wrote (the Datapath remembers it, as packed keys); when it doesn't know (after a restart, or a
+wrote and the new one lacks (the Datapath remembers it, as packed keys); when it doesn't know (after a restart, or a
 fill that failed half-way) it reads the map's keys and deletes them all.
 
 Where the kernel has no batch operation for a map type (LPM tries before 6.x: trie_map_ops had no
@@ -245,19 +245,13 @@ def fill_slot(writer: SlotWriter, fds: dict[str, int], slot: int, packed: Packed
     slot wrote (None: unknown, so every key found in the maps is deleted)."""
     total = sum(len(k) for k, _ in packed.values())
     progress = Progress(total, report)
-    for base, (key_l, _val_l) in SLOT_MAPS.items():
+    for base, (key_l, _) in SLOT_MAPS.items():
         name, (keys, vals) = f"{base}_{slot}", packed[base]
         fd = fds[name]
         if before is None:
             writer.delete(fd, name, writer.keys(fd, key_l.size))
-            todo_k, todo_v = keys, vals
-        else:
-            old_k, old_v = before[base]
-            if old_k:
-                new = set(keys)
-                writer.delete(fd, name, [k for k in old_k if k not in new])
-            old = dict(zip(old_k, old_v))
-            todo = [(k, v) for k, v in zip(keys, vals) if old.get(k) != v]  # unchanged entries stay
-            todo_k, todo_v = [k for k, _ in todo], [v for _, v in todo]
-            progress.step(len(keys) - len(todo), name)
-        writer.update(fd, name, todo_k, todo_v, progress)
+        elif before[base][0]:
+            new = set(keys)
+            writer.delete(fd, name, [k for k in before[base][0] if k not in new])
+        # Every entry is written, unchanged ones too: one batch costs less than working out which.
+        writer.update(fd, name, keys, vals, progress)
