@@ -245,6 +245,9 @@ def fill_slot(writer: SlotWriter, fds: dict[str, int], slot: int, packed: Packed
     slot wrote (None: unknown, so every key found in the maps is deleted)."""
     total = sum(len(k) for k, _ in packed.values())
     progress = Progress(total, report)
+    if before is None:
+        log.info("slot %d: what it holds is unknown (its first fill since this agent started, or one "
+                 "that failed): reading its keys to delete them all", slot)
     for base, (key_l, _) in SLOT_MAPS.items():
         name, (keys, vals) = f"{base}_{slot}", packed[base]
         fd = fds[name]

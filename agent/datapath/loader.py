@@ -465,6 +465,10 @@ class Datapath:
         c.active_slot = slot
         self._upd("ctl", C.c_uint32(0), c)
         self.last_flip = time.monotonic()
+        if self.last_flip - t0 > 1.0:
+            log.info("generation %d: %d entries in slot %d, packed in %.2fs, written and flipped in %.2fs",
+                     generation, sum(len(k) for k, _ in packed.values()), slot, t_pack - t0,
+                     self.last_flip - t_pack)
         return {"slot": slot, "generation": generation, "seconds": self.last_flip - t0,
                 "pack_s": t_pack - t0, "write_s": self.last_flip - t_pack}
 
