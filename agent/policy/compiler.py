@@ -108,9 +108,10 @@ def compile_policy(policy: Policy) -> Bundle:
     # hostname-only app has no address: its pair is (src, APP_ANY).
     pairs: dict[tuple[int, int], list[tuple[Verdict, portlib.PortSet]]] = {}
     named: dict[tuple[int, int], list[tuple[int, Rule, App, portlib.PortSet]]] = {}
+    app_ports = {a.name: portlib.portset(a.ports) for a in policy.apps}  # once per app, not per rule
     for rule_id, rule in enumerate(policy.rules, 1):
         dst = apps[rule.dst]
-        match = portlib.intersect(portlib.portset(rule.ports), portlib.portset(dst.ports))
+        match = portlib.intersect(portlib.portset(rule.ports), app_ports[dst.name])
         if portlib.is_empty(match):
             continue  # validation rejects this; defensive for direct callers
         dst_key = app_ids[dst.name] if dst.addresses else APP_ANY

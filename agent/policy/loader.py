@@ -186,6 +186,13 @@ class _Builder:
             self.anchors[anchor] = value
         return value
 
+    def _value(self, ev: yaml.Event) -> Any:
+        """node(ev), with the common case (a scalar without an anchor) one call shorter."""
+        if type(ev) is yaml.ScalarEvent and ev.anchor is None:
+            value = self.scalar(ev)
+            return None if value is _BAD else value
+        return self.node(ev)
+
     def scalar(self, ev: yaml.ScalarEvent) -> Any:
         """The scalar's value, typed exactly as PyYAML's safe loader would type it."""
         tag, value = ev.tag, ev.value
@@ -220,7 +227,7 @@ class _Builder:
             if isinstance(ev, yaml.SequenceEndEvent):
                 return seq
             seq.item_lines.append(ev.start_mark.line + 1)
-            seq.append(self.node(ev))
+            seq.append(self._value(ev))
 
     def mapping(self, start: yaml.Event) -> YMap:
         m = YMap()
@@ -238,7 +245,7 @@ class _Builder:
                 if not isinstance(key, str):
                     self.error(kev, "mapping keys must be plain strings, not a list or mapping")
                     key = _BAD
-            value = self.node(get())
+            value = self._value(get())
             if key is _BAD:
                 continue
             if not isinstance(key, str):
