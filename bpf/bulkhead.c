@@ -1610,9 +1610,20 @@ static __always_inline long bh_fwd_fib(struct xdp_md *ctx, const struct bh_pkt *
  * conntrack. What can't go this way passes to the stack, counted by why
  * (BH_EV_FWD_*), with the metadata's mark, so that it skips conntrack;
  * except local delivery (FIB: not forwarded), which keeps conntrack (the
- * gateway's own replies are routed back by ct mark): its mark is withdrawn.
+ * gateway's own replies are routed back by ct mark), and fragments: their
+ * mark is withdrawn.
  * The verdict was recorded by nobody yet: each exit here records it.
  */
+/* Take the mark back: the packet goes up as an unmarked one, through conntrack. */
+static __always_inline void bh_fwd_unmark(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	struct bh_meta *m = (void *)(long)ctx->data_meta;
+
+	if ((void *)(m + 1) <= data)
+		m->magic = 0;
+}
+
 int bulkhead_forward(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -1636,11 +1647,21 @@ int bulkhead_forward(struct xdp_md *ctx)
 		bh_event(BH_EV_FWD_PACKET); /* bulkhead_xdp parsed it: unreachable */
 		return bh_record(reason, XDP_PASS, len);
 	}
+	if (p.frag != BH_FRAG_NONE) {
+		/* Conntrack's defragmentation sees every fragment: the later ones carry no mark. */
+		bh_fwd_unmark(ctx);
+		bh_event(BH_EV_FWD_PACKET);
+		return bh_record(reason, XDP_PASS, len);
+	}
 	if (!bh_fwd_plain(&p, data, data_end)) {
 		ev = BH_EV_FWD_PACKET;
 		goto stack;
 	}
 	bh_pkt_addrs16(&p);
+	if (bh_fwd_csum_partial(&p, data, data_end)) {
+		ev = BH_EV_FWD_CSUM_PARTIAL;
+		goto stack;
+	}
 	long rc = bh_fwd_fib(ctx, &p, out_seg, slot, &fib);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		__u32 oif = fib.ifindex;
@@ -1662,10 +1683,7 @@ int bulkhead_forward(struct xdp_md *ctx)
 		return bh_record(reason, bpf_redirect(oif, 0), len);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED) {
-		data = (void *)(long)ctx->data;
-		m = (void *)(long)ctx->data_meta;
-		if ((void *)(m + 1) <= data)
-			m->magic = 0;
+		bh_fwd_unmark(ctx);
 		bh_event(BH_EV_FWD_LOCAL);
 		return bh_record(reason, XDP_PASS, len);
 	}

@@ -96,6 +96,7 @@ class Event(enum.IntEnum):
     FWD_FIB_OTHER = 25
     FWD_OTHER_SEGMENT = 26
     FWD_TAIL_MISSED = 27
+    FWD_CSUM_PARTIAL = 28
 
 
 class FlowEv(enum.IntEnum):

@@ -23,9 +23,6 @@ import logging
 
 log = logging.getLogger("bulkhead.fastpath")
 
-XDP_ATTACHED_NONE = 0
-
-
 def _attr(msg, name, default=None):
     for k, v in msg.get("attrs", []):
         if k == name:
@@ -37,9 +34,6 @@ def veth_peer_has_xdp(ifname: str) -> bool | None:
     """Whether the peer of veth `ifname` has an XDP program attached (in whatever namespace it
     is); None if the peer can't be asked (gone, or in a namespace without an id here)."""
     from pyroute2 import IPRoute  # imported late: unit tests run without it
-    from pyroute2.netlink import NLM_F_REQUEST
-    from pyroute2.netlink.rtnl import RTM_GETLINK
-    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
     with IPRoute() as ipr:
         links = ipr.link("get", ifname=ifname)
@@ -47,23 +41,19 @@ def veth_peer_has_xdp(ifname: str) -> bool | None:
             return None
         peer = _attr(links[0], "IFLA_LINK")
         nsid = _attr(links[0], "IFLA_LINK_NETNSID")
-        if not peer:
+        if not peer or (nsid is not None and nsid < 0):
             return None
-        msg = ifinfmsg()
-        msg["index"] = peer
-        if nsid is not None:
-            if nsid < 0:
-                return None
-            msg["attrs"] = [("IFLA_IF_NETNSID", nsid)]  # IFLA_TARGET_NETNSID: the peer's namespace
+        # IFLA_IF_NETNSID (IFLA_TARGET_NETNSID): ask about a link in the namespace of that id.
+        kw = {"if_netnsid": nsid} if nsid is not None else {}
         try:
-            reply = list(ipr.nlm_request(msg, msg_type=RTM_GETLINK, msg_flags=NLM_F_REQUEST))
+            reply = ipr.link("get", index=peer, **kw)
         except Exception as e:  # noqa: BLE001 - netlink's errors are many; any means "can't tell"
             log.debug("%s: the veth peer %d can't be asked: %s", ifname, peer, e)
             return None
         if not reply:
             return None
         xdp = _attr(reply[0], "IFLA_XDP")
-        return bool(xdp is not None and _attr(xdp, "IFLA_XDP_ATTACHED", XDP_ATTACHED_NONE) != XDP_ATTACHED_NONE)
+        return bool(xdp and _attr(xdp, "IFLA_XDP_PROG_ID"))
 
 
 def redirect_ok(mode: str, link_kind: str | None, ifname: str) -> bool:

@@ -101,6 +101,7 @@ enum bh_event {
 	BH_EV_FWD_FIB_OTHER      = 25, /* FIB: blackhole/unreachable/prohibit, needs fragmenting, forwarding off, error */
 	BH_EV_FWD_OTHER_SEGMENT  = 26, /* no per-table lookup (kernel < 6.8) and the main table leaves by another segment */
 	BH_EV_FWD_TAIL_MISSED    = 27, /* the tail call to bulkhead_forward returned: passed to the stack, marked */
+	BH_EV_FWD_CSUM_PARTIAL   = 28, /* TCP/UDP checksum left to offload (a local sender behind a veth): the stack finishes it */
 };
 
 /*

@@ -7,8 +7,9 @@
  *
  * Only plain frames go this way: no VLAN tag (the tag belongs to the ingress
  * link), IPv4 without options (the kernel may have to act on them), no
- * fragment, and a TTL that survives the decrement (else the kernel sends
- * the ICMP time exceeded). bh_fwd_plain says which.
+ * fragment, TCP/UDP/ICMP, a TTL that survives the decrement (else the
+ * kernel sends the ICMP time exceeded), and a checksum that is complete
+ * (bh_fwd_csum_partial). bh_fwd_plain says which, but for the checksum.
  */
 #ifndef BH_FORWARD_H
 #define BH_FORWARD_H
@@ -34,6 +35,10 @@ static __always_inline int bh_fwd_plain(const struct bh_pkt *p, void *data, void
 {
 	if (p->vlan_depth || p->frag != BH_FRAG_NONE || p->l3_off != BH_ETH_HLEN)
 		return 0;
+	/* Protocols whose checksums bh_fwd_csum_partial can judge (SCTP's CRC32c may be left to offload too). */
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP && p->proto != IPPROTO_ICMP &&
+	    p->proto != IPPROTO_ICMPV6)
+		return 0;
 	if (p->family == 4) {
 		__u8 *ip = data + BH_ETH_HLEN;
 		if ((void *)(ip + BH_IPV4_MIN_HLEN) > data_end)
@@ -44,6 +49,47 @@ static __always_inline int bh_fwd_plain(const struct bh_pkt *p, void *data, void
 	if ((void *)(ip6 + BH_IPV6_HLEN) > data_end)
 		return 0;
 	return ip6[7] > 1; /* hop limit */
+}
+
+/*
+ * A TCP/UDP checksum left to offload (CHECKSUM_PARTIAL): the sender wrote
+ * only the pseudo-header's sum, folded, and expects the device (or the
+ * stack) to finish it. That is what a local socket behind a veth sends. A
+ * redirected XDP frame loses the skb's note that the checksum is unfinished,
+ * so it would arrive broken: such packets go to the stack, which finishes
+ * them. A complete checksum equals the pseudo-header sum only by chance (1
+ * in 65536): such a packet merely takes the slow way.
+ */
+static __always_inline int bh_fwd_csum_partial(const struct bh_pkt *p, void *data, void *data_end)
+{
+	__u16 *csum;
+	__u8 *l4 = data + (p->l4_off & 0x7ff); /* bounded for the verifier; bh_parse set it */
+
+	if (p->proto == IPPROTO_TCP) {
+		csum = (void *)(l4 + 16);
+	} else if (p->proto == IPPROTO_UDP) {
+		csum = (void *)(l4 + 6);
+	} else {
+		return 0;
+	}
+	if ((void *)(csum + 1) > data_end)
+		return 0;
+	__u32 sum = bpf_htons(p->proto) + bpf_htons(p->l4_len);
+	const __u16 *w = (const __u16 *)p->saddr; /* 16-byte copies: IPv4-mapped for IPv4 */
+	int first = p->family == 4 ? 6 : 0;      /* the ::ffff: prefix is not in IPv4's pseudo-header */
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		if (i >= first)
+			sum += w[i];
+	w = (const __u16 *)p->daddr;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		if (i >= first)
+			sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	/* 0 and 0xffff are the same number in one's complement. */
+	return *csum == sum || (sum == 0xffff && *csum == 0);
 }
 
 /*

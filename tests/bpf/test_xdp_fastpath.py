@@ -170,6 +170,34 @@ def test_packets_the_kernel_must_handle_go_to_the_stack(routed, frame):
     v = routed.expect(frame, "prod", X.PASS, R.ALLOW_RULE)
     assert fwd_events(v) == {"FWD_PACKET": 1}
     assert v.data_out[-len(raw(frame)):] == raw(frame), "passed unchanged"
+    magic, mark, flags = META.unpack(v.data_out[: META.size])
+    if IP in Ether(raw(frame)) and Ether(raw(frame))[IP].flags.MF:
+        assert magic != abi.META_MAGIC, "a fragment keeps conntrack (its later fragments carry no mark)"
+    else:
+        assert (magic, mark, flags) == (abi.META_MAGIC, abi.MARK_SEG, 0), "to the stack, skipping conntrack"
+
+
+def pseudo_sum(src: str, dst: str, proto: int, l4_len: int) -> int:
+    """What a sender leaving the checksum to offload writes: the pseudo-header's folded sum."""
+    import ipaddress
+
+    words = ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
+    s = sum(struct.unpack(f"!{len(words) // 2}H", words)) + proto + l4_len
+    while s > 0xffff:
+        s = (s & 0xffff) + (s >> 16)
+    return s
+
+
+@pytest.mark.parametrize("frame", [
+    pytest.param(E / IP(src=C4, dst=PAY4) / TCP(sport=40010, dport=443, flags="S", chksum=pseudo_sum(C4, PAY4, 6, 20)),
+                 id="tcp-v4"),
+    pytest.param(E / IPv6(src=C6, dst=PAY6) / TCP(sport=40010, dport=443, flags="S", chksum=pseudo_sum(C6, PAY6, 6, 20)),
+                 id="tcp-v6"),
+])
+def test_checksum_left_to_offload_goes_to_the_stack(routed, frame):
+    """A local socket behind a veth leaves its checksum to offload (CHECKSUM_PARTIAL); a
+    redirected XDP frame would lose that note and arrive broken. The stack finishes it."""
+    marked(routed.expect(frame, "prod", X.PASS, R.ALLOW_RULE), frame, 0, "FWD_CSUM_PARTIAL")
 
 
 def test_local_delivery_keeps_conntrack(routed):
