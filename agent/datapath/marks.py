@@ -7,15 +7,15 @@ and the verifier's (SO_MARK on its upstream sockets).
 """
 from __future__ import annotations
 
-from bulkhead.datapath.abi import MARK_KEEP, MARK_L7
+from bulkhead.datapath.abi import MARK_KEEP, MARK_L7, MARK_SEG
 
-MARK_BASE = 0x0B000000     # "bulkhead" | segment id: the segment a flow came from (ct mark, ip rules)
+MARK_BASE = MARK_SEG       # "bulkhead" | segment id: the segment a packet leaves by (ct mark, XDP's mark, ip rules)
 MARK_MASK = 0xFF00FFFF     # the bits our ip rules compare (MARK_KEEP's belong to others)
 MARK_L7_MASK = 0xFF000000  # MARK_L7 | segment id: XDP steers the packet to the verifier
 L7_TABLE = MARK_L7         # routing table for local delivery of steered packets
 SEGMENT_ID_MAX = 0xFFFF
 
-__all__ = ["L7_TABLE", "MARK_BASE", "MARK_KEEP", "MARK_L7", "MARK_L7_MASK", "MARK_MASK", "segment_mark"]
+__all__ = ["L7_TABLE", "MARK_BASE", "MARK_KEEP", "MARK_L7", "MARK_L7_MASK", "MARK_MASK", "MARK_SEG", "segment_mark"]
 
 
 def segment_mark(segment_id: int) -> int:

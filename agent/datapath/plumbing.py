@@ -7,6 +7,8 @@ interface a reply to 198.18.1.10 must leave. This module makes the kernel
 remember it, per connection, with conntrack:
 
   nft table `inet bulkhead_<instance>`:
+    untracked (filter, hook prerouting, priority raw):
+      meta mark & 0xff000000 == MARK_SEG  ->  notrack
     prerouting (filter, priority mangle):
       ct direction original, iifname in segment S  ->  ct mark := MARK(S)
       ct direction reply,    ct mark is MARK(S)    ->  meta mark := MARK(S)
@@ -22,6 +24,15 @@ remember it, per connection, with conntrack:
       (strict mode would drop dev's packets: the main table's route back to
       198.18.1.10 points at bh-prod); net.ipv4.ip_forward and
       net.ipv6.conf.all.forwarding = 1. Old values are recorded and restored.
+
+Conntrack only where it has a job (issue 18): the XDP program forwards allowed flows it does
+not steer itself (bulkhead_forward: bpf_fib_lookup + bpf_redirect, they never reach the stack),
+and what it passes up of them carries MARK(S) of the segment the packet leaves by (a reply:
+its client's segment; a forward packet: segment 0, the main table) in skb->mark, via metadata
+and bulkhead_tc. The ip rule routes such a reply like the ct mark did, and the `untracked` chain
+keeps all of them out of conntrack. Conntrack (and the ct-mark rules above) still see: steered
+L7 flows (TPROXY), packets to the gateway itself (its replies are routed back by ct mark),
+fragments, and packets of a driver without XDP metadata (generic XDP), which XDP can't mark.
 
 Marks: MARK(S) = 0x0b000000 | segment_id, compared under MARK_MASK =
 0xff00ffff. The top byte 0x0b says "bulkhead", the low 16 bits are the segment
@@ -70,7 +81,15 @@ import subprocess
 from pathlib import Path
 
 from bulkhead.core.names import SO_NETNS_COOKIE
-from bulkhead.datapath.marks import L7_TABLE, MARK_KEEP, MARK_L7, MARK_L7_MASK, MARK_MASK, segment_mark
+from bulkhead.datapath.marks import (
+    L7_TABLE,
+    MARK_KEEP,
+    MARK_L7,
+    MARK_L7_MASK,
+    MARK_MASK,
+    MARK_SEG,
+    segment_mark,
+)
 
 log = logging.getLogger("bulkhead.plumbing")
 
@@ -185,6 +204,10 @@ def ruleset(table: str, instance: str, segments: list[tuple[int, list[str]]],
         ingress += [f'"{n}" : jump seg_{seg_id}' for n in ifnames]
         replies.append(f"{mark:#010x} : jump reply_{seg_id}")
     reply_rule = f"    ct direction reply ct mark and {MARK_MASK:#010x} vmap {{ {', '.join(replies)} }}"
+    # Before conntrack (priority raw): packets XDP marked as forwarded without steering
+    # (bh_fwd_handoff; MARK_SEG | the segment they leave by) never create or look up an entry.
+    lines += ["  chain untracked {", "    type filter hook prerouting priority raw; policy accept;",
+              f"    meta mark and {MARK_L7_MASK:#010x} == {MARK_SEG:#010x} notrack", "  }"]
     lines += ["  chain prerouting {", "    type filter hook prerouting priority mangle; policy accept;"]
     if ingress:
         lines.append(f"    ct direction original iifname vmap {{ {', '.join(ingress)} }}")
