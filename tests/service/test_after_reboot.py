@@ -43,6 +43,7 @@ def remove_everything_at_the_end():
     svc.remove_dropin()
 
 
+@pytest.mark.timeout(svc.START_TEST_TIMEOUT)
 def test_enforcing_after_the_reboot():
     if not svc.BEFORE_REBOOT.exists():
         pytest.fail(f"boot 1 left no {svc.BEFORE_REBOOT}: the service was not installed, enabled "

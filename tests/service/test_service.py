@@ -29,6 +29,7 @@ def require_active() -> dict:
     return props
 
 
+@pytest.mark.timeout(svc.START_TEST_TIMEOUT)
 def test_install_and_enable(tmp_path):
     """install.sh from the repo (offline: the image's wheelhouse), then `systemctl enable
     --now bulkhead` returns once enforcing (Type=notify): traffic enforced right away."""
@@ -129,6 +130,7 @@ def test_reload_of_a_malformed_policy_fails_and_keeps_the_old(bad):
         svc.POLICY_FILE.write_text(svc.LAB_POLICY)
 
 
+@pytest.mark.timeout(svc.START_TEST_TIMEOUT)
 def test_restart_keeps_connections_and_denials():
     """`systemctl restart bulkhead` with an established connection open through the gateway:
     it still carries data afterwards; a denied flow probed without pause all through the
