@@ -7,9 +7,8 @@ a progress line can be logged. Clearing the slot deletes only what the previous 
 wrote and the new one lacks (the Datapath remembers it, as packed keys); when it doesn't know (after a restart, or a
 fill that failed half-way) it reads the map's keys and deletes them all.
 
-Where the kernel has no batch operation for a map type (LPM tries before 6.x: trie_map_ops had no
-map_update_batch/map_delete_batch), the same buffers are written one entry per syscall, and a
-line says so once per map.
+Where the kernel has no batch operation for a map type (older kernels' trie_map_ops had none), the
+same buffers are written one entry per syscall, and a line says so once per map.
 """
 from __future__ import annotations
 
@@ -177,7 +176,7 @@ class SlotWriter:
     def update(self, fd: int, name: str, keys: list[bytes], vals: list[bytes], progress: Progress) -> None:
         if not keys:
             return
-        ks, vs = len(keys[0]), len(vals[0])
+        ks = len(keys[0])
         L = _lib()
         if self.has_batch(fd, "update", name):
             for i in range(0, len(keys), BATCH_CHUNK):
@@ -190,7 +189,6 @@ class SlotWriter:
                                         f"entries: {errno.errorcode.get(e, e)}")
                 progress.step(n.value, name)
             return
-        assert all(len(v) == vs for v in vals[:1])
         for i, (k, v) in enumerate(zip(keys, vals)):
             rc = L.bpf_map_update_elem(fd, k, v, 0)
             if rc < 0:
