@@ -85,6 +85,12 @@ if [[ -e "$UNIT" || -L "$UNIT" ]]; then
     rm -f "$UNIT"
     log "removed /etc/systemd/system/bulkhead.service"
 fi
+# Drop-ins (systemctl edit bulkhead) configure this unit only: they go with it, unless the
+# config is kept.
+if [[ -d "$UNIT.d" && "$KEEP_CONFIG" != 1 ]]; then
+    rm -rf "$UNIT.d"
+    log "removed /etc/systemd/system/bulkhead.service.d (drop-ins)"
+fi
 if [[ -L "$SBIN_LINK" ]]; then
     rm -f "$SBIN_LINK"
     log "removed /usr/local/sbin/bulkhead"

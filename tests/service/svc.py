@@ -143,29 +143,6 @@ def policy_yaml(tcp_ports: list[int]) -> str:
 LAB_POLICY = policy_yaml([ALLOWED])
 
 
-# ------------------------------------------------------------------ unit workaround
-# WORKAROUND, test scaffolding like the lab: scripts/service/bulkhead.service as shipped fails
-# on Debian 12's systemd 252: ProtectKernelTunables=yes makes /sys/fs/bpf unusable to the
-# agent despite ReadWritePaths=/sys/fs/bpf ("OSError: [Errno 30] Read-only file system:
-# '/sys/fs/bpf/bulkhead'" at its first start). Delete this drop-in once the unit is fixed.
-DROPIN_DIR = Path("/etc/systemd/system") / f"{UNIT}.d"
-DROPIN = DROPIN_DIR / "zz-vm-test-bpffs-workaround.conf"
-
-
-def install_dropin() -> None:
-    DROPIN_DIR.mkdir(parents=True, exist_ok=True)
-    DROPIN.write_text("# tests/service/svc.py: see the WORKAROUND comment there\n"
-                      "[Service]\nProtectKernelTunables=no\n")
-    systemctl("daemon-reload")
-
-
-def remove_dropin() -> None:
-    DROPIN.unlink(missing_ok=True)
-    if DROPIN_DIR.exists() and not any(DROPIN_DIR.iterdir()):
-        DROPIN_DIR.rmdir()
-    systemctl("daemon-reload", check=False)
-
-
 # ------------------------------------------------------------------ lab unit
 def lab_unit_text() -> str:
     lab = HERE / "lab.sh"

@@ -40,7 +40,6 @@ def remove_everything_at_the_end():
     if svc.SBIN.exists():
         svc.run([str(svc.SBIN), "down"], check=False, timeout=120)
     svc.remove_lab()
-    svc.remove_dropin()
 
 
 @pytest.mark.timeout(svc.START_TEST_TIMEOUT)
@@ -85,7 +84,6 @@ def test_uninstall_leaves_nothing():
         if "bulkhead" in tc:
             left.append(f"TC on {ifname}: {tc.strip()}")
     svc.remove_lab()
-    svc.remove_dropin()
 
     props = svc.unit_props()
     if props.get("LoadState") != "not-found":

@@ -56,7 +56,6 @@ def test_install_and_enable(tmp_path):
         assert path.exists(), f"install.sh did not install {path}"
     assert svc.POLICY_FILE.read_text() == svc.LAB_POLICY
     assert svc.unit_props()["LoadState"] == "loaded"
-    svc.install_dropin()
 
     svc.systemctl("enable", "--now", svc.UNIT, timeout=svc.START_TIMEOUT)
     # Type=notify: enable --now returned, so READY=1 came, so the policy is enforced already.

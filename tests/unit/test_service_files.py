@@ -131,7 +131,7 @@ def test_unit_state_paths_are_the_agents():
 def test_unit_hardening():
     want = {
         "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelLogs": "yes",
+        "PrivateDevices": "yes", "ProtectKernelTunables": "no", "ProtectKernelLogs": "yes",
         "ProtectControlGroups": "yes", "ProtectClock": "yes", "RestrictNamespaces": "yes",
         "RestrictSUIDSGID": "yes", "LockPersonality": "yes", "SystemCallArchitectures": "native",
         "AmbientCapabilities": "", "LimitMEMLOCK": "infinity",
