@@ -64,10 +64,8 @@ class Bundle:
             del d["gateways"]
         d["segments"] = [s if s.get("gateway") is not None else {k: v for k, v in s.items() if k != "gateway"}
                          for s in self.segments]
-        d["src_entries"] = [list(e) for e in self.src_entries]
-        d["dst_entries"] = [list(e) for e in self.dst_entries]
-        d["policy_entries"] = [list(e) for e in self.policy_entries]
-        d["sni_entries"] = [list(e) for e in self.sni_entries]
+        # Entries stay tuples: msgpack packs a tuple exactly as the list it unpacks to, so the
+        # bytes and the checksum are those of lists, without copying 100k entries first.
         return d
 
     @staticmethod
