@@ -30,10 +30,27 @@ import hashlib
 from typing import Any
 
 import msgpack
-
 from bulkhead.core.gcpause import gc_paused
 
 BUNDLE_FORMAT = 1
+
+
+def _checksum_covers(data: bytes, checksum: Any) -> bool:
+    """Whether `checksum` is the digest of `data` without its checksum entry, read off the bytes.
+
+    pack() writes the content map and then the checksum as its last entry, so the bytes the
+    checksum was computed over are these bytes with the map's count one less and that entry cut
+    off: hashing them verifies without packing the decoded content again (a quarter of a second
+    at 100k rules). Bytes laid out otherwise (another encoder) return False, and unpack checks
+    the slow way: the digest of the decoded content re-packed."""
+    if not isinstance(checksum, str) or len(checksum) != 64 or not data or not 0x81 <= data[0] <= 0x8F:
+        return False
+    tail = b"\xa8checksum\xd9\x40" + checksum.encode()
+    if not data.endswith(tail):
+        return False
+    h = hashlib.sha256(bytes([data[0] - 1]))
+    h.update(memoryview(data)[1:len(data) - len(tail)])
+    return h.hexdigest() == checksum
 
 
 @dataclasses.dataclass
@@ -94,12 +111,12 @@ class Bundle:
             return msgpack.packb(d, use_bin_type=True)
 
     @classmethod
-    def unpack(cls, data: bytes) -> "Bundle":
+    def unpack(cls, data: bytes) -> Bundle:
         with gc_paused():
             return cls._unpack(data)
 
     @classmethod
-    def _unpack(cls, data: bytes) -> "Bundle":
+    def _unpack(cls, data: bytes) -> Bundle:
         d = msgpack.unpackb(data, raw=False, strict_map_key=False)
         if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"unsupported bundle format {d.get('format') if isinstance(d, dict) else '?'}")
@@ -113,13 +130,13 @@ class Bundle:
         b.dst_entries = [tuple(e) for e in b.dst_entries]
         b.policy_entries = [tuple(e) for e in b.policy_entries]
         b.sni_entries = [tuple(e) for e in b.sni_entries]
-        if checksum != cls._digest(d):
+        if not _checksum_covers(data, checksum) and checksum != cls._digest(d):
             raise ValueError("bundle checksum mismatch")
         b.segments = [dict(s, gateway=s.get("gateway")) for s in b.segments]
         b._wire = (bytes(data), checksum)
         return b
 
-    def for_gateway(self, name: str) -> "Bundle":
+    def for_gateway(self, name: str) -> Bundle:
         """What gateway `name` enforces: its segments and their source entries.
 
         Ids are unchanged, so rule and app ids in counters and flow logs mean the
