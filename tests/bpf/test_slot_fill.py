@@ -168,3 +168,18 @@ def test_a_fill_failing_half_way_leaves_the_slot_empty_and_the_old_policy_enforc
     xdp.active = None
     xdp.apply(good)
     assert slot_content(dp, active_slot(dp)) == expected(good)
+
+
+def test_a_policy_that_does_not_fit_is_refused_before_the_slot_is_touched(fresh_writer, monkeypatch):
+    xdp = fresh_writer
+    dp = xdp.dp
+    xdp.apply(big_bundle(500))
+    xdp.apply(BASE)
+    standby = 1 - active_slot(dp)
+    before_cfg, before = bytes(dp.slot_cfg(standby)), slot_content(dp, standby)
+    assert dp.slot_cfg(standby).generation != 0
+    monkeypatch.setitem(dp.sizes, "BH_MAX_POLICY", 100)  # as if the maps were made this small
+    with pytest.raises(DatapathError, match=r"does not fit the maps: .*--map-size policy=N"):
+        dp.apply(big_bundle(500), xdp.ifindex, xdp.generation + 1)
+    assert bytes(dp.slot_cfg(standby)) == before_cfg and slot_content(dp, standby) == before
+    assert dp.slot_content[standby] is not None  # still known: nothing was written
