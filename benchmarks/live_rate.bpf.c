@@ -9,6 +9,8 @@
  *   lr_count  XDP on the receiver's veth: counts per CPU and drops.
  *   lr_pass   a bare XDP_PASS for the gateway ("the ceiling for anything
  *             that passes to the stack").
+ *   lr_fwd    a minimal XDP forwarder for the gateway (FIB + redirect, no
+ *             policy): the ceiling for anything forwarded in XDP.
  *
  * Live-frames pages are recycled without being re-initialised, and the
  * gateway writes into them (TTL, MACs, checksums): every run therefore copies
@@ -93,4 +95,37 @@ int lr_count(struct xdp_md *ctx)
 int lr_pass(struct xdp_md *ctx)
 {
 	return XDP_PASS;
+}
+
+/*
+ * The floor of any XDP forwarder on this setup (as xdp-tools' xdp_fwd): FIB
+ * lookup, new MACs, TTL - 1, bpf_redirect; no policy. IPv4 without options
+ * only; anything else passes.
+ */
+int lr_fwd(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *eth = data;
+	__u8 *ip = eth + 14;
+	struct bpf_fib_lookup fib = {};
+
+	if ((void *)(ip + 20) > data_end || eth[12] != 0x08 || eth[13] != 0x00 || ip[0] != 0x45 || ip[8] <= 1)
+		return XDP_PASS;
+	fib.family = 2; /* AF_INET */
+	fib.tos = ip[1];
+	fib.l4_protocol = ip[9];
+	fib.tot_len = bpf_ntohs(*(__u16 *)(ip + 2));
+	fib.ipv4_src = *(__u32 *)(ip + 12);
+	fib.ipv4_dst = *(__u32 *)(ip + 16);
+	fib.ifindex = ctx->ingress_ifindex;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return XDP_PASS;
+	__u16 *check = (void *)(ip + 10);
+	__u32 c = *check + bpf_htons(0x0100);
+	*check = (__u16)(c + (c >= 0xffff));
+	ip[8]--;
+	__builtin_memcpy(eth, fib.dmac, 6);
+	__builtin_memcpy(eth + 6, fib.smac, 6);
+	return bpf_redirect(fib.ifindex, 0);
 }

@@ -154,7 +154,7 @@ class LiveLab:
                         "ga": in_netns(g, lambda: socket_ifindex("ga")),
                         "gb": in_netns(g, lambda: socket_ifindex("gb"))}
         self.bpf = BPF(src_file=str(BPF_SRC))
-        self.fn = {n: self.bpf.load_func(n, BPF.XDP) for n in ("lr_gen", "lr_count", "lr_pass")}
+        self.fn = {n: self.bpf.load_func(n, BPF.XDP) for n in ("lr_gen", "lr_count", "lr_pass", "lr_fwd")}
         self.attach_xdp("r", "r0", "lr_count")
 
     def close(self) -> None:
@@ -192,7 +192,8 @@ class LiveLab:
 
         def on():
             if self.dp is None:
-                self.dp = loader.Datapath(self.pin).load()
+                defines = tuple(os.environ.get("BH_LIVE_DEFINES", "").split())  # ablations
+                self.dp = loader.Datapath(self.pin, defines=defines).load()
                 self.generation = 0
             for dev in ("ga", "gb"):
                 self.dp.attach_tc(dev)

@@ -16,12 +16,11 @@ import contextlib
 import struct
 
 import pytest
+from bulkhead.datapath import abi
 from pyroute2 import IPRoute
 from scapy.all import IP, TCP, Dot1Q, Ether, IPv6, raw
 
-from bulkhead.datapath import abi
-
-from .conftest import C4, C6, CAT4, DB4, E, EV, GW_MAC, PAY4, PAY6, SEG_PROD, R, X
+from .conftest import C4, C6, CAT4, DB4, EV, GW_MAC, PAY4, PAY6, SEG_PROD, E, R, X
 from .test_xdp_flows import frag4
 
 META = struct.Struct("=III")  # struct bh_meta: magic, mark, flags

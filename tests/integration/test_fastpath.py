@@ -14,8 +14,16 @@ import socket
 from pathlib import Path
 
 import pytest
+from bulkhead.lab.topology import (
+    PAYMENTS_V4,
+    PAYMENTS_V6,
+    PEER_IF,
+    Topology,
+    in_netns,
+    reap_stale,
+)
 
-from bulkhead.lab.topology import PAYMENTS_V4, PAYMENTS_V6, PEER_IF, Topology, in_netns, reap_stale
+pytestmark = [pytest.mark.root, pytest.mark.integration]
 
 XDP_FLAGS_DRV_MODE = 1 << 2
 MESSAGES = 100
