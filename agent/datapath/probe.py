@@ -16,6 +16,8 @@ disable features, so `uname -r` says little; the verifier's answer is the truth.
 | prog_test_run_xdp     | BPF_PROG_TEST_RUN of an XDP_PASS program          | no: tests/bpf only  |
 | native_xdp_veth       | attach XDP in driver mode to a veth pair in a     | no: the agent falls back to generic XDP |
 |                       | throw-away network namespace                      |                    |
+| fib_lookup_tbid       | BPF_PROG_TEST_RUN of XDP calling bpf_fib_lookup   | no: the fast path looks replies up in |
+|                       | with BPF_FIB_LOOKUP_TBID (6.8+): -EINVAL if not   | the main table instead |
 
 A missing *required* feature makes `bulkhead agent run` exit 1 naming it (require()): the
 program could not load, and bulkhead never degrades to allowing everything. A missing
@@ -58,6 +60,8 @@ FEATURES: dict[str, tuple[bool, str]] = {
     "ringbuf": (False, "flow events use a per-CPU perf buffer instead of the BPF ring buffer (kernels < 5.8)"),
     "prog_test_run_xdp": (False, "tests/bpf cannot run packets through the program (BPF_PROG_TEST_RUN); enforcement is unaffected"),
     "native_xdp_veth": (False, "XDP attaches in generic (skb) mode on veth: same verdicts, more cost per packet"),
+    "fib_lookup_tbid": (False, ("the XDP fast path looks a reply up in the main table and redirects it only if that "
+                                "route leaves by the client's segment; else the stack routes it (fwd_other_segment)")),
 }
 REQUIRED = tuple(name for name, (req, _) in FEATURES.items() if req)
 
@@ -236,6 +240,37 @@ def socket_ifindex(name: str) -> int:
     return socket.if_nametoindex(name)
 
 
+HELPER_FIB_LOOKUP = 69
+FIB_LOOKUP_DIRECT_TBID = (1 << 0) | (1 << 3)
+
+
+def probe_fib_lookup_tbid() -> bool | str:
+    """bpf_fib_lookup(ctx, params, 64, DIRECT | TBID) on lo: a kernel without the flag answers
+    -EINVAL before looking at anything; one with it answers a BPF_FIB_LKUP_RET_* (>= 0; table 0
+    does not exist: NOT_FWDED). The program returns XDP_PASS for >= 0, XDP_DROP for < 0."""
+    stdw = lambda off: insn(0x7A, dst=10, off=off, imm=0)  # *(u64 *)(r10 + off) = 0
+    prog = (insn(0xBF, dst=6, src=1)                          # r6 = ctx
+            + b"".join(stdw(-64 + 8 * i) for i in range(8))  # struct bpf_fib_lookup, zeroed
+            + insn(0x72, dst=10, off=-64, imm=2)              # family = AF_INET
+            + insn(0x62, dst=10, off=-56, imm=1)              # ifindex = 1 (lo)
+            + insn(0xBF, dst=1, src=6) + insn(0xBF, dst=2, src=10) + insn(0x07, dst=2, imm=-64)
+            + mov64_imm(3, 64) + mov64_imm(4, FIB_LOOKUP_DIRECT_TBID) + call(HELPER_FIB_LOOKUP)
+            + insn(0xC5, dst=0, off=2, imm=0)                 # if r0 s< 0 goto drop
+            + mov64_imm(0, XDP_PASS) + exit_()
+            + mov64_imm(0, 1) + exit_())                      # drop: XDP_DROP
+    try:
+        fd = load_xdp(prog)
+    except OSError as e:
+        return f"the verifier refused bpf_fib_lookup: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
+    try:
+        res = libbpf.prog_test_run_xdp(fd, b"\x02" * 12 + b"\x08\x00" + b"\0" * 50)
+    except OSError as e:
+        return f"BPF_PROG_TEST_RUN failed: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
+    finally:
+        os.close(fd)
+    return True if res.retval == XDP_PASS else "bpf_fib_lookup refused BPF_FIB_LOOKUP_TBID (kernel < 6.8)"
+
+
 PROBES = {
     "lru_hash": lambda: probe_map_type(MAP_LRU_HASH),
     # LPM keys start with a u32 prefix length; LPM tries must not preallocate.
@@ -248,6 +283,7 @@ PROBES = {
     "ringbuf": lambda: _probe_ringbuf(),
     "prog_test_run_xdp": probe_test_run,
     "native_xdp_veth": probe_native_xdp_veth,
+    "fib_lookup_tbid": probe_fib_lookup_tbid,
 }
 assert PROBES.keys() == FEATURES.keys()
 

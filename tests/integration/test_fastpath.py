@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from bulkhead.datapath import probe
 from bulkhead.lab.topology import (
     PAYMENTS_V4,
     PAYMENTS_V6,
@@ -122,12 +123,18 @@ def test_allowed_flow_is_forwarded_in_xdp_both_ways(allowed, complete_checksums,
     ev0, fwd0 = events(allowed), stack(allowed)
     ping_pong(allowed, client, addr)
     ev1, fwd1 = events(allowed), stack(allowed)
-    redirected = ev1["fwd_redirect"] - ev0["fwd_redirect"]
+    d = {k: ev1[k] - ev0[k] for k in ev1 if k.startswith("fwd_")}
+    if client == "dev" and probe.probe_fib_lookup_tbid() is not True:
+        # No per-table FIB lookup in XDP (kernel < 6.8): the main table's route to 198.18.1.10
+        # leaves by bh-prod, so dev's replies go to the stack, marked, and its ip rule routes
+        # them by dev's table; the requests are still redirected.
+        assert d["fwd_redirect"] >= MESSAGES and d["fwd_other_segment"] >= MESSAGES, d
+        return
     # Each round trip is a segment each way: both directions went by redirect...
-    assert redirected >= 2 * MESSAGES, {k: ev1[k] - ev0[k] for k in ev1 if k.startswith("fwd_")}
+    assert d["fwd_redirect"] >= 2 * MESSAGES, d
     # ...and the stack forwarded only the handshake's first packets, before the gateway had
     # resolved the neighbours (fwd_no_neigh), if even those.
-    assert fwd1 - fwd0 <= ev1["fwd_no_neigh"] - ev0["fwd_no_neigh"] + 4, (fwd0, fwd1)
+    assert fwd1 - fwd0 <= d["fwd_no_neigh"] + 4, (fwd0, fwd1)
 
 
 def test_checksums_left_to_offload_go_through_the_stack(allowed):
