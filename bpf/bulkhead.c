@@ -1553,7 +1553,7 @@ int bulkhead_reset_onward(struct xdp_md *ctx)
  * Where the kernel would send the packet. Replies leave by their client's
  * segment (out_seg), whose table the plumbing keeps (ip rule on its mark):
  * looked up in that table directly where the kernel can
- * (BPF_FIB_LOOKUP_TBID, 6.8+). Older kernels reject the flag (-EINVAL) and
+ * (BPF_FIB_LOOKUP_TBID, upstream 6.8+). Kernels without it reject the flag (-EINVAL) and
  * get the main table's answer, taken only if it leaves by that same
  * segment: the segment's table holds the main table's routes via the
  * segment's interfaces, so the two then agree; else the stack routes it, by

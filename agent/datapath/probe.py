@@ -17,7 +17,8 @@ disable features, so `uname -r` says little; the verifier's answer is the truth.
 | native_xdp_veth       | attach XDP in driver mode to a veth pair in a     | no: the agent falls back to generic XDP |
 |                       | throw-away network namespace                      |                    |
 | fib_lookup_tbid       | BPF_PROG_TEST_RUN of XDP calling bpf_fib_lookup   | no: the fast path looks replies up in |
-|                       | with BPF_FIB_LOOKUP_TBID (6.8+): -EINVAL if not   | the main table instead |
+|                       | with BPF_FIB_LOOKUP_TBID (6.8+, and backports):   | the main table instead |
+|                       | -EINVAL if the kernel lacks it                    |                    |
 
 A missing *required* feature makes `bulkhead agent run` exit 1 naming it (require()): the
 program could not load, and bulkhead never degrades to allowing everything. A missing
@@ -268,7 +269,7 @@ def probe_fib_lookup_tbid() -> bool | str:
         return f"BPF_PROG_TEST_RUN failed: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
     finally:
         os.close(fd)
-    return True if res.retval == XDP_PASS else "bpf_fib_lookup refused BPF_FIB_LOOKUP_TBID (kernel < 6.8)"
+    return True if res.retval == XDP_PASS else "bpf_fib_lookup refused BPF_FIB_LOOKUP_TBID (upstream kernels before 6.8)"
 
 
 PROBES = {

@@ -18,13 +18,13 @@
 
 /*
  * bpf_fib_lookup flags and fields newer than some kernels' headers. The
- * kernel rejects a flag it does not know with -EINVAL (6.1 knows DIRECT and
+ * kernel rejects a flag it does not know with -EINVAL (upstream 6.1 knows DIRECT and
  * OUTPUT only), which is how bh_forward learns to fall back.
  */
 #ifndef BPF_FIB_LOOKUP_DIRECT
 #define BPF_FIB_LOOKUP_DIRECT (1U << 0)
 #endif
-#define BH_FIB_TBID (1U << 3) /* BPF_FIB_LOOKUP_TBID, kernel 6.8+: look up in the table named by fib.tbid */
+#define BH_FIB_TBID (1U << 3) /* BPF_FIB_LOOKUP_TBID, upstream 6.8+ (Debian's 6.1.0-57 too): look up in the table named by fib.tbid */
 
 #define BH_ETH_HLEN 14
 #define BH_IPV4_MIN_HLEN 20

@@ -125,7 +125,7 @@ def test_allowed_flow_is_forwarded_in_xdp_both_ways(allowed, complete_checksums,
     ev1, fwd1 = events(allowed), stack(allowed)
     d = {k: ev1[k] - ev0[k] for k in ev1 if k.startswith("fwd_")}
     if client == "dev" and probe.probe_fib_lookup_tbid() is not True:
-        # No per-table FIB lookup in XDP (kernel < 6.8): the main table's route to 198.18.1.10
+        # No per-table FIB lookup in XDP (upstream kernels before 6.8): the main table's route to 198.18.1.10
         # leaves by bh-prod, so dev's replies go to the stack, marked, and its ip rule routes
         # them by dev's table; the requests are still redirected.
         assert d["fwd_redirect"] >= MESSAGES and d["fwd_other_segment"] >= MESSAGES, d
