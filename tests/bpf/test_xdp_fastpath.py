@@ -9,24 +9,53 @@ Routes and neighbours are added to the session namespace for each test and remov
     lo    catalog's address (CAT4): local, as if the gateway served it
     table 0x0b000001 (prod's segment table, as the plumbing keeps it): 198.18.1.0/24 via prod,
           client C4 a static neighbour on prod
+    table 0x0b000002 (dev's): 198.18.1.0/24 via dev, C4 a static neighbour on dev too (dev's
+          client has prod's address; the main table's connected route says prod)
+
+A second build (BH_FIB_TBID set to an unknown bit) runs the fallback for kernels without
+BPF_FIB_LOOKUP_TBID: the main table, taken only where it leaves by the client's segment.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 
 import pytest
-from bulkhead.datapath import abi
+from bulkhead.datapath import abi, loader
 from pyroute2 import IPRoute
 from scapy.all import IP, TCP, Dot1Q, Ether, IPv6, raw
 
-from .conftest import C4, C6, CAT4, DB4, EV, GW_MAC, PAY4, PAY6, SEG_PROD, E, R, X
+from .conftest import (
+    APP_LAPTOPS,
+    APP_PAY,
+    BASE_POLICY,
+    C4,
+    C6,
+    CAT4,
+    DB4,
+    EV,
+    GW_MAC,
+    PAY4,
+    PAY6,
+    SEG_DEV,
+    SEG_PROD,
+    A,
+    E,
+    R,
+    X,
+    Xdp,
+    base_bundle,
+    pol,
+)
+from .conftest import TCP as P_TCP
 from .test_xdp_flows import frag4
 
 META = struct.Struct("=III")  # struct bh_meta: magic, mark, flags
-PAY_MAC, CLIENT_NEIGH_MAC = "02:00:00:00:00:10", "02:00:00:00:00:11"
+PAY_MAC, CLIENT_NEIGH_MAC, DEV_NEIGH_MAC = "02:00:00:00:00:10", "02:00:00:00:00:11", "02:00:00:00:00:12"
 NUD_PERMANENT = 0x80
 PROD_TABLE = abi.MARK_SEG | SEG_PROD
+DEV_TABLE = abi.MARK_SEG | SEG_DEV
 FWD_EVENTS = {e for e in EV if e.name.startswith("FWD_")}
 
 
@@ -39,9 +68,9 @@ def set_redirect(xdp, ifname: str, ok: bool) -> None:
     xdp.dp.set_reject_path(xdp.ifindex[ifname], abi.RejectPath.XDP_TX, redirect_ok=ok)
 
 
-@pytest.fixture
-def routed(xdp):
-    """The session namespace with the routes and neighbours above, core and prod redirect targets."""
+@contextlib.contextmanager
+def routes(xdp):
+    """The session namespace with the routes and neighbours above, core, prod and dev redirect targets."""
     idx = xdp.ifindex
     with IPRoute() as ipr, contextlib.ExitStack() as undo:
         def add(kind, cmd_del, **kw):
@@ -55,10 +84,40 @@ def routed(xdp):
         add("neigh", "del", dst=PAY6, lladdr=PAY_MAC, ifindex=idx["core"], state=NUD_PERMANENT)
         add("neigh", "del", dst=C4, lladdr=CLIENT_NEIGH_MAC, ifindex=idx["prod"], state=NUD_PERMANENT)
         add("route", "del", dst="198.18.1.0/24", oif=idx["prod"], table=PROD_TABLE)
-        for name in ("core", "prod"):
+        # dev's client has prod's address: the main table's connected route says prod, dev's table dev.
+        add("neigh", "del", dst=C4, lladdr=DEV_NEIGH_MAC, ifindex=idx["dev"], state=NUD_PERMANENT)
+        add("route", "del", dst="198.18.1.0/24", oif=idx["dev"], table=DEV_TABLE)
+        for name in ("core", "prod", "dev"):
             set_redirect(xdp, name, True)
             undo.callback(set_redirect, xdp, name, False)
         yield xdp
+
+
+@pytest.fixture
+def routed(xdp):
+    with routes(xdp) as x:
+        yield x
+
+
+@pytest.fixture(scope="module")
+def no_tbid_session(xdp_session):
+    """The program built with an unknown bit as BPF_FIB_LOOKUP_TBID: every table lookup is refused
+    (-EINVAL), as on a kernel without the flag, so the fallback runs on this one."""
+    pin = loader.PIN_ROOT / f"test-bpf-notbid-{os.getpid()}"
+    with contextlib.ExitStack() as stack:
+        loader.remove_pins(pin)
+        stack.callback(loader.remove_pins, pin)
+        dp = loader.Datapath(pin, defines=("BH_FIB_TBID=(1U<<30)",))
+        stack.callback(lambda: dp.bpf and dp.bpf.cleanup())
+        dp.load()
+        yield Xdp(dp, xdp_session.ifindex, xdp_session.ns_fd, xdp_session.orig_ns_fd)
+
+
+@pytest.fixture
+def routed_no_tbid(no_tbid_session):
+    no_tbid_session.reset()
+    with no_tbid_session.inside(), routes(no_tbid_session) as x:
+        yield x
 
 
 def fwd_events(v) -> dict:
@@ -105,13 +164,37 @@ def test_established_flow_is_redirected_v6(routed):
     redirected(routed.expect(ack, "prod", X.REDIRECT, R.ALLOW_RULE), ack, "core", PAY_MAC)
 
 
+DEV_PAY = pol(APP_LAPTOPS, APP_PAY, P_TCP, 8443, A.ALLOW, 99)
+
+
+def dev_flow(x, sport: int):
+    """laptops (dev, 198.18.1.5 like prod's web) -> payments tcp/8443, allowed for the test; its SYN-ACK."""
+    x.apply(base_bundle(policy=BASE_POLICY + [DEV_PAY]))
+    x.expect(E / IP(src=C4, dst=PAY4) / TCP(sport=sport, dport=8443, flags="S"), "dev", X.REDIRECT, R.ALLOW_RULE)
+    return Ether(src=PAY_MAC, dst=GW_MAC) / IP(src=PAY4, dst=C4, ttl=64) / TCP(sport=8443, dport=sport, flags="SA")
+
+
 def test_reply_leaves_by_the_client_segments_table(routed):
-    """The reply is looked up in prod's table (the main table has no route to 198.18.1.0/24 via
-    prod here), so it can only have been found there."""
-    routed.expect(E / IP(src=C4, dst=PAY4) / TCP(sport=40001, dport=443, flags="S"), "prod",
-                  X.REDIRECT, R.ALLOW_RULE)
-    synack = Ether(src=PAY_MAC, dst=GW_MAC) / IP(src=PAY4, dst=C4, ttl=64) / TCP(sport=443, dport=40001, flags="SA")
-    redirected(routed.expect(synack, "core", X.REDIRECT, R.ALLOW_REPLY), synack, "prod", CLIENT_NEIGH_MAC)
+    """dev's client shares prod's address: the main table would send the reply out of prod, dev's
+    table out of dev. It leaves by dev, to dev's neighbour: looked up in dev's table."""
+    synack = dev_flow(routed, 40001)
+    redirected(routed.expect(synack, "core", X.REDIRECT, R.ALLOW_REPLY), synack, "dev", DEV_NEIGH_MAC)
+
+
+def test_without_table_lookups_a_reply_via_the_main_table_is_redirected(routed_no_tbid):
+    """Kernel without BPF_FIB_LOOKUP_TBID: the main table's answer is taken where it leaves by the
+    client's segment (prod's reply: prod)."""
+    x = routed_no_tbid
+    x.expect(E / IP(src=C4, dst=PAY4) / TCP(sport=40011, dport=443, flags="S"), "prod", X.REDIRECT, R.ALLOW_RULE)
+    synack = Ether(src=PAY_MAC, dst=GW_MAC) / IP(src=PAY4, dst=C4, ttl=64) / TCP(sport=443, dport=40011, flags="SA")
+    redirected(x.expect(synack, "core", X.REDIRECT, R.ALLOW_REPLY), synack, "prod", CLIENT_NEIGH_MAC)
+
+
+def test_without_table_lookups_a_reply_for_another_segment_goes_to_the_stack(routed_no_tbid):
+    """...and not where it leaves by another: dev's reply (main says prod) goes up marked with dev's
+    segment, for the ip rule to route by dev's table."""
+    synack = dev_flow(routed_no_tbid, 40012)
+    marked(routed_no_tbid.expect(synack, "core", X.PASS, R.ALLOW_REPLY), synack, SEG_DEV, "FWD_OTHER_SEGMENT")
 
 
 def _ids_for_checksum_carry() -> list[int]:
