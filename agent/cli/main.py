@@ -111,15 +111,21 @@ def policy_apply(files: tuple[str, ...], state_dir: str, as_json: bool) -> None:
         sys.exit(2)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
-    reply = _agent_request(state_dir, "apply", bundle=bundle.pack(), timeout=300)
+    _report_apply(_agent_request(state_dir, "apply", bundle=bundle.pack(), timeout=300), as_json, "apply")
+
+
+def _report_apply(reply: dict, as_json: bool, what: str) -> None:
+    """An apply's or reload's answer: the new generation, or why not and which one stays (exit 1/2)."""
     if as_json:
         click.echo(json.dumps(reply))
     if not reply.get("ok"):
         if not as_json:
-            click.echo(f"bulkhead: apply failed: {reply.get('error')}", err=True)
+            click.echo(f"bulkhead: {what} failed: {reply.get('error')}", err=True)
             click.echo(f"bulkhead: generation {reply.get('generation', '?')} stays in force", err=True)
         sys.exit(int(reply.get("code", 1)))
     if not as_json:
+        for w in reply.get("warnings") or ():
+            click.echo(f"warning: {w}", err=True)
         click.echo(f"generation {reply['generation']}")
 
 
@@ -135,18 +141,7 @@ def reload(state_dir: str, as_json: bool) -> None:
     (`systemctl reload bulkhead`); SIGHUP to the agent does the same, reported
     only in its log.
     """
-    reply = _agent_request(state_dir, "reload", timeout=300)
-    if as_json:
-        click.echo(json.dumps(reply))
-    if not reply.get("ok"):
-        if not as_json:
-            click.echo(f"bulkhead: reload failed: {reply.get('error')}", err=True)
-            click.echo(f"bulkhead: generation {reply.get('generation', '?')} stays in force", err=True)
-        sys.exit(int(reply.get("code", 1)))
-    if not as_json:
-        for w in reply.get("warnings") or ():
-            click.echo(f"warning: {w}", err=True)
-        click.echo(f"generation {reply['generation']}")
+    _report_apply(_agent_request(state_dir, "reload", timeout=300), as_json, "reload")
 
 
 # --map-size NAME -> the consts.h knob it sets (abi.DEFAULT_SIZES)

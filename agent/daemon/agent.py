@@ -258,7 +258,9 @@ class Agent:
             seg_of = {i: s["name"] for s in bundle.segments for i in s["interfaces"]}
             newly = []  # attached by this attempt: a failure takes them off again
             # Enforced before this agent (a restart adopting pins): a failed first apply leaves them on.
-            before = {n for n, pid in xdp_prog_ids().items() if n not in self.interfaces and self._is_ours(n, pid)}
+            before = set()
+            if any(n not in self.interfaces for n in ifindexes):  # one netlink dump, only when attaching
+                before = {n for n, pid in xdp_prog_ids().items() if n not in self.interfaces and self._is_ours(n, pid)}
             try:
                 for ifname in ifindexes:
                     new = ifname not in self.interfaces or self.interfaces[ifname]["ifindex"] != ifindexes[ifname]

@@ -187,17 +187,24 @@ def probe_batch_ops() -> bool | str:
     return True
 
 
+def _test_run_once(fd: int):
+    """One BPF_PROG_TEST_RUN of an IPv4 frame through `fd` (closed here): the result, or why not."""
+    try:
+        return libbpf.prog_test_run_xdp(fd, b"\x02" * 12 + b"\x08\x00" + b"\0" * 50)
+    except OSError as e:
+        return f"BPF_PROG_TEST_RUN failed: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
+    finally:
+        os.close(fd)
+
+
 def probe_test_run() -> bool | str:
     try:
         fd = load_xdp(XDP_PASS_PROG)
     except OSError as e:
         return f"could not load an XDP program: {e.strerror}"
-    try:
-        res = libbpf.prog_test_run_xdp(fd, b"\x02" * 12 + b"\x08\x00" + b"\0" * 50)
-    except OSError as e:
-        return f"BPF_PROG_TEST_RUN failed: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
-    finally:
-        os.close(fd)
+    res = _test_run_once(fd)
+    if isinstance(res, str):
+        return res
     if res.retval != XDP_PASS:
         return f"BPF_PROG_TEST_RUN returned {res.retval}, not XDP_PASS"
     return True
@@ -263,12 +270,9 @@ def probe_fib_lookup_tbid() -> bool | str:
         fd = load_xdp(prog)
     except OSError as e:
         return f"the verifier refused bpf_fib_lookup: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
-    try:
-        res = libbpf.prog_test_run_xdp(fd, b"\x02" * 12 + b"\x08\x00" + b"\0" * 50)
-    except OSError as e:
-        return f"BPF_PROG_TEST_RUN failed: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})"
-    finally:
-        os.close(fd)
+    res = _test_run_once(fd)
+    if isinstance(res, str):
+        return res
     return True if res.retval == XDP_PASS else "bpf_fib_lookup refused BPF_FIB_LOOKUP_TBID (upstream kernels before 6.8)"
 
 
