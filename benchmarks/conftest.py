@@ -129,3 +129,16 @@ def pytest_sessionfinish(session, exitstatus):
     RESULTS_FILE.write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
     print(f"\n(written to {RESULTS_FILE})")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The one table of the run (benchmarks/summary.py), printed last."""
+    from . import summary
+
+    lines = summary.write(summary.machine())
+    if lines:
+        terminalreporter.write_sep("=", "bulkhead benchmarks: figures against their goals")
+        for line in lines:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(f"(written to {summary.SUMMARY_MD})")
