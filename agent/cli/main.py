@@ -103,8 +103,12 @@ def policy_apply(files: tuple[str, ...], state_dir: str, as_json: bool) -> None:
     """
     from bulkhead.policy import PolicyError, load_policy
 
+    try:  # published apps keep the service addresses the running policy gave them
+        previous_vips = wire.request(state_dir, "vips").get("vips")
+    except (wire.ControlError, OSError, ConnectionError):
+        previous_vips = None  # no agent: the apply below says so
     try:
-        bundle, warnings = load_policy(list(files))
+        bundle, warnings = load_policy(list(files), previous_vips=previous_vips)
     except PolicyError as e:
         click.echo(str(e))
         click.echo("bulkhead: policy not applied; the running policy stays in force", err=True)

@@ -79,6 +79,7 @@ class Agent:
         self.started = time.time()
         self.stop_event = threading.Event()
         self.verifier = None  # bulkhead.verifier.supervisor.Supervisor
+        self.dns = None  # bulkhead.fabric.dns.DnsServer, once a policy has `fabric:`
         self.l7 = L7Records()
         self.follower = None  # bulkhead.fleet.follower.Follower when the fleet supplies the policy
         self._previous_progs: dict[str, int | None] = {}  # ifname -> XDP program id the previous agent attached
@@ -159,6 +160,8 @@ class Agent:
     def stop(self) -> None:
         """Agent exit: stop the verifier; L7 flows are dropped (counted) until the next agent."""
         self.flowlog.stop()
+        if self.dns is not None:
+            self.dns.stop()
         if self.verifier:
             self.verifier.stop()
 
@@ -286,9 +289,18 @@ class Agent:
                         raise
                     except Exception as e:  # down: apply anyway, L7 flows fail closed until it is back
                         log.error("L7 verifier unavailable (%s): L7 flows are dropped until it is back", e)
+                # The gateway's DNS listeners open before the switch: a missing address fails here.
+                if bundle.fabric and self.dns is None:
+                    from bulkhead.fabric.dns import DnsServer
+
+                    self.dns = DnsServer()
+                if self.dns is not None:
+                    self.dns.prepare(bundle, set(ifindexes))
                 result = self.dp.apply(bundle, ifindexes, generation)
             except Exception:
                 # The old slot is still active: put back what this attempt changed.
+                if self.dns is not None:
+                    self.dns.abort()
                 if self.verifier:
                     self.verifier.abort()
                 for ifname in newly:
@@ -301,6 +313,8 @@ class Agent:
                     except Exception as e:
                         log.error("restoring the previous gateway plumbing failed: %s", e)
                 raise
+            if self.dns is not None:
+                self.dns.commit()
             if self.verifier:
                 try:
                     self.verifier.commit(generation)
@@ -351,7 +365,8 @@ class Agent:
         notify(RELOADING=1, STATUS="re-reading " + " ".join(self.policy_paths))
         try:
             try:
-                bundle, warnings = load_policy(self.policy_paths)
+                bundle, warnings = load_policy(self.policy_paths,
+                                               previous_vips=self.bundle.vips if self.bundle else None)
             except PolicyError as e:
                 log.error("reload: %s: generation %d stays in force", e, self.dp.active_generation())
                 return {"ok": False, "code": 2, "error": str(e), "generation": self.dp.active_generation()}
@@ -396,6 +411,7 @@ class Agent:
             "flow_log": self.flow_log_status(),
             "latency": self._safe(self.latency_summary, []),
             "fleet": self.follower.status() if self.follower else None,
+            "dns": self.dns.status() if self.dns else None,
         }
 
     @staticmethod
@@ -485,6 +501,8 @@ class Agent:
                                     app=req.get("app") or None, verdict=verdict, rule=req.get("rule") or None)
         if op == "latency":
             return {"ok": True, "latency": self.latency_summary()}
+        if op == "vips":  # `policy apply` keeps published apps' service addresses where they are
+            return {"ok": True, "vips": self.bundle.vips if self.bundle else {}}
         if op == "requests":
             seq, recs = self.l7.since(int(req.get("after", 0)), int(req.get("limit", 1000)))
             return {"ok": True, "seq": seq, "requests": recs}

@@ -25,14 +25,15 @@ from bulkhead.policy.validate import validate_files
 __all__ = ["Bundle", "Diag", "Policy", "PolicyError", "compile_policy", "load_policy", "validate_files"]
 
 
-def load_policy(paths: list[str]) -> tuple[Bundle, list[str]]:
+def load_policy(paths: list[str], previous_vips: dict | None = None) -> tuple[Bundle, list[str]]:
     """Validate and compile the policy made of `paths`.
 
     Several files are merged: their gateways, segments, apps and rules lists are
     concatenated in the order given (ids follow that order); version and
     settings may appear in at most one of them. Returns the bundle and its
     warnings (non-fatal messages), which
-    are also in bundle.warnings.
+    are also in bundle.warnings. `previous_vips` (the running bundle's `vips`) keeps published
+    apps' service addresses where they were.
     Raises PolicyError carrying every problem found.
     """
     if isinstance(paths, str):
@@ -41,5 +42,5 @@ def load_policy(paths: list[str]) -> tuple[Bundle, list[str]]:
         raise PolicyError([Diag("<none>", 1, "no policy file given")])
     with gc_paused():  # millions of small objects, no cycles: see bulkhead.core.gcpause
         policy = validate_files(list(paths))
-        bundle = compile_policy(policy)
+        bundle = compile_policy(policy, previous_vips)
     return bundle, list(bundle.warnings)

@@ -33,6 +33,8 @@ import msgpack
 from bulkhead.core.gcpause import gc_paused
 
 BUNDLE_FORMAT = 1
+# dst app id of the gateways' own DNS addresses (segments' `dns:`): not an app of the policy
+APP_GATEWAY = 0xFFFFFFFE
 
 
 def _checksum_covers(data: bytes, checksum: Any) -> bool:
@@ -72,13 +74,18 @@ class Bundle:
     format: int = BUNDLE_FORMAT
     # The policy's `gateways:` names; empty = one gateway, no fleet (then not packed at all).
     gateways: list[str] = dataclasses.field(default_factory=list)
+    # `fabric:` settings (service_addresses, upstream_dns, dns_ttl) and the service addresses of
+    # published apps (app name -> [addresses]); empty = no fabric (then not packed at all)
+    fabric: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vips: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def _content(self) -> dict[str, Any]:
         # Built by hand: dataclasses.asdict deep-copies every entry (slow at 100k rules).
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         # Fleet fields only when used: a bundle from before gateways keeps its bytes and checksum.
-        if not self.gateways:
-            del d["gateways"]
+        for key in ("gateways", "fabric", "vips"):
+            if not d[key]:
+                del d[key]
         d["segments"] = [s if s.get("gateway") is not None else {k: v for k, v in s.items() if k != "gateway"}
                          for s in self.segments]
         # Entries stay tuples: msgpack packs a tuple exactly as the list it unpacks to, so the
@@ -153,7 +160,10 @@ class Bundle:
                                    src_entries=[e for e in self.src_entries if e[0] in ids])
 
     def app_names(self) -> dict[int, str]:
-        return {a["id"]: a["name"] for a in self.apps}
+        names = {a["id"]: a["name"] for a in self.apps}
+        if self.fabric:
+            names[APP_GATEWAY] = "(gateway dns)"
+        return names
 
     def rule_names(self) -> dict[int, str]:
         return {r["id"]: r["name"] for r in self.rules}

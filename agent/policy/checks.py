@@ -30,9 +30,11 @@ class CrossChecks:
         self.check_segment_overlaps()
         self.check_rules()
         self.check_destination_overlaps()
+        self.check_fabric()
         self.collect_warnings()
         return Policy(self.settings, list(self.segments.values()), list(self.apps.values()),
-                      list(self.rules.values()), paths, gateways=list(self.gateways.values()))
+                      list(self.rules.values()), paths, gateways=list(self.gateways.values()),
+                      fabric=self.fabric)
 
     def undefined(self, kind: str, ref: str, registry: dict) -> str:
         return f"{kind} {ref!r} is not defined{suggest(ref, registry)}"

@@ -34,7 +34,8 @@ from bulkhead.datapath.abi import (
 )
 from bulkhead.policy import ports as portlib
 from bulkhead.policy import sni as snilib
-from bulkhead.policy.bundle import Bundle
+from bulkhead.policy import vips as viplib
+from bulkhead.policy.bundle import APP_GATEWAY, Bundle
 from bulkhead.policy.model import App, Policy, Rule
 
 # Precedence ranks: higher wins; equal ranks go to the earlier rule.
@@ -84,8 +85,10 @@ def l4_verdict(rule: Rule, rule_id: int, dst: App, settings_mode: str) -> Verdic
     return rule_verdict(rule, rule_id, dst, settings_mode)
 
 
-def compile_policy(policy: Policy) -> Bundle:
-    """Assign ids in file order and emit every map entry."""
+def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bundle:
+    """Assign ids in file order and emit every map entry.
+
+    `previous_vips` is the running bundle's `vips`: published apps keep their service addresses."""
     seg_ids = {s.name: i for i, s in enumerate(policy.segments, 1)}
     app_ids = {a.name: i for i, a in enumerate(policy.apps, 1)}
     apps = {a.name: a for a in policy.apps}
@@ -129,10 +132,22 @@ def compile_policy(policy: Policy) -> Bundle:
     for (src_id, dst_key), group in sorted(named.items()):
         sni_entries += sni_group_entries(src_id, dst_key, group, app_ids, policy.settings.mode)
 
+    fabric, vips = {}, {}
+    if policy.fabric is not None:
+        fab = policy.fabric
+        fabric = {"service_addresses": [str(p) for p in fab.service_addresses],
+                  "upstream_dns": [str(a) for a in fab.upstream_dns], "dns_ttl": fab.dns_ttl}
+        pools = {p.version for p in fab.service_addresses}
+        vips = viplib.allocate(((a.name, {x.network.version for x in a.addresses} & pools)
+                                for a in policy.apps if a.publish), fab.service_addresses, previous_vips)
+        dst_entries += dns_dst_entries(policy, seg_ids)
+        policy_entries += dns_policy_entries(policy, seg_ids, app_ids)
+
     return Bundle(
         settings=policy.settings.as_dict(),
         segments=[{"id": seg_ids[s.name], "name": s.name, "interfaces": list(s.interfaces),
-                   "gateway": s.gateway if policy.gateways else None}
+                   "gateway": s.gateway if policy.gateways else None,
+                   **({"dns": [str(a) for a in s.dns]} if s.dns else {})}
                   for s in policy.segments],
         apps=[{"id": app_ids[a.name], "name": a.name, "segment": a.segment,
                "addresses": [str(x) for x in a.addresses],
@@ -140,7 +155,8 @@ def compile_policy(policy: Policy) -> Bundle:
                "hostnames": list(a.hostnames),
                # L7 verifier: TLS termination material (file paths, never contents)
                "tls": ({k: v for k, v in vars(a.tls).items() if k in ("cert", "key", "ca") and v}
-                       if a.tls else None)}
+                       if a.tls else None),
+               **({"dns_names": list(a.dns_names)} if a.publish else {})}
               for a in policy.apps],
         rules=[{"id": i, "name": r.name, "from": r.src, "to": r.dst, "action": r.action,
                 "mode": r.mode, "ports": [str(p) for p in r.ports or []], "l7": r.l7,
@@ -153,7 +169,38 @@ def compile_policy(policy: Policy) -> Bundle:
         source=list(policy.sources),
         warnings=list(policy.warnings),
         gateways=[g.name for g in policy.gateways],
+        fabric=fabric,
+        vips=vips,
     )
+
+
+def _addr16(a) -> bytes:
+    """An address in the 16-byte space of the maps (IPv4 IPv4-mapped, as model.Address)."""
+    return a.packed if a.version == 6 else b"\x00" * 10 + b"\xff\xff" + a.packed
+
+
+def dns_dst_entries(policy: Policy, seg_ids: dict[str, int]) -> list[tuple]:
+    """The gateways' DNS addresses as one destination (APP_GATEWAY), so queries pass XDP."""
+    out, seen = [], set()
+    for s in policy.segments:
+        for a in s.dns:
+            key = _addr16(a)
+            if key not in seen:
+                seen.add(key)
+                out.append((key, 128, APP_GATEWAY, seg_ids[s.name]))
+    return out
+
+
+def dns_policy_entries(policy: Policy, seg_ids: dict[str, int], app_ids: dict[str, int]) -> list[tuple]:
+    """Every app of a segment with `dns:` may query it: udp/53 and tcp/53 to APP_GATEWAY, rule 0."""
+    with_dns = {s.name for s in policy.segments if s.dns}
+    out = []
+    for app in policy.apps:
+        if app.segment in with_dns and app.addresses:
+            for proto in (6, 17):
+                out.append((POLICY_PLEN_PORT_BASE + 16, app_ids[app.name], APP_GATEWAY, proto, 53,
+                            int(Action.ALLOW), 0, 0))
+    return out
 
 
 # Ports of a hostname rule are expanded one by one into the name table; a

@@ -138,6 +138,8 @@ class Segment:
     loc: Loc
     gateway: Optional[str] = None  # `gateway:` as written; None when absent or malformed
     gateway_loc: Optional[Loc] = None  # where `gateway:` was written, None when absent
+    dns: list[Any] = dataclasses.field(default_factory=list)  # ip_address objects: the gateway's DNS here
+    dns_loc: Optional[Loc] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +195,19 @@ class App:
     loc: Loc
     segment_loc: Loc
     ports_loc: Loc
+    publish: bool = False  # its DNS names resolve to service addresses through the gateways' DNS
+    publish_loc: Optional[Loc] = None
+    dns_names: list[str] = dataclasses.field(default_factory=list)  # what DNS answers for (published apps)
+
+
+@dataclasses.dataclass
+class Fabric:
+    """`fabric:`: service-address pools (VIPs) and the gateways' DNS (docs/fabric.md)."""
+
+    service_addresses: list[Any]  # ip_network objects, in file order
+    upstream_dns: list[Any]  # ip_address objects; empty = names outside the fabric get REFUSED
+    dns_ttl: int
+    loc: Loc
 
 
 @dataclasses.dataclass
@@ -224,3 +239,4 @@ class Policy:
     sources: list[str]
     warnings: list[str] = dataclasses.field(default_factory=list)
     gateways: list[Gateway] = dataclasses.field(default_factory=list)  # empty: a single gateway, no fleet
+    fabric: Optional[Fabric] = None  # `fabric:`; None = no DNS, no service addresses

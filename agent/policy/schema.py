@@ -8,15 +8,19 @@ import re
 
 POLICY_VERSION = 1
 
-TOP_KEYS = ("version", "settings", "gateways", "segments", "apps", "rules")
+TOP_KEYS = ("version", "settings", "gateways", "fabric", "segments", "apps", "rules")
 SETTINGS_KEYS = ("default_action", "mode", "unknown_sni", "http")
 HTTP_SETTINGS_KEYS = ("via", "x_forwarded_for", "max_header_bytes", "header_timeout", "idle_timeout")
 MAX_HEADER_BYTES = (1024, 1048576)
 TIMEOUT_MAX = {"header_timeout": 3600, "idle_timeout": 86400}
 GATEWAY_KEYS = ("name",)
-SEGMENT_KEYS = ("name", "interfaces", "gateway")
-APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls")
+SEGMENT_KEYS = ("name", "interfaces", "gateway", "dns")
+APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls", "publish")
 TLS_KEYS = ("cert", "key", "ca")
+# `fabric:` (docs/fabric.md): service addresses (VIPs) and the gateways' DNS
+FABRIC_KEYS = ("service_addresses", "upstream_dns", "dns_ttl")
+DNS_TTL_DEFAULT = 30
+DNS_TTL_MAX = 86400
 RULE_KEYS = ("name", "from", "to", "action", "ports", "mode", "http")
 
 SETTING_CHOICES = {

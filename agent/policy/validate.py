@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from bulkhead.policy import ports as portlib
 from bulkhead.policy.checks import CrossChecks, suggest
+from bulkhead.policy.fabric import FabricChecks
 from bulkhead.policy.schema import (
     APP_KEYS,
     GATEWAY_KEYS,
@@ -86,7 +87,7 @@ def validate_files(paths: list[str]) -> Policy:
     return policy
 
 
-class _Builder(CrossChecks):
+class _Builder(CrossChecks, FabricChecks):
     """Accumulates segments, apps and rules from every file, then cross-checks them."""
 
     def __init__(self, diags: Diags):
@@ -132,6 +133,8 @@ class _Builder(CrossChecks):
             self.add_settings(doc)
         if "gateways" in doc:
             self.add_gateways(doc)
+        if "fabric" in doc:
+            self.add_fabric(doc)
         for i, m in self.entries(doc, "segments", "segment", SEGMENT_KEYS):
             self.add_segment(m, i)
         for i, m in self.entries(doc, "apps", "app", APP_KEYS):
@@ -340,8 +343,9 @@ class _Builder(CrossChecks):
         if len(self.segments) == MAX_SEGMENTS:
             self.error(m.loc("name"), f"{label}: too many segments (at most {MAX_SEGMENTS})")
             return
+        dns, dns_loc = self.segment_dns(m, label)
         self.segments[name] = Segment(name, interfaces, m.loc(), gateway,
-                                      m.loc("gateway") if "gateway" in m else None)
+                                      m.loc("gateway") if "gateway" in m else None, dns, dns_loc)
 
     def add_app(self, m: YMap, index: int) -> None:
         name, label = self.name(m, "app", index, self.apps)
@@ -363,10 +367,12 @@ class _Builder(CrossChecks):
             self.tls_broken.add(name)
         if "addresses" not in m and "hostnames" not in m:
             self.error(m.loc(), f"{label} needs addresses or hostnames (or both)")
+        publish, dns_names, publish_loc = self.app_publish(m, label)
         if name is None:
             return
         self.apps[name] = App(name, segment, addresses, app_ports, hostnames, tls,
-                              m.loc(), m.loc("segment"), m.loc("ports"))
+                              m.loc(), m.loc("segment"), m.loc("ports"), publish, publish_loc,
+                              (hostnames if dns_names is None else dns_names) if publish else [])
 
     def address(self, text: str, loc: Loc, label: str):
         """Parse an address or CIDR; host bits set is an error, not a silent mask."""
