@@ -131,14 +131,44 @@ def pytest_sessionfinish(session, exitstatus):
     print(f"\n(written to {RESULTS_FILE})")
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """The one table of the run (benchmarks/summary.py), printed last."""
+def pytest_sessionstart(session):
     from . import summary
 
-    lines = summary.write(summary.machine())
+    summary.started()
+
+
+def _runs(terminalreporter) -> list[dict]:
+    """Each benchmark test's outcome and seconds (setup + call + teardown), from the reports."""
+    by: dict[str, dict] = {}
+    for key in ("passed", "failed", "skipped", "error", "xfailed", "xpassed"):
+        for rep in terminalreporter.stats.get(key, []):
+            nodeid = getattr(rep, "nodeid", None)
+            if not nodeid:
+                continue
+            r = by.setdefault(nodeid, {"file": nodeid.split("::")[0], "test": nodeid, "outcome": "",
+                                       "seconds": 0.0, "why": ""})
+            r["seconds"] += getattr(rep, "duration", 0.0) or 0.0
+            when = getattr(rep, "when", "call")
+            if rep.skipped and isinstance(rep.longrepr, tuple):
+                r["outcome"], r["why"] = "skipped", str(rep.longrepr[2]).removeprefix("Skipped: ")
+            elif rep.failed:
+                r["outcome"] = "failed" if when == "call" else "error"
+            elif when == "call" and not r["outcome"]:
+                r["outcome"] = "passed"
+    return list(by.values())
+
+
+# A wrapper run first (tryfirst), so what follows its yield runs after the terminal reporter's own
+# summaries (failures, -ra's short summary): the table is the last thing before pytest's final line.
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The one table of the run (benchmarks/summary.py), printed last."""
+    yield
+    from . import summary
+
+    lines = summary.write(summary.machine(), _runs(terminalreporter))
     if lines:
         terminalreporter.write_sep("=", "bulkhead benchmarks: figures against their goals")
         for line in lines:
             terminalreporter.write_line(line)
-        terminalreporter.write_line(f"(written to {summary.SUMMARY_MD})")
+        terminalreporter.write_line(f"(written to {summary.SUMMARY_MD} and {summary.SUMMARY_JSON.name})")

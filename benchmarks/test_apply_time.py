@@ -40,6 +40,7 @@ from bulkhead.lab.runner import bulkhead_argv
 from bulkhead.policy import load_policy
 from bulkhead.policy.bundle import Bundle
 
+from .summary import goal
 from .test_fleet_scale import policy_yaml
 
 SIZES = [int(x) for x in os.environ.get("BULKHEAD_APPLY_RULES", "1000,10000,100000,1000000").split(",")]
@@ -155,11 +156,11 @@ def table() -> str:
     lines = ["| rules | end to end s | compile s | transfer s | maps s | rest s | kernel memory, MiB | "
              "bytes per rule | goal | met |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in ROWS:
-        goal = f"< {GOAL_S:.0f} s" if r["rules"] == GOAL_RULES else ""
-        met = ("yes" if r["e2e"] < GOAL_S else "no") if goal else ""
+        want = f"< {GOAL_S:.0f} s" if r["rules"] == GOAL_RULES else ""
+        met = ("yes" if r["e2e"] < GOAL_S else "no") if want else ""
         lines.append(f"| {r['rules']:,} | {r['e2e']:.2f} | {r['compile']:.2f} | {r['transfer']:.2f} | "
                      f"{r['maps']:.2f} | {r['rest']:.2f} | {r['mem'] / 2**20:.1f} | {r['per_rule']:.0f} | "
-                     f"{goal} | {met} |")
+                     f"{want} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,3 +195,11 @@ def test_apply_time(benchmark, agent, n, capsys):
     with capsys.disabled():
         print("\n" + table() + f"(written to {RESULTS_FILE})")
     assert r["entries"] == n
+    is_goal = n == GOAL_RULES
+    goal("policy apply", f"{n:,} rules, `bulkhead policy apply` end to end", ours=r["e2e"], unit="s",
+         want=f"< {GOAL_S:g} s" if is_goal else "reported", met=r["e2e"] < GOAL_S if is_goal else None,
+         note=(f"compile {r['compile']:.2f} s, transfer {r['transfer']:.2f} s, maps + flip {r['maps']:.2f} s, "
+               f"rest {r['rest']:.2f} s; kernel memory {r['mem'] / 2**20:.1f} MiB, {r['per_rule']:.0f} B per rule"))
+    if is_goal:
+        goal("policy apply", f"kernel memory per rule, {n:,} rules (one slot; the standby slot as much)",
+             ours=r["per_rule"], unit="B", want="reported", met=None)

@@ -42,6 +42,7 @@ import pytest
 import requests
 
 from . import l7bench as L
+from .summary import goal
 
 GATEWAYS = int(os.environ.get("BULKHEAD_FLEET_GATEWAYS", "1000"))
 PROCS = max(1, min(int(os.environ.get("BULKHEAD_FLEET_PROCS", "4")), GATEWAYS))
@@ -407,3 +408,9 @@ def test_fleet_publish_to_all_acknowledged(benchmark, fleet):
     RESULTS_FILE.parent.mkdir(exist_ok=True)
     RESULTS_FILE.write_text(text)
     print("\n" + text + f"(written to {RESULTS_FILE})")
+    at_scale = GATEWAYS >= 1000 and RULES >= 10_000
+    goal("fleet", f"publish -> all {GATEWAYS:,} gateways acked, p99, {RULES:,}-rule bundle", ours=result["p99_s"],
+         unit="s", want=f"< {P99_TARGET_S:g} s at 1,000 gateways, 10k rules",
+         met=result["p99_s"] < P99_TARGET_S if at_scale else None,
+         note=(f"p50 {result['p50_s']:.2f} s, {result['publishes']} publishes; etcd sends "
+               f"{result['etcd_sent_bytes_per_publish'] / 2**20:,.0f} MiB per publish, {result['keys']['after']:,} keys"))

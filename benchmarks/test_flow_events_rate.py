@@ -20,6 +20,7 @@ from bulkhead.telemetry import flowlog
 from bulkhead.datapath import abi, libbpf, loader
 
 from .conftest import bench_defines, record, scale_bundle, v4
+from .summary import goal
 
 RATES = [10_000, 25_000, 50_000, 100_000, 200_000, 400_000]
 
@@ -87,4 +88,8 @@ def test_flow_events_consumed_without_loss(benchmark, producer):
           + (f" (loss from {min(failed):,}/s)" if failed else " (no loss at any rate tried)"))
     for r, (s, g, lo) in results.items():
         print(f"  {r:>8,}/s: sent {s:,} received {g:,} lost {lo:,}")
+    goal("flow events", "flow events/s the agent's FlowLog consumes without loss", ours=max(ok) if ok else 0,
+         unit="events/s", want="reported", met=None,
+         note=(f"loss from {min(failed):,}/s" if failed else f"no loss at any rate tried, up to {max(RATES):,}/s")
+              + "; rates tried " + ", ".join(f"{r:,}" for r in RATES))
     assert ok, "events were lost even at the lowest rate"

@@ -51,6 +51,7 @@ from pathlib import Path
 import pytest
 
 from . import l7bench as L
+from .summary import goal
 
 SECONDS = int(os.environ.get("BULKHEAD_BENCH_L7_SECONDS", "3"))
 ROUNDS = int(os.environ.get("BULKHEAD_BENCH_L7_ROUNDS", "5"))
@@ -277,6 +278,39 @@ def verdicts(results: list[dict]) -> list[str]:
     return out
 
 
+def summary_goals(results: list[dict]) -> None:
+    """The headline figures for make bench's table (benchmarks/summary.py)."""
+    by = {r["profile"]: r for r in results}
+    B = "L7 verifier"
+    if "load" in by:
+        t = by["load"]["targets"]
+        ratio = by["load"].get("verifier_over_haproxy_rps")
+        goal(B, "requests/s on one core, same ACL", ours=t["verifier"]["rps"], unit="req/s",
+             baseline=t["haproxy"]["rps"], baseline_is="HAProxy", ratio=ratio, ratio_is="median of paired rounds",
+             want=f">= {RPS_TARGET:g}x HAProxy", met=ratio is not None and ratio >= RPS_TARGET)
+        cpu = by["load"].get("verifier_over_haproxy_cpu")
+        goal(B, "CPU per request on one core", ours=t["verifier"]["cpu_us_per_req"], unit="µs",
+             baseline=t["haproxy"]["cpu_us_per_req"], baseline_is="HAProxy", ratio=cpu,
+             ratio_is="median of paired rounds", want=f"<= {CPU_TARGET:g}x HAProxy",
+             met=cpu is not None and cpu <= CPU_TARGET)
+    if "scaling" in by:
+        t = by["scaling"]["targets"]
+        r2 = by["scaling"].get("two_over_one_rps")
+        goal(B, "2 processes against 1 (--procs 2, SO_REUSEPORT)", ours=t["verifier2"]["rps"], unit="req/s",
+             baseline=t["verifier"]["rps"], baseline_is="1 process", ratio=r2, ratio_is="median of paired rounds",
+             want=f">= {SCALE_TARGET * 2:g}x one (0.9 N, N = 2)", met=r2 is not None and r2 >= SCALE_TARGET * 2,
+             note=(f"2 cores: the second process shares CPU {L.CPU_CLIENT} with wrk and the origin; requests "
+                   f"per verifier CPU-second {_f(by['scaling'].get('two_over_one_per_cpu'))}x"))
+    for name, where in (("half-peak", "proxy on its own CPU"), ("half-peak-1cpu", "everything on one CPU")):
+        if name not in by:
+            continue
+        t = by[name]["targets"]
+        added = t["verifier"]["added_p99_ms"]
+        goal(B, f"added p99 over direct at half the verifier's peak ({where}, {_f(t['verifier']['rps'], '{:,.0f}')} req/s)",
+             ours=added, unit="ms", baseline=t["haproxy"]["added_p99_ms"], baseline_is="HAProxy's added p99",
+             want=f"<= {ADDED_P99_TARGET:g} ms", met=added is not None and added <= ADDED_P99_TARGET)
+
+
 class _ResultsWriter:
     """Appends our table to build/bench-results.md after conftest's own writer ran."""
 
@@ -295,6 +329,8 @@ class _ResultsWriter:
         print(f"\n(written to {RESULTS_FILE})")
 
 
+# Its own timeout: 4 profiles x 5 rounds x 3 s per target is ~3.5 min, near make bench's 300 s per test.
+@pytest.mark.timeout(1200)
 def test_verifier_vs_haproxy(benchmark, l7_setup, request):
     procs, ports, pids = l7_setup
     results: list[dict] = []
@@ -318,5 +354,6 @@ def test_verifier_vs_haproxy(benchmark, l7_setup, request):
                 benchmark.extra_info[f"{res['profile']}_{k}"] = res[k]
     benchmark.extra_info["wrk_command"] = results[0]["command"]
     lines = _table(results)
+    summary_goals(results)
     print("\n" + "\n".join(lines))
     request.config.pluginmanager.register(_ResultsWriter(lines), "bulkhead-l7-results")
