@@ -91,13 +91,17 @@ def publish(files: tuple[str, ...], etcd: str, key_path: str, as_json: bool) -> 
     1 if etcd is unreachable.
     """
     from bulkhead.fleet.keys import FleetKeyError, load_private
-    from bulkhead.fleet.publish import publish_bundle
+    from bulkhead.fleet.publish import previous_vips, publish_bundle
     from bulkhead.fleet.store import FleetStoreError
     from bulkhead.policy import PolicyError, load_policy
 
     store = _store(etcd, as_json)
     try:
-        bundle, warnings = load_policy(list(files))
+        private_key, key_error = load_private(key_path), None
+    except FleetKeyError as e:
+        private_key, key_error = None, e  # reported after the policy's own errors
+    try:  # published apps keep the service addresses the policy in the store gave them
+        bundle, warnings = load_policy(list(files), previous_vips=previous_vips(store, private_key))
     except PolicyError as e:
         if as_json:
             click.echo(json.dumps({"ok": False, "errors": [str(d) for d in e.errors]}))
@@ -105,10 +109,8 @@ def publish(files: tuple[str, ...], etcd: str, key_path: str, as_json: bool) -> 
             click.echo(str(e))
         click.echo("bulkhead: policy not published; nothing was written", err=True)
         sys.exit(2)
-    try:
-        private_key = load_private(key_path)
-    except FleetKeyError as e:
-        _fail(f"{e}; nothing was written", 2, as_json)
+    if key_error is not None:
+        _fail(f"{key_error}; nothing was written", 2, as_json)
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
     try:

@@ -95,9 +95,29 @@ def publish_bundle(store: Store, bundle: Bundle, private_key, warnings: list[str
                           "(that many concurrent publishers?)")
 
 
+def previous_vips(store: Store, private_key) -> dict | None:
+    """The service addresses (`vips`) of the policy in the store, if it carries this key's
+    signature: the next publish keeps them (docs/fabric.md). None when there is none to keep
+    (nothing published, another key, etcd unreachable: the publish itself then says so)."""
+    if private_key is None:
+        return None
+    try:
+        env, _ = store.get(POLICY_KEY)
+        if env is None:
+            return None
+        return Bundle.unpack(envelope.open_verified(env, private_key.public_key()).bundle).vips or None
+    except (envelope.EnvelopeError, ValueError, FleetStoreError):
+        return None  # allocate afresh (name-derived places)
+
+
 def publish_files(store: Store, files: list[str], key_path: str) -> Published:
     """Validate and compile `files`, load the key, publish. PolicyError (nothing written) for an
-    invalid policy, FleetKeyError for the key, FleetStoreError for etcd."""
-    bundle, warnings = load_policy(list(files))
-    private_key = keys.load_private(key_path)
+    invalid policy, FleetKeyError for the key, FleetStoreError for etcd. Published apps keep the
+    service addresses the current policy in the store gave them."""
+    try:
+        private_key = keys.load_private(key_path)
+    except keys.FleetKeyError:
+        load_policy(list(files))  # an invalid policy is reported first, as before
+        raise
+    bundle, warnings = load_policy(list(files), previous_vips=previous_vips(store, private_key))
     return publish_bundle(store, bundle, private_key, warnings)

@@ -497,3 +497,42 @@ def test_a_watch_from_a_compacted_revision_says_so(store):
         assert next(it).value == b"after"
     finally:
         cancel()
+
+
+def test_a_publish_keeps_the_service_addresses_of_the_published_policy(store, etcd, key, tmp_path):
+    """docs/fabric.md: the publisher reads the allocation back from the store (verified with its
+    own key), so an app keeps its address even where a newcomer's name-derived place is the same."""
+    import ipaddress
+
+    from bulkhead.policy.vips import _place, _usable
+
+    priv, pub = key
+    pool = ipaddress.ip_network("198.19.255.0/30")  # two usable addresses: a collision is easy
+    place = lambda name: _place(name, 4, [pool], set())  # noqa: E731
+    newcomer = next(f"app{i}" for i in range(100) if place(f"app{i}") == place("payments"))
+
+    def policy(first: str | None) -> str:
+        doc = POLICY.replace("rules:", "fabric:\n  service_addresses: [198.19.255.0/30]\nrules:")
+        doc = doc.replace("    addresses: [198.19.0.10/32]\n",
+                          "    addresses: [198.19.0.10/32]\n    publish: [payments.apps.example]\n")
+        if first:
+            doc = doc.replace("apps:\n", f"apps:\n  - name: {first}\n    segment: core\n"
+                                         f"    addresses: [198.19.0.40/32]\n    publish: [{first}.example]\n")
+        p = tmp_path / f"p-{first}.yaml"
+        p.write_text(doc)
+        return str(p)
+
+    def published() -> dict:
+        raw, _ = store.get(POLICY_KEY)
+        return Bundle.unpack(envelope.open_verified(raw, keys.load_public(pub)).bundle).vips
+
+    assert cli("publish", policy(None), "--etcd", etcd.url, "--key", str(priv)).returncode == 0
+    before = published()["payments"]
+    assert _usable(pool)[0] <= int(ipaddress.ip_address(before[0])) <= _usable(pool)[1]
+    # compiled alone, the newcomer (first in the file) would take payments' place
+    alone, _ = load_policy([policy(newcomer)])
+    assert alone.vips[newcomer] == before
+    r = cli("publish", policy(newcomer), "--etcd", etcd.url, "--key", str(priv))
+    assert r.returncode == 0, r.stderr
+    after = published()
+    assert after["payments"] == before and after[newcomer] != before
