@@ -20,7 +20,7 @@ from bulkhead.policy.bundle import Bundle
 RESULTS: list[dict] = []
 
 # Every benchmark build has the benchmark hooks (-DBH_BENCH: the ctl flags
-# BH_CTL_BYPASS_FLOWS and BH_CTL_SNI_BENCH, the reference program
+# BH_CTL_BYPASS_FLOWS, BH_CTL_SNI_BENCH and BH_CTL_BENCH_NEW_FLOW, the reference program
 # bulkhead_empty), which the production object leaves out.
 BENCH_DEFINES = ("BH_BENCH",)
 
@@ -103,6 +103,16 @@ def measure(dp, frame: bytes, ifindex: int, rounds: int = 7, repeat: int = 200_0
     """Interleave empty and ours; return median ns of each and of the difference."""
     r = interleaved(dp.prog_fd(), dp.prog_fd(loader.EMPTY_PROG), frame, ifindex, rounds, repeat)
     return {"empty_ns": r["b_ns"], "ours_ns": r["a_ns"], "marginal_ns": r["diff_ns"], "retval": r["retval"]}
+
+
+def ring_counter(dp) -> list[int]:
+    """Open dp's flow_events ring once (bcc) and count what is read: [records read so far].
+    Every benchmark that drains the ring (dp.bpf.ring_buffer_consume()) shares it."""
+    if not hasattr(dp, "_bench_seen"):
+        seen = [0]
+        dp.bpf[b"flow_events"].open_ring_buffer(lambda _c, _d, _s: seen.__setitem__(0, seen[0] + 1))
+        dp._bench_seen = seen
+    return dp._bench_seen
 
 
 def record(**row) -> None:

@@ -38,6 +38,26 @@
  */
 #ifdef BH_BENCH
 #define BH_BYPASS_FLOWS(ctl_flags) ((ctl_flags) & BH_CTL_BYPASS_FLOWS)
+/*
+ * BH_CTL_BENCH_NEW_FLOW: the same frame repeated is a new flow every run,
+ * which takes the real new-flow path (flow-table miss, both inserts into the
+ * LRU, evictions once it is full, the flow event): the source port and the
+ * flow key's pad byte come from a per-CPU counter and the CPU (2^20 distinct
+ * 5-tuples per CPU, far more flows than the table holds). Policy never looks
+ * at either.
+ */
+static __always_inline void bh_bench_new_flow(struct bh_pkt *p)
+{
+	__u32 zero = 0;
+	__u32 *n = bench_ctr.lookup(&zero);
+
+	if (n) {
+		__u32 c = (*n)++;
+		p->sport_be = c;
+		/* The CPU in the tag: a run moved to another CPU never repeats a tuple of this one's. */
+		p->bench_tag = ((c >> 16) & 0x0f) | ((bpf_get_smp_processor_id() & 0x0f) << 4);
+	}
+}
 #else
 #define BH_BYPASS_FLOWS(ctl_flags) 0
 #endif
@@ -361,6 +381,9 @@ static __always_inline void bh_key4(const struct bh_pkt *p, __u32 seg, int rever
 	k->dport_be = reverse ? p->sport_be : p->dport_be;
 	k->proto = p->proto;
 	k->segment_id = seg;
+#ifdef BH_BENCH
+	k->pad = p->bench_tag;
+#endif
 }
 
 static __always_inline void bh_key6(const struct bh_pkt *p, __u32 seg, int reverse, struct bh_flow6_key *k)
@@ -371,6 +394,9 @@ static __always_inline void bh_key6(const struct bh_pkt *p, __u32 seg, int rever
 	k->dport_be = reverse ? p->sport_be : p->dport_be;
 	k->proto = p->proto;
 	k->segment_id = seg;
+#ifdef BH_BENCH
+	k->pad = p->bench_tag;
+#endif
 }
 
 static __always_inline struct bh_flow *bh_flow_get(const struct bh_pkt *p, __u32 seg, int reverse)
@@ -830,6 +856,10 @@ int bulkhead_xdp(struct xdp_md *ctx)
 	struct bh_slot_cfg *cfg = slot_cfg.lookup(&slot);
 	if (!cfg || !cfg->generation)
 		return bh_record(BH_R_NO_POLICY, XDP_DROP, len);
+#ifdef BH_BENCH
+	if (ctl_flags & BH_CTL_BENCH_NEW_FLOW)
+		bh_bench_new_flow(&p);
+#endif
 
 	__u32 seg = bh_segment_of(slot, ctx->ingress_ifindex);
 	if (!seg)

@@ -65,8 +65,13 @@ BH_SLOT_MAPS(1);
  * client's segment, reply key on the server's). LRU: under pressure the
  * least recently used flow is re-judged on its next packet, never allowed blind.
  */
-BPF_TABLE_PINNED("lru_hash", struct bh_flow4_key, struct bh_flow, flows4, BH_MAX_FLOWS, BH_PIN_DIR "/flows4");
-BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_flow, flows6, BH_MAX_FLOWS, BH_PIN_DIR "/flows6");
+#ifndef BH_FLOWS_LRU_FLAGS
+#define BH_FLOWS_LRU_FLAGS 0
+#endif
+BPF_TABLE_PINNED("lru_hash", struct bh_flow4_key, struct bh_flow, flows4, BH_MAX_FLOWS, BH_PIN_DIR "/flows4",
+		 BH_FLOWS_LRU_FLAGS);
+BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_flow, flows6, BH_MAX_FLOWS, BH_PIN_DIR "/flows6",
+		 BH_FLOWS_LRU_FLAGS);
 
 /* frags: verdict of each fragmented datagram, written by its first fragment. */
 BPF_TABLE_PINNED("lru_hash", struct bh_frag_key, struct bh_frag, frags, BH_MAX_FRAGS, BH_PIN_DIR "/frags");
@@ -87,6 +92,10 @@ BPF_PERCPU_ARRAY(flow_scratch, struct bh_flow, 1);
 BPF_PERF_OUTPUT(flow_events); /* kernels without BPF_MAP_TYPE_RINGBUF (< 5.8) */
 #else
 BPF_RINGBUF_OUTPUT(flow_events, BH_EVENT_RING_PAGES);
+#endif
+#ifdef BH_BENCH
+/* bench_ctr: per-CPU run counter of BH_CTL_BENCH_NEW_FLOW (benchmark builds only). */
+BPF_PERCPU_ARRAY(bench_ctr, __u32, 1);
 #endif
 /* ev_scratch: one per-CPU event to build (too big for the stack). Not pinned: scratch only. */
 BPF_PERCPU_ARRAY(ev_scratch, struct bh_flow_event, 1);

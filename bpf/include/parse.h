@@ -67,7 +67,7 @@ struct bh_pkt {
 	__u8 inner_proto;
 	__u16 inner_sport_be;
 	__u16 inner_dport_be;
-	__u16 pad;
+	__u16 bench_tag; /* -DBH_BENCH with BH_CTL_BENCH_NEW_FLOW: goes into the flow key's pad (bh_key4/6) */
 	/* written before read, not zeroed: */
 	__u8 saddr[16]; /* IPv6, or IPv4-mapped IPv6 */
 	__u8 daddr[16];

@@ -16,11 +16,12 @@ struct bh_ctl {
 	__u32 active_slot; /* 0 or 1: the policy slot packets are judged by */
 	__u32 flags;       /* BH_CTL_* */
 };
-/* BH_CTL_BYPASS_FLOWS and BH_CTL_SNI_BENCH act only in a -DBH_BENCH build (benchmarks): production ignores them. */
+/* BH_CTL_BYPASS_FLOWS, BH_CTL_SNI_BENCH and BH_CTL_BENCH_NEW_FLOW act only in a -DBH_BENCH build (benchmarks): production ignores them. */
 #define BH_CTL_BYPASS_FLOWS 0x1 /* benchmarks: ignore the flow cache (every packet is new) */
 #define BH_CTL_L7_READY 0x2     /* a verifier listens: BH_ACT_L7 flows may be steered */
 #define BH_CTL_SNI_BENCH 0x4    /* benchmarks: after deciding a ClientHello, put its flow back to pending */
 #define BH_CTL_NO_FASTPATH 0x8  /* every allowed packet goes up the stack, through conntrack (no redirect, no notrack mark) */
+#define BH_CTL_BENCH_NEW_FLOW 0x10 /* benchmarks: every packet a new 5-tuple (sport and key pad from a per-CPU counter) */
 
 /*
  * XDP metadata in front of a packet XDP passes to bulkhead_tc

@@ -49,3 +49,18 @@ def test_sni_bench_flag(request, build, hooked):
     assert v.reasons == {R.ALLOW_RULE: 1}
     reasons = sorted(R(f.reason).name for _, f in x.flows(4))
     assert reasons == (["SNI_PENDING", "SNI_PENDING"] if hooked else ["ALLOW_REPLY", "ALLOW_RULE"])
+
+
+@pytest.mark.parametrize("build, hooked", BUILDS)
+def test_bench_new_flow_flag(request, build, hooked):
+    """With the flag, the bench build makes every packet a new 5-tuple: a flow (two entries) per packet."""
+    x = request.getfixturevalue(build)
+    x.dp.set_ctl_flags(set_bits=abi.CTL_BENCH_NEW_FLOW)
+    try:
+        frame = E / IP(src=C4, dst=PAY4) / UDP(sport=41998, dport=53) / Raw(b"q")
+        x.expect(frame, "prod", X.PASS, R.ALLOW_RULE)
+        x.expect(frame, "prod", X.PASS, R.ALLOW_RULE)
+    finally:
+        x.dp.set_ctl_flags(clear_bits=abi.CTL_BENCH_NEW_FLOW)
+    entries = sorted(f.packets for _, f in x.flows(4))
+    assert entries == ([0, 0, 1, 1] if hooked else [0, 2])
