@@ -5,8 +5,8 @@ on each of the segment's interfaces (SO_BINDTODEVICE: two segments may use the s
 and the interface a query arrived on says which segment asked). What a query gets:
 
 - a published name (exact, or one label under a published `*.domain`) of an app that some app
-  of the asking segment may reach (an allow rule from one of the segment's apps to it, or
-  `default_action: allow`): the app's service addresses (A / AAAA; NOERROR with no answer for
+  of the asking segment may reach (an allow rule from one of the segment's apps to it, or to
+  one of its backends for a router, or `default_action: allow`): the app's service addresses (A / AAAA; NOERROR with no answer for
   a family it has none in, and for other types), authoritative, TTL `fabric: dns_ttl`;
 - a published name the segment may not reach: NXDOMAIN, as if it did not exist (DNS doesn't
   reveal apps a client can't reach);
@@ -65,9 +65,16 @@ class Zone:
         for sid, sname in seg_name.items():
             if everyone:
                 self.visible[sname] = set(published)
+        # a router is reachable where one of its backends is (docs/fabric.md, routes)
+        via: dict[str, set[str]] = collections.defaultdict(set)  # backend -> published names leading to it
+        for app in bundle.apps:
+            if app["name"] in published:
+                via[app["name"]].add(app["name"])
+                for route in app.get("routes") or []:
+                    via[route["to"]].add(app["name"])
         for r in bundle.rules:
-            if r["action"] == "allow" and r["to"] in published and r["from"] in seg_of_app:
-                self.visible[seg_of_app[r["from"]]].add(r["to"])
+            if r["action"] == "allow" and r["from"] in seg_of_app and r["to"] in via:
+                self.visible[seg_of_app[r["from"]]] |= via[r["to"]]
 
     def lookup(self, qname: str) -> Optional[str]:
         """The app a name belongs to: exact first, then a wildcard covering exactly one label."""

@@ -22,6 +22,7 @@ emitted port blocks are disjoint, so the longest match is unambiguous.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 from typing import NamedTuple, Optional
 
 from bulkhead.datapath.abi import (
@@ -138,10 +139,12 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
         fabric = {"service_addresses": [str(p) for p in fab.service_addresses],
                   "upstream_dns": [str(a) for a in fab.upstream_dns], "dns_ttl": fab.dns_ttl}
         pools = {p.version for p in fab.service_addresses}
-        vips = viplib.allocate(((a.name, {x.network.version for x in a.addresses} & pools)
+        vips = viplib.allocate(((a.name, vip_families(a, apps) & pools)
                                 for a in policy.apps if a.publish), fab.service_addresses, previous_vips)
         dst_entries += dns_dst_entries(policy, seg_ids)
         policy_entries += dns_policy_entries(policy, seg_ids, app_ids)
+        dst_entries += router_dst_entries(policy, app_ids, vips)
+        policy_entries += router_policy_entries(policy, app_ids, app_ports)
 
     return Bundle(
         settings=policy.settings.as_dict(),
@@ -156,7 +159,9 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
                # L7 verifier: TLS termination material (file paths, never contents)
                "tls": ({k: v for k, v in vars(a.tls).items() if k in ("cert", "key", "ca") and v}
                        if a.tls else None),
-               **({"dns_names": list(a.dns_names)} if a.publish else {})}
+               **({"dns_names": list(a.dns_names)} if a.publish else {}),
+               **({"routes": [{"kind": r.kind, "name": r.name, "path": r.path, "to": r.to} for r in a.routes]}
+                  if a.routes is not None else {})}
               for a in policy.apps],
         rules=[{"id": i, "name": r.name, "from": r.src, "to": r.dst, "action": r.action,
                 "mode": r.mode, "ports": [str(p) for p in r.ports or []], "l7": r.l7,
@@ -177,6 +182,39 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
 def _addr16(a) -> bytes:
     """An address in the 16-byte space of the maps (IPv4 IPv4-mapped, as model.Address)."""
     return a.packed if a.version == 6 else b"\x00" * 10 + b"\xff\xff" + a.packed
+
+
+def vip_families(app: App, apps: dict[str, App]) -> set[int]:
+    """Families a published app gets service addresses in: its own, or a router's backends' hosts."""
+    if app.routes is None:
+        return {x.network.version for x in app.addresses}
+    return {x.network.version for r in app.routes for x in apps[r.to].addresses if x.network.num_addresses == 1}
+
+
+def router_dst_entries(policy: Policy, app_ids: dict[str, int], vips: dict[str, list[str]]) -> list[tuple]:
+    """A router's service addresses are its destination: flows to them are the router's."""
+    return [(_addr16(ipaddress.ip_address(v)), 128, app_ids[a.name], 0)
+            for a in policy.apps if a.routes is not None for v in vips.get(a.name, [])]
+
+
+def router_policy_entries(policy: Policy, app_ids: dict[str, int], app_ports: dict) -> list[tuple]:
+    """Every app with an allow rule to one of a router's backends may open connections to the
+    router's ports: the verifier reads the server name or Host, picks the backend, and decides
+    the pair (client, backend) as the kernel would (docs/fabric.md). Steered: Action.L7."""
+    out = []
+    for r_app in policy.apps:
+        if r_app.routes is None:
+            continue
+        backends = {r.to for r in r_app.routes}
+        clients: dict[str, int] = {}
+        for rule_id, rule in enumerate(policy.rules, 1):
+            if rule.action == "allow" and rule.dst in backends:
+                clients.setdefault(rule.src, rule_id)
+        for src, rule_id in sorted(clients.items(), key=lambda kv: app_ids[kv[0]]):
+            v = Verdict(RANK_L7, rule_id, int(Action.L7), 0)
+            for plen, proto, dport, win in pair_entries([(v, app_ports[r_app.name])]):
+                out.append((plen, app_ids[src], app_ids[r_app.name], proto, dport, win.action, win.flags, win.rule_id))
+    return out
 
 
 def dns_dst_entries(policy: Policy, seg_ids: dict[str, int]) -> list[tuple]:

@@ -20,8 +20,8 @@ import ipaddress
 from typing import Any, Optional
 
 from bulkhead.policy.loader import YMap, YSeq, type_name
-from bulkhead.policy.model import Fabric, Loc
-from bulkhead.policy.schema import DNS_TTL_DEFAULT, DNS_TTL_MAX, FABRIC_KEYS
+from bulkhead.policy.model import Fabric, Loc, Route
+from bulkhead.policy.schema import DNS_TTL_DEFAULT, DNS_TTL_MAX, FABRIC_KEYS, ROUTE_KEYS
 
 # The smallest pool worth having, and the largest we enumerate (allocation walks free addresses).
 POOL_MIN_PREFIX = {4: 30, 6: 126}
@@ -114,9 +114,104 @@ class FabricChecks:
                         f"got {type_name(v)}")
         return False, None, loc
 
+    def app_routes(self, m: YMap, label: str) -> Optional[list[Route]]:
+        """A router's `routes:` list: {sni: NAME, to: APP} or {host: NAME, path: /PREFIX, to: APP}."""
+        seq = m["routes"]
+        if not isinstance(seq, YSeq) or not seq:
+            self.error(m.loc("routes"), f"{label}: routes must be a non-empty list of {{sni: NAME, to: APP}} "
+                                        f"or {{host: NAME, path: /PREFIX, to: APP}}, got {type_name(seq)}")
+            return []
+        out, seen = [], {}
+        for i, r in enumerate(seq):
+            where = seq.loc(i)
+            if not isinstance(r, YMap):
+                self.error(where, f"{label}: each route must be a mapping with keys {', '.join(ROUTE_KEYS)}, "
+                                  f"got {type_name(r)}")
+                continue
+            what = f"{label} route #{i + 1}"
+            self.check_keys(r, ROUTE_KEYS, what)
+            kinds = [k for k in ("sni", "host") if k in r]
+            if len(kinds) != 1:
+                self.error(where, f"{what}: give exactly one of sni (TLS, by server name) or host (HTTP, by "
+                                  "Host header)")
+                continue
+            kind = kinds[0]
+            text = self.string(r, kind, what)
+            name = self.hostname(text, r.loc(kind), what) if text is not None else None
+            path = None
+            if "path" in r:
+                path = self.string(r, "path", what)
+                if kind == "sni":
+                    self.error(r.loc("path"), f"{what}: path needs host: a TLS route sees only the server "
+                                              "name (the request is encrypted)")
+                elif path is not None and (not path.startswith("/") or any(c in path for c in " \t?#")):
+                    self.error(r.loc("path"), f"{what}: path must be a prefix starting with '/' without "
+                                              f"spaces, '?' or '#', got {path!r}")
+            to = self.string(r, "to", what)
+            if name is None:
+                continue
+            key = (kind, name, path)
+            if key in seen:
+                self.error(where, f"{what}: the same {kind} {name}{' ' + path if path else ''} is already "
+                                  f"routed at {seen[key]}")
+                continue
+            seen[key] = where
+            out.append(Route(kind, name, path, to, where))
+        return out
+
+    def families(self, app) -> set[int]:
+        """The address families an app (a router: its backends) can get service addresses in."""
+        if app.routes is None:
+            return {a.network.version for a in app.addresses}
+        out = set()
+        for r in app.routes:
+            dst = self.apps.get(r.to) if r.to else None
+            if dst is not None and dst.routes is None:
+                out |= {a.network.version for a in dst.addresses if a.network.num_addresses == 1}
+        return out
+
+    def check_routers(self) -> None:
+        """A router (an app with routes) is a service address and its routes, nothing more."""
+        for app in self.apps.values():
+            if app.routes is None:
+                continue
+            label = f"app {app.name}"
+            for key, present in (("addresses", app.addresses), ("hostnames", app.hostnames),
+                                 ("tls", app.tls), ("segment", app.segment)):
+                if present:
+                    self.error(app.routes_loc, f"{label}: a router (an app with routes) has no {key}: its "
+                                               "backends have them")
+            if not app.publish and not self.load_failed:
+                self.error(app.routes_loc, f"{label}: a router needs publish: [NAME, ...]: the names that "
+                                           "resolve to its service address")
+            if not app.ports or any(p.proto != "tcp" for p in app.ports):
+                self.error(app.routes_loc, f"{label}: a router needs ports, TCP only (e.g. [tcp/443, "
+                                           "tcp/80]): the ports its service address accepts")
+            for route in app.routes:
+                if route.to is None or self.load_failed:
+                    continue
+                dst = self.apps.get(route.to)
+                if dst is None:
+                    self.error(route.loc, f"{label}: route to {self.undefined('app', route.to, self.apps)}")
+                elif dst.routes is not None:
+                    self.error(route.loc, f"{label}: route to {dst.name}, another router: a route leads to "
+                                          "an app with addresses")
+                elif not any(a.network.num_addresses == 1 for a in dst.addresses):
+                    self.error(route.loc, f"{label}: route to {dst.name}: the app needs a host address "
+                                          "(/32 or /128) to connect to")
+        routers = {a.name for a in self.apps.values() if a.routes is not None}
+        for rule in self.rules.values():
+            if rule.dst in routers:
+                self.error(rule.to_loc, f"rule {rule.name}: to: {rule.dst} is a router: write rules to its "
+                                        "backends (the route and the rule are decided together)")
+            if rule.src in routers:
+                self.error(rule.from_loc, f"rule {rule.name}: from: {rule.src} is a router: it has no "
+                                          "addresses to send from")
+
     # ----------------------------------------------------------- meaning --
 
     def check_fabric(self) -> None:
+        self.check_routers()
         fab = self.fabric
         for seg in self.segments.values():
             if seg.dns_loc is not None and self.fabric_loc is None and not self.load_failed:
@@ -131,11 +226,11 @@ class FabricChecks:
             if not app.dns_names:
                 self.error(app.publish_loc, f"{label}: publish: true needs hostnames (the names DNS answers "
                                             "for it), or give the names: publish: [NAME, ...]")
-            if not app.addresses:
+            families = self.families(app)
+            if not families and app.routes is None:
                 self.error(app.publish_loc, f"{label}: publish needs addresses: a service address is "
                                             "translated to the app's own address")
-            elif fab is not None and fab.service_addresses:
-                families = {a.network.version for a in app.addresses}
+            elif families and fab is not None and fab.service_addresses:
                 pools = {p.version for p in fab.service_addresses}
                 if not families & pools:
                     fam = "/".join(f"IPv{v}" for v in sorted(families))
@@ -155,7 +250,7 @@ class FabricChecks:
                 if any(a in p for p in fab.service_addresses if p.version == a.version):
                     self.error(seg.dns_loc, f"segment {seg.name}: dns {a} is inside fabric service_addresses")
         for pool in fab.service_addresses:
-            need = sum(1 for a in published if any(x.network.version == pool.version for x in a.addresses))
+            need = sum(1 for a in published if pool.version in self.families(a))
             have = min(pool.num_addresses, POOL_MAX_ADDRESSES) - (2 if pool.version == 4 else 1)
             if need > have:
                 self.error(fab.loc, f"fabric: service_addresses {pool} has {have} usable addresses for "

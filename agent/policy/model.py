@@ -198,6 +198,19 @@ class App:
     publish: bool = False  # its DNS names resolve to service addresses through the gateways' DNS
     publish_loc: Optional[Loc] = None
     dns_names: list[str] = dataclasses.field(default_factory=list)  # what DNS answers for (published apps)
+    routes: Optional[list["Route"]] = None  # a router: its service address leads to these backends
+    routes_loc: Optional[Loc] = None
+
+
+@dataclasses.dataclass
+class Route:
+    """One entry of a router app's `routes:` (docs/fabric.md): TLS by server name, HTTP by Host."""
+
+    kind: str  # "sni" | "host"
+    name: str  # lowercased; "*.domain" covers one label
+    path: Optional[str]  # host routes: a path prefix ("/api/"); None = any
+    to: Optional[str]  # the backend app's name
+    loc: Loc
 
 
 @dataclasses.dataclass

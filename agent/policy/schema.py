@@ -15,10 +15,11 @@ MAX_HEADER_BYTES = (1024, 1048576)
 TIMEOUT_MAX = {"header_timeout": 3600, "idle_timeout": 86400}
 GATEWAY_KEYS = ("name",)
 SEGMENT_KEYS = ("name", "interfaces", "gateway", "dns")
-APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls", "publish")
+APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls", "publish", "routes")
 TLS_KEYS = ("cert", "key", "ca")
 # `fabric:` (docs/fabric.md): service addresses (VIPs) and the gateways' DNS
 FABRIC_KEYS = ("service_addresses", "upstream_dns", "dns_ttl")
+ROUTE_KEYS = ("sni", "host", "path", "to")
 DNS_TTL_DEFAULT = 30
 DNS_TTL_MAX = 86400
 RULE_KEYS = ("name", "from", "to", "action", "ports", "mode", "http")

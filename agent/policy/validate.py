@@ -350,7 +350,7 @@ class _Builder(CrossChecks, FabricChecks):
     def add_app(self, m: YMap, index: int) -> None:
         name, label = self.name(m, "app", index, self.apps)
         self.check_keys(m, APP_KEYS, label)
-        segment = self.string(m, "segment", label)
+        segment = self.string(m, "segment", label, required="routes" not in m)  # a router needs none
         addresses = []
         for text, loc in self.string_list(m, "addresses", label, "addresses or CIDRs", "none") or []:
             net = self.address(text, loc, label)
@@ -365,14 +365,16 @@ class _Builder(CrossChecks, FabricChecks):
         tls = self.tls(m, label) if "tls" in m else None
         if "tls" in m and tls is None and name is not None:
             self.tls_broken.add(name)
-        if "addresses" not in m and "hostnames" not in m:
+        routes = self.app_routes(m, label) if "routes" in m else None
+        if "addresses" not in m and "hostnames" not in m and "routes" not in m:
             self.error(m.loc(), f"{label} needs addresses or hostnames (or both)")
         publish, dns_names, publish_loc = self.app_publish(m, label)
         if name is None:
             return
         self.apps[name] = App(name, segment, addresses, app_ports, hostnames, tls,
                               m.loc(), m.loc("segment"), m.loc("ports"), publish, publish_loc,
-                              (hostnames if dns_names is None else dns_names) if publish else [])
+                              (hostnames if dns_names is None else dns_names) if publish else [],
+                              routes, m.loc("routes") if "routes" in m else None)
 
     def address(self, text: str, loc: Loc, label: str):
         """Parse an address or CIDR; host bits set is an error, not a silent mask."""

@@ -170,3 +170,61 @@ def test_deny_rules_do_not_make_a_name_visible(tmp_path):
     doc = edit(rules__0__action="deny")
     z = Zone(compile_doc(tmp_path, doc))
     assert ask(z, "payments.apps.example").header.rcode == RCODE.NXDOMAIN
+
+
+ROUTER = {"name": "shop", "publish": ["shop.example", "*.shop.example"], "ports": ["tcp/8443", "tcp/8080"],
+          "routes": [{"sni": "api.shop.example", "to": "payments"},
+                     {"sni": "*.shop.example", "to": "catalog"},
+                     {"host": "shop.example", "path": "/api/", "to": "payments"},
+                     {"host": "shop.example", "to": "catalog"}]}
+
+
+def with_router(**router_changes):
+    doc = edit()
+    doc["apps"][2].pop("hostnames")  # payments: a plain backend (not TLS-name gated)
+    doc["apps"][2]["publish"] = ["payments.apps.example"]
+    r = dict(ROUTER, **router_changes)
+    doc["apps"].append({k: v for k, v in r.items() if v is not None})
+    return doc
+
+
+def test_a_router_gets_service_addresses_and_steers_its_backends_clients(tmp_path):
+    from bulkhead.datapath.abi import Action
+
+    b = compile_doc(tmp_path, with_router())
+    shop = next(a for a in b.apps if a["name"] == "shop")
+    assert [r["to"] for r in shop["routes"]] == ["payments", "catalog", "payments", "catalog"]
+    # its backends have IPv4 and IPv6 host addresses: one of each
+    assert [ipaddress.ip_address(v).version for v in b.vips["shop"]] == [4, 6]
+    assert {e[2] for e in b.dst_entries if e[0] in {ipaddress.ip_address(v).packed if ":" in v else
+            b"\0" * 10 + b"\xff\xff" + ipaddress.ip_address(v).packed for v in b.vips["shop"]}} == {shop["id"]}
+    # web (rule to payments) and laptops (rule to catalog) are steered to the verifier on 8443 and 8080
+    steer = sorted((e[1], e[4]) for e in b.policy_entries if e[2] == shop["id"])
+    assert steer == [(1, 8080), (1, 8443), (2, 8080), (2, 8443)]
+    assert {e[5] for e in b.policy_entries if e[2] == shop["id"]} == {int(Action.L7)}
+    z = Zone(b)
+    assert ask(z, "www.shop.example").rr and ask(z, "shop.example", segment="dev").rr
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"routes": [{"sni": "a.example", "host": "a.example", "to": "payments"}]}, "exactly one of sni"),
+    ({"routes": [{"sni": "a.example", "path": "/x", "to": "payments"}]}, "path needs host"),
+    ({"routes": [{"host": "a.example", "path": "x", "to": "payments"}]}, "path must be a prefix"),
+    ({"routes": [{"sni": "a.example", "to": "nobody"}]}, "app 'nobody' is not defined"),
+    ({"routes": [{"sni": "a.example", "to": "web"}]}, "needs a host address"),
+    ({"routes": [{"sni": "a.example", "to": "payments"}, {"sni": "A.example", "to": "catalog"}]},
+     "is already routed"),
+    ({"routes": []}, "routes must be a non-empty list"),
+    ({"ports": ["udp/53"]}, "a router needs ports, TCP only"),
+    ({"ports": None}, "a router needs ports, TCP only"),
+    ({"publish": None}, "a router needs publish"),
+    ({"addresses": ["198.19.0.99/32"]}, "a router (an app with routes) has no addresses"),
+])
+def test_invalid_routers_are_reported(tmp_path, changes, message):
+    assert message in errors(tmp_path, with_router(**changes))
+
+
+def test_rules_name_the_backends_not_the_router(tmp_path):
+    doc = with_router()
+    doc["rules"].append({"name": "to-router", "from": "web", "to": "shop"})
+    assert "is a router: write rules to its backends" in errors(tmp_path, doc)
