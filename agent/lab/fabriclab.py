@@ -1,0 +1,184 @@
+"""Two gateways joined by an underlay, for the fabric's tests and demo (issue 15).
+
+    <p>-a-cli  eth0 198.18.1.10/24 fd00:1::10/64 --- bh-cli \\              / bh-srv --- eth0 198.18.1.20/24 <p>-b-srv
+                                                            <p>-gwa    <p>-gwb                 fd00:1::20/64
+    <p>-a-srv  eth0 198.19.0.10/24 fd00:19::10/64 -- bh-srv /   |          |  \\ bh-cli --- eth0 198.19.9.10/24 <p>-b-cli
+                                                           bh-under   bh-under                 fd00:99::10/64
+                                                                \\        /
+                                                         <p>-under: bridge br0, 198.18.100.0/24, fd00:100::/64
+                                                           gwa .1 / ::1, gwb .2 / ::2, rogue .66 / ::66 (<p>-rogue)
+
+The client CIDR behind gateway A (198.18.1.0/24) is the server CIDR behind gateway B on
+purpose: the fabric must carry identity, not addresses. Each gateway's segment interfaces have
+the .1 / ::1 of their subnet; every end host routes by default via its gateway. The underlay is
+one L2 bridge in its own namespace (`rogue` sits on it too: a host that is no gateway, for
+forged transit packets). Gateways route nothing between segments and underlay by themselves:
+forwarding is left as the namespace inherited it, and the agent's plumbing turns it on.
+
+Nothing here knows bulkhead: the lab is namespaces, veths and a bridge, removed by destroy()
+(and reap_stale() after a crash). Only 198.18.0.0/15 and fd00::/8 addresses.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from bulkhead.lab.topology import NETNS_DIR, Lab, Probe, failed_probe, in_netns
+
+ROLES = ("gwa", "gwb", "under", "rogue", "a-cli", "a-srv", "b-srv", "b-cli")
+GATEWAYS = ("gwa", "gwb")
+TRANSIT = {"gwa": ("198.18.100.1", "fd00:100::1"), "gwb": ("198.18.100.2", "fd00:100::2"),
+           "rogue": ("198.18.100.66", "fd00:100::66")}
+UNDER_IF = "bh-under"
+# end host -> (gateway, gateway interface, gateway addresses, host addresses)
+HOSTS = {
+    "a-cli": ("gwa", "bh-cli", ["198.18.1.1/24", "fd00:1::1/64"], ["198.18.1.10/24", "fd00:1::10/64"]),
+    "a-srv": ("gwa", "bh-srv", ["198.19.0.1/24", "fd00:19::1/64"], ["198.19.0.10/24", "fd00:19::10/64"]),
+    "b-srv": ("gwb", "bh-srv", ["198.18.1.1/24", "fd00:1::1/64"], ["198.18.1.20/24", "fd00:1::20/64"]),
+    "b-cli": ("gwb", "bh-cli", ["198.19.9.1/24", "fd00:99::1/64"], ["198.19.9.10/24", "fd00:99::10/64"]),
+}
+STALE_RE = re.compile(r"^bhfab(\d+)x\d+-(" + "|".join(ROLES) + r")$")
+
+_counter = itertools.count()
+
+
+def reap_stale() -> list[str]:
+    """Delete namespaces of fabric labs whose process is gone (a crashed run)."""
+    removed = []
+    if NETNS_DIR.exists():
+        for p in sorted(NETNS_DIR.iterdir()):
+            m = STALE_RE.match(p.name)
+            if m and not Path(f"/proc/{m.group(1)}").exists():
+                subprocess.run(["ip", "netns", "del", p.name], capture_output=True)
+                removed.append(p.name)
+    return removed
+
+
+def host_addr(role: str, family: int = 4) -> str:
+    """The first address of an end host (or a transit address), without its prefix length."""
+    if role in TRANSIT:
+        return TRANSIT[role][0 if family == 4 else 1]
+    return next(a.split("/")[0] for a in HOSTS[role][3] if (":" in a) == (family == 6))
+
+
+class FabricLab(Lab):
+    def __init__(self):
+        self.prefix = f"bhfab{os.getpid()}x{next(_counter)}"
+        self.ns = {role: f"{self.prefix}-{role}" for role in ROLES}
+        self.procs: list[subprocess.Popen] = []
+
+    def name(self, role: str) -> str:
+        return self.ns.get(role, role)
+
+    def _ip(self, *args: str) -> None:
+        p = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+
+    def create(self) -> "FabricLab":
+        for role in ROLES:
+            name = self.ns[role]
+            if (NETNS_DIR / name).exists():
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            self._ip("netns", "add", name)
+            self.run(role, ["sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0",
+                            "net.ipv6.conf.default.accept_dad=0"])
+            self._ip("-n", name, "link", "set", "lo", "up")
+        under = self.ns["under"]
+        self._ip("-n", under, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", under, "link", "set", "br0", "up")
+        for i, role in enumerate(("gwa", "gwb", "rogue")):
+            port = f"p{i}"
+            self._ip("-n", under, "link", "add", port, "type", "veth", "peer", "name", UNDER_IF,
+                     "netns", self.ns[role])
+            self._ip("-n", under, "link", "set", port, "master", "br0")
+            self._ip("-n", under, "link", "set", port, "up")
+            v4, v6 = TRANSIT[role]
+            self._ip("-n", self.ns[role], "addr", "add", f"{v4}/24", "dev", UNDER_IF)
+            self._ip("-n", self.ns[role], "addr", "add", f"{v6}/64", "dev", UNDER_IF, "nodad")
+            self._ip("-n", self.ns[role], "link", "set", UNDER_IF, "up")
+        for role, (gw, gw_if, gw_addrs, addrs) in HOSTS.items():
+            gns, hns = self.ns[gw], self.ns[role]
+            self._ip("-n", gns, "link", "add", gw_if, "type", "veth", "peer", "name", "eth0", "netns", hns)
+            for a in gw_addrs:
+                self._ip("-n", gns, "addr", "add", a, "dev", gw_if, *(["nodad"] if ":" in a else []))
+            for a in addrs:
+                self._ip("-n", hns, "addr", "add", a, "dev", "eth0", *(["nodad"] if ":" in a else []))
+            self._ip("-n", gns, "link", "set", gw_if, "up")
+            self._ip("-n", hns, "link", "set", "eth0", "up")
+            self._ip("-n", hns, "route", "add", "default", "via", gw_addrs[0].split("/")[0])
+            self._ip("-n", hns, "-6", "route", "add", "default", "via", gw_addrs[1].split("/")[0])
+        return self
+
+    def destroy(self) -> None:
+        """Stop what we spawned, delete every namespace (veths and the bridge go with them)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.procs = []
+        for role in ROLES:
+            if (NETNS_DIR / self.ns[role]).exists():
+                subprocess.run(["ip", "netns", "del", self.ns[role]], capture_output=True)
+
+    # ------------------------------------------------------------ commands
+    def cmd(self, role: str, argv: list[str]) -> list[str]:
+        if role in GATEWAYS:  # nsenter keeps /sys (and /sys/fs/bpf), as Topology.gw_cmd
+            return ["nsenter", f"--net={NETNS_DIR / self.ns[role]}", *argv]
+        return ["ip", "netns", "exec", self.ns[role], *argv]
+
+    def run(self, role: str, argv: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        p = subprocess.run(self.cmd(role, argv), capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} in {role}: exit {p.returncode}: {p.stderr.strip()}")
+        return p
+
+    def spawn(self, role: str, argv: list[str], **kw) -> subprocess.Popen:
+        p = subprocess.Popen(self.cmd(role, argv), **kw)
+        self.procs.append(p)
+        return p
+
+    def socket(self, role: str, family, type_):
+        import socket
+
+        return in_netns(self.ns[role], lambda: socket.socket(family, type_))
+
+    def ping(self, role: str, addr: str, timeout: float = 1.0) -> Probe:
+        p = self.run(role, ["ping", "-c1", "-W", str(max(1, int(timeout))), "-n", addr], check=False)
+        return Probe("connected" if p.returncode == 0 else "timeout", p.stdout.strip())
+
+    def tcp_echo(self, role: str, addr: str, port: int, payload: bytes = b"hello", timeout: float = 2.0) -> Probe:
+        import socket
+
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        s = self.socket(role, fam, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect((addr, port))
+            s.sendall(payload)
+            return Probe("connected", s.recv(4096).decode(errors="replace"))
+        except OSError as e:
+            return failed_probe(e)
+        finally:
+            s.close()
+
+    def serve_echo(self, role: str, port: int) -> subprocess.Popen:
+        """A TCP server on every address of `role` that answers each connection with
+        '<role> <client address>: <what it read>' (the client address is what the server saw)."""
+        code = (
+            "import socket,sys,threading\n"
+            "s=socket.socket(socket.AF_INET6);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0);s.bind(('::',int(sys.argv[2])));s.listen(64)\n"
+            "print('ready',flush=True)\n"
+            "def h(c,a):\n"
+            "  d=c.recv(4096);ip=a[0].removeprefix('::ffff:');c.sendall(f'{sys.argv[1]} {ip}: '.encode()+d);c.close()\n"
+            "while True:\n"
+            "  c,a=s.accept();threading.Thread(target=h,args=(c,a),daemon=True).start()\n")
+        p = self.spawn(role, [sys.executable, "-c", code, role, str(port)], stdout=subprocess.PIPE, text=True)
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"echo server in {role} did not start")
+        return p
