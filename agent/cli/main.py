@@ -591,8 +591,9 @@ def top(state_dir: str, interval: float, once: bool, as_json: bool, rows: int) -
         _fail(f"control socket: {e}")
 
 
-from bulkhead.cli.fleet import fleet  # noqa: E402  (the group, defined in its own module)
-main.add_command(fleet)
+from bulkhead.cli import fabric, fleet  # noqa: E402  (the groups, each in its own module)
+main.add_command(fleet.fleet)
+main.add_command(fabric.fabric)
 
 
 if __name__ == "__main__":

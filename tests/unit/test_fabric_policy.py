@@ -228,3 +228,24 @@ def test_rules_name_the_backends_not_the_router(tmp_path):
     doc = with_router()
     doc["rules"].append({"name": "to-router", "from": "web", "to": "shop"})
     assert "is a router: write rules to its backends" in errors(tmp_path, doc)
+
+
+def test_fabric_names_lists_names_addresses_routes_and_who_resolves_them(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from bulkhead.cli.main import main
+
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(with_router(), sort_keys=False))
+    r = CliRunner().invoke(main, ["fabric", "names", str(p), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {x["name"]: x for x in json.loads(r.output)["names"]}
+    assert rows["payments.apps.example"]["segments"] == ["prod"]
+    assert rows["*.shop.example"]["segments"] == ["prod", "dev"]
+    assert [x["to"] for x in rows["shop.example"]["routes"]] == ["payments", "catalog", "payments", "catalog"]
+    text = CliRunner().invoke(main, ["fabric", "names", str(p), "--segment", "dev"])
+    assert text.exit_code == 0 and "payments.apps.example" not in text.output and "shop.example" in text.output
+    bad = CliRunner().invoke(main, ["fabric", "names", str(p), "--segment", "nope"])
+    assert bad.exit_code == 2
