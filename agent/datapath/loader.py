@@ -50,6 +50,7 @@ TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RES
               abi.Tail.MAIN: XDP_PROG, abi.Tail.OBSERVE: OBSERVE_PROG, abi.Tail.SNI_STREAM: SNI_STREAM_PROG,
               abi.Tail.FORWARD: FORWARD_PROG}
 EMPTY_PROG = "bulkhead_empty"  # benchmarks' reference program: only in a BH_BENCH build
+FLOOR_PROG = "bulkhead_bench_lookup"  # BH_BENCH only: parse + one flow-table hit (the established path's floor)
 TC_PROG = "bulkhead_tc"  # clsact ingress: copies XDP's steering mark into skb->mark
 PINNED_PROGS = tuple(dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), TC_PROG)))
 # Our filter's preference on clsact ingress: lets us replace and delete exactly ours.
@@ -260,7 +261,7 @@ class Datapath:
             t0 = time.monotonic()
             self.bpf = BPF(src_file=str(BPF_DIR / "bulkhead.c").encode(),
                            cflags=cflags(build_dir / "maps", self.sizes, self.defines))
-            bench = (EMPTY_PROG,) if self.bench else ()
+            bench = (EMPTY_PROG, FLOOR_PROG) if self.bench else ()
             for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), *bench)):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
             self.fns[TC_PROG] = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)

@@ -2,7 +2,8 @@
 
 `xdp` is the object the agent loads; `xdp_bench` the same source built as
 benchmarks/conftest.py builds it. The production object has no reference
-program and ignores the ctl flags BH_CTL_BYPASS_FLOWS and BH_CTL_SNI_BENCH;
+programs and ignores the ctl flags BH_CTL_BYPASS_FLOWS, BH_CTL_SNI_BENCH and
+BH_CTL_BENCH_NEW_FLOW;
 the bench build honours them, so each check below can fail.
 """
 from __future__ import annotations
@@ -25,6 +26,10 @@ def test_only_the_bench_build_has_the_reference_program(xdp, xdp_bench):
         xdp.dp.bpf.load_func(loader.EMPTY_PROG.encode(), BPF.XDP)
     assert loader.EMPTY_PROG not in xdp.dp.fns
     assert xdp_bench.dp.prog_fd(loader.EMPTY_PROG) > 0
+    for name in (loader.FLOOR_PROG,):  # the established path's floor (parse + one flow-table hit)
+        with pytest.raises(Exception, match="Unknown program"):
+            xdp.dp.bpf.load_func(name.encode(), BPF.XDP)
+        assert xdp_bench.dp.prog_fd(name) > 0
 
 
 @pytest.mark.parametrize("build, hooked", BUILDS)
