@@ -172,7 +172,8 @@ class DnsServer:
         self.zone: Optional[Zone] = None
         self.listeners: dict[tuple, Listener] = {}
         self._pending: Optional[tuple[Zone, dict, list]] = None
-        self.counts: collections.Counter = collections.Counter()
+        self.counts: collections.Counter = collections.Counter()  # answer -> queries
+        self.by_segment: collections.Counter = collections.Counter()  # (segment, answer) -> queries
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -315,7 +316,7 @@ class DnsServer:
 
     def _tcp_accept(self, lst: Listener, conn: socket.socket, peer) -> None:
         if not self.tcp_slots.acquire(blocking=False):
-            self.counts["tcp_busy"] += 1
+            self._count(lst.segment, "tcp_busy")
             conn.close()
             return
         threading.Thread(target=self._tcp_conn, args=(lst.segment, conn), daemon=True,
@@ -344,32 +345,36 @@ class DnsServer:
             conn.close()
             self.tcp_slots.release()
 
+    def _count(self, segment: str, answer: str) -> None:
+        self.counts[answer] += 1
+        self.by_segment[(segment, answer)] += 1
+
     def _handle(self, segment: str, data: bytes, tcp: bool):
         """bytes to send, None for nothing, or a Future of either (a forwarded query)."""
         zone = self.zone
         try:
             query = DNSRecord.parse(data)
         except Exception:
-            self.counts["formerr"] += 1
+            self._count(segment, "formerr")
             return _formerr(data)
         if query.header.qr or zone is None:
-            self.counts["ignored"] += 1
+            self._count(segment, "ignored")
             return None
         reply = zone.answer(query, segment)
         if reply is None:
-            self.counts["forwarded"] += 1
-            return self.pool.submit(self._forward, zone.upstream, query, data, tcp)
-        self.counts[RCODE.get(reply.header.rcode).lower()] += 1
+            self._count(segment, "forwarded")
+            return self.pool.submit(self._forward, zone.upstream, query, data, tcp, segment)
+        self._count(segment, RCODE.get(reply.header.rcode).lower())
         return reply.pack()
 
-    def _forward(self, upstream: list[str], query: DNSRecord, data: bytes, tcp: bool) -> bytes:
+    def _forward(self, upstream: list[str], query: DNSRecord, data: bytes, tcp: bool, segment: str) -> bytes:
         for server in upstream:
             try:
                 return query.send(server, PORT, tcp=tcp, timeout=UPSTREAM_TIMEOUT,
                                   ipv6=":" in server)
             except (OSError, socket.timeout) as e:
                 log.warning("DNS upstream %s: %s", server, e)
-        self.counts["servfail"] += 1
+        self._count(segment, "servfail")
         reply = query.reply()
         reply.header.aa = 0
         reply.header.rcode = RCODE.SERVFAIL

@@ -27,7 +27,7 @@ from bulkhead.datapath import abi, loader
 log = logging.getLogger("bulkhead.metrics")
 
 # Parts of a scrape, each read and counted (bulkhead_collector_errors{section}) on its own.
-SECTIONS = ("counters", "policy", "pair_flows", "flow_table", "latency", "maps", "flow_log", "verifier")
+SECTIONS = ("counters", "policy", "pair_flows", "flow_table", "latency", "maps", "flow_log", "verifier", "dns")
 MAP_ARRAYS = {"ctl", "slot_cfg", "if_cfg", "stats", "events", "tails", "sni_scratch"}  # preallocated: always full
 
 
@@ -250,6 +250,19 @@ class DatapathCollector:
                 buckets = [(str(b), h[i]) for i, b in enumerate(l7.BUCKETS)] + [("+Inf", h[-2])]
                 hist.add_metric([phase.removesuffix("_s"), src, dst], buckets, h[-1])
         return [up, restarts, reqs, conns, hist]
+
+
+    def _dns(self):
+        """The gateway's DNS (docs/fabric.md): queries by asking segment and answer."""
+        dns = getattr(self.agent, "dns", None)
+        if dns is None:
+            return []
+        q = CounterMetricFamily("bulkhead_dns_queries", "DNS queries the gateway answered, by the segment that "
+                                "asked and the answer (noerror, nxdomain: a name the segment may not reach, "
+                                "refused, forwarded, servfail, formerr, ...)", labels=["segment", "answer"])
+        for (segment, answer), n in sorted(dns.by_segment.items()):
+            q.add_metric([segment, answer], n)
+        return [q]
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

@@ -1,6 +1,7 @@
 """The flow log, latency summaries, monotonic flow totals and the collector, without a kernel."""
 from __future__ import annotations
 
+import collections
 import ctypes as C
 import ipaddress
 import socket
@@ -424,3 +425,15 @@ def test_server_names_of_decided_flows_are_kept_bounded(monkeypatch):
     assert fl.server_name(*key(1)) is None, "the oldest name goes first"
     assert (fl.server_name(*key(3)), fl.server_name(*key(4))) == ("b.example", "c.example")
     assert fl.server_name(2, *key(3)[1:]) is None, "another segment's flow"
+
+
+def test_collector_counts_the_gateways_dns_by_segment_and_answer():
+    import types
+
+    agent = FakeAgent()
+    assert get(scrape(DatapathCollector(agent)), "bulkhead_dns_queries_total") == 0  # no fabric: no family
+    agent.dns = types.SimpleNamespace(by_segment=collections.Counter({("prod", "noerror"): 3, ("dev", "nxdomain"): 2}))
+    m = scrape(DatapathCollector(agent))
+    assert get(m, "bulkhead_dns_queries_total", segment="prod", answer="noerror") == 3
+    assert get(m, "bulkhead_dns_queries_total", segment="dev", answer="nxdomain") == 2
+    assert get(m, "bulkhead_collector_errors_total", section="dns") == 0
