@@ -100,7 +100,10 @@ REQUEST_HEADER = (f"{'TIME':<8} {'VERDICT':<7} {'ST':>3} {'METHOD':<7} {'HOST+PA
 def request_line(r: dict) -> str:
     ms = "/".join(f"{(r.get(k) or 0) * 1000:.1f}" for k in ("decision_s", "connect_s", "ttfb_s", "total_s"))
     url = (r.get("host") or "") + (r.get("path") or "")
+    to = r.get("dst_app") or "-"
+    if r.get("router"):  # routed: router>backend (docs/fabric.md, Routes)
+        to = f"{r['router']}>{r.get('backend') or '?'}"
     return (f"{time.strftime('%H:%M:%S', time.localtime(r.get('time', 0))):<8} {r.get('verdict', '?'):<7} "
             f"{r.get('status') or 0:>3} {r.get('method') or '-':<7} {url[:40]:<40} "
-            f"{r.get('src_app') or '-':<12} {r.get('dst_app') or '-':<12} {r.get('rule') or '-':<20} "
+            f"{r.get('src_app') or '-':<12} {to:<12} {r.get('rule') or '-':<20} "
             f"{r.get('bytes_in') or 0:>8} {r.get('bytes_out') or 0:>9}  {ms:<23}  {r.get('reason') or ''}")

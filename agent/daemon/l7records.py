@@ -20,6 +20,9 @@ class L7Records:
         self.seq = 0
         self.requests: collections.Counter = collections.Counter()  # (verdict, rule, src, dst, status) -> n
         self.connections: collections.Counter = collections.Counter()  # event -> n
+        # routers (docs/fabric.md, Routes): (router, route, backend, verdict) -> n; route and
+        # backend "" when no route matched
+        self.routes: collections.Counter = collections.Counter()
         # (phase, src, dst) -> [bucket counts..., +Inf count, sum]
         self.latency: dict[tuple, list] = {}
 
@@ -33,6 +36,9 @@ class L7Records:
                 src, dst = rec.get("src_app") or "-", rec.get("dst_app") or "-"
                 self.requests[(rec.get("verdict") or "?", rec.get("rule") or "", src, dst,
                                str(rec.get("status") or 0))] += 1
+                if rec.get("router"):
+                    self.routes[(rec["router"], rec.get("route") or "", rec.get("backend") or "",
+                                 rec.get("verdict") or "?")] += 1
                 for phase in self.PHASES:
                     v = rec.get(phase)
                     if v is None:
@@ -49,7 +55,7 @@ class L7Records:
             log.info("L7 %s %s %s %s%s from %s (%s) to %s: rule %s: %s", rec.get("verdict"), rec.get("status"),
                      rec.get("method"), rec.get("host") or "", rec.get("path"), rec.get("src_app"),
                      rec.get("client"), rec.get("dst_app"), rec.get("rule") or "-", rec.get("reason"))
-        elif kind == "conn" and rec.get("event") not in ("accepted", "closed", "ready"):
+        elif kind == "conn" and rec.get("event") not in ("accepted", "closed", "ready", "routed"):
             log.warning("L7 connection %s %s: %s", rec.get("event"), rec.get("flow_id") or "", rec.get("detail"))
 
     def since(self, after: int, limit: int) -> tuple[int, list[dict]]:
@@ -62,4 +68,8 @@ class L7Records:
             by_verdict: collections.Counter = collections.Counter()
             for (verdict, *_), n in self.requests.items():
                 by_verdict[verdict] += n
-            return {"by_verdict": dict(by_verdict), "connections": dict(self.connections)}
+            out = {"by_verdict": dict(by_verdict), "connections": dict(self.connections)}
+            if self.routes:
+                out["routes"] = [{"router": r, "route": rt, "backend": b, "verdict": v, "count": n}
+                                 for (r, rt, b, v), n in sorted(self.routes.items())]
+            return out

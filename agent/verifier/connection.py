@@ -221,7 +221,7 @@ class Connection(RequestReader, asyncio.Protocol):
     # ------------------------------------------------------------- deciding
     def decide(self, ex: Exchange) -> None:
         t = clock()
-        o = decide_request(self.ctx, ex.method, ex.target, ex.host_hdr, ex.headers, self.sni if self.tls else None)
+        o = self.outcome(ex)
         # (only the fields that differ from Exchange's defaults: every attribute an instance
         # gets costs, and an allowed request keeps status 0)
         ex.path, ex.host, ex.rule, ex.reason = o.path, o.host, o.rule, o.reason
@@ -239,6 +239,10 @@ class Connection(RequestReader, asyncio.Protocol):
                 ex.close_after = True
         elif ex.action == REFUSE:
             ex.final = True
+
+    def outcome(self, ex: Exchange):
+        """The decide.Outcome of a framed head (router.RouterConnection routes first)."""
+        return decide_request(self.ctx, ex.method, ex.target, ex.host_hdr, ex.headers, self.sni if self.tls else None)
 
     def _content_length(self, ex: Exchange) -> int:
         for n, v in ex.headers:

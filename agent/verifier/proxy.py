@@ -6,7 +6,9 @@ For each accepted connection:
 
 1. `resolver(sock)` says which flow it is (FlowContext: apps, rules, TLS) — None
    resets the connection (`no_flow`).
-2. If the flow's destination app terminates TLS, the first byte is peeked: a TLS
+2. A router's flow (docs/fabric.md, Routes) goes to router.py: a ClientHello is routed by
+   its server name and spliced to the backend untouched, HTTP is routed per request.
+   If the flow's destination app terminates TLS, the first byte is peeked: a TLS
    record (0x16) is terminated with ctx.tls_server; anything else is plain HTTP.
    A TLS ClientHello on a flow without tls_server is closed (`tls_not_terminated`):
    what cannot be read cannot be checked.
@@ -30,6 +32,7 @@ import struct
 from typing import Awaitable, Callable, Optional
 
 from bulkhead.l7.settings import HTTP_DEFAULTS
+from bulkhead.verifier import router as routerlib
 from bulkhead.verifier.connection import Connection
 from bulkhead.verifier.records import FlowContext, NullSink, Sink
 from bulkhead.verifier.upstream import Opener, tcp_opener
@@ -136,6 +139,20 @@ class Verifier:
                 return
             self._sink_conn(ctx, "accepted", "")
             tls = False
+            router = getattr(ctx, "bh_router", None)
+            if router is not None:
+                # a router (docs/fabric.md, Routes): TLS by server name (passthrough), else HTTP by Host
+                first = await self._peek(sock, float(ctx.settings.get("header_timeout", HTTP_DEFAULTS.header_timeout)))
+                if not first:
+                    sock.close()
+                    self._sink_conn(ctx, "timeout" if first is None else "closed", "before a request")
+                    return
+                if first == b"\x16":
+                    await routerlib.passthrough(self, sock, ctx, router)
+                    return
+                conn = routerlib.RouterConnection(self, ctx, router, ctx.bh_rules_for)
+                await self.loop.connect_accepted_socket(lambda: conn, sock)
+                return
             if ctx.tls_server is not None:
                 first = await self._peek(sock, float(ctx.settings.get("header_timeout", HTTP_DEFAULTS.header_timeout)))
                 if first is None:

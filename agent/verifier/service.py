@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import dataclasses
 import errno
 import ipaddress
@@ -118,6 +119,14 @@ class PolicyView:
         if problems:
             raise PolicyError("; ".join(problems))
         self._cache: dict[tuple, tuple] = {}
+        # Routers (docs/fabric.md, Routes): their routes, and the policy of their backends' pairs
+        from bulkhead.verifier.router import PairPolicy, RouteTable
+
+        self.rule_names = {int(r["id"]): r["name"] for r in bundle.rules}
+        self.routers = {a["name"]: RouteTable(a["routes"]) for a in bundle.apps if a.get("routes") is not None}
+        backends = {int(self.app_by_name[r.to]["id"]) for t in self.routers.values() for r in t.routes
+                    if r.to in self.app_by_name}
+        self.pairs = PairPolicy(bundle, backends) if backends else None
 
     def app_name(self, app_id: int) -> str | None:
         a = self.app_by_id.get(app_id)
@@ -232,6 +241,11 @@ class EventSink:
             dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec))
         if d.get("verdict") == "allow" and str(d.get("reason") or "").startswith("audit:"):
             d["verdict"] = "audit"  # forwarded, but a rule would have denied it
+        cur = getattr(ctx, "bh_cur", None)
+        if cur is not None:  # a router's request: the route and the backend chosen (the pair's dst)
+            self._send({"t": "request", "time": time.time(), **self._flow(ctx),
+                        **({"dst_app": cur["backend"]} if cur.get("backend") else {}), **cur, **d})
+            return
         self._send({"t": "request", "time": time.time(), **self._flow(ctx), **d})
 
     def connection(self, ctx, event: str, detail: str = "") -> None:
@@ -245,7 +259,9 @@ class Service:
         self.views: dict[int, PolicyView] = {}
         self.current: PolicyView | None = None
         self.pending: PolicyView | None = None
-        self.stats = {"resolved": 0, "no_flow": 0, "upstream_failed": 0}
+        # routed / no_route / route_denied / route_malformed: connections and requests to routers
+        self.stats = {"resolved": 0, "no_flow": 0, "upstream_failed": 0, "routed": 0, "no_route": 0,
+                      "route_denied": 0, "route_malformed": 0}
 
     # ---------------------------------------------------------- commands
     def command(self, req: dict) -> dict:
@@ -312,7 +328,8 @@ class Service:
         if src is None:
             self.stats["no_flow"] += 1
             return None
-        _, hostnames, _ = view.ruleset(src, dst_app, dst[1])
+        router = dst_app if dst_app in view.routers else None
+        _, hostnames, _ = view.ruleset(src, dst_app, dst[1]) if router is None else (None, [], False)
         tls = view.tls.get(dst_app) if dst_app else None
         ctx = FlowContext(
             client=(cli[0], cli[1]), original_dst=(dst[0], dst[1]),
@@ -322,6 +339,12 @@ class Service:
             settings=view.http, flow_id=f"{seg}:{cli[0]}:{cli[1]}->{dst[0]}:{dst[1]}",
         )
         ctx.bh_flow = (f, seg)  # for open_upstream
+        if router is not None:
+            from bulkhead.verifier.router import RouterFlow
+
+            ctx.rules = None
+            ctx.bh_router = RouterFlow(lambda: self.current, router, src, dst[1], self.stats, self.sink)
+            ctx.bh_rules_for = lambda backend, src=src, port=dst[1]: LiveRules(self, src, backend, port)
         self.stats["resolved"] += 1
         return ctx
 
@@ -330,6 +353,9 @@ class Service:
         f, seg = ctx.bh_flow
         dst = ctx.original_dst
         cli_ip = ctx.client[0]
+        target = getattr(ctx, "bh_target", None)
+        if target is not None:
+            f, dst = self._routed(ctx, f, target)
         if not f.peer_segment:
             self.stats["upstream_failed"] += 1
             raise OSError(errno.EHOSTUNREACH, "the origin's segment is unknown: its answers could not be let in")
@@ -350,6 +376,34 @@ class Service:
             self.stats["upstream_failed"] += 1
             s.close()
             raise
+
+
+    def _routed(self, ctx, f: abi.Flow, target) -> tuple[abi.Flow, tuple]:
+        """A routed connection's upstream: the backend's host address of the client's family,
+        the router's port, and the flow entry as the pair (client, backend) it was decided as
+        (the reply entry written from it lets the backend's answers reach the upstream socket)."""
+        view = self.current
+        app = view.app_by_name.get(target.backend) if view is not None else None
+        if app is None:
+            raise OSError(errno.EHOSTUNREACH, f"backend {target.backend} is not in the policy in force")
+        ip = ipaddress.ip_address(ctx.client[0])
+        family = 4 if ip.version == 4 or ip.ipv4_mapped else 6
+        addr = None
+        for a in app.get("addresses") or []:
+            net = ipaddress.ip_network(a)
+            if net.version == family and net.num_addresses == 1:
+                addr = net.network_address
+                break
+        if addr is None:
+            raise OSError(errno.EHOSTUNREACH, f"backend {target.backend} has no IPv{family} host address")
+        seg_id = next((i for i, n in view.segments.items() if n == app.get("segment")), 0)
+        g = abi.Flow()
+        ctypes.memmove(ctypes.addressof(g), ctypes.addressof(f), ctypes.sizeof(abi.Flow))
+        g.dst_app = target.backend_id
+        g.rule_id = target.verdict.rule_id
+        g.peer_segment = seg_id
+        host = str(addr) if family == 6 or ":" not in ctx.client[0] else f"::ffff:{addr}"
+        return g, (host, ctx.original_dst[1])
 
 
 def _command_thread(svc: Service, sock: socket.socket, on_eof) -> None:
