@@ -242,6 +242,10 @@ class RouterFlow:
         v = view.pairs.decide(int(src["id"]), int(dst["id"]), self.port, tls, name)
         return Target(self.router, r, r.to, int(dst["id"]), v), v.reason
 
+    def generation(self) -> int:
+        view = self.current()
+        return view.generation if view is not None else 0
+
     def rule_name(self, rule_id: int) -> Optional[str]:
         view = self.current()
         return view.rule_names.get(rule_id) if view is not None and rule_id else None
@@ -477,6 +481,7 @@ class RouterConnection(Connection):
         self.router = router
         self.rules_for = rules_for  # backend app name -> FlowContext.rules for its L7 rules
         self.up_backend: Optional[str] = None
+        self.up_generation = 0
         self._probe = dataclasses.replace(ctx, rules=AllowAll(None, ""), dst_hostnames=[])
         self._ctxs: dict = {}
 
@@ -509,10 +514,14 @@ class RouterConnection(Connection):
     def start(self, ex):
         if ex.action == ALLOW:
             t = ex.bh_target
-            if self.up_backend != t.backend:
+            gen = self.router.generation()
+            if self.up_backend != t.backend or self.up_generation != gen:
+                # another backend, or a policy applied since the upstream was opened (its reply
+                # entry, of the older generation, would be re-judged as the direct pair): forward()
+                # closes it and connects anew
                 if self.up is not None:
-                    self.up.usable = False  # forward() closes it and connects to the new backend
-                self.up_backend = t.backend
+                    self.up.usable = False
+                self.up_backend, self.up_generation = t.backend, gen
             self.ctx.bh_target = t
             self.router.count("routed")
         super().start(ex)

@@ -402,6 +402,10 @@ class Service:
         g.dst_app = target.backend_id
         g.rule_id = target.verdict.rule_id
         g.peer_segment = seg_id
+        # the generation the pair was decided in (the client's entry may be older: an entry of
+        # an older generation is re-judged by the kernel as the direct pair, which no longer
+        # steers the backend's answers here)
+        g.generation = view.generation
         host = str(addr) if family == 6 or ":" not in ctx.client[0] else f"::ffff:{addr}"
         return g, (host, ctx.original_dst[1])
 

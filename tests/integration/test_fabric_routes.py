@@ -293,6 +293,37 @@ def test_host_and_path_pick_the_backend_per_request(routes):
     assert {r["dst_app"] for r in recs} == {"payments", "catalog"}
 
 
+def test_a_policy_apply_between_requests_on_one_connection(routes):
+    """The next request is routed and decided in the policy in force, on a fresh upstream."""
+    gw = routes
+    s = gw.topo.socket("prod")
+    s.settimeout(5)
+    s.connect((vip(gw), HTTP_PORT))
+    f = s.makefile("rb")
+
+    def get(path: str) -> tuple[int, bytes]:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n".encode())
+        status = int(f.readline().split()[1])
+        n = 0
+        while (ln := f.readline().strip()):
+            k, _, v = ln.decode().partition(":")
+            n = int(v) if k.strip().lower() == "content-length" else n
+        return status, f.read(n)
+
+    try:
+        assert json.loads(get("/api/x")[1])["backend"] == "payments"
+        apply(gw, route_policy(gw, [gw.rule("web", "catalog", ports=["tcp/1"], name="unrelated")]))
+        assert json.loads(get("/api/y")[1])["backend"] == "payments"
+        deny = gw.rule("web", "payments", action="deny", ports=[f"tcp/{HTTP_PORT}"], name="no-pay-http")
+        apply(gw, route_policy(gw, [deny]))
+        assert get("/api/z")[0] == 403
+        status, body = get("/")
+        assert status == 200 and json.loads(body)["backend"] == "catalog"
+    finally:
+        s.close()
+        apply(gw, route_policy(gw))
+
+
 def test_a_name_with_no_route_is_refused_and_counted(routes):
     gw = routes
     addr = vip(gw)
