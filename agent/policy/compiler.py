@@ -210,6 +210,12 @@ def router_policy_entries(policy: Policy, app_ids: dict[str, int], app_ports: di
         for rule_id, rule in enumerate(policy.rules, 1):
             if rule.action == "allow" and rule.dst in backends:
                 clients.setdefault(rule.src, rule_id)
+        if policy.settings.default_action == "allow":
+            # any app may reach the backends by default: any app may reach the router (without
+            # an entry its flows would be allowed unsteered, and nothing owns the service address)
+            for a in policy.apps:
+                if a.routes is None and a.addresses:
+                    clients.setdefault(a.name, 0)
         for src, rule_id in sorted(clients.items(), key=lambda kv: app_ids[kv[0]]):
             v = Verdict(RANK_L7, rule_id, int(Action.L7), 0)
             for plen, proto, dport, win in pair_entries([(v, app_ports[r_app.name])]):

@@ -313,3 +313,16 @@ def test_sni_lookup_order_exact_then_wildcard_port_then_any():
     assert v.action == "allow" and v.audit and v.rule_id == 8
     assert pp.decide(1, 2, 443, True, "c.ex.example")[:2] == ("allow", 6)
     assert pp.decide(1, 2, 443, True, "c.other.example").action == "refuse"
+
+
+def test_with_default_allow_every_app_may_reach_the_router(tmp_path):
+    text = POLICY.replace("settings: {default_action: deny}", "settings: {default_action: allow}")
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    b = compile_policy(validate_files([str(p)]))
+    ids = {a["name"]: a["id"] for a in b.apps}
+    steered = {e[1] for e in b.policy_entries if e[2] == ids["shop"] and e[5] == int(Action.L7)}
+    assert steered == {ids[n] for n in ("web", "ops", "payments", "catalog", "ledger")}
+    pp = PairPolicy(b, {ids["payments"], ids["catalog"]})
+    v = pp.decide(ids["ops"], ids["payments"], 8443, True, "api.shop.example")
+    assert v.action == "allow" and v.rule_id == 0 and "default_action allow" in v.reason
