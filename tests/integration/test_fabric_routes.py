@@ -14,7 +14,9 @@ TPROXY and the verifier, to two backends in core:
   reset; each counted;
 - dev has no rule to the backends: NXDOMAIN, and connecting to the VIP anyway gets nothing;
 - a deny rule web -> payments beats the allow: refused although routed (access_denied), while
-  catalog's routes still pass.
+  catalog's routes still pass;
+- a policy apply between two requests on one connection: the next is decided in the new
+  policy; a backend that refuses: 502; IPv4 and IPv6; many connections in a row.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from bulkhead.lab.topology import CATALOG_V4, CATALOG_V6, CLIENT_V4, PAYMENTS_V4, PAYMENTS_V6
+from bulkhead.lab.topology import CATALOG_V4, CATALOG_V6, CLIENT_V4, CLIENT_V6, PAYMENTS_V4, PAYMENTS_V6
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -291,6 +293,12 @@ def test_host_and_path_pick_the_backend_per_request(routes):
         ("/api/x", "payments", "host shop.example /api/"), ("/", "catalog", "host shop.example"),
         ("/api/y", "payments", "host shop.example /api/"), ("/apix", "catalog", "host shop.example")]
     assert {r["dst_app"] for r in recs} == {"payments", "catalog"}
+    text = gw.agent.cli("requests", "--limit", "4").stdout
+    assert "shop>payments" in text and "shop>catalog" in text
+    # and over IPv6: the backend's /128, from the client's own address
+    (status, body), = http_get(gw, "prod", vip(gw, "AAAA"), ["/api/v6"])
+    assert status == 200 and json.loads(body)["backend"] == "payments"
+    assert json.loads(body)["client"] == CLIENT_V6
 
 
 def test_a_policy_apply_between_requests_on_one_connection(routes):
