@@ -438,8 +438,11 @@ async def passthrough(verifier, sock: socket.socket, ctx, router: RouterFlow) ->
         upstream.transport.write(buf)  # the ClientHello, as received
         await loop.connect_accepted_socket(lambda: client, sock)
     except (OSError, RuntimeError) as e:
-        up_sock.close()
-        sock.close()
+        for side, raw in ((upstream, up_sock), (client, sock)):
+            if side.transport is not None:
+                side.transport.abort()
+            else:
+                raw.close()
         verifier._sink_conn(ctx, "error", str(e))
         return
     router.count("routed")
@@ -502,9 +505,11 @@ class RouterConnection(Connection):
             d.rule = None if target is None else self.router.rule_name(target.verdict.rule_id)
             return d
         v = target.verdict
-        key = (target.backend, v.action, v.rule_id, v.reason)
+        key = (self.router.generation(), target.backend, v.action, v.rule_id, v.reason)  # (rule names: per policy)
         bctx = self._ctxs.get(key)
         if bctx is None:
+            if len(self._ctxs) >= 64:  # (applies on a long-lived connection)
+                self._ctxs.clear()
             rules = (self.rules_for(target.backend) if v.action == "l7"
                      else AllowAll(self.router.rule_name(v.rule_id), v.reason))
             bctx = self._ctxs[key] = dataclasses.replace(self.ctx, dst_app=target.backend, rules=rules,
