@@ -928,8 +928,13 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		is_reply = 1;
 		__u8 fwd_reason = v->reason;
 		if (bh_reason_xdp(v->reason) == XDP_PASS && v->reason != BH_R_SNI_PENDING) {
-			/* The reply side of a verifier's upstream connection stays steered to it. */
-			int upstream = f->reason == BH_R_L7_UPSTREAM && v->reason == BH_R_L7_STEER;
+			/*
+			 * The reply side of a verifier's upstream connection stays steered to it
+			 * while the pair still passes: the client's connection ends at the
+			 * verifier, whatever the new rule says (an L7 rule that became a plain
+			 * allow; a router's backend, judged as the pair client -> backend).
+			 */
+			int upstream = f->reason == BH_R_L7_UPSTREAM;
 			v->reason = upstream ? BH_R_L7_UPSTREAM : BH_R_ALLOW_REPLY;
 			v->action = BH_ACT_ALLOW;
 		}

@@ -139,6 +139,13 @@ def test_upstream_entry_survives_a_swap_and_follows_the_new_policy(ready):
     ready.apply(base_bundle())  # same policy, new generation: the reply entry is re-judged
     data = seg4("A", sport=80, dport=50003, src=PAY4, dst=C4)
     steered(ready.expect(data, "core", X.PASS, R.L7_UPSTREAM), data, SEG_CORE)
-    # A policy without the L7 rule: the origin's answers are no longer let in.
+    # The L7 rule became a plain allow (or the pair is a router's client -> backend, which the
+    # compiler allows directly): the client's connection still ends at the verifier, so the
+    # origin's answers stay steered to its socket.
+    plain = [pol(APP_WEB, APP_PAY, P_TCP, 80, A.ALLOW, RULE_PAY_L7) if p[-1] == RULE_PAY_L7 else p
+             for p in BASE_POLICY]
+    ready.apply(base_bundle(policy=plain))
+    steered(ready.expect(data, "core", X.PASS, R.L7_UPSTREAM), data, SEG_CORE)
+    # A policy without the rule: the origin's answers are no longer let in.
     ready.apply(base_bundle(policy=[p for p in BASE_POLICY if p[-1] != RULE_PAY_L7]))
     ready.expect(data, "core", X.DROP, R.DENY_DEFAULT)
