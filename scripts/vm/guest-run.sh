@@ -56,6 +56,7 @@ DEFAULT_TESTS=(
     tests/integration/test_apply.py
     tests/integration/test_l7_gateway.py
     tests/integration/test_fabric_dns.py
+    tests/integration/test_fabric_routes.py
     "tests/integration/test_lifecycle.py::test_restart_keeps_enforcing_and_reuses_pins"
     "tests/integration/test_lifecycle.py::test_down_leaves_nothing"
     # last: they install bulkhead as a service on this system (systemd is PID 1 here), and
