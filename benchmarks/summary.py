@@ -64,8 +64,9 @@ def goal(benchmark: str, figure: str, *, ours: float | None, unit: str, want: st
 def _num(x: float | None, unit: str = "") -> str:
     if x is None:
         return "–"
+    sep = "" if unit == "x" else " "
     if isinstance(x, int):
-        return f"{x:,} {unit}".strip()
+        return f"{x:,}{sep}{unit}".strip()
     if abs(x) >= 100:
         s = f"{x:,.0f}"
     elif abs(x) >= 10:
@@ -74,15 +75,24 @@ def _num(x: float | None, unit: str = "") -> str:
         s = f"{x:.2f}"
     else:
         s = f"{x:.3g}"
-    return f"{s} {unit}".strip()
+    return f"{s}{sep}{unit}".strip()
 
 
 def _cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def grouped(rows: list[dict]) -> list[dict]:
+    """The rows of each benchmark together (benchmarks in the order they first reported, rows in
+    the order they came): a file's rows may be stated at different times of the session."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["benchmark"], []).append(r)
+    return [r for group in by.values() for r in group]
+
+
 def table(rows: list[dict] | None = None) -> list[str]:
-    rows = ROWS if rows is None else rows
+    rows = grouped(ROWS if rows is None else rows)
     lines = ["| benchmark | figure | bulkhead | baseline | ratio | goal | met |",
              "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
