@@ -74,20 +74,9 @@ class FabricLab(Lab):
     def name(self, role: str) -> str:
         return self.ns.get(role, role)
 
-    def _ip(self, *args: str) -> None:
-        p = subprocess.run(["ip", *args], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
-
     def create(self) -> "FabricLab":
         for role in ROLES:
-            name = self.ns[role]
-            if (NETNS_DIR / name).exists():
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
-            self._ip("netns", "add", name)
-            self.run(role, ["sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0",
-                            "net.ipv6.conf.default.accept_dad=0"])
-            self._ip("-n", name, "link", "set", "lo", "up")
+            self._fresh_netns(self.ns[role])
         under = self.ns["under"]
         self._ip("-n", under, "link", "add", "br0", "type", "bridge")
         self._ip("-n", under, "link", "set", "br0", "up")

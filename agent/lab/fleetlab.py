@@ -92,12 +92,7 @@ class FleetLab(Lab):
         self.etcd = EtcdServer(name="bhfleet", client_addr=ETCD_V4, netns=self.etcd_ns)
         self.created = False
 
-    # ------------------------------------------------------------- lifecycle
-    @staticmethod
-    def _ip(*args: str) -> None:
-        p = subprocess.run(["ip", *args], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+    # ------------------------------------------------------------- lifecycle  (_ip: Lab's)
 
     def create(self) -> "FleetLab":
         self.created = True

@@ -167,6 +167,23 @@ class Lab:
     def __exit__(self, *exc) -> None:
         self.destroy()
 
+    @staticmethod
+    def _ip(*args: str) -> None:
+        p = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+
+    def _fresh_netns(self, name: str) -> None:
+        """Namespace `name`, new (a leftover of ours by that name, from a crashed run, is deleted
+        first), with loopback up and no IPv6 DAD: addresses are usable at once (the links are
+        point-to-point veths or one bridge)."""
+        if (NETNS_DIR / name).exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        self._ip("netns", "add", name)
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0",
+                        "net.ipv6.conf.default.accept_dad=0"], check=True, capture_output=True)
+        self._ip("-n", name, "link", "set", "lo", "up")
+
 
 class Topology(Lab):
     def __init__(self, kind: str = "bht"):
@@ -181,22 +198,10 @@ class Topology(Lab):
     def name(self, ns: str) -> str:
         return self.ns.get(ns, ns)
 
-    def _ip(self, *args: str) -> None:
-        p = subprocess.run(["ip", *args], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
-
     def create(self) -> "Topology":
         self.created = True
         for role in ROLES:
-            name = self.ns[role]
-            if (NETNS_DIR / name).exists():  # ours by name: a leftover of a crashed run
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
-            self._ip("netns", "add", name)
-            # No DAD: addresses are usable at once (the links are point-to-point veths).
-            self.run(role, ["sysctl", "-q", "-w", "net.ipv6.conf.all.accept_dad=0",
-                            "net.ipv6.conf.default.accept_dad=0"])
-            self._ip("-n", name, "link", "set", "lo", "up")
+            self._fresh_netns(self.ns[role])
         for gw_if, (role, gw_addrs, peer_addrs, (v4gw, v6gw)) in LINKS.items():
             peer_ns = self.ns[role]
             self._ip("-n", self.gw, "link", "add", gw_if, "type", "veth", "peer", "name", PEER_IF,

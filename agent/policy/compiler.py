@@ -201,15 +201,21 @@ def router_policy_entries(policy: Policy, app_ids: dict[str, int], app_ports: di
     """Every app with an allow rule to one of a router's backends may open connections to the
     router's ports: the verifier reads the server name or Host, picks the backend, and decides
     the pair (client, backend) as the kernel would (docs/fabric.md). Steered: Action.L7."""
+    routers = [a for a in policy.apps if a.routes is not None]
+    if not routers:
+        return []
+    # One pass over the rules: each backend's first allow rule per client app.
+    first_allow: dict[str, dict[str, int]] = {}  # backend -> {client app: rule id}
+    for rule_id, rule in enumerate(policy.rules, 1):
+        if rule.action == "allow":
+            first_allow.setdefault(rule.dst, {}).setdefault(rule.src, rule_id)
     out = []
-    for r_app in policy.apps:
-        if r_app.routes is None:
-            continue
-        backends = {r.to for r in r_app.routes}
+    for r_app in routers:
         clients: dict[str, int] = {}
-        for rule_id, rule in enumerate(policy.rules, 1):
-            if rule.action == "allow" and rule.dst in backends:
-                clients.setdefault(rule.src, rule_id)
+        for backend in dict.fromkeys(r.to for r in r_app.routes):
+            for src, rule_id in first_allow.get(backend, {}).items():
+                if rule_id < clients.get(src, rule_id + 1):
+                    clients[src] = rule_id
         if policy.settings.default_action == "allow":
             # any app may reach the backends by default: any app may reach the router (without
             # an entry its flows would be allowed unsteered, and nothing owns the service address)

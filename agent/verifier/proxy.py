@@ -28,7 +28,6 @@ import asyncio
 import logging
 import socket
 import ssl
-import struct
 from typing import Awaitable, Callable, Optional
 
 from bulkhead.l7.settings import HTTP_DEFAULTS
@@ -114,7 +113,7 @@ class Verifier:
                 return
             if self.connections >= self.max_connections:
                 self._sink_conn(None, "overload", f"{addr[0]}:{addr[1]}: {self.max_connections} connections")
-                _reset(sock)
+                routerlib.reset(sock)
                 continue
             sock.setblocking(False)
             try:
@@ -135,7 +134,7 @@ class Verifier:
                 ctx = None
             if ctx is None:
                 self._sink_conn(None, "no_flow", _peer(sock))
-                _reset(sock)
+                routerlib.reset(sock)
                 return
             self._sink_conn(ctx, "accepted", "")
             tls = False
@@ -227,13 +226,6 @@ class Verifier:
         await asyncio.sleep(0)
 
 
-def _reset(sock: socket.socket) -> None:
-    """Close with a RST (SO_LINGER 0): the client learns at once."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
 
 
 def _peer(sock: socket.socket) -> str:

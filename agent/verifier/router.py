@@ -268,7 +268,7 @@ class RouterFlow:
 
 
 def reset(sock: socket.socket) -> None:
-    """Close with a RST (SO_LINGER 0), as proxy.py does for flows it refuses."""
+    """Close with a RST (SO_LINGER 0): the client learns at once (flows refused here and in proxy.py)."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:

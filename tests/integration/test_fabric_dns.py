@@ -22,7 +22,9 @@ import textwrap
 
 import pytest
 import yaml
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import RCODE, DNSRecord
+
+from bulkhead.lab.topology import recv_exact
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -72,8 +74,8 @@ def query(topo, ns: str, name: str, qtype: str = "A", tcp: bool = False, server:
             s.connect((server, 53))
             data = q.pack()
             s.sendall(struct.pack("!H", len(data)) + data)
-            n = struct.unpack("!H", _exact(s, 2))[0]
-            raw = _exact(s, n)
+            n = struct.unpack("!H", recv_exact(s, 2))[0]
+            raw = recv_exact(s, n)
         else:
             s.sendto(q.pack(), (server, 53))
             raw = s.recv(4096)
@@ -84,16 +86,6 @@ def query(topo, ns: str, name: str, qtype: str = "A", tcp: bool = False, server:
     reply = DNSRecord.parse(raw)
     assert reply.header.id == q.header.id
     return reply
-
-
-def _exact(s, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise OSError("closed")
-        buf += chunk
-    return buf
 
 
 def addresses(reply) -> list[str]:

@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from bulkhead.lab.topology import CATALOG_V4, CATALOG_V6, CLIENT_V4, CLIENT_V6, PAYMENTS_V4, PAYMENTS_V6
+from bulkhead.lab.topology import (CATALOG_V4, CATALOG_V6, CLIENT_V4, CLIENT_V6, PAYMENTS_V4, PAYMENTS_V6,
+                                   recv_exact, recv_line)
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -200,20 +201,10 @@ def tls(gw, ns: str, addr: str, name: str | None, timeout: float = 5.0):
     raw.connect((addr, TLS_PORT))
     with ctx.wrap_socket(raw, server_hostname=name) as s:
         der = s.getpeercert(binary_form=True)
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = s.recv(100)
-            if not chunk:
-                break
-            line += chunk
+        line = recv_line(s)
         s.sendall(b"ping" * 5000)
-        echo = b""
-        while len(echo) < 20000:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            echo += chunk
-    return der, line.decode().strip(), echo
+        echo = recv_exact(s, 20000)
+    return der, line.strip(), echo
 
 
 def http_get(gw, ns: str, addr: str, paths: list[str], host: str = "shop.example", timeout: float = 5.0,
