@@ -249,3 +249,24 @@ def test_fabric_names_lists_names_addresses_routes_and_who_resolves_them(tmp_pat
     assert text.exit_code == 0 and "payments.apps.example" not in text.output and "shop.example" in text.output
     bad = CliRunner().invoke(main, ["fabric", "names", str(p), "--segment", "nope"])
     assert bad.exit_code == 2
+
+
+def test_malformed_queries_get_formerr_or_nothing_and_are_counted(tmp_path):
+    from bulkhead.fabric.dns import DnsServer
+
+    srv = DnsServer()
+    try:
+        srv.zone = Zone(compile_doc(tmp_path, BASE))
+        assert srv._handle("prod", b"\x12\x34", tcp=False) is None  # no header: nothing to answer
+        out = srv._handle("prod", b"\x12\x34" + b"\x01\x00" + b"\x00\x05" + b"\xff" * 10, tcp=False)
+        r = DNSRecord.parse(out)  # a header that reads, a body that doesn't: FORMERR, same id
+        assert r.header.id == 0x1234 and r.header.rcode == RCODE.FORMERR and r.header.qr == 1
+        response = DNSRecord.question("payments.apps.example").reply().pack()
+        assert srv._handle("prod", response, tcp=False) is None  # a response, not a query: ignored
+        two = DNSRecord.question("payments.apps.example")
+        two.add_question(*DNSRecord.question("catalog.example").questions)
+        assert DNSRecord.parse(srv._handle("prod", two.pack(), tcp=False)).header.rcode == RCODE.FORMERR
+        # the short one is counted too, though it gets no answer
+        assert srv.by_segment[("prod", "formerr")] == 3 and srv.by_segment[("prod", "ignored")] == 1
+    finally:
+        srv.stop()
