@@ -27,6 +27,8 @@ FLOWF_REPLY = 0x02
 FLOWF_T_HS = 0x08
 FLOWF_T_DATA = 0x10
 FLOWF_ENDED = 0x20
+FLOWF_NAT = 0x40  # a service address: forward packets' destination translated, replies' source back
+FLOWF_TRANSIT = 0x80  # the other end is behind another gateway: through the transit tunnel
 FLOWF_OBSERVE = FLOWF_T_HS | FLOWF_T_DATA
 
 
@@ -65,6 +67,10 @@ class Reason(enum.IntEnum):
     L7_UPSTREAM = 31
     L7_NO_META = 32
     TAIL_CALL_MISSED = 33
+    TRANSIT_UNKNOWN_PEER = 34
+    TRANSIT_BAD_IDENTITY = 35
+    TRANSIT_BAD_SEGMENT = 36
+    TRANSIT_NO_TUNNEL = 37
 
 
 class Event(enum.IntEnum):
@@ -97,6 +103,24 @@ class Event(enum.IntEnum):
     FWD_OTHER_SEGMENT = 26
     FWD_TAIL_MISSED = 27
     FWD_CSUM_PARTIAL = 28
+    TRANSIT_ENCAP = 29
+    TRANSIT_DECAP = 30
+    VIP_NAT = 31
+
+
+class FabKind(enum.IntEnum):
+    """What a fab_N key names (bh_fab_key.kind), and what its value (bh_fab_val) holds."""
+    SELF = 1  # id 0: a = this gateway's id, b = ifindex of the transit device (0: none), addr = its transit address
+    VIP = 2  # addr = a service address: a = its app, b = the app's segment, addr = the real address
+    REAL = 3  # addr = that real address: a = the app, addr = its service address of the same family
+    SEG = 4  # id = a segment (every one of the policy): a = its gateway's id
+    APP = 5  # id = an app with a segment: a = its segment, b = its gateway's id
+    PEER = 6  # addr = a gateway's transit address: a = that gateway's id
+    GW = 7  # id = a gateway's id: addr = its transit address, a = 4 or 6
+
+
+# The kinds by the names the policy side uses (one definition: the enum above).
+FAB_SELF, FAB_VIP, FAB_REAL, FAB_SEG, FAB_APP, FAB_PEER, FAB_GW = FabKind
 
 
 class FlowEv(enum.IntEnum):
@@ -150,6 +174,10 @@ REASON_VERDICT = {
     Reason.L7_UPSTREAM: PASS,
     Reason.L7_NO_META: DROP,
     Reason.TAIL_CALL_MISSED: DROP,
+    Reason.TRANSIT_UNKNOWN_PEER: DROP,
+    Reason.TRANSIT_BAD_IDENTITY: DROP,
+    Reason.TRANSIT_BAD_SEGMENT: DROP,
+    Reason.TRANSIT_NO_TUNNEL: DROP,
 }
 
 # consts.h
@@ -173,11 +201,13 @@ SLOTF_SRC_LPM = 0x2
 SLOTF_DST_LPM = 0x4
 SLOTF_POL_LPM = 0x8
 SLOTF_SNI_ANY = 0x10
+SLOTF_FABRIC = 0x20  # the slot has fab_N entries: service addresses or transit
 APP_ANY = 0xFFFFFFFF
 META_MAGIC = 0xB4E7A11D
 METAF_SEND_BACK = 0x1
 METAF_FORWARD = 0x2
 METAF_SLOT1 = 0x4
+METAF_FABRIC = 0x8  # a flow through the fabric (FLOWF_NAT / FLOWF_TRANSIT): bulkhead_tc translates, encapsulates
 METAF_REASON_SHIFT = 8
 MARK_L7 = 0x0C000000
 MARK_KEEP = 0x00FF0000
@@ -289,6 +319,14 @@ class PolicyKey(C.Structure):
 
 class PolicyVal(C.Structure):
     _fields_ = [("action", u8), ("flags", u8), ("pad", u16), ("rule_id", u32)]
+
+
+class FabKey(C.Structure):
+    _fields_ = [("kind", u32), ("id", u32), ("addr", u8 * 16)]
+
+
+class FabVal(C.Structure):
+    _fields_ = [("a", u32), ("b", u32), ("addr", u8 * 16)]
 
 
 class Flow4Key(C.Structure):
@@ -468,6 +506,8 @@ STRUCTS = {
     "bh_ident": Ident,
     "bh_policy_key": PolicyKey,
     "bh_policy_val": PolicyVal,
+    "bh_fab_key": FabKey,
+    "bh_fab_val": FabVal,
     "bh_flow4_key": Flow4Key,
     "bh_flow6_key": Flow6Key,
     "bh_flow": Flow,
@@ -501,4 +541,4 @@ class RejectPath(enum.IntEnum):
 
 
 ENUMS = {"bh_action": Action, "bh_reason": Reason, "bh_event": Event, "bh_tail": Tail, "bh_flow_ev": FlowEv,
-         "bh_lat": Lat, "bh_reject_path": RejectPath}
+         "bh_lat": Lat, "bh_reject_path": RejectPath, "bh_fab_kind": FabKind}

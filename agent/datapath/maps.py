@@ -39,6 +39,7 @@ def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
         specs[f"pol_exact_{n}"] = (MAP_HASH, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
         specs[f"policy_{n}"] = (MAP_LPM_TRIE, s(abi.PolicyKey), s(abi.PolicyVal), sizes["BH_MAX_POLICY"])
         specs[f"sni_names_{n}"] = (MAP_HASH, s(abi.SniKey), s(abi.SniVal), sizes["BH_MAX_SNI"])
+        specs[f"fab_{n}"] = (MAP_HASH, s(abi.FabKey), s(abi.FabVal), sizes["BH_MAX_IDENT"])
     return specs
 
 
@@ -77,6 +78,8 @@ def misfits(bundle, sizes: dict[str, int], ifindexes: dict[str, int] | None = No
         ("pol_exact", "BH_MAX_POLICY", "policy"): n_exact,
         ("policy", "BH_MAX_POLICY", "policy"): len(bundle.policy_entries) - n_exact,
         ("sni_names", "BH_MAX_SNI", "sni_names"): len(bundle.sni_entries),
+        # + 1: the SELF entry the agent adds when it runs as a gateway with transit (fill.pack_slot)
+        ("fab", "BH_MAX_IDENT", "ident"): len(getattr(bundle, "fab_entries", None) or ()) + 1,
     }
     out = [f"{m}: {n} entries, the map holds {sizes[knob]} (--map-size {opt}=N)"
            for (m, knob, opt), n in need.items() if n > sizes[knob]]

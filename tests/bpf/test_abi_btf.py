@@ -35,7 +35,8 @@ ANCHOR_C = Path(__file__).with_name("abi_anchor.c")
 BCC_MAP_RECORD = "____btf_map_"
 # C enum -> prefix of its members: BH_R_DENY_RULE is Reason.DENY_RULE.
 ENUM_PREFIX = {"bh_action": "BH_ACT_", "bh_reason": "BH_R_", "bh_event": "BH_EV_", "bh_tail": "BH_TAIL_",
-               "bh_flow_ev": "BH_FE_", "bh_lat": "BH_LAT_", "bh_reject_path": "BH_REJECT_"}
+               "bh_flow_ev": "BH_FE_", "bh_lat": "BH_LAT_", "bh_reject_path": "BH_REJECT_",
+               "bh_fab_kind": "BH_FAB_"}
 # C enums of enums.h with no Python mirror, and why each may stay C-only.
 C_ONLY_ENUMS: dict[str, str] = {}
 # C structs of types.h with no Python mirror, and why each may stay C-only.
