@@ -22,6 +22,13 @@ Map entries are plain tuples so the bundle packs small and fast:
                   the server-name verdicts of flows whose policy entry says SNI;
                   hashes of the lowercased name or `*.` pattern (bulkhead.policy.sni);
                   dport 0 = any port; dst_app as above.
+  fab_entries:    (kind, id, key_addr16: bytes, a, b, val_addr16: bytes)
+                  the fab_N map: struct bh_fab_key {kind, id, addr} -> bh_fab_val {a, b, addr},
+                  kind an enum bh_fab_kind (datapath.abi.FabKind); an unused address is 16 zero
+                  bytes. VIP/REAL: a published app's service address <-> the real address it
+                  translates to; with transit, SEG/APP/PEER/GW: which gateway each segment and app
+                  is behind and where each gateway is reached. SELF is the agent's (it depends on
+                  the gateway it runs as), never the compiler's.
 """
 from __future__ import annotations
 
@@ -78,12 +85,16 @@ class Bundle:
     # published apps (app name -> [addresses]); empty = no fabric (then not packed at all)
     fabric: dict[str, Any] = dataclasses.field(default_factory=dict)
     vips: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # Transit between gateways: {"port": UDP port, "gateways": {name: transit address}} (only the
+    # gateways with `transit:`); empty = no transit (then not packed at all)
+    transit: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fab_entries: list[tuple] = dataclasses.field(default_factory=list)  # empty: not packed
 
     def _content(self) -> dict[str, Any]:
         # Built by hand: dataclasses.asdict deep-copies every entry (slow at 100k rules).
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         # Fleet fields only when used: a bundle from before gateways keeps its bytes and checksum.
-        for key in ("gateways", "fabric", "vips"):
+        for key in ("gateways", "fabric", "vips", "transit", "fab_entries"):
             if not d[key]:
                 del d[key]
         d["segments"] = [s if s.get("gateway") is not None else {k: v for k, v in s.items() if k != "gateway"}
@@ -137,6 +148,7 @@ class Bundle:
         b.dst_entries = [tuple(e) for e in b.dst_entries]
         b.policy_entries = [tuple(e) for e in b.policy_entries]
         b.sni_entries = [tuple(e) for e in b.sni_entries]
+        b.fab_entries = [tuple(e) for e in b.fab_entries]
         if not _checksum_covers(data, checksum) and checksum != cls._digest(d):
             raise ValueError("bundle checksum mismatch")
         b.segments = [dict(s, gateway=s.get("gateway")) for s in b.segments]
@@ -149,7 +161,9 @@ class Bundle:
         Ids are unchanged, so rule and app ids in counters and flow logs mean the
         same on every gateway. Apps, rules, destination and policy entries are kept
         whole: a destination's address is looked up the same from any gateway, and
-        entries for another gateway's source apps are never matched here.
+        entries for another gateway's source apps are never matched here. `transit` and
+        `fab_entries` are kept whole too: they describe every gateway (where each segment
+        and app is, where each gateway is reached).
         """
         if name not in self.gateways:
             known = ", ".join(self.gateways) or "none: it declares no gateways"

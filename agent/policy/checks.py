@@ -110,10 +110,20 @@ class CrossChecks:
             if src is not None and dst is not None and self.gateways:
                 src_gw, dst_gw = self.gateway_of(src), self.gateway_of(dst)
                 if src_gw is not None and dst_gw is not None and src_gw != dst_gw:
-                    self.error(rule.to_loc, f"{label}: app {src.name} is behind gateway {src_gw} and app "
-                                            f"{dst.name} behind {dst_gw}: rules across gateways need the "
-                                            "fabric (not supported yet)")
-                    continue
+                    where = f"app {src.name} is behind gateway {src_gw} and app {dst.name} behind {dst_gw}"
+                    missing = [g for g in dict.fromkeys((src_gw, dst_gw)) if self.gateways[g].transit is None]
+                    if missing:
+                        self.error(rule.to_loc, f"{label}: {where}: rules across gateways need the fabric's "
+                                                f"transit: give gateway {' and '.join(missing)} "
+                                                "`transit: ADDRESS` (the address the other gateways reach "
+                                                "it at; both gateways need one)")
+                        continue
+                    if rule.l7:
+                        self.error(rule.http_loc, f"{label}: {where}: not yet: http rules across gateways "
+                                                  "(the L7 verifier sees only flows of its own gateway); "
+                                                  "write the rule without http, or keep both apps behind "
+                                                  "one gateway")
+                        continue
             if dst is not None and rule.ports is not None and dst.ports is not None:
                 mine, theirs = portlib.portset(rule.ports), portlib.portset(dst.ports)
                 if portlib.is_empty(portlib.intersect(mine, theirs)):
@@ -147,10 +157,15 @@ class CrossChecks:
         return app
 
     def destination_apps(self) -> list[App]:
+        """Apps whose addresses are in the destination table: rule destinations, and published
+        apps (their service addresses translate to them; the compiler's `destinations`)."""
         seen: dict[str, App] = {}
         for rule in self.rules.values():
             app = self.apps.get(rule.dst) if rule.dst is not None else None
             if app is not None and app.addresses:
+                seen.setdefault(app.name, app)
+        for app in self.apps.values():
+            if app.publish and app.routes is None and app.addresses:
                 seen.setdefault(app.name, app)
         return list(seen.values())
 

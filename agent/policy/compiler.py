@@ -28,6 +28,12 @@ from typing import NamedTuple, Optional
 from bulkhead.datapath.abi import (
     ACTF_AUDIT,
     APP_ANY,
+    FAB_APP,
+    FAB_GW,
+    FAB_PEER,
+    FAB_REAL,
+    FAB_SEG,
+    FAB_VIP,
     POLICY_PLEN_ANY_PORT,
     POLICY_PLEN_ANY_PROTO,
     POLICY_PLEN_PORT_BASE,
@@ -38,6 +44,7 @@ from bulkhead.policy import sni as snilib
 from bulkhead.policy import vips as viplib
 from bulkhead.policy.bundle import APP_GATEWAY, Bundle
 from bulkhead.policy.model import App, Policy, Rule
+from bulkhead.policy.schema import TRANSIT_PORT_DEFAULT
 
 # Precedence ranks: higher wins; equal ranks go to the earlier rule.
 RANK_DENY = 4  # enforced deny/reject
@@ -100,7 +107,11 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
         for addr in app.addresses
     ]
 
-    destinations = {rule.dst for rule in policy.rules}
+    # Rule destinations, and published apps (not routers): a flow to a service address is a flow
+    # to the app, whose real addresses must then be destinations too, even when only
+    # settings.default_action reaches it.
+    destinations = {rule.dst for rule in policy.rules} | {a.name for a in policy.apps
+                                                         if a.publish and a.routes is None}
     dst_entries = [
         (addr.addr16, addr.prefixlen128, app_ids[app.name], seg_ids[app.segment])
         for app in policy.apps
@@ -134,7 +145,7 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
         sni_entries += sni_group_entries(src_id, dst_key, group, app_ids, policy.settings.mode)
 
     fabric, vips = {}, {}
-    if policy.fabric is not None:
+    if policy.fabric is not None and policy.fabric.service_addresses:  # not a transit-only fabric
         fab = policy.fabric
         fabric = {"service_addresses": [str(p) for p in fab.service_addresses],
                   "upstream_dns": [str(a) for a in fab.upstream_dns], "dns_ttl": fab.dns_ttl}
@@ -144,7 +155,15 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
         dst_entries += dns_dst_entries(policy, seg_ids)
         policy_entries += dns_policy_entries(policy, seg_ids, app_ids)
         dst_entries += router_dst_entries(policy, app_ids, vips)
+        dst_entries += vip_dst_entries(policy, seg_ids, app_ids, vips)
         policy_entries += router_policy_entries(policy, app_ids, app_ports)
+
+    fab_entries = vip_fab_entries(policy, seg_ids, app_ids, vips)
+    transit = {}
+    if policy.transit:
+        transit = {"port": policy.fabric.transit_port if policy.fabric is not None else TRANSIT_PORT_DEFAULT,
+                   "gateways": {g.name: str(g.transit) for g in policy.gateways if g.transit is not None}}
+        fab_entries += transit_fab_entries(policy, seg_ids, app_ids)
 
     return Bundle(
         settings=policy.settings.as_dict(),
@@ -176,6 +195,8 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
         gateways=[g.name for g in policy.gateways],
         fabric=fabric,
         vips=vips,
+        transit=transit,
+        fab_entries=fab_entries,
     )
 
 
@@ -184,11 +205,64 @@ def _addr16(a) -> bytes:
     return a.packed if a.version == 6 else b"\x00" * 10 + b"\xff\xff" + a.packed
 
 
+ZERO16 = b"\x00" * 16  # an unused address of a fab entry
+
+
 def vip_families(app: App, apps: dict[str, App]) -> set[int]:
-    """Families a published app gets service addresses in: its own, or a router's backends' hosts."""
+    """Families a published app gets service addresses in: those of its host addresses (/32, /128:
+    what a service address translates to), or a router's backends' host addresses."""
     if app.routes is None:
-        return {x.network.version for x in app.addresses}
+        return {x.network.version for x in app.addresses if x.network.num_addresses == 1}
     return {x.network.version for r in app.routes for x in apps[r.to].addresses if x.network.num_addresses == 1}
+
+
+def real_address(app: App, version: int):
+    """The address a published app's service address of `version` translates to: its first host
+    address of that family (None: it has none; validation and vip_families see to it)."""
+    return next((x.network.network_address for x in app.addresses
+                 if x.network.version == version and x.network.num_addresses == 1), None)
+
+
+def vip_dst_entries(policy: Policy, seg_ids: dict[str, int], app_ids: dict[str, int],
+                    vips: dict[str, list[str]]) -> list[tuple]:
+    """A published app's service addresses are destinations of the app itself (in its segment),
+    so a flow to one is classified as a flow to the app; routers have theirs (router_dst_entries)."""
+    return [(_addr16(ipaddress.ip_address(v)), 128, app_ids[a.name], seg_ids[a.segment])
+            for a in policy.apps if a.publish and a.routes is None for v in vips.get(a.name, [])]
+
+
+def vip_fab_entries(policy: Policy, seg_ids: dict[str, int], app_ids: dict[str, int],
+                    vips: dict[str, list[str]]) -> list[tuple]:
+    """FAB_VIP (service address -> app, segment, real address) and FAB_REAL (real address -> app,
+    service address) for each service address of a published app that is not a router."""
+    out = []
+    for a in policy.apps:
+        if not a.publish or a.routes is not None:
+            continue
+        for v in vips.get(a.name, []):
+            vip = ipaddress.ip_address(v)
+            real = real_address(a, vip.version)
+            if real is None:
+                continue  # defensive: vip_families gives no service address without a host address
+            out.append((int(FAB_VIP), 0, _addr16(vip), app_ids[a.name], seg_ids[a.segment], _addr16(real)))
+            out.append((int(FAB_REAL), 0, _addr16(real), app_ids[a.name], 0, _addr16(vip)))
+    return out
+
+
+def transit_fab_entries(policy: Policy, seg_ids: dict[str, int], app_ids: dict[str, int]) -> list[tuple]:
+    """With transit: which gateway each segment (FAB_SEG) and app (FAB_APP) is behind, and each
+    transit gateway's address both ways (FAB_PEER: address -> id, FAB_GW: id -> address, family).
+    Gateway ids are 1-based in `gateways:` order."""
+    gw_ids = {g.name: i for i, g in enumerate(policy.gateways, 1)}
+    seg_gw = {s.name: gw_ids.get(s.gateway, 0) for s in policy.segments}
+    out = [(int(FAB_SEG), seg_ids[s.name], ZERO16, seg_gw[s.name], 0, ZERO16) for s in policy.segments]
+    out += [(int(FAB_APP), app_ids[a.name], ZERO16, seg_ids[a.segment], seg_gw[a.segment], ZERO16)
+            for a in policy.apps if a.segment is not None]
+    for g in policy.gateways:
+        if g.transit is not None:
+            out.append((int(FAB_PEER), 0, _addr16(g.transit), gw_ids[g.name], 0, ZERO16))
+            out.append((int(FAB_GW), gw_ids[g.name], ZERO16, g.transit.version, 0, _addr16(g.transit)))
+    return out
 
 
 def router_dst_entries(policy: Policy, app_ids: dict[str, int], vips: dict[str, list[str]]) -> list[tuple]:

@@ -21,7 +21,14 @@ from typing import Any, Optional
 
 from bulkhead.policy.loader import YMap, YSeq, type_name
 from bulkhead.policy.model import Fabric, Loc, Route
-from bulkhead.policy.schema import DNS_TTL_DEFAULT, DNS_TTL_MAX, FABRIC_KEYS, ROUTE_KEYS
+from bulkhead.policy.schema import (
+    DNS_TTL_DEFAULT,
+    DNS_TTL_MAX,
+    FABRIC_KEYS,
+    MAX_TRANSIT_APPS,
+    ROUTE_KEYS,
+    TRANSIT_PORT_DEFAULT,
+)
 
 # The smallest pool worth having, and the largest we enumerate (allocation walks free addresses).
 POOL_MIN_PREFIX = {4: 30, 6: 126}
@@ -31,6 +38,7 @@ POOL_MAX_ADDRESSES = 1 << 24
 class FabricChecks:
     fabric: Optional[Fabric] = None
     fabric_loc: Optional[Loc] = None
+    fabric_transit_only = False  # `fabric:` sets only transit_port: no pools, no DNS
 
     # ------------------------------------------------------------- shape --
 
@@ -46,8 +54,10 @@ class FabricChecks:
             self.error(loc, f"fabric must be a mapping with keys {', '.join(FABRIC_KEYS)}, got {type_name(f)}")
             return
         self.check_keys(f, FABRIC_KEYS, "fabric")
+        self.fabric_transit_only = set(f) == {"transit_port"}
         pools = []
-        if "service_addresses" not in f:
+        # A fabric that only sets the transit's port needs no pools; any other fabric has them.
+        if "service_addresses" not in f and not self.fabric_transit_only:
             self.error(loc, "fabric: service_addresses is required: the pools the gateways take service "
                             "addresses (VIPs) from, e.g. [198.19.255.0/24, \"fd00:ff::/120\"]")
         for text, item_loc in self.string_list(f, "service_addresses", "fabric", "CIDRs") or []:
@@ -76,7 +86,15 @@ class FabricChecks:
             else:
                 self.error(f.loc("dns_ttl"), f"fabric: dns_ttl must be an integer number of seconds from 0 "
                                              f"to {DNS_TTL_MAX}, got {type_name(v)}")
-        self.fabric = Fabric(pools, upstream, ttl, loc)
+        port, port_loc = TRANSIT_PORT_DEFAULT, None
+        if "transit_port" in f:
+            v, port_loc = f["transit_port"], f.loc("transit_port")
+            if type(v) is int and 1 <= v <= 65535:
+                port = v
+            else:
+                self.error(port_loc, f"fabric: transit_port must be an integer UDP port from 1 to 65535 (default "
+                                     f"{TRANSIT_PORT_DEFAULT}), got {type_name(v)}")
+        self.fabric = Fabric(pools, upstream, ttl, loc, port, port_loc)
 
     def host_address(self, text: str, loc: Loc, label: str):
         """One address (not a network); reports and returns None otherwise."""
@@ -160,9 +178,10 @@ class FabricChecks:
         return out
 
     def families(self, app) -> set[int]:
-        """The address families an app (a router: its backends) can get service addresses in."""
+        """The address families an app (a router: its backends) can get service addresses in: those
+        it has a host address (/32, /128) in, the one its service address translates to."""
         if app.routes is None:
-            return {a.network.version for a in app.addresses}
+            return {a.network.version for a in app.addresses if a.network.num_addresses == 1}
         out = set()
         for r in app.routes:
             dst = self.apps.get(r.to) if r.to else None
@@ -212,15 +231,19 @@ class FabricChecks:
 
     def check_fabric(self) -> None:
         self.check_routers()
+        self.check_transit()
+        self.check_router_gateways()
         fab = self.fabric
+        # a transit-only fabric (no service_addresses) has no DNS and no service addresses
+        no_pools = (self.fabric_loc is None or self.fabric_transit_only) and not self.load_failed
         for seg in self.segments.values():
-            if seg.dns_loc is not None and self.fabric_loc is None and not self.load_failed:
+            if seg.dns_loc is not None and no_pools:
                 self.error(seg.dns_loc, f"segment {seg.name}: dns needs the fabric: add a top-level "
                                         "`fabric:` with service_addresses (docs/fabric.md)")
         published = [a for a in self.apps.values() if a.publish]
         for app in published:
             label = f"app {app.name}"
-            if self.fabric_loc is None and not self.load_failed:
+            if no_pools:
                 self.error(app.publish_loc, f"{label}: publish needs the fabric: add a top-level `fabric:` "
                                             "with service_addresses (docs/fabric.md)")
             if not app.dns_names:
@@ -228,8 +251,8 @@ class FabricChecks:
                                             "for it), or give the names: publish: [NAME, ...]")
             families = self.families(app)
             if not families and app.routes is None:
-                self.error(app.publish_loc, f"{label}: publish needs addresses: a service address is "
-                                            "translated to the app's own address")
+                self.error(app.publish_loc, f"{label}: publish needs a host address (/32 or /128) to "
+                                            "translate the service address to")
             elif families and fab is not None and fab.service_addresses:
                 pools = {p.version for p in fab.service_addresses}
                 if not families & pools:
@@ -263,3 +286,79 @@ class FabricChecks:
                     self.error(app.publish_loc, f"app {app.name}: publish: hostname {host} is also published "
                                                 f"by app {owner[host]}; a published name belongs to one app")
                 owner.setdefault(host, app.name)
+
+    def check_transit(self) -> None:
+        """Gateways' `transit:` addresses and `fabric: transit_port` (docs/fabric.md)."""
+        with_transit = [g for g in self.gateways.values() if g.transit is not None]
+        fab = self.fabric
+        if fab is not None and fab.transit_port_loc is not None and not with_transit and not self.load_failed:
+            self.error(fab.transit_port_loc, "fabric: transit_port needs a gateway with transit: give the "
+                                             "gateways `transit: ADDRESS` (the address other gateways reach "
+                                             "each at), or leave transit_port out")
+        if not with_transit:
+            return
+        first = with_transit[0]
+        seen: dict[Any, Any] = {}
+        for g in with_transit:
+            label = f"gateway {g.name}: transit {g.transit}"
+            if g.transit.version != first.transit.version:
+                self.error(g.transit_loc, f"{label} is IPv{g.transit.version} but gateway {first.name}'s "
+                                          f"({first.transit_loc}) is IPv{first.transit.version}: the transit "
+                                          "addresses of a policy are all of one family")
+            elif g.transit in seen:
+                other = seen[g.transit]
+                self.error(g.transit_loc, f"{label} is already gateway {other.name}'s ({other.transit_loc}): "
+                                          "each gateway has its own transit address")
+            seen.setdefault(g.transit, g)
+            for pool in fab.service_addresses if fab is not None else []:
+                if g.transit.version == pool.version and g.transit in pool:
+                    self.error(g.transit_loc, f"{label} is inside fabric service_addresses {pool}: service "
+                                              "addresses are the gateways' virtual ones, the transit address "
+                                              "is a real address of the gateway's underlay")
+            for app in self.apps.values():
+                for addr in app.addresses:
+                    if g.transit.version == addr.network.version and g.transit in addr.network:
+                        self.error(g.transit_loc, f"{label} is inside app {app.name}'s address {addr} "
+                                                  f"({addr.loc}): the transit address is the gateway's own, "
+                                                  "no app's")
+        if len(self.apps) > MAX_TRANSIT_APPS:
+            app = list(self.apps.values())[MAX_TRANSIT_APPS]
+            self.error(app.loc, f"app {app.name}: too many apps for the transit (at most {MAX_TRANSIT_APPS}: "
+                                "an app id travels between gateways as the 16-bit VXLAN group id)")
+
+    def check_router_gateways(self) -> None:
+        """Not yet: a router's verifier runs on its client's gateway and connects to the backend from
+        there, so every backend must be behind the gateway of each of its clients."""
+        if not self.gateways or self.load_failed:
+            return
+        routers = [a for a in self.apps.values() if a.routes is not None]
+        if not routers:
+            return
+        first_allow: dict[str, dict[str, str]] = {}  # backend -> {client app: rule name}
+        for rule in self.rules.values():
+            if rule.action == "allow" and rule.src in self.apps and rule.dst in self.apps:
+                first_allow.setdefault(rule.dst, {}).setdefault(rule.src, rule.name)
+        default_allow = self.settings.default_action == "allow"
+        for r_app in routers:
+            for route in r_app.routes:
+                backend = self.apps.get(route.to) if route.to else None
+                if backend is None or backend.routes is not None:
+                    continue  # reported by check_routers
+                b_gw = self.gateway_of(backend)
+                if b_gw is None:
+                    continue
+                clients = dict(first_allow.get(backend.name, {}))
+                if default_allow:
+                    for a in self.apps.values():
+                        if a.routes is None and a.addresses:
+                            clients.setdefault(a.name, "")
+                for name, rule in clients.items():
+                    c_gw = self.gateway_of(self.apps[name])
+                    if c_gw is not None and c_gw != b_gw:
+                        why = f"by rule {rule}" if rule else "by settings.default_action: allow"
+                        self.error(route.loc, f"app {r_app.name}: route to {backend.name}: not yet: a router's "
+                                              f"backend behind another gateway than its client: {backend.name} "
+                                              f"is behind gateway {b_gw} and app {name} (a client {why}) "
+                                              f"behind {c_gw}; the router's verifier connects from the "
+                                              "client's gateway")
+                        break

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 from bulkhead.l7.settings import HTTP_DEFAULTS
 from bulkhead.policy.ports import PortSpec
-from bulkhead.policy.schema import HTTP_SETTINGS_KEYS
+from bulkhead.policy.schema import HTTP_SETTINGS_KEYS, TRANSIT_PORT_DEFAULT
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -129,6 +129,8 @@ class Gateway:
 
     name: str
     loc: Loc
+    transit: Any = None  # ip_address: where other gateways reach this one (VXLAN underlay); None = no transit
+    transit_loc: Optional[Loc] = None
 
 
 @dataclasses.dataclass
@@ -215,12 +217,14 @@ class Route:
 
 @dataclasses.dataclass
 class Fabric:
-    """`fabric:`: service-address pools (VIPs) and the gateways' DNS (docs/fabric.md)."""
+    """`fabric:`: service-address pools (VIPs), the gateways' DNS, the transit's port (docs/fabric.md)."""
 
-    service_addresses: list[Any]  # ip_network objects, in file order
+    service_addresses: list[Any]  # ip_network objects, in file order; empty only in a transit-only fabric
     upstream_dns: list[Any]  # ip_address objects; empty = names outside the fabric get REFUSED
     dns_ttl: int
     loc: Loc
+    transit_port: int = TRANSIT_PORT_DEFAULT  # UDP port of the VXLAN overlay between gateways
+    transit_port_loc: Optional[Loc] = None  # where `transit_port:` was written, None when absent
 
 
 @dataclasses.dataclass
@@ -253,3 +257,8 @@ class Policy:
     warnings: list[str] = dataclasses.field(default_factory=list)
     gateways: list[Gateway] = dataclasses.field(default_factory=list)  # empty: a single gateway, no fleet
     fabric: Optional[Fabric] = None  # `fabric:`; None = no DNS, no service addresses
+
+    @property
+    def transit(self) -> bool:
+        """Whether some gateway has `transit:`: the fabric carries traffic between gateways."""
+        return any(g.transit is not None for g in self.gateways)

@@ -13,15 +13,20 @@ SETTINGS_KEYS = ("default_action", "mode", "unknown_sni", "http")
 HTTP_SETTINGS_KEYS = ("via", "x_forwarded_for", "max_header_bytes", "header_timeout", "idle_timeout")
 MAX_HEADER_BYTES = (1024, 1048576)
 TIMEOUT_MAX = {"header_timeout": 3600, "idle_timeout": 86400}
-GATEWAY_KEYS = ("name",)
+# `transit:` (docs/fabric.md): the address other gateways reach this one at (VXLAN underlay)
+GATEWAY_KEYS = ("name", "transit")
 SEGMENT_KEYS = ("name", "interfaces", "gateway", "dns")
 APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls", "publish", "routes")
 TLS_KEYS = ("cert", "key", "ca")
-# `fabric:` (docs/fabric.md): service addresses (VIPs) and the gateways' DNS
-FABRIC_KEYS = ("service_addresses", "upstream_dns", "dns_ttl")
+# `fabric:` (docs/fabric.md): service addresses (VIPs), the gateways' DNS, the transit's UDP port
+FABRIC_KEYS = ("service_addresses", "upstream_dns", "dns_ttl", "transit_port")
 ROUTE_KEYS = ("sni", "host", "path", "to")
 DNS_TTL_DEFAULT = 30
 DNS_TTL_MAX = 86400
+TRANSIT_PORT_DEFAULT = 4789  # VXLAN's IANA port
+# With transit, an app id travels as the VXLAN GBP group id and a segment id as the VNI's
+# segment field: both 16 bits.
+MAX_TRANSIT_APPS = 65535
 RULE_KEYS = ("name", "from", "to", "action", "ports", "mode", "http")
 
 SETTING_CHOICES = {

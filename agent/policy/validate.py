@@ -312,8 +312,16 @@ class _Builder(CrossChecks, FabricChecks):
         for i, m in self.entries(doc, "gateways", "gateway", GATEWAY_KEYS):
             name, label = self.name(m, "gateway", i, self.gateways)
             self.check_keys(m, GATEWAY_KEYS, label)
+            transit = None
+            if "transit" in m:
+                v = m["transit"]
+                if isinstance(v, str):
+                    transit = self.host_address(v, m.loc("transit"), f"{label}: transit")
+                else:
+                    self.error(m.loc("transit"), f"{label}: transit must be one IPv4 or IPv6 address (the "
+                                                 f"address other gateways reach it at), got {type_name(v)}")
             if name is not None:
-                self.gateways[name] = Gateway(name, m.loc())
+                self.gateways[name] = Gateway(name, m.loc(), transit, m.loc("transit") if "transit" in m else None)
 
     def add_segment(self, m: YMap, index: int) -> None:
         name, label = self.name(m, "segment", index, self.segments)

@@ -354,7 +354,7 @@ rules:
           - name: gw-east
           - name: gw/west          # ERR: gateway name 'gw/west' is invalid
           - name: gw-east          # ERR: duplicate gateway name 'gw-east'
-          - {name: gw-north, transit: true}   # ERR: gateway gw-north: unknown key 'transit'
+          - {name: gw-north, transmit: 198.18.100.9}   # ERR: gateway gw-north: unknown key 'transmit' (did you mean 'transit'?)
           - gw-south               # ERR: each entry of gateways must be a mapping
           - {}                     # ERR: gateway #6 in
         """,
@@ -400,6 +400,138 @@ rules:
             gateway: gw-west
             interfaces: [bh-prod, bh-core]
         """,
+    "gateway-transit": """\
+        version: 1
+        gateways:
+          - {name: gwa, transit: 198.18.100.1}
+          - {name: gwb, transit: 198.18.100.0/24}   # ERR: gateway gwb: transit: '198.18.100.0/24' is not an IPv4 or IPv6 address (one address, no /prefix)
+          - {name: gwc, transit: true}              # ERR: gateway gwc: transit must be one IPv4 or IPv6 address (the address other gateways reach it at), got the boolean true
+          - {name: gwd, transit: "fd00:100::4"}     # ERR: gateway gwd: transit fd00:100::4 is IPv6 but gateway gwa's (
+          - {name: gwe, transit: 198.18.100.1}      # ERR: gateway gwe: transit 198.18.100.1 is already gateway gwa's (
+          - {name: gwf, transit: 198.19.255.7}      # ERR: gateway gwf: transit 198.19.255.7 is inside fabric service_addresses 198.19.255.0/24
+          - {name: gwg, transit: 198.18.1.9}        # ERR: gateway gwg: transit 198.18.1.9 is inside app web's address 198.18.1.0/24
+          - {name: gwh, transit: 198.18.100.8}
+        fabric:
+          service_addresses: [198.19.255.0/24]
+        segments:
+          - {name: prod, gateway: gwa, interfaces: [bh-prod]}
+        apps:
+          - {name: web, segment: prod, addresses: [198.18.1.0/24]}
+        """,
+    "transit-port-without-transit": """\
+        version: 1
+        gateways: [{name: gwa}, {name: gwb}]
+        fabric:
+          transit_port: 4789       # ERR: fabric: transit_port needs a gateway with transit: give the gateways `transit: ADDRESS`
+        segments:
+          - {name: prod, gateway: gwa, interfaces: [bh-prod]}
+        """,
+    "transit-port-range": """\
+        version: 1
+        gateways: [{name: gwa, transit: 198.18.100.1}]
+        fabric:
+          transit_port: 65536      # ERR: fabric: transit_port must be an integer UDP port from 1 to 65535 (default 4789), got the number 65536
+        segments:
+          - {name: prod, gateway: gwa, interfaces: [bh-prod]}
+        """,
+    "transit-port-type": """\
+        version: 1
+        gateways: [{name: gwa, transit: 198.18.100.1}]
+        fabric: {transit_port: "4789"}   # ERR: fabric: transit_port must be an integer UDP port from 1 to 65535
+        segments:
+          - {name: prod, gateway: gwa, interfaces: [bh-prod]}
+        """,
+    "transit-only-fabric-has-no-dns": """\
+        version: 1
+        gateways: [{name: gwa, transit: 198.18.100.1}]
+        fabric: {transit_port: 8472}
+        segments:
+          - {name: prod, gateway: gwa, interfaces: [bh-prod], dns: [198.18.1.1]}   # ERR: segment prod: dns needs the fabric: add a top-level `fabric:` with service_addresses
+        """,
+    "transit-cross-rules": """\
+        version: 1
+        gateways:
+          - {name: gwa, transit: 198.18.100.1}
+          - {name: gwb, transit: 198.18.100.2}
+          - {name: gwc}
+        segments:
+          - {name: prod, gateway: gwa, interfaces: [bh-prod]}
+          - {name: core, gateway: gwb, interfaces: [bh-core]}
+          - {name: dev, gateway: gwc, interfaces: [bh-dev]}
+        apps:
+          - {name: web, segment: prod, addresses: [198.18.1.0/24]}
+          - {name: db, segment: core, addresses: [198.19.0.5/32], ports: [tcp/80]}
+          - {name: laptops, segment: dev, addresses: [198.18.2.0/24]}
+          - {name: saas, segment: core, hostnames: [api.saas.example]}
+        rules:
+          - {name: web-db, from: web, to: db}
+          - {name: db-web, from: db, to: web, action: deny}
+          - {name: laptops-db, from: laptops, to: db}   # ERR: rule laptops-db: app laptops is behind gateway gwc and app db behind gwb: rules across gateways need the fabric's transit: give gateway gwc `transit: ADDRESS`
+          - name: web-db-http
+            from: web
+            to: db
+            http:                  # ERR: rule web-db-http: app web is behind gateway gwa and app db behind gwb: not yet: http rules across gateways
+              - {methods: [GET]}
+          - {name: laptops-saas, from: laptops, to: saas}
+          - {name: web-saas, from: web, to: saas}
+        """,
+    "transit-router-across-gateways": """\
+        version: 1
+        gateways:
+          - {name: gwa, transit: 198.18.100.1}
+          - {name: gwb, transit: 198.18.100.2}
+        fabric:
+          service_addresses: [198.19.255.0/24]
+        segments:
+          - {name: prod, gateway: gwa, interfaces: [bh-prod]}
+          - {name: core-a, gateway: gwa, interfaces: [bh-core]}
+          - {name: core-b, gateway: gwb, interfaces: [bh-core]}
+        apps:
+          - {name: web, segment: prod, addresses: [198.18.1.0/24]}
+          - {name: cat, segment: core-a, addresses: [198.19.0.20/32]}
+          - {name: pay, segment: core-b, addresses: [198.19.0.10/32]}
+          - name: shop
+            publish: [shop.example]
+            ports: [tcp/443]
+            routes:
+              - {sni: cat.shop.example, to: cat}
+              - {sni: pay.shop.example, to: pay}   # ERR: app shop: route to pay: not yet: a router's backend behind another gateway than its client: pay is behind gateway gwb and app web (a client by rule web-pay) behind gwa
+        rules:
+          - {name: web-cat, from: web, to: cat}
+          - {name: web-pay, from: web, to: pay}
+        """,
+    "transit-router-default-allow": """\
+        version: 1
+        settings: {default_action: allow}
+        gateways:
+          - {name: gwa}
+          - {name: gwb}
+        fabric:
+          service_addresses: [198.19.255.0/24]
+        segments:
+          - {name: prod, gateway: gwa, interfaces: [bh-prod]}
+          - {name: core-b, gateway: gwb, interfaces: [bh-core]}
+        apps:
+          - {name: web, segment: prod, addresses: [198.18.1.0/24]}
+          - {name: pay, segment: core-b, addresses: [198.19.0.10/32]}
+          - name: shop
+            publish: [shop.example]
+            ports: [tcp/443]
+            routes:
+              - {sni: pay.shop.example, to: pay}   # ERR: (a client by settings.default_action: allow) behind gwa
+        """,
+    "publish-needs-a-host-address": """\
+        version: 1
+        fabric: {service_addresses: [198.19.255.0/24, "fd00:ff::/120"]}
+        segments:
+          - {name: core, interfaces: [bh-core]}
+        apps:
+          - name: net
+            segment: core
+            addresses: [198.19.0.0/24, "fd00:19::/64"]
+            publish: [net.example]   # ERR: app net: publish needs a host address (/32 or /128) to translate the service address to
+          - {name: one, segment: core, addresses: [198.19.1.0/24, "fd00:20::1/128"], publish: [one.example]}
+        """,
     "gateway-cross-rule": """\
         version: 1
         gateways: [{name: gw-east}, {name: gw-west}]
@@ -414,7 +546,7 @@ rules:
         rules:
           - name: web-db
             from: web
-            to: db                 # ERR: rule web-db: app web is behind gateway gw-east and app db behind gw-west: rules across gateways need the fabric (not supported yet)
+            to: db                 # ERR: rule web-db: app web is behind gateway gw-east and app db behind gw-west: rules across gateways need the fabric's transit: give gateway gw-east and gw-west `transit: ADDRESS`
           - {name: laptops-db, from: laptops, to: db}
           - {name: web-saas, from: web, to: saas}
           - {name: laptops-saas, from: laptops, to: saas}
