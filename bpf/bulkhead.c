@@ -229,6 +229,30 @@ static __always_inline struct bh_sni_val *bh_sel_sni(__u32 slot, struct bh_sni_k
 	return v;
 }
 
+static __always_inline struct bh_fab_val *bh_sel_fab(__u32 slot, struct bh_fab_key *k)
+{
+	struct bh_fab_val *v;
+	if (slot) {
+		v = fab_1.lookup(k);
+		BH_KEEP_APART(v);
+	} else {
+		v = fab_0.lookup(k);
+	}
+	return v;
+}
+
+/* A fact of the fabric (enum bh_fab_kind) by id or by address (NULL: by id only). */
+static __always_inline struct bh_fab_val *bh_fab(__u32 slot, __u32 kind, __u32 id, const __u8 *addr)
+{
+	struct bh_fab_key k = {};
+
+	k.kind = kind;
+	k.id = id;
+	if (addr)
+		__builtin_memcpy(k.addr, addr, 16);
+	return bh_sel_fab(slot, &k);
+}
+
 static __always_inline __u32 bh_segment_of(__u32 slot, __u32 ifindex)
 {
 	struct bh_seg_val *sv = bh_sel_seg(slot, &ifindex);
@@ -265,13 +289,29 @@ static __always_inline __u32 bh_fib_segment(struct xdp_md *ctx, __u32 slot, cons
  * Fills action/flags/reason/rule/apps and peer_segment (the destination
  * app's segment, 0 if unknown).
  */
+/* The destination app of an address: the host hash first (a host is the longest match), the trie only if the slot has prefixes. */
+static __always_inline struct bh_ident *bh_dst_ident(__u32 slot, const struct bh_slot_cfg *cfg, const __u8 *daddr)
+{
+	struct bh_dst_key dk = {};
+	struct bh_ident *di;
+
+	dk.prefixlen = BH_DST_PLEN_HOST;
+	__builtin_memcpy(dk.addr, daddr, 16);
+	di = bh_sel_dst_host(slot, &dk);
+	if (!di && (cfg->flags & BH_SLOTF_DST_LPM))
+		di = bh_sel_dst_ident(slot, &dk);
+	return di;
+}
+
+static __always_inline void bh_judge(__u32 slot, const struct bh_slot_cfg *cfg, __u32 src_app,
+				     const struct bh_ident *di, __u8 proto, __u16 dport_be, struct bh_flow *v);
+
 static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cfg, __u32 seg,
 					const __u8 *saddr, const __u8 *daddr, __u8 proto,
 					__u16 dport_be, struct bh_flow *v)
 {
 	struct bh_src_key sk = {};
-	struct bh_dst_key dk = {};
-	struct bh_ident *si, *di;
+	struct bh_ident *si;
 
 	/* Identities: the host hash first (a host is the longest match), the trie only if the slot has prefixes. */
 	sk.prefixlen = BH_SRC_PLEN_HOST;
@@ -280,30 +320,35 @@ static __always_inline void bh_classify(__u32 slot, const struct bh_slot_cfg *cf
 	si = bh_sel_src_host(slot, &sk);
 	if (!si && (cfg->flags & BH_SLOTF_SRC_LPM))
 		si = bh_sel_src_ident(slot, &sk);
-	dk.prefixlen = BH_DST_PLEN_HOST;
-	__builtin_memcpy(dk.addr, daddr, 16);
-	di = bh_sel_dst_host(slot, &dk);
-	if (!di && (cfg->flags & BH_SLOTF_DST_LPM))
-		di = bh_sel_dst_ident(slot, &dk);
+	bh_judge(slot, cfg, si ? si->app_id : 0, bh_dst_ident(slot, cfg, daddr), proto, dport_be, v);
+}
 
+/*
+ * The verdict for a source app (0: the source is no app) and a destination
+ * identity (NULL: no app's address), by the slot's policy. A packet from
+ * another gateway is judged here by the app id it carries (bulkhead_transit_in).
+ */
+static __always_inline void bh_judge(__u32 slot, const struct bh_slot_cfg *cfg, __u32 src_app,
+				     const struct bh_ident *di, __u8 proto, __u16 dport_be, struct bh_flow *v)
+{
 	__u8 action = BH_ACT_NONE, flags = 0;
 	__u32 rule = 0;
-	v->src_app = si ? si->app_id : 0;
+	v->src_app = src_app;
 	v->dst_app = di ? di->app_id : 0;
 	v->peer_segment = di ? di->segment_id : 0;
 	/*
 	 * A destination that is no app's address may still be a hostname-only
 	 * app: the policy then has entries for BH_APP_ANY, decided by name.
 	 */
-	if (si && !di && (cfg->flags & BH_SLOTF_SNI_ANY))
+	if (src_app && !di && (cfg->flags & BH_SLOTF_SNI_ANY))
 		v->dst_app = BH_APP_ANY;
-	if (si && v->dst_app) {
+	if (src_app && v->dst_app) {
 		struct bh_policy_key pk = {};
 		struct bh_policy_val *pv;
 
 		/* Longest first: one port, a range block, any port, any protocol. */
 		pk.prefixlen = BH_POLICY_PLEN_EXACT;
-		pk.src_app = si->app_id;
+		pk.src_app = src_app;
 		pk.dst_app = v->dst_app;
 		pk.proto = proto;
 		pk.dport_be = dport_be;
@@ -448,7 +493,7 @@ static __always_inline int bh_flow_put(const struct bh_pkt *p, __u32 seg, int re
  * the event, `o` the other direction's (or NULL); the tuple is turned
  * around for a reply so the event always reads client -> server.
  */
-static __always_inline void bh_fe_emit(struct xdp_md *ctx, __u8 kind, const struct bh_pkt *p, int is_reply,
+static __always_inline void bh_fe_emit(void *ctx, __u8 kind, const struct bh_pkt *p, int is_reply,
 				       __u32 seg, const struct bh_flow *v, const struct bh_flow *o, __u8 reason,
 				       __u8 prev_reason, const struct bh_sni_state *st)
 {
@@ -484,7 +529,7 @@ static __always_inline void bh_fe_emit(struct xdp_md *ctx, __u8 kind, const stru
 	e->proto = p->proto;
 	e->reason = reason;
 	e->prev_reason = prev_reason;
-	e->flags = (v->flags & BH_ACTF_AUDIT) | (is_reply ? BH_FLOWF_REPLY : 0);
+	e->flags = (v->flags & (BH_ACTF_AUDIT | BH_FLOWF_NAT | BH_FLOWF_TRANSIT)) | (is_reply ? BH_FLOWF_REPLY : 0);
 	e->tcp_flags = p->tcp_flags;
 	e->sni_len = 0;
 	if (st && (st->flags & BH_SNIF_HAVE_NAME)) {
@@ -811,14 +856,75 @@ static __always_inline int bh_fwd_handoff(struct xdp_md *ctx, __u8 reason, __u32
 	return bh_record(reason, XDP_PASS, len); /* allowed either way: the stack forwards it, marked */
 }
 
+/* Rewrite the parsed destination (not the packet): flow keys of a translated flow. */
+static __always_inline void bh_pkt_set_daddr(struct bh_pkt *p, const __u8 *addr)
+{
+	__builtin_memcpy(p->daddr, addr, 16);
+	__builtin_memcpy(&p->daddr4_be, addr + 12, 4);
+}
+
+/*
+ * The fabric's part of a new allowed flow (the slot has fab_N entries): a
+ * destination that is a service address is translated (BH_FLOWF_NAT, `real`
+ * gets the address), and one whose segment is behind another gateway goes
+ * through the transit tunnel (BH_FLOWF_TRANSIT). Returns a drop reason, or 0.
+ * `real` points into the fab_N value.
+ */
+static __always_inline __u8 bh_fab_flow(__u32 slot, struct bh_flow *v, const __u8 *daddr, const __u8 **real)
+{
+	struct bh_fab_val *nv = bh_fab(slot, BH_FAB_VIP, 0, daddr);
+
+	if (nv) {
+		v->flags |= BH_FLOWF_NAT;
+		*real = nv->addr; /* map memory: stays valid for the rest of the program */
+	}
+	if (!v->peer_segment)
+		return 0;
+	struct bh_fab_val *sv = bh_fab(slot, BH_FAB_SEG, v->peer_segment, NULL);
+	if (!sv)
+		return 0; /* no transit in this policy */
+	struct bh_fab_val *me = bh_fab(slot, BH_FAB_SELF, 0, NULL);
+	if (me && sv->a == me->a)
+		return 0; /* a segment of this gateway */
+	if (!me || !me->b)
+		return BH_R_TRANSIT_NO_TUNNEL; /* behind another gateway, and this one has no transit device */
+	v->flags |= BH_FLOWF_TRANSIT;
+	return 0;
+}
+
+/*
+ * An allowed packet of a flow through the fabric (a service address, or an
+ * app behind another gateway) goes up to bulkhead_tc, which looks its entry
+ * up, translates the address and encapsulates it for the other gateway
+ * (skb helpers: checksum offload states, tunnel keys); it carries the mark
+ * of the segment it leaves by, as bh_fwd_handoff's. A driver without XDP
+ * metadata passes it unmarked: bulkhead_tc looks up what it gets without
+ * metadata too, when the slot has fabric entries.
+ */
+static __always_inline int bh_fab_handoff(struct xdp_md *ctx, __u8 reason, __u32 out_seg, __u32 slot, __u64 len)
+{
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
+		return bh_record(reason, XDP_PASS, len);
+	void *data = (void *)(long)ctx->data;
+	struct bh_meta *m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 1) > data)
+		return bh_record(reason, XDP_PASS, len);
+	m->magic = BH_META_MAGIC;
+	m->mark = BH_MARK_SEG | (out_seg & 0xffff);
+	m->flags = BH_METAF_FABRIC | (slot ? BH_METAF_SLOT1 : 0);
+	return bh_record(reason, XDP_PASS, len);
+}
+
 /* Apply a verdict: forward, pass, drop, steer to the verifier, or hand the packet to bulkhead_reject. */
 static __always_inline int bh_apply(struct xdp_md *ctx, const struct bh_pkt *p, __u8 reason, int is_reply,
-				    __u64 len, __u32 seg, __u32 peer_seg, __u32 slot, __u32 ctl_flags)
+				    __u64 len, __u32 seg, __u32 peer_seg, __u32 slot, __u32 ctl_flags, __u8 fflags)
 {
 	int code = bh_reason_xdp(reason);
 
 	if (reason == BH_R_L7_STEER || reason == BH_R_L7_UPSTREAM)
 		return bh_steer(ctx, reason, seg, ctl_flags, len);
+	if (code == XDP_PASS && (fflags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT)))
+		return bh_fab_handoff(ctx, reason, is_reply ? peer_seg : 0, slot, len);
 	/* SNI-pending flows pass their handshake plainly: their verdict is not known yet. */
 	if (code == XDP_PASS && reason != BH_R_SNI_PENDING && !(ctl_flags & BH_CTL_NO_FASTPATH))
 		return bh_fwd_handoff(ctx, reason, is_reply ? peer_seg : 0, slot, len);
@@ -906,7 +1012,8 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			bh_pkt_addrs16(&p);
 			bh_remember_fragment(&p, seg, now, f->reason);
 		}
-		return bh_apply(ctx, &p, f->reason, f->flags & BH_FLOWF_REPLY, len, seg, f->peer_segment, slot, ctl_flags);
+		return bh_apply(ctx, &p, f->reason, f->flags & BH_FLOWF_REPLY, len, seg, f->peer_segment, slot, ctl_flags,
+				f->flags);
 	}
 
 	/* Slow path from here: classification and fragment keys need 16-byte addresses. */
@@ -923,8 +1030,14 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		 * direction (client segment, client -> server) under the new policy.
 		 */
 		__u16 client_seg = f->peer_segment;
-		bh_classify(slot, cfg, client_seg, p.daddr, p.saddr, p.proto,
-			    bh_has_ports(p.proto) ? p.sport_be : 0, v);
+		__u16 rj_port = bh_has_ports(p.proto) ? p.sport_be : 0;
+		/* A client behind another gateway is the app it said it was (bulkhead_transit_in made the entry). */
+		if (f->flags & BH_FLOWF_TRANSIT)
+			bh_judge(slot, cfg, f->src_app, bh_dst_ident(slot, cfg, p.saddr), p.proto, rj_port, v);
+		else
+			bh_classify(slot, cfg, client_seg, p.daddr, p.saddr, p.proto, rj_port, v);
+		/* How the flow crosses the fabric is the connection's, not the policy's. */
+		v->flags |= f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT);
 		is_reply = 1;
 		__u8 fwd_reason = v->reason;
 		if (bh_reason_xdp(v->reason) == XDP_PASS && v->reason != BH_R_SNI_PENDING) {
@@ -963,6 +1076,34 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		v->bytes = len;
 		int pass = bh_reason_xdp(v->reason) == XDP_PASS;
 		int reply_new = 0;
+		/*
+		 * A service address: replies come from the real one (p.daddr while the
+		 * reply key is made; the service address waits in a per-CPU scratch:
+		 * bulkhead_xdp's stack is full).
+		 */
+		const __u8 *real = NULL;
+		struct bh_addr16 *vip = NULL;
+		int nat = 0;
+		if (pass && (cfg->flags & BH_SLOTF_FABRIC)) {
+			__u8 fr = bh_fab_flow(slot, v, p.daddr, &real);
+			if (!fr && real && !(vip = addr_scratch.lookup(&zero)))
+				fr = BH_R_NO_POLICY; /* unreachable: index 0 of a one-entry array */
+			if (!fr && (v->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT)) && p.frag != BH_FRAG_NONE)
+				fr = BH_R_FRAG_NO_FLOW; /* translated and tunnelled flows carry no fragments */
+			if (fr) {
+#ifndef BH_NO_TELEMETRY
+				bh_pair_count(v, fr);
+				bh_fe_emit(ctx, BH_FE_NEW, &p, 0, seg, v, NULL, fr, 0, NULL);
+#endif
+				return bh_record(fr, XDP_DROP, len);
+			}
+			if (real && vip) {
+				nat = 1;
+				__builtin_memcpy(vip->a, p.daddr, 16);
+				bh_pkt_set_daddr(&p, real);
+				bh_event(BH_EV_VIP_NAT);
+			}
+		}
 		if (pass && !v->peer_segment)
 			v->peer_segment = bh_fib_segment(ctx, slot, &p);
 		if (pass && v->peer_segment) {
@@ -989,6 +1130,8 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			}
 			reply_new = !r;
 		}
+		if (nat && vip)
+			bh_pkt_set_daddr(&p, vip->a); /* the forward entry is keyed on what the client sends */
 		/* A new connection (no entry, or a SYN on a reused 5-tuple) rather than a re-judged one. */
 		int fresh = !f || reused;
 		if (v->reason == BH_R_SNI_PENDING) {
@@ -1028,7 +1171,11 @@ int bulkhead_xdp(struct xdp_md *ctx)
 				v->peer_segment = seg;
 				v->packets = 0;
 				v->bytes = 0;
+				if (nat && real)
+					bh_pkt_set_daddr(&p, real);
 				bh_flow_put(&p, reply_seg, 1, v);
+				if (nat && vip)
+					bh_pkt_set_daddr(&p, vip->a);
 				if (reply_new)
 					bh_event(BH_EV_FLOW_ENTRY_NEW);
 				v->reason = fwd_reason;
@@ -1048,7 +1195,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 
 	if (p.frag == BH_FRAG_FIRST)
 		bh_remember_fragment(&p, seg, now, v->reason);
-	return bh_apply(ctx, &p, v->reason, is_reply, len, seg, v->peer_segment, slot, ctl_flags);
+	return bh_apply(ctx, &p, v->reason, is_reply, len, seg, v->peer_segment, slot, ctl_flags, v->flags);
 }
 
 /*
@@ -1732,21 +1879,169 @@ stack:
 	return bh_record(reason, XDP_PASS, len);
 }
 
+/* ---------------------------------------------------------------- the fabric, in TC */
+
+/* The VXLAN-GBP tunnel option (the kernel's struct vxlan_metadata): the policy id is its low 16 bits. */
+struct bh_vxlan_md {
+	__u32 gbp;
+};
+#define BH_GBP_ID_MASK 0xffff
+#define BH_PACKET_HOST 0 /* linux/if_packet.h */
+
+/* Parse the headers of an skb (made linear first: bh_parse_headers reads them directly). */
+static __always_inline int bh_tc_parse(struct __sk_buff *skb, struct bh_pkt *p)
+{
+	__u32 want = skb->len < 128 ? skb->len : 128; /* Ethernet, IP with options, TCP with options */
+
+	if (bpf_skb_pull_data(skb, want))
+		return BH_R_MALFORMED_L2;
+	bh_pkt_init(p);
+	int rc = bh_parse_headers((void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, p);
+	if (rc == BH_PARSE_OK)
+		bh_pkt_addrs16(p);
+	return rc;
+}
+
+/*
+ * Translate one address of the packet (dst: the destination, else the
+ * source) to `to`, with the checksums: the kernel's helpers keep what the
+ * skb says of them (a checksum left to offload stays right). Returns 0, or
+ * -1 if the packet could not be written.
+ */
+static __always_inline int bh_tc_nat(struct __sk_buff *skb, const struct bh_pkt *p, int dst, const __u8 *to)
+{
+	const __u8 *from = dst ? p->daddr : p->saddr;
+	__u32 l3 = p->l3_off, l4 = p->l4_off;
+	__u32 csum_off = 0, l4_flags = BPF_F_PSEUDO_HDR;
+
+	if (p->proto == IPPROTO_TCP) {
+		csum_off = l4 + 16;
+	} else if (p->proto == IPPROTO_UDP) {
+		csum_off = l4 + 6;
+		l4_flags |= BPF_F_MARK_MANGLED_0; /* UDP over IPv4 may carry no checksum: it stays 0 */
+	} else if (p->proto == IPPROTO_ICMPV6) {
+		csum_off = l4 + 2; /* ICMPv6 sums the pseudo-header; ICMPv4 does not */
+	}
+	if (p->family == 4) {
+		__u32 old4, new4;
+		__builtin_memcpy(&old4, from + 12, 4);
+		__builtin_memcpy(&new4, to + 12, 4);
+		if (csum_off && bpf_l4_csum_replace(skb, csum_off, old4, new4, l4_flags | 4))
+			return -1;
+		if (bpf_l3_csum_replace(skb, l3 + 10, old4, new4, 4))
+			return -1;
+		return bpf_skb_store_bytes(skb, l3 + (dst ? 16 : 12), &new4, 4, 0) ? -1 : 0;
+	}
+	__u8 a[16], b[16];
+	__builtin_memcpy(a, from, 16);
+	__builtin_memcpy(b, to, 16);
+	__s64 diff = bpf_csum_diff((__be32 *)a, 16, (__be32 *)b, 16, 0);
+	if (diff < 0)
+		return -1;
+	if (csum_off && bpf_l4_csum_replace(skb, csum_off, 0, diff, l4_flags))
+		return -1;
+	return bpf_skb_store_bytes(skb, l3 + (dst ? 24 : 8), b, 16, 0) ? -1 : 0;
+}
+
+/*
+ * Send the packet to the gateway of segment `vni` through the transit
+ * device: VXLAN with the segment in the VNI and `app`, the identity it
+ * carries, in the Group Based Policy id. Returns a TC code.
+ */
+static __always_inline int bh_tc_encap(struct __sk_buff *skb, __u32 slot, __u32 vni, __u32 app)
+{
+	struct bh_fab_val *sv = bh_fab(slot, BH_FAB_SEG, vni, NULL);
+	struct bh_fab_val *me = bh_fab(slot, BH_FAB_SELF, 0, NULL);
+	if (!sv || !me || !me->b || app > BH_GBP_ID_MASK)
+		return bh_record(BH_R_TRANSIT_NO_TUNNEL, TC_ACT_SHOT, skb->len);
+	struct bh_fab_val *gv = bh_fab(slot, BH_FAB_GW, sv->a, NULL);
+	if (!gv)
+		return bh_record(BH_R_TRANSIT_NO_TUNNEL, TC_ACT_SHOT, skb->len);
+	struct bpf_tunnel_key key = {};
+	__u64 kflags = 0;
+	key.tunnel_id = vni;
+	key.tunnel_ttl = 64;
+	if (gv->a == 6) {
+		__builtin_memcpy(key.remote_ipv6, gv->addr, 16);
+		__builtin_memcpy(key.local_ipv6, me->addr, 16);
+		kflags = BPF_F_TUNINFO_IPV6;
+	} else {
+		__u32 r, l;
+		__builtin_memcpy(&r, gv->addr + 12, 4);
+		__builtin_memcpy(&l, me->addr + 12, 4);
+		key.remote_ipv4 = bpf_ntohl(r);
+		key.local_ipv4 = bpf_ntohl(l);
+	}
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), kflags))
+		return bh_record(BH_R_TRANSIT_NO_TUNNEL, TC_ACT_SHOT, skb->len);
+	struct bh_vxlan_md md = {};
+	md.gbp = app;
+	if (bpf_skb_set_tunnel_opt(skb, &md, sizeof(md)))
+		return bh_record(BH_R_TRANSIT_NO_TUNNEL, TC_ACT_SHOT, skb->len);
+	/* The outer packet is routed by the underlay's tables, not a segment's: our mark goes. */
+	skb->mark &= BH_MARK_KEEP;
+	bh_event(BH_EV_TRANSIT_ENCAP);
+	return bpf_redirect(me->b, 0);
+}
+
+/*
+ * A packet of a flow through the fabric, arriving on a segment interface
+ * (bulkhead_xdp judged it and let it through): translate a service address
+ * (forward: destination to the real address; reply: source back to the
+ * service address) and, for a peer behind another gateway, encapsulate.
+ */
+static __always_inline int bh_tc_fabric(struct __sk_buff *skb, __u32 slot)
+{
+	struct bh_pkt p;
+
+	if (bh_tc_parse(skb, &p) != BH_PARSE_OK || p.frag != BH_FRAG_NONE || p.icmp_error)
+		return TC_ACT_OK; /* judged by XDP as it is; nothing of the fabric's */
+	__u32 seg = bh_segment_of(slot, skb->ifindex);
+	struct bh_flow *f = bh_flow_get(&p, seg, 0);
+	if (!f || !(f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT)))
+		return TC_ACT_OK;
+	__u8 fflags = f->flags;
+	__u32 vni = f->peer_segment;
+	__u32 app = (fflags & BH_FLOWF_REPLY) ? f->dst_app : f->src_app;
+	if (fflags & BH_FLOWF_NAT) {
+		int reply = fflags & BH_FLOWF_REPLY;
+		struct bh_fab_val *nv = reply ? bh_fab(slot, BH_FAB_REAL, 0, p.saddr) : bh_fab(slot, BH_FAB_VIP, 0, p.daddr);
+		/* The service address left the policy while the packet was on its way: nothing to translate it to. */
+		if (!nv)
+			return TC_ACT_SHOT;
+		if (bh_tc_nat(skb, &p, !reply, nv->addr))
+			return TC_ACT_SHOT;
+	}
+	if (fflags & BH_FLOWF_TRANSIT)
+		return bh_tc_encap(skb, slot, vni, app);
+	return TC_ACT_OK;
+}
+
 /*
  * TC ingress on every segment interface: send a reject answer XDP built
  * (bh_reject_send) back out of this interface, or copy the steering mark
  * XDP left in the metadata (bh_steer) into skb->mark, before netfilter
- * sees the packet. Packets without bulkhead metadata pass untouched.
+ * sees the packet; then the fabric's part (bh_tc_fabric) of a packet XDP
+ * handed over for it, or of one it passed without metadata while the
+ * policy has fabric entries (a flow decided by server name passes its
+ * handshake plainly). Other packets pass untouched.
  */
 int bulkhead_tc(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	struct bh_meta *m = (void *)(long)skb->data_meta;
 
-	if ((void *)(m + 1) > data)
-		return TC_ACT_OK;
-	if (m->magic != BH_META_MAGIC)
-		return TC_ACT_OK;
+	if ((void *)(m + 1) > data || m->magic != BH_META_MAGIC) {
+		__u32 zero = 0;
+		struct bh_ctl *gc = ctl.lookup(&zero);
+		if (!gc)
+			return TC_ACT_OK;
+		__u32 slot = gc->active_slot & 1;
+		struct bh_slot_cfg *cfg = slot_cfg.lookup(&slot);
+		if (!cfg || !(cfg->flags & BH_SLOTF_FABRIC))
+			return TC_ACT_OK;
+		return bh_tc_fabric(skb, slot);
+	}
 	if (m->flags & BH_METAF_SEND_BACK) {
 		/*
 		 * Metadata can travel with the skb to the peer: cleared, so a
@@ -1760,7 +2055,208 @@ int bulkhead_tc(struct __sk_buff *skb)
 		return TC_ACT_REDIRECT;
 	}
 	skb->mark = (skb->mark & BH_MARK_KEEP) | m->mark;
+	if (m->flags & BH_METAF_FABRIC)
+		return bh_tc_fabric(skb, !!(m->flags & BH_METAF_SLOT1));
 	return TC_ACT_OK;
+}
+
+/* A packet from the transit refused: counted by why, dropped. */
+static __always_inline int bh_transit_drop(__u8 reason, __u64 len)
+{
+	return bh_record(reason, TC_ACT_SHOT, len);
+}
+
+/*
+ * TC ingress on the transit device (VXLAN, external mode, GBP): packets
+ * other gateways sent. The gateway enforces again by the identity the
+ * packet carries, never by its inner source address (which may be anyone's
+ * in an overlapping CIDR):
+ *
+ *   outer source  = a gateway's transit address   (else transit_unknown_peer)
+ *   GBP id        = an app behind that gateway     (else transit_bad_identity)
+ *   VNI           = a segment of this gateway, the destination an app in it
+ *                                                  (else transit_bad_segment)
+ *   (GBP app, destination app, proto, port) judged by the policy, as XDP would.
+ *
+ * A reply to a flow this gateway's client opened arrives the same way, and
+ * must come from the app and segment the flow went to. What passes is
+ * delivered into the VNI's segment by its routing table (BH_MARK_SEG).
+ */
+int bulkhead_transit_in(struct __sk_buff *skb)
+{
+	__u64 len = skb->len;
+	__u32 zero = 0;
+	struct bh_ctl *gc = ctl.lookup(&zero);
+	if (!gc)
+		return bh_transit_drop(BH_R_NO_POLICY, len);
+	__u32 slot = gc->active_slot & 1;
+	struct bh_slot_cfg *cfg = slot_cfg.lookup(&slot);
+	if (!cfg || !cfg->generation)
+		return bh_transit_drop(BH_R_NO_POLICY, len);
+	struct bh_fab_val *me = bh_fab(slot, BH_FAB_SELF, 0, NULL);
+	if (!me)
+		return bh_transit_drop(BH_R_TRANSIT_NO_TUNNEL, len);
+	__u32 me_gw = me->a;
+	struct bh_fab_val *mine = bh_fab(slot, BH_FAB_GW, me_gw, NULL);
+
+	/* Who sent it: the outer source address. */
+	struct bpf_tunnel_key key = {};
+	__u8 raddr[16] = {};
+	if (mine && mine->a == 6) {
+		if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), BPF_F_TUNINFO_IPV6))
+			return bh_transit_drop(BH_R_TRANSIT_UNKNOWN_PEER, len);
+		__builtin_memcpy(raddr, key.remote_ipv6, 16);
+	} else {
+		if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0))
+			return bh_transit_drop(BH_R_TRANSIT_UNKNOWN_PEER, len);
+		bh_v4mapped(raddr, bpf_htonl(key.remote_ipv4));
+	}
+	struct bh_fab_val *peer = bh_fab(slot, BH_FAB_PEER, 0, raddr);
+	if (!peer || peer->a == me_gw)
+		return bh_transit_drop(BH_R_TRANSIT_UNKNOWN_PEER, len);
+	__u32 peer_gw = peer->a;
+
+	/* What it is: the app id it carries, which must be behind the gateway that sent it. */
+	struct bh_vxlan_md md = {};
+	if (bpf_skb_get_tunnel_opt(skb, &md, sizeof(md)) < (int)sizeof(md))
+		return bh_transit_drop(BH_R_TRANSIT_BAD_IDENTITY, len);
+	__u32 app = md.gbp & BH_GBP_ID_MASK;
+	struct bh_fab_val *ai = app ? bh_fab(slot, BH_FAB_APP, app, NULL) : NULL;
+	if (!ai || ai->b != peer_gw)
+		return bh_transit_drop(BH_R_TRANSIT_BAD_IDENTITY, len);
+	__u32 app_seg = ai->a;
+
+	/* Where it goes: a segment of this gateway. */
+	__u32 vni = key.tunnel_id;
+	struct bh_fab_val *sv = (vni && vni <= 0xffff) ? bh_fab(slot, BH_FAB_SEG, vni, NULL) : NULL;
+	if (!sv || sv->a != me_gw)
+		return bh_transit_drop(BH_R_TRANSIT_BAD_SEGMENT, len);
+
+	struct bh_pkt p;
+	int rc = bh_tc_parse(skb, &p);
+	if (rc == BH_PARSE_NON_IP)
+		return bh_transit_drop(BH_R_TRANSIT_BAD_SEGMENT, len); /* only IP is sent through the transit */
+	if (rc)
+		return bh_transit_drop(rc, len);
+	if (p.frag != BH_FRAG_NONE)
+		return bh_transit_drop(BH_R_FRAG_NO_FLOW, len); /* the sender sends no fragments (bulkhead_xdp) */
+	if (p.icmp_error)
+		return bh_transit_drop(BH_R_ICMP_ERROR_NO_FLOW, len);
+
+	__u64 now = bpf_ktime_get_coarse_ns();
+	__u8 reason = BH_R_ALLOW_REPLY;
+	__u8 fflags = BH_FLOWF_TRANSIT;
+	int judge = 1, rejudge = 0;
+	struct bh_flow *f = bh_flow_get(&p, app_seg, 0);
+	if (f && (f->flags & BH_FLOWF_REPLY)) {
+		/* A reply to our client: it comes from the app, and into the segment, its flow went to. */
+		if (f->dst_app != app || f->peer_segment != vni || !(f->flags & BH_FLOWF_TRANSIT))
+			return bh_transit_drop(BH_R_TRANSIT_BAD_IDENTITY, len);
+		/* Of an older policy: re-judged as the client's flow under the one in force (as bulkhead_xdp does). */
+		rejudge = f->generation != cfg->generation;
+		judge = rejudge;
+	} else if (f && f->generation == cfg->generation) {
+		/* A flow from the other gateway's app, judged already. */
+		if (f->src_app != app || f->peer_segment != vni)
+			return bh_transit_drop(BH_R_TRANSIT_BAD_IDENTITY, len);
+		reason = f->reason;
+		if (bh_reason_xdp(reason) != XDP_PASS)
+			return bh_transit_drop(reason, len);
+		judge = 0;
+	}
+	if (!judge) {
+		fflags = f->flags;
+		f->last_seen_ns = now;
+		f->packets++;
+		f->bytes += len;
+	} else {
+		struct bh_flow *v = flow_scratch.lookup(&zero);
+		if (!v)
+			return bh_transit_drop(BH_R_NO_POLICY, len);
+		__builtin_memset(v, 0, sizeof(*v));
+		__u32 src_app = app;
+		__u16 dport = p.policy_dport_be;
+		struct bh_ident *di;
+		if (rejudge) {
+			/* Our client, by its address in its segment (the VNI); the server by its address. */
+			struct bh_src_key sk = {};
+			struct bh_ident *si;
+			sk.prefixlen = BH_SRC_PLEN_HOST;
+			sk.segment_id = vni;
+			__builtin_memcpy(sk.addr, p.daddr, 16);
+			si = bh_sel_src_host(slot, &sk);
+			if (!si && (cfg->flags & BH_SLOTF_SRC_LPM))
+				si = bh_sel_src_ident(slot, &sk);
+			src_app = si ? si->app_id : 0;
+			di = bh_dst_ident(slot, cfg, p.saddr);
+			dport = bh_has_ports(p.proto) ? p.sport_be : 0;
+			if (!di || di->app_id != app)
+				return bh_transit_drop(BH_R_TRANSIT_BAD_IDENTITY, len);
+		} else {
+			/* New: the destination must be an app of the VNI's segment, and the pair allowed. */
+			di = bh_dst_ident(slot, cfg, p.daddr);
+			if (!di || di->segment_id != vni)
+				return bh_transit_drop(BH_R_TRANSIT_BAD_SEGMENT, len);
+		}
+		bh_judge(slot, cfg, src_app, di, p.proto, dport, v);
+		/*
+		 * A flow decided by server name had its ClientHello judged by the
+		 * client's gateway (bulkhead_sni there); here its pair is. HTTP rules
+		 * stay at one gateway (the policy refuses them across): a steer here
+		 * has no verifier to go to.
+		 */
+		if (v->reason == BH_R_SNI_PENDING) {
+			v->reason = BH_R_ALLOW_RULE;
+			v->action = BH_ACT_ALLOW;
+		} else if (v->reason == BH_R_L7_STEER) {
+			v->reason = BH_R_PUNT_NO_HANDLER;
+		}
+		if (rejudge) {
+			if (bh_reason_xdp(v->reason) != XDP_PASS)
+				return bh_transit_drop(v->reason, len);
+			fflags = f->flags;
+			f->generation = cfg->generation;
+			f->rule_id = v->rule_id;
+			f->src_app = v->src_app;
+			f->last_seen_ns = now;
+			f->packets++;
+			f->bytes += len;
+		} else {
+			v->last_seen_ns = now;
+			v->packets = 1;
+			v->bytes = len;
+			v->peer_segment = vni;
+			v->flags |= BH_FLOWF_TRANSIT;
+			reason = v->reason;
+#ifndef BH_NO_TELEMETRY
+			bh_pair_count(v, reason);
+			bh_fe_emit(skb, BH_FE_NEW, &p, 0, app_seg, v, NULL, reason, 0, NULL);
+#endif
+			/* A reject is a drop here: the client is behind the other gateway. */
+			if (bh_reason_xdp(reason) != XDP_PASS)
+				return bh_transit_drop(reason, len);
+			bh_flow_put(&p, app_seg, 0, v);
+			v->flags |= BH_FLOWF_REPLY;
+			v->reason = BH_R_ALLOW_REPLY;
+			v->action = BH_ACT_ALLOW;
+			v->peer_segment = app_seg;
+			v->packets = 0;
+			v->bytes = 0;
+			bh_flow_put(&p, vni, 1, v);
+			bh_event(BH_EV_FLOW_NEW);
+		}
+	}
+	/* A reply of a translated flow leaves from the service address the client dialed. */
+	if ((fflags & BH_FLOWF_NAT) && (fflags & BH_FLOWF_REPLY)) {
+		struct bh_fab_val *nv = bh_fab(slot, BH_FAB_REAL, 0, p.saddr);
+		if (!nv || bh_tc_nat(skb, &p, 0, nv->addr))
+			return bh_transit_drop(BH_R_TRANSIT_BAD_SEGMENT, len);
+	}
+	/* The inner frame is addressed to the sender's segment interface: ours now. */
+	bpf_skb_change_type(skb, BH_PACKET_HOST);
+	skb->mark = (skb->mark & BH_MARK_KEEP) | BH_MARK_SEG | (vni & 0xffff);
+	bh_event(BH_EV_TRANSIT_DECAP);
+	return bh_record(reason, TC_ACT_OK, len);
 }
 
 #ifdef BH_BENCH

@@ -27,6 +27,8 @@ enum bh_action {
 #define BH_FLOWF_T_HS 0x08   /* TCP timing: handshake sample pending (fwd: client RTT at the ACK; reply: server RTT at the SYN-ACK) */
 #define BH_FLOWF_T_DATA 0x10 /* TCP timing: first payload pending (fwd: request start; reply: server response time) */
 #define BH_FLOWF_ENDED 0x20  /* a FIN or RST was seen and the flow's end event sent */
+#define BH_FLOWF_NAT 0x40     /* a service address: forward packets' destination is translated to the app's real address, replies' source back */
+#define BH_FLOWF_TRANSIT 0x80 /* the other end is behind another gateway: this direction leaves (or arrived) through the transit tunnel */
 #define BH_FLOWF_OBSERVE (BH_FLOWF_T_HS | BH_FLOWF_T_DATA) /* established path: something to measure */
 
 /*
@@ -68,6 +70,10 @@ enum bh_reason {
 	BH_R_L7_UPSTREAM        = 31, /* reply to a verifier's upstream connection: steered to its socket */
 	BH_R_L7_NO_META         = 32, /* L7 flow, but the driver can't carry the steering mark: dropped */
 	BH_R_TAIL_CALL_MISSED   = 33, /* a tail call returned (empty tails slot, or the chain of 33 ran out): dropped */
+	BH_R_TRANSIT_UNKNOWN_PEER = 34, /* from the transit tunnel, sent by an address that is no gateway's transit address */
+	BH_R_TRANSIT_BAD_IDENTITY = 35, /* from the transit: no app id, an unknown one, one not behind the sending gateway, or not its flow's */
+	BH_R_TRANSIT_BAD_SEGMENT  = 36, /* from the transit: the VNI is no segment of this gateway, or the destination is not in it */
+	BH_R_TRANSIT_NO_TUNNEL    = 37, /* to another gateway, but this one has no transit (device, address, metadata) for it */
 };
 
 /* Datapath events (not verdicts): index into the per-CPU `events` array. */
@@ -102,6 +108,9 @@ enum bh_event {
 	BH_EV_FWD_OTHER_SEGMENT  = 26, /* no per-table lookup (kernel < 6.8) and the main table leaves by another segment */
 	BH_EV_FWD_TAIL_MISSED    = 27, /* the tail call to bulkhead_forward returned: passed to the stack, marked */
 	BH_EV_FWD_CSUM_PARTIAL   = 28, /* TCP/UDP checksum left to offload (a local sender behind a veth): the stack finishes it */
+	BH_EV_TRANSIT_ENCAP      = 29, /* a packet sent to another gateway through the transit tunnel */
+	BH_EV_TRANSIT_DECAP      = 30, /* a packet from another gateway accepted from the transit tunnel */
+	BH_EV_VIP_NAT            = 31, /* a new flow to a service address, translated to its app's real address */
 };
 
 /*
@@ -111,6 +120,17 @@ enum bh_event {
 enum bh_reject_path {
 	BH_REJECT_XDP_TX = 0, /* XDP_TX: native XDP on a NIC, and generic XDP (dev_queue_xmit) */
 	BH_REJECT_TC     = 1, /* XDP_PASS with BH_METAF_SEND_BACK; bulkhead_tc redirects it out: native XDP on veth & co. */
+};
+
+/* What a fab_N key names (types.h struct bh_fab_key), and what its value holds. */
+enum bh_fab_kind {
+	BH_FAB_SELF = 1, /* id 0: a = this gateway's id, b = ifindex of the transit device (0: none), addr = this gateway's transit address */
+	BH_FAB_VIP  = 2, /* addr = a service address: a = its app, b = the app's segment, addr = the real address it translates to */
+	BH_FAB_REAL = 3, /* addr = that real address: a = the app, addr = its service address of the same family */
+	BH_FAB_SEG  = 4, /* id = a segment (every one of the policy): a = its gateway's id */
+	BH_FAB_APP  = 5, /* id = an app with a segment: a = its segment, b = its gateway's id */
+	BH_FAB_PEER = 6, /* addr = a gateway's transit address: a = that gateway's id */
+	BH_FAB_GW   = 7, /* id = a gateway's id: addr = its transit address, a = 4 or 6 */
 };
 
 /* Kind of a flow_events record. */

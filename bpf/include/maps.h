@@ -55,7 +55,10 @@ BPF_TABLE_PINNED("array", __u32, struct bh_slot_cfg, slot_cfg, BH_NUM_SLOTS, BH_
 			 BH_MAX_POLICY, BH_PIN_DIR "/policy_" #n, BPF_F_NO_PREALLOC);              \
 	/* sni_names_N: (src app, dst app, port, server name hash) -> verdict. */                  \
 	BPF_TABLE_PINNED("hash", struct bh_sni_key, struct bh_sni_val, sni_names_##n, BH_MAX_SNI,  \
-			 BH_PIN_DIR "/sni_names_" #n, BPF_F_NO_PREALLOC)
+			 BH_PIN_DIR "/sni_names_" #n, BPF_F_NO_PREALLOC);                           \
+	/* fab_N: the fabric: service addresses, segments and apps behind gateways, transit peers. */ \
+	BPF_TABLE_PINNED("hash", struct bh_fab_key, struct bh_fab_val, fab_##n, BH_MAX_IDENT,      \
+			 BH_PIN_DIR "/fab_" #n, BPF_F_NO_PREALLOC)
 
 BH_SLOT_MAPS(0);
 BH_SLOT_MAPS(1);
@@ -82,6 +85,9 @@ BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_sni_state, sni_state
 
 /* sni_scratch: one per-CPU bh_sni_state to build a new entry in (too big for the stack). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct bh_sni_state, sni_scratch, 1, BH_PIN_DIR "/sni_scratch");
+
+/* addr_scratch: one per-CPU address (the service address of a new translated flow, off bulkhead_xdp's full stack). Not pinned. */
+BPF_PERCPU_ARRAY(addr_scratch, struct bh_addr16, 1);
 
 /* flow_scratch: one per-CPU flow entry to build a new one in (too big for bulkhead_xdp's stack). Not pinned. */
 BPF_PERCPU_ARRAY(flow_scratch, struct bh_flow, 1);

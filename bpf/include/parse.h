@@ -393,4 +393,113 @@ static __always_inline int bh_parse(void *data, void *data_end, struct bh_pkt *p
 	return BH_PARSE_NON_IP;
 }
 
+/*
+ * The headers of a packet TC sees (bulkhead_tc, bulkhead_transit_in): an
+ * skb's linear part may end before its datagram does, so lengths are checked
+ * against `pkt_len`, the whole packet, and only the headers against
+ * data_end. No VLAN tags, IPv4 options up to their 60 bytes, IPv6 without
+ * extension headers (BH_R_IPV6_EXT_CHAIN), no ICMP quotes (icmp_error set,
+ * the quote unread). Fills what the flow keys and the policy need, exactly
+ * as bh_parse does for the same packet: a flow keyed in TC is found by XDP.
+ */
+static __always_inline int bh_parse_headers(void *data, void *data_end, __u32 pkt_len, struct bh_pkt *p)
+{
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return BH_R_MALFORMED_L2;
+	p->l3_off = sizeof(*eth);
+	__u8 *l4;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = (void *)(eth + 1);
+		if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl < 5)
+			return BH_R_MALFORMED_IPV4;
+		__u32 hl = (iph->ihl * 4) & 0x3c;
+		__u32 tot = bh_len16(iph->tot_len);
+		if (tot < hl || sizeof(*eth) + tot > pkt_len)
+			return BH_R_MALFORMED_IPV4;
+		p->family = 4;
+		p->proto = iph->protocol;
+		p->saddr4_be = iph->saddr;
+		p->daddr4_be = iph->daddr;
+		p->ip_len = tot;
+		p->l4_off = sizeof(*eth) + hl;
+		p->l4_len = tot - hl;
+		__u16 frag_off = bpf_ntohs(iph->frag_off);
+		if (frag_off & BH_IP_OFFSET)
+			p->frag = BH_FRAG_LATER;
+		else if (frag_off & BH_IP_MF)
+			p->frag = BH_FRAG_FIRST;
+		p->frag_id = bpf_ntohs(iph->id);
+		l4 = (__u8 *)iph + hl;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+			return BH_R_MALFORMED_IPV6;
+		__u32 plen = bh_len16(ip6->payload_len);
+		if (plen == 0 || sizeof(*eth) + sizeof(*ip6) + plen > pkt_len)
+			return BH_R_MALFORMED_IPV6;
+		if (bh_is_v6_ext(ip6->nexthdr))
+			return BH_R_IPV6_EXT_CHAIN;
+		p->family = 6;
+		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+		p->proto = ip6->nexthdr;
+		p->ip_len = plen + sizeof(*ip6);
+		p->l4_off = sizeof(*eth) + sizeof(*ip6);
+		p->l4_len = plen;
+		l4 = (void *)(ip6 + 1);
+	} else {
+		return BH_PARSE_NON_IP;
+	}
+	p->policy_dport_be = 0;
+	if (p->frag == BH_FRAG_LATER)
+		return BH_PARSE_OK;
+	if (p->proto == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)l4;
+		if ((void *)(th + 1) > data_end)
+			return BH_R_MALFORMED_L4;
+		__u32 doff = th->doff * 4;
+		if (doff < sizeof(*th) || doff > p->l4_len)
+			return BH_R_MALFORMED_L4;
+		p->sport_be = th->source;
+		p->dport_be = th->dest;
+		p->policy_dport_be = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_doff = doff;
+		p->seq_be = th->seq;
+		p->ack_seq_be = th->ack_seq;
+	} else if (p->proto == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)l4;
+		if ((void *)(uh + 1) > data_end || bpf_ntohs(uh->len) < sizeof(*uh))
+			return BH_R_MALFORMED_L4;
+		if (p->frag == BH_FRAG_NONE && bpf_ntohs(uh->len) > p->l4_len)
+			return BH_R_MALFORMED_L4;
+		p->sport_be = uh->source;
+		p->dport_be = uh->dest;
+		p->policy_dport_be = uh->dest;
+	} else if (p->proto == IPPROTO_SCTP) {
+		__u16 *ports = (void *)l4;
+		if ((void *)(ports + 6) > data_end)
+			return BH_R_MALFORMED_L4;
+		p->sport_be = ports[0];
+		p->dport_be = ports[1];
+		p->policy_dport_be = ports[1];
+	} else if ((p->family == 4 && p->proto == IPPROTO_ICMP) ||
+		   (p->family == 6 && p->proto == IPPROTO_ICMPV6)) {
+		if ((void *)(l4 + 8) > data_end)
+			return BH_R_MALFORMED_L4;
+		p->icmp_type = l4[0];
+		p->icmp_code = l4[1];
+		if (bh_icmp_is_echo(p->family, l4[0])) {
+			__u16 id = *(__u16 *)(l4 + 4);
+			p->sport_be = id;
+			p->dport_be = id;
+		} else if (bh_icmp_is_error(p->family, l4[0])) {
+			p->icmp_error = 1;
+		}
+	}
+	return BH_PARSE_OK;
+}
+
 #endif /* BH_PARSE_H */

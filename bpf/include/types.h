@@ -36,6 +36,7 @@ struct bh_meta {
 #define BH_METAF_SEND_BACK 0x1 /* a reject answer built in place: TC redirects it out of its ingress interface */
 #define BH_METAF_FORWARD 0x2   /* bulkhead_forward's input (bh_fwd_handoff); cleared before TC sees it */
 #define BH_METAF_SLOT1 0x4     /* with FORWARD: the packet was judged by policy slot 1 */
+#define BH_METAF_FABRIC 0x8    /* a flow through the fabric (BH_FLOWF_NAT / _TRANSIT): bulkhead_tc looks its entry up, translates, encapsulates */
 #define BH_METAF_REASON_SHIFT 8 /* with FORWARD: bits 8..15 hold the enum bh_reason to record */
 
 /* slot_cfg[slot]: settings that swap together with the slot's maps. */
@@ -51,6 +52,7 @@ struct bh_slot_cfg {
 #define BH_SLOTF_DST_LPM 0x4 /* likewise destinations: consult dst_ident */
 #define BH_SLOTF_POL_LPM 0x8 /* the slot has port-range blocks: consult policy */
 #define BH_SLOTF_SNI_ANY 0x10 /* the slot has hostname-only apps: unknown destinations may match by name */
+#define BH_SLOTF_FABRIC 0x20  /* the slot has fab_N entries: service addresses or transit */
 
 /* seg_map_N: ingress ifindex -> segment. */
 struct bh_seg_val {
@@ -112,6 +114,29 @@ struct bh_policy_val {
 	__u32 rule_id; /* 1..; names live in the agent's bundle */
 };
 
+/*
+ * fab_N (hash): the fabric's facts of a slot, one key shape for all of them
+ * (docs/fabric.md). `kind` (enum bh_fab_kind) says what the key names and
+ * what the value holds; unused fields are zero. Addresses are 16 bytes,
+ * IPv4-mapped for IPv4, as in every other key.
+ */
+struct bh_fab_key {
+	__u32 kind;
+	__u32 id;
+	__u8 addr[16];
+};
+
+struct bh_fab_val {
+	__u32 a;
+	__u32 b;
+	__u8 addr[16];
+};
+
+/* addr_scratch (per-CPU, not pinned): one 16-byte address. */
+struct bh_addr16 {
+	__u8 a[16];
+};
+
 /* flows4 (LRU): one entry per direction of an IPv4 flow. */
 struct bh_flow4_key {
 	__u32 saddr_be;
@@ -145,7 +170,7 @@ struct bh_flow {
 	__u32 dst_app;
 	__u16 peer_segment; /* forward: where replies arrive; reply: the client's segment */
 	__u8 action;        /* enum bh_action, as enforced */
-	__u8 flags;         /* BH_ACTF_AUDIT | BH_FLOWF_REPLY */
+	__u8 flags;         /* BH_ACTF_AUDIT | BH_FLOWF_* */
 	__u8 reason;        /* enum bh_reason recorded for this flow's packets */
 	__u8 sni_flags;     /* BH_FSNI_*: what the entry knows of the flow's TLS server name */
 	__u8 pad[2];
@@ -337,6 +362,8 @@ _Static_assert(sizeof(struct bh_policy_val) == 8, "bh_policy_val");
 _Static_assert(sizeof(struct bh_flow4_key) == 16, "bh_flow4_key");
 _Static_assert(sizeof(struct bh_flow6_key) == 40, "bh_flow6_key");
 _Static_assert(sizeof(struct bh_flow) == 80, "bh_flow");
+_Static_assert(sizeof(struct bh_fab_key) == 24, "bh_fab_key");
+_Static_assert(sizeof(struct bh_fab_val) == 24, "bh_fab_val");
 _Static_assert(sizeof(struct bh_flow_event) == 168, "bh_flow_event");
 _Static_assert(sizeof(struct bh_lat_key) == 12, "bh_lat_key");
 _Static_assert(sizeof(struct bh_lat_val) == 16, "bh_lat_val");
