@@ -195,7 +195,7 @@ def agent() -> None:
               help="Policy file (repeatable); a gateway with no fleet. Exclusive with --etcd.")
 @click.option("--etcd", "etcd", envvar="BULKHEAD_ETCD", metavar="URL[,URL...]",
               help="Follow the fleet's signed policy in etcd (default $BULKHEAD_ETCD); needs --gateway, --trust.")
-@click.option("--gateway", metavar="NAME", help="With --etcd: this gateway's name in the policy's gateways:.")
+@click.option("--gateway", metavar="NAME", help="This gateway in the policy's gateways: (needs --etcd or --policy).")
 @click.option("--trust", type=click.Path(dir_okay=False), metavar="FILE.pub", multiple=True,
               help="With --etcd: the public key policies must be signed with (`bulkhead fleet keygen`). "
               "Repeatable: during a key rotation trust the old and the new key, publish with the new one, "
@@ -224,10 +224,10 @@ def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_
     serves STATE_DIR/bulkhead.sock. Stopping the agent leaves enforcement in
     place (so a restart opens no window); `bulkhead down` removes it.
 
-    With --etcd the policy is the fleet's: the newest envelope signed by --trust
-    whose revision is above the applied one, cut to --gateway's segments. It
-    starts from STATE_DIR/fleet/last.envelope if there is one (stale until etcd
-    answers); without one it waits up to --etcd-wait for etcd, then exits 1.
+    With --gateway NAME it enforces gateway NAME's segments and transit (a policy without NAME
+    is refused). With --etcd the policy is the fleet's: the newest envelope signed by --trust
+    whose revision is above the applied one. It starts from STATE_DIR/fleet/last.envelope if
+    there is one (stale until etcd answers); without one it waits --etcd-wait, then exits 1.
     """
     try:
         sizes = parse_map_sizes(map_sizes)
@@ -250,15 +250,15 @@ def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_
             fleet = {"urls": parse_urls(etcd), "gateway": gateway, "trust": list(trust), "wait": etcd_wait}
         except ValueError as e:
             _fail(str(e), 2)
-    elif gateway or trust:
-        _fail("--gateway and --trust go with --etcd", 2)
+    elif trust:
+        _fail("--trust FILE.pub: signing keys go with --etcd (a policy from --policy is not signed)", 2)
     if os.geteuid() != 0:
         _fail("the agent needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)")
     os.environ["BULKHEAD_VERIFIER_PROCS"] = str(verifier_procs)  # read by verifier.supervisor
     from bulkhead.daemon import service as daemon
 
     sys.exit(daemon.run(list(policy_files), state_dir, None if metrics_addr == "off" else metrics_addr, xdp_mode,
-                        sizes=sizes, events_keep=events_keep, fleet=fleet))
+                        sizes=sizes, events_keep=events_keep, fleet=fleet, gateway=gateway))
 
 
 

@@ -20,6 +20,8 @@ def status_text(st: dict) -> str:
         lines.append(f"data path: build {dp.get('build_id', '?')} ({how})")
     if st.get("fleet"):
         lines.append(fleet_line(st["fleet"]))
+    if st.get("transit"):
+        lines.append(transit_line(st["transit"]))
     lines.append("interfaces:")
     for i in st["interfaces"]:
         lines.append(f"  {i['name']:<16} ifindex {i['ifindex']:<5} segment {i.get('segment', '?'):<12} xdp {i['mode']:<8}"
@@ -62,6 +64,17 @@ def fleet_line(f: dict) -> str:
     if f.get("error"):
         line += f"; last refused: {f['error']}"
     return line
+
+
+def transit_line(t: dict) -> str:
+    """transit: gateway gw-east 198.18.100.1, device bhvx-default (ifindex 7), udp/4789; peers gw-west 198.18.100.2"""
+    if t.get("address"):
+        dev = f"device {t['device']} (ifindex {t['ifindex']})" if t.get("ifindex") else f"device {t.get('device')} MISSING"
+        here = f"{t['address']}, {dev}"
+    else:
+        here = "no transit address (flows to other gateways are dropped: transit_no_tunnel)"
+    peers = ", ".join(f"{n} {a}" for n, a in sorted((t.get("peers") or {}).items())) or "none"
+    return f"transit: gateway {t.get('gateway')} {here}, udp/{t.get('port')}; peers {peers}"
 
 
 def latency_lines(rows: list[dict]) -> list[str]:

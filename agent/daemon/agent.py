@@ -24,7 +24,7 @@ from bulkhead.core.names import CLOCK_MONOTONIC_COARSE, VERDICTS, proto_name
 from bulkhead.daemon.l7records import L7Records
 from bulkhead.daemon.state import prog_name, read_state, write_state, xdp_prog_ids
 from bulkhead.telemetry import flowlog
-from bulkhead.datapath import abi, loader
+from bulkhead.datapath import abi, loader, transit
 from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.agent")
@@ -55,7 +55,7 @@ def _addr(raw: bytes) -> str:
 
 class Agent:
     def __init__(self, state_dir: str, xdp_mode: str = "auto", sizes: dict[str, int] | None = None,
-                 events_keep: int = flowlog.DEFAULT_KEEP, events_perf: bool = False):
+                 events_keep: int = flowlog.DEFAULT_KEEP, events_perf: bool = False, gateway: str | None = None):
         self.state_dir = Path(state_dir)
         self.instance = loader.instance_name(state_dir)
         self.pin_dir = loader.pin_dir_for(state_dir)
@@ -84,6 +84,18 @@ class Agent:
         self.follower = None  # bulkhead.fleet.follower.Follower when the fleet supplies the policy
         self._previous_progs: dict[str, int | None] = {}  # ifname -> XDP program id the previous agent attached
         self.policy_paths: list[str] = []  # the files `reload` re-reads (none when the fleet supplies the policy)
+        # This gateway's name in the policy's `gateways:` (--gateway; a fleet agent's too): policies
+        # from files are cut to its segments (Bundle.for_gateway), and its transit is set up.
+        self.gateway = gateway
+        # The transit of the applied policy: transit.plan() + "device", "ifindex"; None without.
+        self.transit: dict | None = None
+
+    def mine(self, bundle: Bundle) -> Bundle:
+        """What this agent enforces of a whole policy: with a gateway name, that gateway's part
+        (ValueError when the policy has no such gateway). The fleet's bundles come cut already."""
+        if self.gateway is None or self.follower is not None:
+            return bundle
+        return bundle.for_gateway(self.gateway)
 
     # ---------------------------------------------------------------- start
     def start(self, bundle: Bundle) -> int:
@@ -122,7 +134,7 @@ class Agent:
     def _count_other_slot(self) -> None:
         """Entries of the inactive slot's maps, written by an earlier agent: counted once."""
         slot = 1 - (self.dp.ctl().active_slot & 1)
-        for name in ("src_host", "src_ident", "dst_host", "dst_ident", "pol_exact", "policy", "sni_names"):
+        for name in ("src_host", "src_ident", "dst_host", "dst_ident", "pol_exact", "policy", "sni_names", "fab"):
             mname = f"{name}_{slot}"
             if mname not in self.slot_entries:
                 try:
@@ -253,6 +265,8 @@ class Agent:
             f"dst_host_{slot}": dst_host, f"dst_ident_{slot}": len(bundle.dst_entries) - dst_host,
             f"pol_exact_{slot}": pol_exact, f"policy_{slot}": len(bundle.policy_entries) - pol_exact,
             f"sni_names_{slot}": len(bundle.sni_entries),
+            # + this gateway's SELF entry, written with transit (fill.pack_slot)
+            f"fab_{slot}": len(bundle.fab_entries) + (1 if self.transit is not None else 0),
         })
 
     def _apply(self, bundle: Bundle) -> int:
@@ -276,8 +290,15 @@ class Agent:
                         self.interfaces[ifname] = {"ifindex": ifindexes[ifname], "mode": mode,
                                                    "reject_path": self.dp.reject_path(ifindexes[ifname]),
                                                    "prog_id": self.xdp_prog_id()}
-                # Plumbing before the flip: if it fails, nothing has switched yet.
-                self.plumbing.apply(bundle, ifindexes, self.verifier.port if self.verifier else None)
+                # Plumbing before the flip: if it fails, nothing has switched yet. It makes the transit
+                # device too (this gateway has a transit address): SELF names its ifindex.
+                plan = transit.plan(bundle, self.gateway)
+                port = plan["port"] if plan and plan["address"] else None
+                self.plumbing.apply(bundle, ifindexes, self.verifier.port if self.verifier else None,
+                                    transit_port=port)
+                ifindex = self.plumbing.transit_ifindex if port else 0
+                if port:
+                    self.dp.attach_tc(self.plumbing.transit_device, loader.TRANSIT_PROG)
                 generation = self.dp.active_generation() + 1
                 # The verifier compiles the L7 rules (and loads key files) before the kernel switches.
                 if self.verifier:
@@ -296,7 +317,7 @@ class Agent:
                     self.dns = DnsServer()
                 if self.dns is not None:
                     self.dns.prepare(bundle, set(ifindexes))
-                result = self.dp.apply(bundle, ifindexes, generation)
+                result = self.dp.apply(bundle, ifindexes, generation, fab_self=transit.fab_self(plan, ifindex))
             except Exception:
                 # The old slot is still active: put back what this attempt changed.
                 if self.dns is not None:
@@ -309,7 +330,7 @@ class Agent:
                     self.interfaces.pop(ifname, None)
                 if self.bundle is not None:
                     try:
-                        self.plumbing.apply(self.bundle, resolve_ifindexes(self.bundle))
+                        self._restore_plumbing()
                     except Exception as e:
                         log.error("restoring the previous gateway plumbing failed: %s", e)
                 raise
@@ -329,6 +350,8 @@ class Agent:
             for ifname, info in self.interfaces.items():
                 info["segment"] = seg_of[ifname]
             self.bundle = bundle
+            self.transit = None if plan is None else {
+                **plan, "device": self.plumbing.transit_device if port else None, "ifindex": ifindex}
             self.checksum = bundle.checksum  # computed once: costly for 100k-rule bundles
             self.bundles[generation] = bundle
             for g in sorted(self.bundles)[:-4]:  # keep a few generations for flow names
@@ -350,6 +373,20 @@ class Agent:
                      generation, len(bundle.rules), len(bundle.policy_entries), result["seconds"])
             return generation
 
+    def _restore_plumbing(self) -> None:
+        """After a failed apply: the plumbing of the policy in force. Its transit device is kept
+        when the failed apply left it as it was; when it had to be made again (another port, or
+        removed), bulkhead_transit_in goes back on it and the active slot's SELF gets its ifindex."""
+        old = self.transit
+        port = old["port"] if old and old["device"] else None
+        self.plumbing.apply(self.bundle, resolve_ifindexes(self.bundle),
+                            self.verifier.port if self.verifier else None, transit_port=port)
+        if port:
+            self.dp.attach_tc(self.plumbing.transit_device, loader.TRANSIT_PROG)
+            if self.plumbing.transit_ifindex != old["ifindex"]:
+                old["ifindex"] = self.plumbing.transit_ifindex
+                self.dp.set_fab_self(self.dp.ctl().active_slot & 1, transit.fab_self(old, old["ifindex"]))
+
     def reload(self) -> dict:
         """Re-read the policy files this agent was started with and apply them (the same atomic
         apply: a refused policy leaves the running one). code 2: the files don't validate."""
@@ -367,7 +404,8 @@ class Agent:
             try:
                 bundle, warnings = load_policy(self.policy_paths,
                                                previous_vips=self.bundle.vips if self.bundle else None)
-            except PolicyError as e:
+                bundle = self.mine(bundle)
+            except (PolicyError, ValueError) as e:
                 log.error("reload: %s: generation %d stays in force", e, self.dp.active_generation())
                 return {"ok": False, "code": 2, "error": str(e), "generation": self.dp.active_generation()}
             for w in warnings:
@@ -412,7 +450,21 @@ class Agent:
             "latency": self._safe(self.latency_summary, []),
             "fleet": self.follower.status() if self.follower else None,
             "dns": self.dns.status() if self.dns else None,
+            "transit": self._safe(self.transit_status, None),
         }
+
+    def transit_status(self) -> dict | None:
+        """This gateway's transit (None: the policy has none, or the agent runs with no gateway name);
+        the device's ifindex as the kernel has it now (0: gone, or none made: no transit address)."""
+        t = self.transit
+        if t is None:
+            return None
+        ifindex = 0
+        if t["device"]:
+            dev = transit.device(t["device"])
+            ifindex = dev["ifindex"] if dev and dev.get("kind") == "vxlan" else 0
+        return {"device": t["device"], "ifindex": ifindex, "port": t["port"], "address": t["address"],
+                "gateway": t["gateway"], "gateway_id": t["gateway_id"], "peers": dict(t["peers"])}
 
     @staticmethod
     def _safe(fn, default):
@@ -516,6 +568,10 @@ class Agent:
                 bundle = Bundle.unpack(req["bundle"])
             except Exception as e:
                 return {"ok": False, "code": 2, "error": f"bad bundle: {e}"}
+            try:
+                bundle = self.mine(bundle)
+            except ValueError as e:  # the policy has no gateway of this agent's name
+                return {"ok": False, "code": 2, "error": str(e), "generation": self.dp.active_generation()}
             try:
                 gen = self.apply(bundle)
             except Exception as e:

@@ -62,12 +62,15 @@ def preflight(agent: Agent, bundle) -> None:
 
 def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_mode: str = "auto",
         sizes: dict[str, int] | None = None, events_keep: int = flowlog.DEFAULT_KEEP,
-        fleet: dict | None = None) -> int:
-    """Run until SIGTERM/SIGINT. The policy comes from `policy_paths`, or with `fleet`
+        fleet: dict | None = None, gateway: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT. The policy comes from `policy_paths` (with `gateway`: that
+    gateway's part of it, on every reload and apply too; a policy without that gateway is
+    refused, exit 2), or with `fleet`
     ({"urls", "gateway", "trust", "wait"}) from etcd through a Follower (bulkhead.fleet.follower):
     its first verified envelope (the cached one in STATE_DIR/fleet, else etcd's, waited for up to
     fleet["wait"] seconds: none by then is exit 1) starts the data path, later ones are applied."""
-    agent = Agent(state_dir, xdp_mode, sizes=sizes, events_keep=events_keep)
+    agent = Agent(state_dir, xdp_mode, sizes=sizes, events_keep=events_keep,
+                  gateway=fleet["gateway"] if fleet is not None else gateway)
     bundle = first = None
     expected: tuple[type, ...] = (AgentError, DatapathError, wire.ControlError)  # said in one line, no trace
     if fleet is None:
@@ -77,6 +80,11 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
             bundle, warnings = load_policy(policy_paths)
         except PolicyError as e:
             print(str(e), flush=True)
+            return 2
+        try:
+            bundle = agent.mine(bundle)
+        except ValueError as e:  # --gateway NAME is not in the policy's gateways:
+            print(f"bulkhead: {e}", flush=True)
             return 2
         for w in warnings:
             log.warning("%s", w)

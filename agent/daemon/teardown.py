@@ -71,7 +71,7 @@ def down(state_dir: str) -> dict:
             Plumbing(instance).remove()
         else:
             remove_all()
-        actions.append("removed gateway plumbing (nft table, ip rules, routes)")
+        actions.append("removed gateway plumbing (nft table, ip rules, routes, transit device)")
     except Exception as e:
         errors.append(f"removing plumbing: {e}")
 

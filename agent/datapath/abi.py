@@ -329,6 +329,10 @@ class FabVal(C.Structure):
     _fields_ = [("a", u32), ("b", u32), ("addr", u8 * 16)]
 
 
+class Addr16(C.Structure):
+    _fields_ = [("a", u8 * 16)]
+
+
 class Flow4Key(C.Structure):
     _fields_ = [
         ("saddr_be", u32),
@@ -508,6 +512,7 @@ STRUCTS = {
     "bh_policy_val": PolicyVal,
     "bh_fab_key": FabKey,
     "bh_fab_val": FabVal,
+    "bh_addr16": Addr16,
     "bh_flow4_key": Flow4Key,
     "bh_flow6_key": Flow6Key,
     "bh_flow": Flow,

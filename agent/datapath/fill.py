@@ -36,6 +36,8 @@ POL_KEY = struct.Struct("<IIIBxH")  # PolicyKey: prefixlen, src_app, dst_app, pr
 POL_VAL = struct.Struct("<BBxxI")  # PolicyVal: action, flags, pad, rule_id
 SNI_KEY = struct.Struct("<QIIHB5x")  # SniKey: name_hash, src_app, dst_app, dport_be, proto, pad
 SNI_VAL = struct.Struct("<BBxxII")  # SniVal: action, flags, pad, rule_id, app_id
+FAB_KEY = struct.Struct("<II16s")  # FabKey: kind, id, addr
+FAB_VAL = struct.Struct("<II16s")  # FabVal: a, b, addr
 
 # base name -> (key layout, value layout), in the order a slot is filled
 SLOT_MAPS = {
@@ -43,6 +45,7 @@ SLOT_MAPS = {
     "dst_host": (DST_KEY, IDENT), "dst_ident": (DST_KEY, IDENT),
     "pol_exact": (POL_KEY, POL_VAL), "policy": (POL_KEY, POL_VAL),
     "sni_names": (SNI_KEY, SNI_VAL),
+    "fab": (FAB_KEY, FAB_VAL),
 }
 EXACT_PLENS = (abi.POLICY_PLEN_EXACT, abi.POLICY_PLEN_ANY_PORT, abi.POLICY_PLEN_ANY_PROTO)
 
@@ -57,11 +60,17 @@ def _mask16(addr: bytes, plen: int) -> bytes:
     return (int.from_bytes(addr, "big") & (((1 << plen) - 1) << (128 - plen))).to_bytes(16, "big")
 
 
-def pack_slot(bundle) -> tuple[Packed, int]:
+ZERO16 = bytes(16)
+
+
+def pack_slot(bundle, fab_self: tuple[int, int, bytes] | None = None) -> tuple[Packed, int]:
     """Every per-slot map entry of `bundle` as packed bytes, and the slot flags they imply.
 
     Hosts go to the hash maps, prefixes to the tries; the flags say whether the datapath must
-    consult a trie at all."""
+    consult a trie at all. `fab_self` is this gateway's own fabric entry, which the bundle
+    can't know: (gateway id, ifindex of the transit device or 0, transit address as 16 bytes,
+    IPv4-mapped; zeros: none), given when the agent runs as a named gateway of a policy with
+    transit. It and `bundle.fab_entries` go to fab_N, and any entry there sets SLOTF_FABRIC."""
     out: Packed = {name: ([], []) for name in SLOT_MAPS}
     flags = 0
     hk, hv = out["src_host"]
@@ -114,6 +123,22 @@ def pack_slot(bundle) -> tuple[Packed, int]:
         any_dst = any_dst or d_app == abi.APP_ANY
     if any_dst:
         flags |= abi.SLOTF_SNI_ANY
+    fk, fv = out["fab"]
+    for kind, ident, key_addr, a, b, val_addr in bundle.fab_entries:
+        if kind == abi.FAB_SELF:
+            raise DatapathError("a fab entry of kind SELF in the bundle: only the agent writes its own")
+        if len(key_addr) != 16 or len(val_addr) != 16:
+            raise DatapathError(f"fab entry {(kind, ident)}: addresses must be 16 bytes (IPv4-mapped for IPv4)")
+        fk.append(FAB_KEY.pack(kind, ident, bytes(key_addr))), fv.append(FAB_VAL.pack(a, b, bytes(val_addr)))
+    if fab_self is not None:
+        gw_id, ifindex, addr = fab_self
+        if len(addr) != 16:
+            raise DatapathError("this gateway's transit address must be 16 bytes (IPv4-mapped for IPv4)")
+        fk.append(FAB_KEY.pack(abi.FAB_SELF, 0, ZERO16)), fv.append(FAB_VAL.pack(gw_id, ifindex, bytes(addr)))
+    if len(set(fk)) != len(fk):
+        raise DatapathError("the fab entries name one key twice")
+    if fk:
+        flags |= abi.SLOTF_FABRIC
     return out, flags
 
 

@@ -52,7 +52,9 @@ TAIL_PROGS = {abi.Tail.REJECT: REJECT_PROG, abi.Tail.SNI: SNI_PROG, abi.Tail.RES
 EMPTY_PROG = "bulkhead_empty"  # benchmarks' reference program: only in a BH_BENCH build
 FLOOR_PROG = "bulkhead_bench_lookup"  # BH_BENCH only: parse + one flow-table hit (the established path's floor)
 TC_PROG = "bulkhead_tc"  # clsact ingress: copies XDP's steering mark into skb->mark
-PINNED_PROGS = tuple(dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), TC_PROG)))
+TRANSIT_PROG = "bulkhead_transit_in"  # clsact ingress of the transit device: judges what other gateways sent
+TC_PROGS = (TC_PROG, TRANSIT_PROG)  # the sched_cls programs (the others are XDP)
+PINNED_PROGS = tuple(dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), *TC_PROGS)))
 # Our filter's preference on clsact ingress: lets us replace and delete exactly ours.
 TC_PREF = 0xB0C
 
@@ -228,7 +230,7 @@ class Datapath:
             try:
                 for name in PINNED_PROGS:
                     fd = fds[name] = libbpf.obj_get(str(self.pin_dir / name))
-                    want = PROG_TYPE_SCHED_CLS if name == TC_PROG else PROG_TYPE_XDP
+                    want = PROG_TYPE_SCHED_CLS if name in TC_PROGS else PROG_TYPE_XDP
                     if libbpf.prog_info(fd).type != want:
                         raise OSError(f"{name} is not a program of type {want}")
                 for name in (*map_specs(self.sizes), FLOW_EVENTS):
@@ -264,7 +266,8 @@ class Datapath:
             bench = (EMPTY_PROG, FLOOR_PROG) if self.bench else ()
             for name in dict.fromkeys((XDP_PROG, *TAIL_PROGS.values(), *bench)):
                 self.fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
-            self.fns[TC_PROG] = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)
+            for name in TC_PROGS:
+                self.fns[name] = self.bpf.load_func(name.encode(), BPF.SCHED_CLS)
             log.info("compiled and loaded bpf/bulkhead.c in %.1fs (build %s)", time.monotonic() - t0, self.build_id)
             tails = self.bpf.get_table(b"tails")
             for slot, prog in TAIL_PROGS.items():
@@ -354,22 +357,23 @@ class Datapath:
             except Exception:
                 pass
 
-    def attach_tc(self, ifname: str) -> None:
-        """Attach (or replace) bulkhead_tc on the interface's clsact ingress.
+    def attach_tc(self, ifname: str, prog: str = TC_PROG) -> None:
+        """Attach (or replace) bulkhead_tc (or `prog`, another pinned TC program) on the
+        interface's clsact ingress.
 
-        It copies the steering mark of L7 flows (see bh_steer) and sends back
+        bulkhead_tc copies the steering mark of L7 flows (see bh_steer) and sends back
         out the reject answers of interfaces whose reject path is TC
         (bh_reject_send); packets without bulkhead metadata pass untouched. A clsact qdisc is added if
         the interface has none (and removed by detach_tc once it is empty)."""
         qd = subprocess.run(["tc", "qdisc", "add", "dev", ifname, "clsact"], capture_output=True, text=True)
         if qd.returncode and "File exists" not in qd.stderr and "Exclusivity" not in qd.stderr:
             raise DatapathError(f"{ifname}: adding a clsact qdisc failed: {qd.stderr.strip()}")
-        pinned = self.pin_dir / TC_PROG
+        pinned = self.pin_dir / prog
         r = subprocess.run(["tc", "filter", "replace", "dev", ifname, "ingress", "pref", str(TC_PREF),
                             "handle", "1", "bpf", "direct-action", "object-pinned", str(pinned)],
                            capture_output=True, text=True)
         if r.returncode:
-            raise DatapathError(f"{ifname}: attaching {TC_PROG} on TC ingress failed: {r.stderr.strip()}")
+            raise DatapathError(f"{ifname}: attaching {prog} on TC ingress failed: {r.stderr.strip()}")
 
     @staticmethod
     def detach_tc(ifname: str) -> bool:
@@ -420,7 +424,8 @@ class Datapath:
         c.flags = (c.flags | set_bits) & ~clear_bits
         self._upd("ctl", C.c_uint32(0), c)
 
-    def apply(self, bundle, ifindexes: dict[str, int], generation: int, progress=None) -> dict:
+    def apply(self, bundle, ifindexes: dict[str, int], generation: int, progress=None,
+              fab_self: tuple[int, int, bytes] | None = None) -> dict:
         """Program the inactive slot with `bundle` and flip to it.
 
         Raises (leaving the active slot untouched) if anything fails: the
@@ -428,6 +433,7 @@ class Datapath:
         a half-written slot can never become active. A policy that doesn't fit
         the maps is refused before the slot is touched. A fill that takes over
         a second logs a progress line a second (or calls progress(done, total, map)).
+        `fab_self`: this gateway's own fab entry (fill.pack_slot), None when it has no transit.
         """
         t0 = time.monotonic()
         problems = misfits(bundle, self.sizes, ifindexes)
@@ -438,7 +444,7 @@ class Datapath:
         wait = SLOT_QUIESCE_S - (time.monotonic() - self.last_flip)
         if wait > 0:
             time.sleep(wait)
-        packed, flags = fill.pack_slot(bundle)
+        packed, flags = fill.pack_slot(bundle, fab_self)
         t_pack = time.monotonic()
         self._upd("slot_cfg", C.c_uint32(slot), abi.SlotCfg(generation=0))
         before, self.slot_content[slot] = self.slot_content[slot], None  # unknown until the fill completes
@@ -472,6 +478,15 @@ class Datapath:
                      self.last_flip - t_pack)
         return {"slot": slot, "generation": generation, "seconds": self.last_flip - t0,
                 "pack_s": t_pack - t0, "write_s": self.last_flip - t_pack}
+
+    def set_fab_self(self, slot: int, fab_self: tuple[int, int, bytes]) -> None:
+        """Rewrite the SELF entry of a slot in place (one hash update: packets see the old or the
+        new value): after the transit device was made again under a slot already filled."""
+        gw_id, ifindex, addr = fab_self
+        key = abi.FabKey(kind=abi.FAB_SELF, id=0)
+        val = abi.FabVal(a=gw_id, b=ifindex)
+        C.memmove(val.addr, bytes(addr), 16)
+        self._upd(f"fab_{slot}", key, val)
 
     # ------------------------------------------------------------ counters
     def counters(self) -> dict[str, dict[str, int]]:
@@ -534,7 +549,7 @@ class Datapath:
         if key_t is None:
             for prefix, kt in (("src_host", abi.SrcKey), ("src_ident", abi.SrcKey), ("dst_host", abi.DstKey),
                                ("dst_ident", abi.DstKey), ("pol_exact", abi.PolicyKey), ("policy", abi.PolicyKey),
-                               ("sni_names", abi.SniKey)):
+                               ("sni_names", abi.SniKey), ("fab", abi.FabKey)):
                 if name.startswith(prefix + "_"):
                     key_t = kt
         if key_t is None:

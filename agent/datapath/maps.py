@@ -79,7 +79,7 @@ def misfits(bundle, sizes: dict[str, int], ifindexes: dict[str, int] | None = No
         ("policy", "BH_MAX_POLICY", "policy"): len(bundle.policy_entries) - n_exact,
         ("sni_names", "BH_MAX_SNI", "sni_names"): len(bundle.sni_entries),
         # + 1: the SELF entry the agent adds when it runs as a gateway with transit (fill.pack_slot)
-        ("fab", "BH_MAX_IDENT", "ident"): len(getattr(bundle, "fab_entries", None) or ()) + 1,
+        ("fab", "BH_MAX_IDENT", "ident"): len(bundle.fab_entries) + 1,
     }
     out = [f"{m}: {n} entries, the map holds {sizes[knob]} (--map-size {opt}=N)"
            for (m, knob, opt), n in need.items() if n > sizes[knob]]

@@ -20,6 +20,7 @@ remember it, per connection, with conntrack:
   table TABLE(S): copies of the main table's unicast routes whose output
       device is one of S's interfaces (connected and static), protocol
       RT_PROTO, resynchronised on every apply().
+  transit: the VXLAN device bhvx-<instance>, rp_filter 0 (datapath/transit.py).
   sysctls: net.ipv4.conf.<if>.rp_filter = 2 (loose) on segment interfaces
       (strict mode would drop dev's packets: the main table's route back to
       198.18.1.10 points at bh-prod); net.ipv4.ip_forward and
@@ -81,6 +82,7 @@ import subprocess
 from pathlib import Path
 
 from bulkhead.core.names import SO_NETNS_COOKIE
+from bulkhead.datapath import transit
 from bulkhead.datapath.marks import (
     L7_TABLE,
     MARK_KEEP,
@@ -449,11 +451,14 @@ class Plumbing:
         self.instance = instance
         self.table = TABLE_PREFIX + instance.replace("-", "_")
         self.record_path = RECORD_DIR / f"{netns_cookie()}-{instance}.json"
+        self.transit_device = transit.device_name(instance)
+        self.transit_ifindex = 0  # the transit device's, after apply() with a transit port (0: none)
 
     # ---------------------------------------------------------------- apply
-    def apply(self, bundle, ifindexes: dict[str, int], verifier_port: int | None = None) -> None:
-        """Make the plumbing match `bundle`'s segments (and steer to a verifier on
-        `verifier_port`, if given). Idempotent."""
+    def apply(self, bundle, ifindexes: dict[str, int], verifier_port: int | None = None,
+              transit_port: int | None = None) -> None:
+        """Make the plumbing match `bundle`'s segments (and steer to a verifier on `verifier_port`,
+        the transit device on UDP `transit_port`: self.transit_ifindex, if given). Idempotent."""
         segments = []  # (segment id, [ifname], {ifindex})
         for seg in bundle.segments:
             names = [n for n in seg["interfaces"] if n in ifindexes]
@@ -474,13 +479,17 @@ class Plumbing:
         rec.setdefault("rules", [])
         rec["nft_table"] = self.table
 
+        # 0. The transit device, before the sysctls: its rp_filter is one of them.
+        self.transit_ifindex = transit.sync(rec, self.transit_device, transit_port, lambda r: _save(self.record_path, r))
+
         # 1. Sysctls: record the old value before the first change, then set.
-        want_rp = {rp_filter_path(n) for _, names, _ in segments for n in names}
+        want_rp = {rp_filter_path(n): "2" for _, names, _ in segments for n in names}
+        want_rp.update(transit.sysctls(self.transit_device) if transit_port else {})
         for path in sorted(p for p in rec["sysctls"] if "/rp_filter" in p and p not in want_rp):
             if os.path.exists(path):  # an interface the policy no longer names
                 _write_sysctl(path, rec["sysctls"][path])
             del rec["sysctls"][path]
-        changes = [(p, "2") for p in sorted(want_rp)]
+        changes = sorted(want_rp.items())
         changes += [(FWD_V4, "1")] + ([(FWD_V6, "1")] if os.path.exists(FWD_V6) else [])
         for path, value in changes:
             old = _read_sysctl(path)
@@ -534,6 +543,8 @@ class Plumbing:
             errors.append(str(e))
         rec = _load(self.record_path)
         others = nft_tables()
+        # The recorded transit device (no record: this instance's, and all of them if no one else is here).
+        errors += transit.remove_recorded(rec, self.transit_device, sweep=not rec and not others)
         with _ipr() as ipr:
             if rec:
                 rules = {tuple(r) for r in rec.get("rules", [])}
@@ -555,10 +566,7 @@ class Plumbing:
                 except Exception as e:
                     errors.append(f"table {table:#x}: {e}")
         _restore_sysctls(rec, keep_forwarding=bool(others))
-        try:
-            self.record_path.unlink()
-        except FileNotFoundError:
-            pass
+        self.record_path.unlink(missing_ok=True)
         if errors:
             raise PlumbingError("; ".join(errors))
 
@@ -583,7 +591,10 @@ def remove_all() -> None:
             except Exception as e:
                 errors.append(f"table {table:#x}: {e}")
     for path in sorted(RECORD_DIR.glob(f"{netns_cookie()}-*.json")):
-        _restore_sysctls(_load(path), keep_forwarding=False)
+        rec = _load(path)
+        errors += transit.remove_recorded(rec, None, sweep=False)
+        _restore_sysctls(rec, keep_forwarding=False)
         path.unlink(missing_ok=True)
+    errors += transit.remove_recorded({}, None, sweep=True)
     if errors:
         raise PlumbingError("; ".join(errors))

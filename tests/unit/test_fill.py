@@ -88,3 +88,59 @@ def test_trie_port_bits_past_the_prefix_are_cleared():
 def test_a_bad_prefix_length_is_refused_before_any_write():
     with pytest.raises(DatapathError, match="prefix length 50"):
         fill.pack_slot(bundle(policy_entries=[(50, 1, 2, 6, 22, 1, 0, 1)]))
+
+
+# ------------------------------------------------------------------ fab_N
+T4 = b"\0" * 10 + b"\xff\xff" + bytes([198, 18, 100, 1])  # a transit address, IPv4-mapped
+VIP = b"\0" * 10 + b"\xff\xff" + bytes([198, 19, 255, 5])
+
+
+def fab_key(kind, ident, addr=bytes(16)) -> bytes:
+    k = abi.FabKey(kind=kind, id=ident)
+    C.memmove(k.addr, addr, 16)
+    return bytes(k)
+
+
+def fab_val(a, b, addr=bytes(16)) -> bytes:
+    v = abi.FabVal(a=a, b=b)
+    C.memmove(v.addr, addr, 16)
+    return bytes(v)
+
+
+def test_fab_layouts_match_abi():
+    assert fill.FAB_KEY.size == C.sizeof(abi.FabKey) == 24
+    assert fill.FAB_VAL.size == C.sizeof(abi.FabVal) == 24
+    assert fill.SLOT_MAPS["fab"] == (fill.FAB_KEY, fill.FAB_VAL)
+
+
+def test_fab_entries_and_self_pack_as_the_abi_structs():
+    entries = [(int(abi.FAB_VIP), 0, VIP, 12, 5, V4), (int(abi.FAB_REAL), 0, V4, 12, 0, VIP),
+               (int(abi.FAB_SEG), 5, bytes(16), 2, 0, bytes(16)), (int(abi.FAB_APP), 12, bytes(16), 5, 2, bytes(16)),
+               (int(abi.FAB_PEER), 0, T4, 1, 0, bytes(16)), (int(abi.FAB_GW), 1, bytes(16), 4, 0, T4)]
+    packed, flags = fill.pack_slot(bundle(fab_entries=entries), fab_self=(1, 42, T4))
+    keys, vals = packed["fab"]
+    assert keys == [fab_key(k, i, ka) for k, i, ka, _, _, _ in entries] + [fab_key(abi.FAB_SELF, 0)]
+    assert vals == [fab_val(a, b, va) for _, _, _, a, b, va in entries] + [fab_val(1, 42, T4)]
+    # the kind is the first little-endian word, SELF's id and key address are zero
+    assert keys[-1] == (1).to_bytes(4, "little") + bytes(20)
+    assert flags == abi.SLOTF_FABRIC
+
+
+def test_fabric_flag_only_with_fab_entries():
+    _, flags = fill.pack_slot(bundle())
+    assert flags & abi.SLOTF_FABRIC == 0
+    packed, flags = fill.pack_slot(bundle(), fab_self=(2, 0, bytes(16)))  # a gateway without a device yet
+    assert packed["fab"] == ([fab_key(abi.FAB_SELF, 0)], [fab_val(2, 0)]) and flags == abi.SLOTF_FABRIC
+    packed, flags = fill.pack_slot(bundle(fab_entries=[(int(abi.FAB_SEG), 1, bytes(16), 1, 0, bytes(16))]))
+    assert len(packed["fab"][0]) == 1 and flags == abi.SLOTF_FABRIC
+
+
+@pytest.mark.parametrize("entries, fab_self, why", [
+    ([(int(abi.FAB_SELF), 0, bytes(16), 1, 0, bytes(16))], None, "SELF"),
+    ([(int(abi.FAB_SEG), 1, bytes(16), 1, 0, bytes(16))] * 2, None, "twice"),
+    ([(int(abi.FAB_PEER), 0, bytes(4), 1, 0, bytes(16))], None, "16 bytes"),
+    ([], (1, 0, bytes(4)), "16 bytes"),
+])
+def test_bad_fab_entries_are_refused_before_any_write(entries, fab_self, why):
+    with pytest.raises(DatapathError, match=why):
+        fill.pack_slot(bundle(fab_entries=entries), fab_self=fab_self)
