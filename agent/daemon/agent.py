@@ -294,6 +294,10 @@ class Agent:
                 # device too (this gateway has a transit address): SELF names its ifindex.
                 plan = transit.plan(bundle, self.gateway)
                 port = plan["port"] if plan and plan["address"] else None
+                if bundle.transit and plan is None:
+                    log.warning("the policy has transit but this agent runs as no gateway of it (--gateway NAME): "
+                                "it writes no SELF entry, so flows to other gateways' segments are dropped "
+                                "(transit_no_tunnel)")
                 self.plumbing.apply(bundle, ifindexes, self.verifier.port if self.verifier else None,
                                     transit_port=port)
                 ifindex = self.plumbing.transit_ifindex if port else 0
