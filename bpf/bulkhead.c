@@ -1985,6 +1985,68 @@ static __always_inline int bh_tc_encap(struct __sk_buff *skb, __u32 slot, __u32 
 }
 
 /*
+ * Forward a translated or decapsulated packet out of segment `out_seg` (0:
+ * by the main table) as the kernel would (TTL / hop limit minus one), with
+ * bpf_redirect_neigh: it never reaches the stack, so no conntrack, and no
+ * reverse-path filter that knows nothing of service addresses (a reply whose
+ * source became one has no route back). The addresses in `p` are the
+ * packet's as it leaves. What the FIB can't route goes up the stack.
+ */
+static __always_inline int bh_tc_route(struct __sk_buff *skb, const struct bh_pkt *p, __u32 out_seg)
+{
+	struct bpf_fib_lookup fib = {};
+	__u32 l3 = p->l3_off;
+
+	fib.ifindex = skb->ingress_ifindex;
+	fib.l4_protocol = p->proto;
+	fib.sport = p->sport_be;
+	fib.dport = p->dport_be;
+	if (p->family == 4) {
+		fib.family = 2; /* AF_INET */
+		__builtin_memcpy(&fib.ipv4_src, p->saddr + 12, 4);
+		__builtin_memcpy(&fib.ipv4_dst, p->daddr + 12, 4);
+	} else {
+		fib.family = 10; /* AF_INET6 */
+		__builtin_memcpy(fib.ipv6_src, p->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, p->daddr, 16);
+	}
+	long rc = -1;
+	if (out_seg) {
+		*(__u32 *)&fib.h_vlan_proto = BH_MARK_SEG | out_seg; /* fib.tbid (see bh_fwd_fib) */
+		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_DIRECT | BH_FIB_TBID);
+		if (rc < 0) {
+			*(__u32 *)&fib.h_vlan_proto = 0; /* no per-table lookup (kernel < 6.8): the main table */
+			fib.ifindex = skb->ingress_ifindex;
+		}
+	}
+	if (rc < 0)
+		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	/* bpf_redirect_neigh resolves a neighbour the FIB has no entry for yet. */
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_OK; /* local, unreachable, needs fragmenting: the stack knows what to do */
+	__u8 ttl = 0;
+	if (p->family == 4) {
+		__u8 w[2];
+		if (bpf_skb_load_bytes(skb, l3 + 8, w, 2) || w[0] <= 1)
+			return TC_ACT_OK; /* the stack sends the time-exceeded */
+		__u16 old = bpf_htons(((__u16)w[0] << 8) | w[1]);
+		__u16 new = bpf_htons(((__u16)(w[0] - 1) << 8) | w[1]);
+		ttl = w[0] - 1;
+		if (bpf_l3_csum_replace(skb, l3 + 10, old, new, 2) || bpf_skb_store_bytes(skb, l3 + 8, &ttl, 1, 0))
+			return TC_ACT_SHOT;
+	} else {
+		if (bpf_skb_load_bytes(skb, l3 + 7, &ttl, 1) || ttl <= 1)
+			return TC_ACT_OK;
+		ttl--;
+		if (bpf_skb_store_bytes(skb, l3 + 7, &ttl, 1, 0))
+			return TC_ACT_SHOT;
+	}
+	skb->mark &= BH_MARK_KEEP;
+	/* The kernel's signature (bcc 0.26 declares an older three-argument one: flags would be garbage). */
+	return ((long (*)(__u32, void *, int, __u64))bpf_redirect_neigh)(fib.ifindex, NULL, 0, 0);
+}
+
+/*
  * A packet of a flow through the fabric, arriving on a segment interface
  * (bulkhead_xdp judged it and let it through): translate a service address
  * (forward: destination to the real address; reply: source back to the
@@ -2011,10 +2073,15 @@ static __always_inline int bh_tc_fabric(struct __sk_buff *skb, __u32 slot)
 			return TC_ACT_SHOT;
 		if (bh_tc_nat(skb, &p, !reply, nv->addr))
 			return TC_ACT_SHOT;
+		if (reply)
+			__builtin_memcpy(p.saddr, nv->addr, 16);
+		else
+			__builtin_memcpy(p.daddr, nv->addr, 16);
 	}
 	if (fflags & BH_FLOWF_TRANSIT)
 		return bh_tc_encap(skb, slot, vni, app);
-	return TC_ACT_OK;
+	/* Translated, to an app of this gateway: a reply leaves by its client's segment. */
+	return bh_tc_route(skb, &p, (fflags & BH_FLOWF_REPLY) ? vni : 0);
 }
 
 /*
@@ -2251,12 +2318,18 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 		struct bh_fab_val *nv = bh_fab(slot, BH_FAB_REAL, 0, p.saddr);
 		if (!nv || bh_tc_nat(skb, &p, 0, nv->addr))
 			return bh_transit_drop(BH_R_TRANSIT_BAD_SEGMENT, len);
+		__builtin_memcpy(p.saddr, nv->addr, 16);
 	}
-	/* The inner frame is addressed to the sender's segment interface: ours now. */
-	bpf_skb_change_type(skb, BH_PACKET_HOST);
-	skb->mark = (skb->mark & BH_MARK_KEEP) | BH_MARK_SEG | (vni & 0xffff);
 	bh_event(BH_EV_TRANSIT_DECAP);
-	return bh_record(reason, TC_ACT_OK, len);
+	bh_record(reason, 0, len);
+	/* Into the VNI's segment, by its table; what the FIB can't route goes up the stack, marked. */
+	int code = bh_tc_route(skb, &p, vni);
+	if (code == TC_ACT_OK) {
+		/* The inner frame is addressed to the sender's segment interface: ours now. */
+		bpf_skb_change_type(skb, BH_PACKET_HOST);
+		skb->mark = (skb->mark & BH_MARK_KEEP) | BH_MARK_SEG | (vni & 0xffff);
+	}
+	return code;
 }
 
 #ifdef BH_BENCH

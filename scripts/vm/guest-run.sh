@@ -47,7 +47,7 @@ VM_PYTEST_TIMEOUT="${VM_PYTEST_TIMEOUT:-1200}"
 # mode, directionality, overlapping CIDRs in two segments, atomic re-apply, a failed apply,
 # and an agent restart that reuses its pins, then `bulkhead down`; and L7 steering through
 # the gateway (XDP metadata -> TC mark -> TPROXY -> the verifier, transparent upstream); the
-# gateway's DNS per segment (the fabric).
+# gateway's DNS per segment, routers and transit between two gateways (the fabric).
 DEFAULT_TESTS=(
     tests/unit
     tests/bpf
@@ -57,6 +57,7 @@ DEFAULT_TESTS=(
     tests/integration/test_l7_gateway.py
     tests/integration/test_fabric_dns.py
     tests/integration/test_fabric_routes.py
+    tests/integration/test_fabric_transit.py
     "tests/integration/test_lifecycle.py::test_restart_keeps_enforcing_and_reuses_pins"
     "tests/integration/test_lifecycle.py::test_down_leaves_nothing"
     # last: they install bulkhead as a service on this system (systemd is PID 1 here), and

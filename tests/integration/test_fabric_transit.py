@@ -1,0 +1,243 @@
+"""Transit between gateways (issue 15, part 1): apps reach apps behind another gateway, with
+their identity carried across, attracted by DNS to a service address the client's gateway owns.
+
+The lab (agent/lab/fabriclab.py): gateways gwa and gwb joined by an underlay bridge, each
+running its own `bulkhead agent run --policy FILE --gateway NAME` of one policy:
+- a-cli (web, 198.18.1.0/24 at gwa) resolves api.apps.example through gwa's DNS and connects to
+  the service address; gwa translates it to api's real address (198.18.1.20, behind gwb: the
+  client's own CIDR, on purpose), judges web -> api and sends it to gwb in VXLAN with api's segment
+  in the VNI and web's app id in the GBP field; gwb judges it again by that identity and delivers
+  it; the reply goes back the same way, and the client sees it come from the service address;
+- the server sees the client's real address, and each gateway's flow log has both apps, the other
+  gateway and (at gwa) the service address;
+- b-cli (partner, at gwb) has no rule to api: NXDOMAIN, and connecting to the service address
+  anyway (gwb owns the same ones) gets nothing;
+- a-cli reaches a-srv (local, published, at gwa) by its service address: translated, not tunnelled;
+- a forged VXLAN packet with web's app id from the underlay's rogue host (no gateway) is dropped
+  and counted at gwb (transit_unknown_peer); one from gwa's address with an app id that is not
+  behind gwa is dropped too (transit_bad_identity), and one to a segment that is not gwb's
+  (transit_bad_segment);
+- IPv4 and IPv6.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from bulkhead.lab.fabriclab import FabricLab, host_addr, reap_stale
+from bulkhead.lab.runner import AgentRunner
+
+pytestmark = [pytest.mark.root, pytest.mark.integration]
+
+PORT = 8080
+TRANSIT_PORT = 4789
+POOLS = ["198.19.255.0/24", "fd00:ff::/120"]
+DNS_A = ("198.18.1.1", "fd00:1::1")
+DNS_B = ("198.19.9.1", "fd00:99::1")
+
+
+def transit_policy() -> dict:
+    return {
+        "version": 1,
+        "settings": {"default_action": "deny"},
+        "gateways": [{"name": "gwa", "transit": host_addr("gwa")}, {"name": "gwb", "transit": host_addr("gwb")}],
+        "fabric": {"service_addresses": POOLS, "transit_port": TRANSIT_PORT},
+        "segments": [
+            {"name": "a-cli", "gateway": "gwa", "interfaces": ["bh-cli"], "dns": list(DNS_A)},
+            {"name": "a-srv", "gateway": "gwa", "interfaces": ["bh-srv"]},
+            {"name": "b-srv", "gateway": "gwb", "interfaces": ["bh-srv"]},
+            {"name": "b-cli", "gateway": "gwb", "interfaces": ["bh-cli"], "dns": list(DNS_B)},
+        ],
+        "apps": [
+            {"name": "web", "segment": "a-cli", "addresses": ["198.18.1.0/24", "fd00:1::/64"]},
+            {"name": "local", "segment": "a-srv", "addresses": ["198.19.0.10/32", "fd00:19::10/128"],
+             "ports": [f"tcp/{PORT}"], "publish": ["local.apps.example"]},
+            {"name": "api", "segment": "b-srv", "addresses": ["198.18.1.20/32", "fd00:1::20/128"],
+             "ports": [f"tcp/{PORT}"], "publish": ["api.apps.example"]},
+            {"name": "partner", "segment": "b-cli", "addresses": ["198.19.9.0/24", "fd00:99::/64"]},
+        ],
+        "rules": [
+            {"name": "web-api", "from": "web", "to": "api", "ports": [f"tcp/{PORT}"]},
+            {"name": "web-local", "from": "web", "to": "local", "ports": [f"tcp/{PORT}"]},
+        ],
+    }
+
+
+class Fabric:
+    def __init__(self, lab: FabricLab, agents: dict[str, AgentRunner], policy: Path):
+        self.lab, self.agents, self.policy = lab, agents, policy
+
+    def resolve(self, role: str, server: str, name: str, qtype: str = "A") -> DNSRecord:
+        s = self.lab.socket(role, socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        try:
+            s.sendto(DNSRecord.question(name, qtype).pack(), (server, 53))
+            return DNSRecord.parse(s.recv(4096))
+        finally:
+            s.close()
+
+    def vip(self, name: str, family: int = 4) -> str:
+        ans = self.resolve("a-cli", DNS_A[0], name, "A" if family == 4 else "AAAA")
+        assert ans.header.rcode == RCODE.NOERROR, ans
+        return str(ans.rr[0].rdata)
+
+    def counters(self, gw: str) -> dict[str, int]:
+        return self.agents[gw].counters()
+
+    def events(self, gw: str) -> dict[str, int]:
+        return self.agents[gw].status().get("events", {})
+
+    def flows(self, gw: str) -> list[dict]:
+        import json
+
+        p = self.agents[gw].cli("flows", "--json")
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+        return out["flows"] if isinstance(out, dict) else out
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory):
+    reap_stale()
+    lab = FabricLab()
+    d = tmp_path_factory.mktemp("transit")
+    agents: dict[str, AgentRunner] = {}
+    try:
+        lab.create()
+        policy = d / "transit.yaml"
+        policy.write_text(yaml.safe_dump(transit_policy(), sort_keys=False))
+        for role in ("b-srv", "a-srv"):
+            lab.serve_echo(role, PORT)
+        for gw in ("gwa", "gwb"):
+            agents[gw] = AgentRunner(lab.gateway(gw), d / f"state-{gw}")
+            agents[gw].start(policy, args=("--gateway", gw, "--metrics", "off"))
+        yield Fabric(lab, agents, policy)
+    finally:
+        for a in agents.values():
+            a.cleanup()
+        lab.destroy()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_client_reaches_app_behind_other_gateway_by_its_service_address(fabric, family):
+    vip = fabric.vip("api.apps.example", family)
+    assert vip.startswith("198.19.255." if family == 4 else "fd00:ff::")
+    before_a, before_b = fabric.events("gwa"), fabric.events("gwb")
+    r = fabric.lab.tcp_echo("a-cli", vip, PORT, b"across")
+    assert r.ok, r
+    # the server is api behind gwb, and saw the client's own (overlapping) address
+    assert r.reply == f"b-srv {host_addr('a-cli', family)}: across", r.reply
+    after_a, after_b = fabric.events("gwa"), fabric.events("gwb")
+    assert after_a.get("transit_encap", 0) > before_a.get("transit_encap", 0)
+    assert after_a.get("transit_decap", 0) > before_a.get("transit_decap", 0)  # the replies
+    assert after_b.get("transit_decap", 0) > before_b.get("transit_decap", 0)
+    assert after_b.get("transit_encap", 0) > before_b.get("transit_encap", 0)
+    assert after_a.get("vip_nat", 0) > before_a.get("vip_nat", 0)
+
+
+def test_many_connections_across(fabric):
+    vip = fabric.vip("api.apps.example")
+    for i in range(20):
+        r = fabric.lab.tcp_echo("a-cli", vip, PORT, f"n{i}".encode())
+        assert r.ok and r.reply.endswith(f": n{i}"), (i, r)
+
+
+def test_local_published_app_is_translated_not_tunnelled(fabric):
+    vip = fabric.vip("local.apps.example")
+    before = fabric.events("gwa").get("transit_encap", 0)
+    r = fabric.lab.tcp_echo("a-cli", vip, PORT, b"near")
+    assert r.ok and r.reply == f"a-srv {host_addr('a-cli')}: near", r
+    assert fabric.events("gwa").get("transit_encap", 0) == before
+
+
+def test_segment_without_a_rule_gets_nxdomain_and_nothing(fabric):
+    ans = fabric.resolve("b-cli", DNS_B[0], "api.apps.example")
+    assert ans.header.rcode == RCODE.NXDOMAIN
+    vip = fabric.vip("api.apps.example")
+    r = fabric.lab.tcp_echo("b-cli", vip, PORT, b"sneak", timeout=1.0)
+    assert not r.ok, r
+
+
+def test_wrong_port_across_is_denied_at_the_clients_gateway(fabric):
+    vip = fabric.vip("api.apps.example")
+    before = fabric.events("gwa").get("transit_encap", 0)
+    r = fabric.lab.tcp_echo("a-cli", vip, PORT + 1, b"x", timeout=1.0)
+    assert not r.ok
+    assert fabric.events("gwa").get("transit_encap", 0) == before
+
+
+def _app_id(fabric: Fabric, name: str) -> int:
+    return [a["name"] for a in transit_policy()["apps"]].index(name) + 1
+
+
+def _seg_id(name: str) -> int:
+    return [s["name"] for s in transit_policy()["segments"]].index(name) + 1
+
+
+def _forge(fabric: Fabric, role: str, src: str, vni: int, gbp: int, sport: int) -> None:
+    """A VXLAN-GBP packet to gwb's transit address, sent from `role` with outer source `src`:
+    a TCP SYN from a-cli's address to api's, carrying app id `gbp` into segment `vni`."""
+    code = (
+        "import sys\n"
+        "from scapy.all import Ether, IP, TCP, UDP, sendp, conf\n"
+        "from scapy.layers.vxlan import VXLAN\n"
+        "src, dst, mac = sys.argv[1:4]\n"
+        "vni, gbp, sport, dport, tport = map(int, sys.argv[4:9])\n"
+        "inner = Ether(src='02:00:00:00:00:66', dst='02:00:00:00:00:01')/IP(src='198.18.1.10', dst='198.18.1.20')/TCP(sport=sport, dport=dport, flags='S')\n"
+        "p = Ether(dst=mac)/IP(src=src, dst=dst)/UDP(sport=40000, dport=tport)/"
+        "VXLAN(flags='G+Instance', gpid=gbp, vni=vni)/inner\n"
+        "sendp(p, iface='bh-under', count=3, verbose=False)\n")
+    link = subprocess.run(["ip", "-n", fabric.lab.ns["gwb"], "-j", "link", "show", "bh-under"], check=True,
+                          capture_output=True, text=True).stdout
+    mac = json.loads(link)[0]["address"]
+    subprocess.run(fabric.lab.cmd(role, [sys.executable, "-c", code, src, host_addr("gwb"), mac, str(vni), str(gbp),
+                                         str(sport), str(PORT), str(TRANSIT_PORT)]),
+                   check=True, capture_output=True, timeout=60)
+
+
+def _wait_counter(fabric: Fabric, gw: str, name: str, above: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        n = fabric.counters(gw).get(name, 0)
+        if n > above or time.monotonic() > deadline:
+            return n
+        time.sleep(0.2)
+
+
+def test_forged_transit_from_no_gateway_is_dropped_and_counted(fabric):
+    """rogue (198.18.100.66) sends web's identity into api's segment: not a gateway's address."""
+    web, seg = _app_id(fabric, "web"), _seg_id("b-srv")
+    before = fabric.counters("gwb").get("transit_unknown_peer", 0)
+    _forge(fabric, "rogue", host_addr("rogue"), seg, web, 41001)
+    assert _wait_counter(fabric, "gwb", "transit_unknown_peer", before) >= before + 3
+
+
+def test_forged_identity_not_behind_the_sender_is_dropped(fabric):
+    """From gwa's own address, but carrying partner's id (an app behind gwb, not gwa)."""
+    before = fabric.counters("gwb").get("transit_bad_identity", 0)
+    _forge(fabric, "rogue", host_addr("gwa"), _seg_id("b-srv"), _app_id(fabric, "partner"), 41002)
+    assert _wait_counter(fabric, "gwb", "transit_bad_identity", before) >= before + 3
+
+
+def test_transit_into_a_segment_of_another_gateway_is_dropped(fabric):
+    before = fabric.counters("gwb").get("transit_bad_segment", 0)
+    _forge(fabric, "rogue", host_addr("gwa"), _seg_id("a-srv"), _app_id(fabric, "web"), 41003)
+    assert _wait_counter(fabric, "gwb", "transit_bad_segment", before) >= before + 3
+
+
+def test_status_shows_the_transit(fabric):
+    for gw, me, peer in (("gwa", "gwa", "gwb"), ("gwb", "gwb", "gwa")):
+        t = fabric.agents[gw].status()["transit"]
+        assert t["gateway"] == me
+        assert t["address"] == host_addr(me)
+        assert t["port"] == TRANSIT_PORT
+        assert t["peers"][peer] == host_addr(peer)
