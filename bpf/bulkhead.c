@@ -253,6 +253,34 @@ static __always_inline struct bh_fab_val *bh_fab(__u32 slot, __u32 kind, __u32 i
 	return bh_sel_fab(slot, &k);
 }
 
+/*
+ * A translated flow's two entries are keyed on the two sides of the
+ * translation (forward: the service address the client sends to; reply: the
+ * real address the app answers from). Turn `p`, parsed as `f`'s own key has
+ * it, into the tuple whose reverse is the other entry's key. Needs the
+ * 16-byte addresses (bh_pkt_addrs16).
+ */
+static __always_inline void bh_nat_other_key(__u32 slot, struct bh_pkt *p, const struct bh_flow *f)
+{
+	struct bh_fab_val *nv;
+
+	if (!(f->flags & BH_FLOWF_NAT))
+		return;
+	if (f->flags & BH_FLOWF_REPLY) {
+		nv = bh_fab(slot, BH_FAB_REAL, 0, p->saddr);
+		if (nv) {
+			__builtin_memcpy(p->saddr, nv->addr, 16);
+			__builtin_memcpy(&p->saddr4_be, nv->addr + 12, 4);
+		}
+	} else {
+		nv = bh_fab(slot, BH_FAB_VIP, 0, p->daddr);
+		if (nv) {
+			__builtin_memcpy(p->daddr, nv->addr, 16);
+			__builtin_memcpy(&p->daddr4_be, nv->addr + 12, 4);
+		}
+	}
+}
+
 static __always_inline __u32 bh_segment_of(__u32 slot, __u32 ifindex)
 {
 	struct bh_seg_val *sv = bh_sel_seg(slot, &ifindex);
@@ -1218,8 +1246,11 @@ int bulkhead_observe(struct xdp_md *ctx)
 			__u32 slot = gc->active_slot & 1;
 			__u32 seg = bh_segment_of(slot, ctx->ingress_ifindex);
 			struct bh_flow *f = seg ? bh_flow_get(&p, seg, 0) : NULL;
-			if (f && bh_observe_wanted(f, &p))
+			if (f && bh_observe_wanted(f, &p)) {
+				bh_pkt_addrs16(&p);
+				bh_nat_other_key(slot, &p, f); /* its other entry is behind the translation */
 				bh_observe(ctx, &p, f, seg);
+			}
 		}
 	}
 #endif
@@ -1327,6 +1358,13 @@ static __always_inline __u8 bh_sni_decide(__u32 slot, const struct bh_slot_cfg *
 			break;
 	}
 	__u8 audit = cfg->flags & BH_SLOTF_AUDIT;
+	/*
+	 * Through a service address the client asked for one app by DNS: a
+	 * ClientHello naming another (domain fronting) is refused whatever the
+	 * default says.
+	 */
+	if (!sv && (f->flags & BH_FLOWF_NAT))
+		return audit ? BH_R_AUDIT_DEFAULT : BH_R_SNI_FRONTING;
 	if (!sv) {
 		/* Address matched, name did not: the app did not match; the default decides. */
 		if (cfg->default_action == BH_ACT_ALLOW)
@@ -1545,6 +1583,7 @@ decide:;
 	__u32 other_seg = is_reply ? client_seg : f->peer_segment;
 	struct bh_flow *o = NULL;
 	if (other_seg) {
+		bh_nat_other_key(slot, &p, f);
 		o = bh_flow_get(&p, other_seg, 1);
 		if (o)
 			bh_sni_settle(o, f, reason, !is_reply, rule_id, app_id);

@@ -71,6 +71,7 @@ class Reason(enum.IntEnum):
     TRANSIT_BAD_IDENTITY = 35
     TRANSIT_BAD_SEGMENT = 36
     TRANSIT_NO_TUNNEL = 37
+    SNI_FRONTING = 38
 
 
 class Event(enum.IntEnum):
@@ -178,6 +179,7 @@ REASON_VERDICT = {
     Reason.TRANSIT_BAD_IDENTITY: DROP,
     Reason.TRANSIT_BAD_SEGMENT: DROP,
     Reason.TRANSIT_NO_TUNNEL: DROP,
+    Reason.SNI_FRONTING: DROP,
 }
 
 # consts.h

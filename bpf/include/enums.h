@@ -74,6 +74,7 @@ enum bh_reason {
 	BH_R_TRANSIT_BAD_IDENTITY = 35, /* from the transit: no app id, an unknown one, one not behind the sending gateway, or not its flow's */
 	BH_R_TRANSIT_BAD_SEGMENT  = 36, /* from the transit: the VNI is no segment of this gateway, or the destination is not in it */
 	BH_R_TRANSIT_NO_TUNNEL    = 37, /* to another gateway, but this one has no transit (device, address, metadata) for it */
+	BH_R_SNI_FRONTING         = 38, /* through an app's service address, a ClientHello naming none of that app's names: dropped */
 };
 
 /* Datapath events (not verdicts): index into the per-CPU `events` array. */

@@ -1155,3 +1155,51 @@ def _recv_n(s, n: int) -> bytes:
             break
         buf += chunk
     return buf
+
+
+# ------------------------------------------------------------ the fabric: domain fronting
+FRONT_POOLS = ["198.19.255.0/24", "fd00:ff::/120"]
+
+
+def fronting_policy() -> str:
+    """sni_policy with payments published (its hostnames resolve to a service address) and the
+    default allow: through the service address only payments' own names pass."""
+    doc = yaml.safe_load(sni_policy(default="allow"))
+    doc["fabric"] = {"service_addresses": FRONT_POOLS}
+    for app in doc["apps"]:
+        if app["name"] == "payments":
+            app["publish"] = True
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def payments_vips(text: str) -> list[str]:
+    """payments' service addresses, as the agent allocates them (placed by name: a first compile
+    gives the running allocation when no earlier one exists)."""
+    from bulkhead.policy import load_policy
+
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bh-fronting-{os.getpid()}.yaml"
+    path.write_text(text)
+    try:
+        return load_policy([str(path)])[0].vips["payments"]
+    finally:
+        path.unlink()
+
+
+def test_domain_fronting_through_a_service_address_is_denied_and_counted(sni):
+    """Through payments' service address (translated to 198.19.0.10 in the kernel) a ClientHello
+    naming pay.example.internal completes; one naming api.example.internal (another app's name)
+    is refused as sni_fronting although the default allows it, which it does to the real address."""
+    text = fronting_policy()
+    sni.apply_text(text)
+    vips = payments_vips(text)
+    for vip in vips:
+        before = sni.snapshot()
+        ok = sni.allowed(sni.py("prod", vip, "pay.example.internal"))
+        assert ok.reply == f"tls {PAY4 if ':' not in vip else PAY6} sni=pay.example.internal", ok
+        front = sni.denied(sni.py("prod", vip, "api.example.internal", timeout=DENY_WAIT))
+        d = moved(before, sni.snapshot())
+        assert d.get("sni_fronting", 0) >= 1, d
+        assert d.get("ev:vip_nat", 0) >= 2, d
+        assert front.result == "timeout"
+    # the same name to the real address: not through the service address, the default decides
+    sni.allowed(sni.py("prod", PAY4, "api.example.internal"))
