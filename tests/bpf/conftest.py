@@ -267,11 +267,14 @@ class Xdp:
         return v
 
     # -- policy and state
-    def apply(self, bundle: Bundle) -> int:
+    def apply(self, bundle: Bundle, fab_self: tuple[int, int, bytes] | None = None) -> int:
+        """Fill the inactive slot with `bundle` (and `fab_self`, this gateway's SELF entry in
+        fab_N: (gateway id, transit ifindex, transit address16), see fill.pack_slot) and flip."""
         self.generation += 1
         self.active = None  # unknown until apply returns
-        self.dp.apply(bundle, self.ifindex, self.generation)
-        self.active = bundle.checksum
+        self.dp.apply(bundle, self.ifindex, self.generation, fab_self=fab_self)
+        # A SELF entry is no part of the bundle: the next reset re-applies BASE.
+        self.active = bundle.checksum if fab_self is None else None
         return self.generation
 
     def clear_flows(self) -> None:
