@@ -912,9 +912,13 @@ static __always_inline __u8 bh_fab_flow(__u32 slot, struct bh_flow *v, const __u
 	if (!sv)
 		return 0; /* no transit in this policy */
 	struct bh_fab_val *me = bh_fab(slot, BH_FAB_SELF, 0, NULL);
-	if (me && sv->a == me->a)
+	/*
+	 * No SELF: the agent runs the whole policy as one gateway (no --gateway),
+	 * every segment its own, as before there was transit.
+	 */
+	if (!me || sv->a == me->a)
 		return 0; /* a segment of this gateway */
-	if (!me || !me->b)
+	if (!me->b)
 		return BH_R_TRANSIT_NO_TUNNEL; /* behind another gateway, and this one has no transit device */
 	v->flags |= BH_FLOWF_TRANSIT;
 	return 0;
@@ -1129,7 +1133,6 @@ int bulkhead_xdp(struct xdp_md *ctx)
 				nat = 1;
 				__builtin_memcpy(vip->a, p.daddr, 16);
 				bh_pkt_set_daddr(&p, real);
-				bh_event(BH_EV_VIP_NAT);
 			}
 		}
 		if (pass && !v->peer_segment)
@@ -1149,7 +1152,14 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			 * FLOW_COLLISION (tests/bpf: test_reply_segment_from_fib).
 			 */
 			struct bh_flow *r = BH_BYPASS_FLOWS(ctl_flags) ? NULL : bh_flow_get(&p, v->peer_segment, 1);
-			if (r && r->peer_segment && r->peer_segment != seg && r->last_seen_ns + BH_FLOW_IDLE_NS > now) {
+			/*
+			 * So is a client tuple that reaches one app both by its service
+			 * address and by its real one: both flows' replies have one key,
+			 * and only one of them may be translated back (tests/bpf:
+			 * test_two_flows_on_one_reply_tuple_are_a_collision).
+			 */
+			if (r && r->peer_segment && r->last_seen_ns + BH_FLOW_IDLE_NS > now &&
+			    (r->peer_segment != seg || ((r->flags ^ v->flags) & BH_FLOWF_NAT))) {
 #ifndef BH_NO_TELEMETRY
 				bh_pair_count(v, BH_R_FLOW_COLLISION);
 				bh_fe_emit(ctx, BH_FE_NEW, &p, 0, seg, v, NULL, BH_R_FLOW_COLLISION, 0, NULL);
@@ -1162,6 +1172,8 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			bh_pkt_set_daddr(&p, vip->a); /* the forward entry is keyed on what the client sends */
 		/* A new connection (no entry, or a SYN on a reused 5-tuple) rather than a re-judged one. */
 		int fresh = !f || reused;
+		if (nat && fresh)
+			bh_event(BH_EV_VIP_NAT);
 		if (v->reason == BH_R_SNI_PENDING) {
 			if (fresh)
 				v->sni_seq = bpf_ntohl(p.seq_be) + !!(p.tcp_flags & BH_TCP_SYN); /* payload offset 0 */

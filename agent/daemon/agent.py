@@ -65,7 +65,7 @@ class Agent:
         # program must then be built with -DBH_EVENTS_PERF; the loader decides, see flowlog.py).
         self.events_perf = events_perf
         self.flowlog = flowlog.FlowLog(self.names_for, keep=events_keep)
-        self._names: dict[int, tuple[dict, dict, dict]] = {}  # generation -> (apps, rules, segments)
+        self._names: dict[int, tuple] = {}  # generation -> (apps, rules, segments, FabricNames | None)
         self.applies: collections.Counter = collections.Counter()  # "ok" | "failed" -> n
         # map name -> entries written by the last apply into that slot's maps (per-slot policy maps)
         self.slot_entries: dict[str, int] = {}
@@ -203,14 +203,16 @@ class Agent:
         return done
 
     # ---------------------------------------------------------------- names
-    def names_for(self, generation: int) -> tuple[dict[int, str], dict[int, str], dict[int, str]]:
-        """(apps, rules, segments) id -> name for a generation; the current policy's if unknown."""
+    def names_for(self, generation: int) -> tuple:
+        """(apps, rules, segments) id -> name for a generation, and its flowlog.FabricNames (None
+        without a fabric); the current policy's if unknown. Segments include the other gateways'
+        (Bundle.segment_names), so flows through the transit name both ends."""
         n = self._names.get(generation)
         if n is None:
             b = self.bundles.get(generation) or self.bundle
             if b is None:
-                return {}, {}, {}
-            n = (b.app_names(), b.rule_names(), b.segment_names())
+                return {}, {}, {}, None
+            n = (b.app_names(), b.rule_names(), b.segment_names(), flowlog.fabric_names(b))
             if generation in self.bundles:
                 self._names[generation] = n
         return n
@@ -296,8 +298,7 @@ class Agent:
                 port = plan["port"] if plan and plan["address"] else None
                 if bundle.transit and plan is None:
                     log.warning("the policy has transit but this agent runs as no gateway of it (--gateway NAME): "
-                                "it writes no SELF entry, so flows to other gateways' segments are dropped "
-                                "(transit_no_tunnel)")
+                                "it enforces every segment as its own and sends nothing through the transit")
                 self.plumbing.apply(bundle, ifindexes, self.verifier.port if self.verifier else None,
                                     transit_port=port)
                 ifindex = self.plumbing.transit_ifindex if port else 0
@@ -502,8 +503,7 @@ class Agent:
             else:
                 src, dst = _addr(k.saddr), _addr(k.daddr)
             sni = self._sni_name(fam, k, v)
-            bundle = self.bundles.get(v.generation) or self.bundle
-            apps, rules, segs = bundle.app_names(), bundle.rule_names(), bundle.segment_names()
+            apps, rules, segs = self.names_for(v.generation)[:3]  # cached per generation
             out.append({
                 "segment": segs.get(k.segment_id, str(k.segment_id)),
                 "direction": "reply" if v.flags & abi.FLOWF_REPLY else "forward",

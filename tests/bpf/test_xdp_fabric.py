@@ -9,7 +9,8 @@ the forward destination VIP -> real, the reply source real -> VIP.
 
 Transit: a destination whose segment is behind another gateway (fab SEG entry) gets
 FLOWF_TRANSIT on both entries, is dropped as transit_no_tunnel without a transit device
-(SELF.b == 0, or no SELF at all), and carries no fragments (frag_no_flow).
+(SELF.b == 0; no SELF at all is one gateway for the whole policy: nothing tunnelled), and carries
+no fragments (frag_no_flow).
 
 The fab_N entries are hand-built over the session topology (conftest.base_bundle), as the
 rest of tests/bpf does; one test compiles a YAML policy to check that what the compiler
@@ -536,9 +537,10 @@ def apply_without_tunnel(xdp, with_self: bool) -> None:
     xdp.apply(fabric_bundle(transit=True), fab_self=self_entry(xdp, tunnel=False) if with_self else None)
 
 
-@pytest.mark.parametrize("with_self", SELF_KINDS)
-def test_transit_without_a_tunnel_is_dropped(xdp, with_self):
-    apply_without_tunnel(xdp, with_self)
+def test_transit_without_a_tunnel_is_dropped(xdp):
+    """A gateway of the policy (SELF) without a transit device: flows to other gateways' segments
+    are dropped, counted, and leave no entry."""
+    apply_without_tunnel(xdp, True)
     for syn in (E / IP(src=C4, dst=FAR4) / TCP(sport=40000, dport=443, flags="S"),
                 E / IPv6(src=C6, dst=FAR6) / UDP(sport=5000, dport=5001),
                 E / IP(src=C4, dst=FAR_VIP4) / TCP(sport=40000, dport=443, flags="S")):
@@ -547,11 +549,20 @@ def test_transit_without_a_tunnel_is_dropped(xdp, with_self):
     assert xdp.flows(4) == [] and xdp.flows(6) == [], "a dropped new flow leaves no entry"
 
 
+def test_no_self_is_one_gateway_for_the_whole_policy(xdp):
+    """No SELF (an agent without --gateway): every segment is its own, nothing is tunnelled, as
+    before transit (agent/daemon/agent.py logs it)."""
+    apply_without_tunnel(xdp, False)
+    v = xdp.expect(E / IP(src=C4, dst=FAR4) / TCP(sport=40000, dport=443, flags="S"), "prod", X.PASS,
+                   R.ALLOW_RULE)
+    assert EV.FLOW_NEW in v.events
+    assert all(not (e.flags & abi.FLOWF_TRANSIT) for _, e in xdp.flows(4)), xdp.flows(4)
+
+
 @pytest.mark.parametrize("with_self", SELF_KINDS)
 def test_transit_without_a_tunnel_leaves_local_segments_alone(xdp, with_self):
-    """Only flows to other gateways' segments need the tunnel (the agent's warning for a run with
-    no gateway name says so: agent/daemon/agent.py): web -> payments (core, a segment with an
-    interface here) and web -> payments' VIP pass as without transit."""
+    """Only flows to other gateways' segments need the tunnel: web -> payments (core, a segment of
+    this gateway) and web -> payments' VIP pass as without transit."""
     apply_without_tunnel(xdp, with_self)
     xdp.expect(E / IP(src=C4, dst=PAY4) / TCP(sport=40000, dport=443, flags="S"), "prod", X.PASS, R.ALLOW_RULE)
     v = xdp.expect(E / IP(src=C4, dst=VIP4) / TCP(sport=40001, dport=443, flags="S"), "prod", X.PASS,
