@@ -6,6 +6,7 @@
 #   make unit    unit tests only, no root (needs an existing .venv)
 #   make demo    setup, then `bulkhead demo` (root)
 #   make demo-fleet setup, then `bulkhead demo --fleet`: two gateways, one policy through etcd (root)
+#   make demo-fabric setup, then `bulkhead demo --fabric`: a flow across two gateways, by DNS, with its identity (root)
 #   make bench   setup (+ the bench packages: haproxy, wrk), then the benchmarks (root)
 #   make lint    byte-compile everything, plus ruff if it is installed
 #   make clean   remove .venv and caches (never touches the system)
@@ -26,7 +27,7 @@ BENCH_ARGS     ?=
 # Only directories that exist: git does not keep empty ones.
 TEST_DIRS := $(wildcard tests/unit tests/bpf tests/integration)
 
-.PHONY: help setup test unit demo demo-fleet bench lint clean
+.PHONY: help setup test unit demo demo-fleet demo-fabric bench lint clean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -51,6 +52,9 @@ demo: setup
 
 demo-fleet: setup
 	$(VENV)/bin/bulkhead demo --fleet
+
+demo-fabric: setup
+	$(VENV)/bin/bulkhead demo --fabric
 
 # Not `bench: setup`: the same setup, plus the bench-only packages (BULKHEAD_SETUP_BENCH=1).
 bench:

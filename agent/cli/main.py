@@ -267,7 +267,8 @@ def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_
 @STATE_DIR_OPT
 @JSON_OPT
 def status(state_dir: str, as_json: bool) -> None:
-    """Agent state: interfaces, generation, per-verdict counters."""
+    """Agent state: interfaces, generation, per-verdict counters; with transit between gateways,
+    the packets sent to and accepted from them, translated flows and transit drops by reason."""
     reply = _agent_request(state_dir, "status")
     if not reply.get("ok"):
         _fail(reply.get("error", "status failed"))
@@ -308,6 +309,11 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, app: str | No
     source app -> destination app, verdict (pass, drop, reject, audit),
     reason, rule, TLS server name, packets/bytes (client -> server; end
     events also server -> client). --json prints one JSON object per line.
+    Through the fabric the server reads `VIP:PORT (APP REAL)` when the
+    client dialed APP's service address VIP (translated to REAL), and
+    `via GW` follows when the other end is behind gateway GW (the segment
+    may then be GW's); --json has the keys vip, real and via (null
+    otherwise).
     Below the events: hop latency per app pair measured at the gateway
     (p50/p99/mean of SYN->SYN-ACK, SYN-ACK->ACK and request->response).
 
@@ -485,17 +491,17 @@ def down(state_dir: str, as_json: bool) -> None:
 @main.command()
 @click.option("--fleet", is_flag=True,
               help="Two gateways following one policy published through etcd (make demo-fleet).")
-def demo(fleet: bool) -> None:
+@click.option("--fabric", is_flag=True, help="An app reaching an app behind another gateway (make demo-fabric).")
+def demo(fleet: bool, fabric: bool) -> None:
     """Build a demo topology in network namespaces, enforce policies/demo.yaml
     with real traffic, show who reached what and why, then clean up."""
+    if fleet and fabric:
+        _fail("--fleet and --fabric are two demos: pick one", 2)
     if os.geteuid() != 0:
         _fail("the demo needs root (it creates network namespaces)")
-    if fleet:
-        from bulkhead.lab import demo_fleet as demo_mod
-    else:
-        from bulkhead.lab import demo as demo_mod
+    import importlib
 
-    sys.exit(demo_mod.main())
+    sys.exit(importlib.import_module("bulkhead.lab.demo" + ("_fabric" if fabric else "_fleet" if fleet else "")).main())
 
 
 # ---------------------------------------------------------------- verifier

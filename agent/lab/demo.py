@@ -254,8 +254,12 @@ def main() -> int:
         topo.destroy()
         shutil.rmtree(state_dir, ignore_errors=True)
 
-    return run_demo("demo", body, lambda: [("agent", agent.log())], cleanup,
-                    "cleaning up: bulkhead down, namespaces ...")
+    rc = run_demo("demo", body, lambda: [("agent", agent.log())], cleanup,
+                  "cleaning up: bulkhead down, namespaces ...")
+    if rc != 130:
+        print("\nmore: sudo make demo-fleet (two gateways following one policy through etcd), "
+              "sudo make demo-fabric (an app reaching an app behind another gateway, by DNS, with its identity)")
+    return rc
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Nothing here knows bulkhead: the lab is namespaces, veths and a bridge, removed 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -163,6 +164,33 @@ class FabricLab(Lab):
             return failed_probe(e)
         finally:
             s.close()
+
+    def forge_transit(self, role: str, outer_src: str, to_gw: str, vni: int, gbp: int, dport: int,
+                      transit_port: int, sport: int = 41001, count: int = 3,
+                      inner: tuple[str, str] = ("198.18.1.10", "198.18.1.20")) -> None:
+        """`count` VXLAN-GBP frames sent on `role`'s underlay interface to gateway `to_gw`'s transit
+        address (IPv4) with outer source `outer_src`: each a TCP SYN inner[0]:sport -> inner[1]:dport
+        carrying app id `gbp` into segment `vni`, as if a gateway had sent it. Needs scapy (the test
+        extra), run in `role`'s namespace."""
+        code = (
+            "import sys\n"
+            "from scapy.all import Ether, IP, TCP, UDP, sendp\n"
+            "from scapy.layers.vxlan import VXLAN\n"
+            "src, dst, mac, isrc, idst = sys.argv[1:6]\n"
+            "vni, gbp, sport, dport, tport, n = map(int, sys.argv[6:12])\n"
+            "inner = Ether(src='02:00:00:00:00:66', dst='02:00:00:00:00:01')/IP(src=isrc, dst=idst)"
+            "/TCP(sport=sport, dport=dport, flags='S')\n"
+            "p = Ether(dst=mac)/IP(src=src, dst=dst)/UDP(sport=40000, dport=tport)"
+            "/VXLAN(flags='G+Instance', gpid=gbp, vni=vni)/inner\n"
+            f"sendp(p, iface='{UNDER_IF}', count=n, verbose=False)\n")
+        link = subprocess.run(["ip", "-n", self.ns[to_gw], "-j", "link", "show", UNDER_IF], check=True,
+                              capture_output=True, text=True).stdout
+        mac = json.loads(link)[0]["address"]
+        argv = [sys.executable, "-c", code, outer_src, host_addr(to_gw), mac, *inner,
+                *map(str, (vni, gbp, sport, dport, transit_port, count))]
+        p = subprocess.run(self.cmd(role, argv), capture_output=True, text=True, timeout=60, check=False)
+        if p.returncode != 0:
+            raise RuntimeError(f"forging transit from {role}: exit {p.returncode}: {p.stderr.strip()[-500:]}")
 
     def serve_echo(self, role: str, port: int) -> subprocess.Popen:
         """A TCP server on every address of `role` that answers each connection with

@@ -51,3 +51,22 @@ def test_the_agent_imports_without_scapy():
     p = subprocess.run([sys.executable, "-c", SCAPY_BLOCKED], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("imported")
+
+
+def test_demo_fleet_and_fabric_are_two_demos():
+    r = CliRunner().invoke(cli.main, ["demo", "--fleet", "--fabric"])
+    assert r.exit_code == 2, r.output
+    assert "pick one" in r.output
+
+
+def test_demo_picks_the_demo_asked_for(monkeypatch):
+    """`demo`, `demo --fleet`, `demo --fabric`: each runs its own module's main() (as root)."""
+    from bulkhead.lab import demo, demo_fabric, demo_fleet
+
+    ran = []
+    for mod, code in ((demo, 0), (demo_fleet, 1), (demo_fabric, 130)):
+        monkeypatch.setattr(mod, "main", lambda m=mod, c=code: ran.append(m.__name__) or c)
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    got = [CliRunner().invoke(cli.main, ["demo", *flag]).exit_code for flag in ([], ["--fleet"], ["--fabric"])]
+    assert got == [0, 1, 130]
+    assert ran == ["bulkhead.lab.demo", "bulkhead.lab.demo_fleet", "bulkhead.lab.demo_fabric"]
