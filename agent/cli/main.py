@@ -267,8 +267,7 @@ def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_
 @STATE_DIR_OPT
 @JSON_OPT
 def status(state_dir: str, as_json: bool) -> None:
-    """Agent state: interfaces, generation, per-verdict counters; with transit between gateways,
-    the packets sent to and accepted from them, translated flows and transit drops by reason."""
+    """Agent state: interfaces, generation, counters by reason; with transit, its packets and drops."""
     reply = _agent_request(state_dir, "status")
     if not reply.get("ok"):
         _fail(reply.get("error", "status failed"))
@@ -295,25 +294,20 @@ def flows(state_dir: str, as_json: bool, follow: bool, limit: int, app: str | No
           rule: str | None, table: bool, latency: bool, interval: float) -> None:
     """Flow events: new flows, verdict changes and flow ends, with apps, rule, verdict, segment.
 
-    The data path sends an event when a flow is first judged (`new`, any
-    verdict), when its verdict or rule changes (`change`: a policy apply, or
-    a TLS server name decided), and at its first FIN or RST (`end`, with the
-    packets/bytes of both directions; UDP/ICMP flows have no end event).
-    Without --follow: the most recent events the agent kept. With --follow:
-    then every new one as it comes; if events were lost (the kernel's ring
-    was full, or this command fell behind the agent's buffer) a line
-    `# N events lost` goes to stderr.
+    The data path sends an event when a flow is first judged (`new`, any verdict), when its verdict
+    or rule changes (`change`: a policy apply, or a TLS server name decided), and at its first FIN or
+    RST (`end`, with the packets/bytes of both directions; UDP/ICMP flows have no end event). Without
+    --follow: the most recent events the agent kept. With --follow: then every new one as it comes; if
+    events were lost (the kernel's ring was full, or this command fell behind the agent's buffer) a
+    line `# N events lost` goes to stderr.
 
     \b
     Output: time, kind, segment (the client's), protocol, client -> server,
     source app -> destination app, verdict (pass, drop, reject, audit),
     reason, rule, TLS server name, packets/bytes (client -> server; end
     events also server -> client). --json prints one JSON object per line.
-    Through the fabric the server reads `VIP:PORT (APP REAL)` when the
-    client dialed APP's service address VIP (translated to REAL), and
-    `via GW` follows when the other end is behind gateway GW (the segment
-    may then be GW's); --json has the keys vip, real and via (null
-    otherwise).
+    Fabric: `VIP:PORT (APP REAL)` a service address translated to APP's REAL,
+    `via GW` the other end is behind gateway GW; --json: vip, real, via.
     Below the events: hop latency per app pair measured at the gateway
     (p50/p99/mean of SYN->SYN-ACK, SYN-ACK->ACK and request->response).
 

@@ -22,6 +22,7 @@ def status_text(st: dict) -> str:
         lines.append(fleet_line(st["fleet"]))
     if st.get("transit"):
         lines.append(transit_line(st["transit"]))
+    lines += transit_count_lines(st)
     lines.append("interfaces:")
     for i in st["interfaces"]:
         lines.append(f"  {i['name']:<16} ifindex {i['ifindex']:<5} segment {i.get('segment', '?'):<12} xdp {i['mode']:<8}"
@@ -77,6 +78,24 @@ def transit_line(t: dict) -> str:
     return f"transit: gateway {t.get('gateway')} {here}, udp/{t.get('port')}; peers {peers}"
 
 
+TRANSIT_DROPS = ("transit_unknown_peer", "transit_bad_identity", "transit_bad_segment", "transit_no_tunnel")
+FABRIC_EVENTS = ("transit_encap", "transit_decap", "vip_nat")
+
+
+def transit_count_lines(st: dict) -> list[str]:
+    """The fabric's counts under the transit line: packets sent to and accepted from other gateways,
+    new translated flows, drops by reason (with zeros: what did not happen is worth seeing). Shown
+    when the policy has transit here, or when any of them was counted."""
+    counters, events = st.get("counters") or {}, st.get("events") or {}
+    drops = {r: (counters.get(r) or {}).get("packets", 0) for r in TRANSIT_DROPS}
+    evs = {e: events.get(e, 0) for e in FABRIC_EVENTS}
+    if not st.get("transit") and not any(drops.values()) and not any(evs.values()):
+        return []
+    return [f"  packets sent {evs['transit_encap']} (transit_encap), accepted {evs['transit_decap']} (transit_decap);"
+            f" translated flows {evs['vip_nat']} (vip_nat)",
+            "  dropped: " + ", ".join(f"{r} {n}" for r, n in drops.items())]
+
+
 def latency_lines(rows: list[dict]) -> list[str]:
     if not rows:
         return ["hop latency: no TCP flow measured yet"]
@@ -93,6 +112,7 @@ def event_line(e: dict) -> str:
     t = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0))) + f".{int(e.get('time', 0) * 1000) % 1000:03d}"
     client = f"{e['src']}:{e['sport']}" if e["family"] == 4 else f"[{e['src']}]:{e['sport']}"
     server = f"{e['dst']}:{e['dport']}" if e["family"] == 4 else f"[{e['dst']}]:{e['dport']}"
+    server += fabric_note(e)
     reason = e["reason"] + (f" (was {e['prev_reason']})" if e.get("prev_reason") else "")
     counts = f"{e['packets']}/{e['bytes']}"
     if e["kind"] == "end":
@@ -100,6 +120,21 @@ def event_line(e: dict) -> str:
     return (f"{t:<12} {e['kind']:<6} {e['segment']:<8} {e['proto']:<5} {client + ' -> ' + server:<48} "
             f"{e['src_app'] + ' -> ' + e['dst_app']:<26} {e['verdict']:<7} {reason:<18} {e['rule']:<20} "
             f"{e.get('sni') or '-':<24} {counts}")
+
+
+def fabric_note(e: dict) -> str:
+    """After the server of a flow through the fabric: " (api 198.18.1.20)" when the client dialed a
+    service address (the app and the real address it was translated to; the dialed one is the
+    server; " (api by 198.19.255.136)" when the event shows the real address), " via gwb" when the
+    other end is behind gateway gwb. Empty for other flows."""
+    note = ""
+    if e.get("real") and e["dst"] != e["real"]:
+        note += f" ({e['dst_app']} {e['real']})"
+    elif e.get("vip"):  # caused by a reply, seen before its translation: the server is the real address
+        note += f" ({e['dst_app']} by {e['vip']})"
+    if e.get("via"):
+        note += f" via {e['via']}"
+    return note
 
 
 EVENT_HEADER = (f"{'TIME':<12} {'KIND':<6} {'SEGMENT':<8} {'PROTO':<5} {'CLIENT -> SERVER':<48} "

@@ -38,6 +38,7 @@ from typing import Any
 
 import msgpack
 from bulkhead.core.gcpause import gc_paused
+from bulkhead.datapath.abi import FAB_APP
 
 BUNDLE_FORMAT = 1
 # dst app id of the gateways' own DNS addresses (segments' `dns:`): not an app of the policy
@@ -183,4 +184,13 @@ class Bundle:
         return {r["id"]: r["name"] for r in self.rules}
 
     def segment_names(self) -> dict[int, str]:
-        return {s["id"]: s["name"] for s in self.segments}
+        """Segment id -> name: this bundle's segments and, in a bundle cut to one gateway
+        (for_gateway), the other gateways' segments that have apps, named from the apps and
+        their FAB_APP entries (both kept whole): flows through the transit name them."""
+        names = {s["id"]: s["name"] for s in self.segments}
+        if self.fab_entries:
+            seg_of = {a["id"]: a.get("segment") for a in self.apps}
+            for kind, app_id, _key, seg_id, _gw, _val in self.fab_entries:
+                if kind == FAB_APP and seg_id not in names and seg_of.get(app_id):
+                    names[seg_id] = seg_of[app_id]
+        return names

@@ -13,7 +13,10 @@ The tuple always reads client -> server.
 
 Records come through a BPF ring buffer (a perf buffer on kernels without
 one, `use_perf`); a consumer thread decodes them into dicts with app, rule
-and segment NAMES from the bundle of the event's generation, and keeps the
+and segment NAMES from the bundle of the event's generation (and, for a flow
+through the fabric, the other gateway it goes `via`, the service address
+`vip` the client dialed and the `real` address it was translated to:
+FabricNames), and keeps the
 last `keep` in a deque with a monotonically increasing `seq`. Loss is
 counted in both places it can happen: the kernel counts records it could not
 put in a full ring (events['flow_event_lost']); the agent counts records that
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import ctypes as C
+import dataclasses
 import ipaddress
 import itertools
 import logging
@@ -48,8 +52,48 @@ DEFAULT_RULE = "(default)"  # rule id 0: settings.default_action (or no rule inv
 DEFAULT_KEEP = 10000
 PERF_PAGES = 64  # per-CPU perf buffer pages (perf fallback only)
 
-# names(generation) -> (apps, rules, segments), each id -> name
-NamesFn = Callable[[int], "tuple[dict[int, str], dict[int, str], dict[int, str]]"]
+# names(generation) -> (apps, rules, segments), each id -> name, optionally a fourth element:
+# the generation's FabricNames (None: no fabric)
+NamesFn = Callable[[int], "tuple"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FabricNames:
+    """What naming a flow through the fabric takes, read off a bundle's fab_entries (kept whole
+    when the bundle is cut to one gateway): see fabric_names()."""
+
+    local: frozenset  # segment ids of this gateway (the bundle's segments)
+    gateway_of: dict  # segment id -> the name of the gateway it is behind (every segment of the policy)
+    # addr16 of a service address, or of the real address one translates to -> (vip, real) as text
+    nat: dict
+
+    def via(self, segment_id: int, peer_segment: int) -> str | None:
+        """The other gateway of a flow through the transit: that of whichever of its two
+        segments (the client's, the server's) is not this gateway's."""
+        for seg in (peer_segment, segment_id):
+            if seg and seg not in self.local:
+                return self.gateway_of.get(seg, f"(gateway of segment {seg})")
+        return None
+
+
+def fabric_names(bundle) -> FabricNames | None:
+    """A bundle's FabricNames (None without fab_entries). Gateway ids are 1-based in
+    bundle.gateways order (the FAB_SEG entries' a); FAB_VIP/FAB_REAL pair each service address
+    with the real address the kernel translates it to, looked up either way (an event caused by a
+    reply reads the real address as its destination: XDP sees the packet before TC translates)."""
+    if not bundle.fab_entries:
+        return None
+    gws = list(bundle.gateways)
+    gateway_of: dict[int, str] = {}
+    nat: dict[bytes, tuple[str, str]] = {}
+    for kind, ident, key, a, _b, val in bundle.fab_entries:
+        if kind == abi.FAB_SEG and a:
+            gateway_of[ident] = gws[a - 1] if a <= len(gws) else f"gw#{a}"
+        elif kind == abi.FAB_VIP:
+            nat[bytes(key)] = (addr16(key), addr16(val))
+        elif kind == abi.FAB_REAL:
+            nat.setdefault(bytes(key), (addr16(val), addr16(key)))
+    return FabricNames(frozenset(s["id"] for s in bundle.segments), gateway_of, nat)
 
 
 def reason_name(r: int) -> str:
@@ -86,13 +130,20 @@ def decode(ev: abi.FlowEvent, names: NamesFn, offset: float) -> dict:
         raise ValueError(f"unknown flow event kind {ev.kind}")
     if ev.family not in (4, 6):
         raise ValueError(f"unknown address family {ev.family}")
-    apps, rules, segs = names(ev.generation)
+    n = names(ev.generation)
+    apps, rules, segs = n[0], n[1], n[2]
+    fab: FabricNames | None = n[3] if len(n) > 3 else None
     sni = None
     if ev.sni_len:
         n = min(ev.sni_len, abi.SNI_LOG_LEN)
         sni = bytes(ev.sni[:n]).rstrip(b"\0").rstrip(b".").decode("ascii", "replace")
         if ev.sni_len > abi.SNI_LOG_LEN:
             sni += "…"  # the kernel logs the first SNI_LOG_LEN bytes of a longer name
+    via = vip = real = None
+    if ev.flags & abi.FLOWF_TRANSIT:
+        via = fab.via(ev.segment_id, ev.peer_segment) if fab else None
+    if ev.flags & abi.FLOWF_NAT and fab:
+        vip, real = fab.nat.get(bytes(ev.daddr), (None, None))
     return {
         "time": round(ev.ts_ns / 1e9 + offset, 6),
         "kind": kind,
@@ -115,6 +166,9 @@ def decode(ev: abi.FlowEvent, names: NamesFn, offset: float) -> dict:
         "generation": ev.generation,
         "packets": ev.packets, "bytes": ev.bytes,
         "r_packets": ev.r_packets, "r_bytes": ev.r_bytes,
+        # the fabric (None otherwise): the other gateway of a flow through the transit; the
+        # service address the client dialed and the app's real address it was translated to
+        "via": via, "vip": vip, "real": real,
     }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import ctypes as C
+import dataclasses
 import ipaddress
 import socket
 import time
@@ -437,3 +438,186 @@ def test_collector_counts_the_gateways_dns_by_segment_and_answer():
     assert get(m, "bulkhead_dns_queries_total", segment="prod", answer="noerror") == 3
     assert get(m, "bulkhead_dns_queries_total", segment="dev", answer="nxdomain") == 2
     assert get(m, "bulkhead_collector_errors_total", section="dns") == 0
+
+
+# ------------------------------------------------------------ the fabric
+FABRIC_DOC = {
+    "version": 1,
+    "settings": {"default_action": "deny"},
+    "gateways": [{"name": "gwa", "transit": "198.18.100.1"}, {"name": "gwb", "transit": "198.18.100.2"}],
+    "fabric": {"service_addresses": ["198.19.255.0/24", "fd00:ff::/120"]},
+    "segments": [{"name": "a-cli", "gateway": "gwa", "interfaces": ["bh-cli"]},
+                 {"name": "a-srv", "gateway": "gwa", "interfaces": ["bh-srv"]},
+                 {"name": "b-srv", "gateway": "gwb", "interfaces": ["bh-srv"]},
+                 {"name": "b-empty", "gateway": "gwb", "interfaces": ["bh-empty"]}],  # no app in it
+    "apps": [{"name": "web", "segment": "a-cli", "addresses": ["198.18.1.0/24", "fd00:1::/64"]},
+             {"name": "local", "segment": "a-srv", "addresses": ["198.19.0.10/32"], "publish": ["local.example"]},
+             {"name": "api", "segment": "b-srv", "addresses": ["198.18.1.20/32", "fd00:1::20/128"],
+              "publish": ["api.example"]}],
+    "rules": [{"name": "web-api", "from": "web", "to": "api", "ports": ["tcp/8080"]},
+              {"name": "web-local", "from": "web", "to": "local", "ports": ["tcp/8080"]}],
+}
+
+
+@pytest.fixture(scope="module")
+def fabric_bundle(tmp_path_factory):
+    import yaml
+
+    from bulkhead.policy import load_policy
+
+    p = tmp_path_factory.mktemp("fabric") / "p.yaml"
+    p.write_text(yaml.safe_dump(FABRIC_DOC, sort_keys=False))
+    return load_policy([str(p)])[0]
+
+
+def names_of(bundle):
+    """What Agent.names_for gives the flow log for a bundle it applied."""
+    return lambda _gen: (bundle.app_names(), bundle.rule_names(), bundle.segment_names(),
+                         flowlog.fabric_names(bundle))
+
+
+def ids(bundle, kind: str) -> dict[str, int]:
+    return {x["name"]: x["id"] for x in getattr(bundle, kind)}
+
+
+def vip_of(bundle, app: str, family: int = 4) -> str:
+    return next(v for v in bundle.vips[app] if (":" in v) == (family == 6))
+
+
+def test_a_cut_bundle_names_the_other_gateways_segments(fabric_bundle):
+    seg = ids(fabric_bundle, "segments")
+    gwa = fabric_bundle.for_gateway("gwa")
+    assert [s["name"] for s in gwa.segments] == ["a-cli", "a-srv"]
+    names = gwa.segment_names()
+    assert names[seg["b-srv"]] == "b-srv"  # behind gwb: named from api's FAB_APP entry
+    assert seg["b-empty"] not in names  # no app behind it: nothing names it (no flow can have it)
+    assert fabric_bundle.for_gateway("gwb").segment_names()[seg["a-cli"]] == "a-cli"
+    fab = flowlog.fabric_names(gwa)
+    assert fab.local == {seg["a-cli"], seg["a-srv"]}
+    assert fab.gateway_of == {seg["a-cli"]: "gwa", seg["a-srv"]: "gwa", seg["b-srv"]: "gwb", seg["b-empty"]: "gwb"}
+    assert flowlog.fabric_names(dataclasses.replace(fabric_bundle, fab_entries=[])) is None
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_decode_at_the_clients_gateway_names_the_vip_the_real_address_and_the_other_gateway(fabric_bundle, family):
+    gwa = fabric_bundle.for_gateway("gwa")
+    seg, app = ids(gwa, "segments"), ids(gwa, "apps")
+    vip = vip_of(gwa, "api", family)
+    client = "198.18.1.10" if family == 4 else "fd00:1::10"
+    ev = event(src=client, dst=vip, dport=8080, src_app=app["web"], dst_app=app["api"], rule=1, gen=1,
+               seg=seg["a-cli"], peer=ids(fabric_bundle, "segments")["b-srv"], flags=abi.FLOWF_NAT | abi.FLOWF_TRANSIT)
+    d = flowlog.decode(ev, names_of(gwa), 0)
+    assert (d["segment"], d["peer_segment"], d["src_app"], d["dst_app"], d["rule"]) == \
+        ("a-cli", "b-srv", "web", "api", "web-api")
+    assert (d["dst"], d["vip"], d["real"], d["via"]) == \
+        (vip, vip, "198.18.1.20" if family == 4 else "fd00:1::20", "gwb")
+
+
+def test_decode_at_the_servers_gateway_names_the_clients_segment_and_gateway(fabric_bundle):
+    """bulkhead_transit_in: segment_id is the client's (gwa's) segment, peer_segment the local one,
+    the destination api's real address, TRANSIT without NAT (gwb can't know what was dialed)."""
+    gwb = fabric_bundle.for_gateway("gwb")
+    seg, app = ids(fabric_bundle, "segments"), ids(gwb, "apps")
+    ev = event(dst="198.18.1.20", dport=8080, src_app=app["web"], dst_app=app["api"], rule=1, gen=1,
+               seg=seg["a-cli"], peer=seg["b-srv"], flags=abi.FLOWF_TRANSIT)
+    d = flowlog.decode(ev, names_of(gwb), 0)
+    assert (d["segment"], d["peer_segment"], d["src_app"], d["dst_app"]) == ("a-cli", "b-srv", "web", "api")
+    assert (d["via"], d["vip"], d["real"]) == ("gwa", None, None)
+
+
+def test_decode_a_translated_flow_at_one_gateway_either_way(fabric_bundle):
+    """A published app of this gateway: NAT, no transit. An event caused by a reply (the kernel
+    reads it before TC translates it back) has the real address as its destination: the service
+    address is found from it."""
+    gwa = fabric_bundle.for_gateway("gwa")
+    seg, app = ids(gwa, "segments"), ids(gwa, "apps")
+    vip = vip_of(gwa, "local")
+    kw = dict(dport=8080, src_app=app["web"], dst_app=app["local"], gen=1, seg=seg["a-cli"], peer=seg["a-srv"])
+    d = flowlog.decode(event(dst=vip, flags=abi.FLOWF_NAT, **kw), names_of(gwa), 0)
+    assert (d["vip"], d["real"], d["via"]) == (vip, "198.19.0.10", None)
+    d = flowlog.decode(event(dst="198.19.0.10", kind=abi.FlowEv.END, flags=abi.FLOWF_NAT | abi.FLOWF_REPLY, **kw),
+                       names_of(gwa), 0)
+    assert (d["dst"], d["vip"], d["real"], d["by_reply"]) == ("198.19.0.10", vip, "198.19.0.10", True)
+
+
+def test_decode_without_the_fabric_bits_keeps_its_keys_and_adds_nulls(fabric_bundle):
+    gwa = fabric_bundle.for_gateway("gwa")
+    seg, app = ids(gwa, "segments"), ids(gwa, "apps")
+    # a flow to api's real address, not through a service address, at a gateway: no bit, no fabric keys
+    d = flowlog.decode(event(dst="198.18.1.20", src_app=app["web"], dst_app=app["api"], gen=1, seg=seg["a-cli"],
+                             peer=0), names_of(gwa), 0)
+    assert (d["via"], d["vip"], d["real"]) == (None, None, None)
+    old = flowlog.decode(event(), names, 0)  # names without FabricNames (3-tuple), bits or not
+    assert (old["via"], old["vip"], old["real"]) == (None, None, None)
+    assert flowlog.decode(event(flags=abi.FLOWF_NAT | abi.FLOWF_TRANSIT), names, 0)["via"] is None
+    keys = ["time", "kind", "segment", "peer_segment", "family", "proto", "src", "sport", "dst", "dport",
+            "src_app", "dst_app", "rule", "verdict", "reason", "prev_reason", "audit", "by_reply", "tcp_flags", "sni",
+            "generation", "packets", "bytes", "r_packets", "r_bytes"]
+    assert list(old)[:len(keys)] == keys  # the keys there were before the fabric, in their order
+    assert list(old)[len(keys):] == ["via", "vip", "real"]
+
+
+def test_event_line_through_the_fabric(fabric_bundle):
+    from bulkhead.cli.render import event_line
+
+    gwa = fabric_bundle.for_gateway("gwa")
+    seg, app = ids(fabric_bundle, "segments"), ids(gwa, "apps")
+    vip = vip_of(gwa, "api")
+    d = flowlog.decode(event(dst=vip, dport=8080, src_app=app["web"], dst_app=app["api"], rule=1, gen=1,
+                             seg=seg["a-cli"], peer=seg["b-srv"], flags=abi.FLOWF_NAT | abi.FLOWF_TRANSIT),
+                       names_of(gwa), 0)
+    assert f"198.18.1.10:40000 -> {vip}:8080 (api 198.18.1.20) via gwb " in event_line(d)
+    gwb = fabric_bundle.for_gateway("gwb")
+    d = flowlog.decode(event(dst="198.18.1.20", dport=8080, src_app=app["web"], dst_app=app["api"], rule=1, gen=1,
+                             seg=seg["a-cli"], peer=seg["b-srv"], flags=abi.FLOWF_TRANSIT), names_of(gwb), 0)
+    line = event_line(d)
+    assert "198.18.1.10:40000 -> 198.18.1.20:8080 via gwa " in line and line.split()[2] == "a-cli"
+    d = flowlog.decode(event(dst="198.18.1.20", peer=seg["b-srv"], flags=abi.FLOWF_NAT | abi.FLOWF_REPLY,
+                             src_app=app["web"], dst_app=app["api"], gen=1, seg=seg["a-cli"]), names_of(gwa), 0)
+    assert f"-> 198.18.1.20:443 (api by {vip}) " in event_line(d)
+    plain = flowlog.decode(event(), names, 0)
+    assert "(" not in event_line(plain).split("web -> payments")[0] and " via " not in event_line(plain)
+
+
+def status_reply(transit: dict | None, counters: dict | None = None, events: dict | None = None) -> dict:
+    return {"generation": 3, "active_slot": 1, "pid": 1, "uptime_s": 1.0,
+            "policy": {"files": ["p.yaml"], "apps": 3, "rules": 2, "policy_entries": 4,
+                       "settings": {"default_action": "deny", "mode": "enforce"}},
+            "interfaces": [], "flows": {"flows4": 0, "flows6": 0},
+            "counters": {r.name.lower(): {"packets": (counters or {}).get(r.name.lower(), 0), "bytes": 0,
+                                          "verdict": abi.REASON_VERDICT[r]} for r in abi.Reason},
+            "events": {e.name.lower(): (events or {}).get(e.name.lower(), 0) for e in abi.Event},
+            "transit": transit, "verifier": {"running": False}, "flow_log": {}, "latency": []}
+
+
+def test_status_text_has_a_transit_section_with_packets_and_drops_by_reason():
+    from bulkhead.cli.render import status_text
+
+    t = {"device": "bhvx-default", "ifindex": 7, "port": 4789, "address": "198.18.100.1", "gateway": "gwa",
+         "gateway_id": 1, "peers": {"gwb": "198.18.100.2"}}
+    text = status_text(status_reply(t, {"transit_unknown_peer": 3, "transit_bad_identity": 2},
+                                    {"transit_encap": 12, "transit_decap": 10, "vip_nat": 4}))
+    lines = text.splitlines()
+    i = next(n for n, x in enumerate(lines) if x.startswith("transit: gateway gwa"))
+    assert lines[i + 1] == ("  packets sent 12 (transit_encap), accepted 10 (transit_decap); "
+                            "translated flows 4 (vip_nat)")
+    assert lines[i + 2] == ("  dropped: transit_unknown_peer 3, transit_bad_identity 2, transit_bad_segment 0, "
+                            "transit_no_tunnel 0")
+    # without transit: nothing, unless something was counted (a policy with transit run with no gateway name)
+    assert "transit" not in status_text(status_reply(None))
+    text = status_text(status_reply(None, {"transit_no_tunnel": 5}))
+    assert "  dropped: transit_unknown_peer 0, transit_bad_identity 0, transit_bad_segment 0, transit_no_tunnel 5" \
+        in text.splitlines()
+
+
+def test_metrics_name_the_fabrics_reasons_and_events():
+    """Reasons and events are exported by name from the abi enums: the fabric's appear with no
+    change to the collector."""
+    agent = FakeAgent()
+    agent.dp.events = lambda: {e.name.lower(): int(e) for e in abi.Event}
+    m = scrape(DatapathCollector(agent))
+    for reason in ("transit_unknown_peer", "transit_bad_identity", "transit_bad_segment", "transit_no_tunnel",
+                   "sni_fronting"):
+        assert (("bulkhead_packets_total", (("reason", reason), ("verdict", "drop")))) in m, reason
+    for ev in ("transit_encap", "transit_decap", "vip_nat"):
+        assert get(m, "bulkhead_datapath_events_total", event=ev) == int(abi.Event[ev.upper()])
