@@ -97,12 +97,10 @@ class Fabric:
         return self.agents[gw].status().get("events", {})
 
     def flows(self, gw: str) -> list[dict]:
-        import json
-
-        p = self.agents[gw].cli("flows", "--json")
+        """The flow log's events at `gw` (`bulkhead flows --json`: one JSON object per line), all it kept."""
+        p = self.agents[gw].cli("flows", "--json", "--limit", "0")
         assert p.returncode == 0, p.stderr
-        out = json.loads(p.stdout)
-        return out["flows"] if isinstance(out, dict) else out
+        return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +239,57 @@ def test_status_shows_the_transit(fabric):
         assert t["address"] == host_addr(me)
         assert t["port"] == TRANSIT_PORT
         assert t["peers"][peer] == host_addr(peer)
+
+
+def _wait_flow(fabric: Fabric, gw: str, match, timeout: float = 5.0) -> list[dict]:
+    """The events at `gw` that `match`, once there is one (the agent reads the ring buffer as
+    events come: normally at once), or none at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in fabric.flows(gw) if match(e)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_flow_log_at_both_gateways_names_the_apps_the_other_gateway_and_the_service_address(fabric, family):
+    """One connection from a fixed source port, so its events are told from the other tests':
+    at gwa web -> api via gwb, dialed at the service address (translated to api's real address);
+    at gwb the same flow from web (its identity carried) via gwa, on the client's segment a-cli."""
+    vip = fabric.vip("api.apps.example", family)
+    client, real, sport = host_addr("a-cli", family), host_addr("b-srv", family), 45150 + family
+    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+    s = fabric.lab.socket("a-cli", fam, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((client, sport))
+        s.connect((vip, PORT))
+        s.sendall(b"logged")
+        assert s.recv(4096).decode() == f"b-srv {client}: logged"
+    finally:
+        s.close()
+
+    def ours(e: dict) -> bool:
+        return e["kind"] == "new" and e["src"] == client and e["sport"] == sport and e["dport"] == PORT
+
+    at_a = _wait_flow(fabric, "gwa", ours)
+    assert at_a, "no new flow event at gwa"
+    e = at_a[-1]
+    assert (e["src_app"], e["dst_app"], e["rule"], e["verdict"]) == ("web", "api", "web-api", "pass"), e
+    assert (e["segment"], e["peer_segment"], e["via"]) == ("a-cli", "b-srv", "gwb"), e
+    assert (e["dst"], e["vip"], e["real"]) == (vip, vip, real), e
+
+    at_b = _wait_flow(fabric, "gwb", ours)
+    assert at_b, "no new flow event at gwb"
+    e = at_b[-1]
+    assert (e["src_app"], e["dst_app"], e["rule"], e["verdict"]) == ("web", "api", "web-api", "pass"), e
+    assert (e["segment"], e["peer_segment"], e["via"]) == ("a-cli", "b-srv", "gwa"), e
+    assert e["dst"] == real and e["vip"] is None, e  # gwb can't know what the client dialed
+
+    # the text view says the same
+    p = fabric.agents["gwa"].cli("flows")
+    assert p.returncode == 0, p.stderr
+    server = f"{vip}:{PORT}" if family == 4 else f"[{vip}]:{PORT}"
+    assert f"-> {server} (api {real}) via gwb" in p.stdout, p.stdout
