@@ -2119,11 +2119,14 @@ static __always_inline int bh_tc_fabric(struct __sk_buff *skb, __u32 slot)
 	if (fflags & BH_FLOWF_NAT) {
 		int reply = fflags & BH_FLOWF_REPLY;
 		struct bh_fab_val *nv = reply ? bh_fab(slot, BH_FAB_REAL, 0, p.saddr) : bh_fab(slot, BH_FAB_VIP, 0, p.daddr);
-		/* The service address left the policy while the packet was on its way: nothing to translate it to. */
+		/*
+		 * The slot XDP judged it by was refilled while the packet was on its way
+		 * (two applies in a row): nothing to translate it to under a policy that is gone.
+		 */
 		if (!nv)
-			return TC_ACT_SHOT;
+			return bh_record(BH_R_NO_POLICY, TC_ACT_SHOT, skb->len);
 		if (bh_tc_nat(skb, &p, !reply, nv->addr))
-			return TC_ACT_SHOT;
+			return bh_record(BH_R_MALFORMED_L4, TC_ACT_SHOT, skb->len); /* the helpers refused to write it */
 		if (reply)
 			__builtin_memcpy(p.saddr, nv->addr, 16);
 		else
