@@ -1986,9 +1986,13 @@ static __always_inline int bh_tc_nat(struct __sk_buff *skb, const struct bh_pkt 
 	__u8 a[16], b[16];
 	__builtin_memcpy(a, from, 16);
 	__builtin_memcpy(b, to, 16);
-	__s64 diff = bpf_csum_diff((__be32 *)a, 16, (__be32 *)b, 16, 0);
-	if (diff < 0)
-		return -1;
+	/*
+	 * A 32-bit one's-complement sum: bcc 0.26 declares the helper `int`, so a
+	 * sum with its top bit set looks negative (6.1's csum_partial gives such
+	 * sums, 6.18's rarely). Its only error is a size not a multiple of 4 (not
+	 * these), so the value is taken as the unsigned sum it is.
+	 */
+	__u32 diff = (__u32)bpf_csum_diff((__be32 *)a, 16, (__be32 *)b, 16, 0);
 	if (csum_off && bpf_l4_csum_replace(skb, csum_off, 0, diff, l4_flags))
 		return -1;
 	return bpf_skb_store_bytes(skb, l3 + (dst ? 24 : 8), b, 16, 0) ? -1 : 0;
