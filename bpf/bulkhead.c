@@ -557,7 +557,8 @@ static __always_inline void bh_fe_emit(void *ctx, __u8 kind, const struct bh_pkt
 	e->proto = p->proto;
 	e->reason = reason;
 	e->prev_reason = prev_reason;
-	e->flags = (v->flags & (BH_ACTF_AUDIT | BH_FLOWF_NAT | BH_FLOWF_TRANSIT)) | (is_reply ? BH_FLOWF_REPLY : 0);
+	e->flags = (v->flags & (BH_ACTF_AUDIT | BH_FLOWF_NAT | BH_FLOWF_TRANSIT | BH_FLOWF_VIA_VIP)) |
+		   (is_reply ? BH_FLOWF_REPLY : 0);
 	e->tcp_flags = p->tcp_flags;
 	e->sni_len = 0;
 	if (st && (st->flags & BH_SNIF_HAVE_NAME)) {
@@ -1069,7 +1070,7 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		else
 			bh_classify(slot, cfg, client_seg, p.daddr, p.saddr, p.proto, rj_port, v);
 		/* How the flow crosses the fabric is the connection's, not the policy's. */
-		v->flags |= f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT);
+		v->flags |= f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT | BH_FLOWF_VIA_VIP);
 		is_reply = 1;
 		__u8 fwd_reason = v->reason;
 		if (bh_reason_xdp(v->reason) == XDP_PASS && v->reason != BH_R_SNI_PENDING) {
@@ -2003,7 +2004,7 @@ static __always_inline int bh_tc_nat(struct __sk_buff *skb, const struct bh_pkt 
  * device: VXLAN with the segment in the VNI and `app`, the identity it
  * carries, in the Group Based Policy id. Returns a TC code.
  */
-static __always_inline int bh_tc_encap(struct __sk_buff *skb, __u32 slot, __u32 vni, __u32 app)
+static __always_inline int bh_tc_encap(struct __sk_buff *skb, __u32 slot, __u32 vni, __u32 app, int via_vip)
 {
 	struct bh_fab_val *sv = bh_fab(slot, BH_FAB_SEG, vni, NULL);
 	struct bh_fab_val *me = bh_fab(slot, BH_FAB_SELF, 0, NULL);
@@ -2014,7 +2015,7 @@ static __always_inline int bh_tc_encap(struct __sk_buff *skb, __u32 slot, __u32 
 		return bh_record(BH_R_TRANSIT_NO_TUNNEL, TC_ACT_SHOT, skb->len);
 	struct bpf_tunnel_key key = {};
 	__u64 kflags = 0;
-	key.tunnel_id = vni;
+	key.tunnel_id = vni | (via_vip ? BH_VNI_VIA_VIP : 0);
 	key.tunnel_ttl = 64;
 	if (gv->a == 6) {
 		__builtin_memcpy(key.remote_ipv6, gv->addr, 16);
@@ -2137,7 +2138,7 @@ static __always_inline int bh_tc_fabric(struct __sk_buff *skb, __u32 slot)
 			__builtin_memcpy(p.daddr, nv->addr, 16);
 	}
 	if (fflags & BH_FLOWF_TRANSIT)
-		return bh_tc_encap(skb, slot, vni, app);
+		return bh_tc_encap(skb, slot, vni, app, (fflags & BH_FLOWF_NAT) && !(fflags & BH_FLOWF_REPLY));
 	/* Translated, to an app of this gateway: a reply leaves by its client's segment. */
 	return bh_tc_route(skb, &p, (fflags & BH_FLOWF_REPLY) ? vni : 0);
 }
@@ -2252,8 +2253,10 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 	__u32 app_seg = ai->a;
 
 	/* Where it goes: a segment of this gateway. */
-	__u32 vni = key.tunnel_id;
-	struct bh_fab_val *sv = (vni && vni <= 0xffff) ? bh_fab(slot, BH_FAB_SEG, vni, NULL) : NULL;
+	__u32 vni = key.tunnel_id & BH_VNI_SEG_MASK;
+	__u8 via_vip = (key.tunnel_id & BH_VNI_VIA_VIP) ? BH_FLOWF_VIA_VIP : 0;
+	int vni_ok = vni && !(key.tunnel_id & ~(BH_VNI_SEG_MASK | BH_VNI_VIA_VIP));
+	struct bh_fab_val *sv = vni_ok ? bh_fab(slot, BH_FAB_SEG, vni, NULL) : NULL;
 	if (!sv || sv->a != me_gw)
 		return bh_transit_drop(BH_R_TRANSIT_BAD_SEGMENT, len);
 
@@ -2351,7 +2354,7 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 			v->packets = 1;
 			v->bytes = len;
 			v->peer_segment = vni;
-			v->flags |= BH_FLOWF_TRANSIT;
+			v->flags |= BH_FLOWF_TRANSIT | via_vip;
 			reason = v->reason;
 #ifndef BH_NO_TELEMETRY
 			bh_pair_count(v, reason);

@@ -24,6 +24,7 @@ class Action(enum.IntEnum):
 
 ACTF_AUDIT = 0x01
 FLOWF_REPLY = 0x02
+FLOWF_VIA_VIP = 0x04  # from another gateway, for a service address its client dialed there
 FLOWF_T_HS = 0x08
 FLOWF_T_DATA = 0x10
 FLOWF_ENDED = 0x20
@@ -214,6 +215,9 @@ METAF_REASON_SHIFT = 8
 MARK_L7 = 0x0C000000
 MARK_KEEP = 0x00FF0000
 MARK_SEG = 0x0B000000
+# the transit VNI: the destination segment, and a bit saying the client dialed a service address
+VNI_SEG_MASK = 0xFFFF
+VNI_VIA_VIP = 0x10000
 TLS_EXTS_PER_CALL = 32
 TLS_NAME_PER_CALL = 64
 TLS_WHOLE_EXTS = 32

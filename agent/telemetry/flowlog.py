@@ -142,7 +142,8 @@ def decode(ev: abi.FlowEvent, names: NamesFn, offset: float) -> dict:
     via = vip = real = None
     if ev.flags & abi.FLOWF_TRANSIT:
         via = fab.via(ev.segment_id, ev.peer_segment) if fab else None
-    if ev.flags & abi.FLOWF_NAT and fab:
+    # NAT: translated here; VIA_VIP: translated at the client's gateway (the VNI said so)
+    if ev.flags & (abi.FLOWF_NAT | abi.FLOWF_VIA_VIP) and fab:
         vip, real = fab.nat.get(bytes(ev.daddr), (None, None))
     return {
         "time": round(ev.ts_ns / 1e9 + offset, 6),

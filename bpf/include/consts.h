@@ -74,6 +74,9 @@
  * table (its ip rule on this mark), what the ct mark did before.
  */
 #define BH_MARK_SEG 0x0b000000
+/* Transit VNI: the destination segment in its low 16 bits; this bit: the client dialed the app's service address. */
+#define BH_VNI_SEG_MASK 0xffff
+#define BH_VNI_VIA_VIP 0x10000
 #define BH_APP_ANY 0xffffffff /* dst app id of hostname-only apps: any destination address */
 /* Header parser bounds (parse.h): one more is dropped under its own reason. */
 #define BH_VLAN_MAX_DEPTH 2 /* 802.1Q + 802.1ad (QinQ); more tags: vlan_too_deep */

@@ -27,6 +27,7 @@ enum bh_action {
 #define BH_FLOWF_T_HS 0x08   /* TCP timing: handshake sample pending (fwd: client RTT at the ACK; reply: server RTT at the SYN-ACK) */
 #define BH_FLOWF_T_DATA 0x10 /* TCP timing: first payload pending (fwd: request start; reply: server response time) */
 #define BH_FLOWF_ENDED 0x20  /* a FIN or RST was seen and the flow's end event sent */
+#define BH_FLOWF_VIA_VIP 0x04 /* from another gateway, for a service address its client dialed there (that gateway translated it) */
 #define BH_FLOWF_NAT 0x40     /* a service address: forward packets' destination is translated to the app's real address, replies' source back */
 #define BH_FLOWF_TRANSIT 0x80 /* the other end is behind another gateway: this direction leaves (or arrived) through the transit tunnel */
 #define BH_FLOWF_OBSERVE (BH_FLOWF_T_HS | BH_FLOWF_T_DATA) /* established path: something to measure */
