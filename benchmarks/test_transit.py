@@ -31,14 +31,18 @@ two gateways against the same lab without bulkhead.
    kernel VXLAN between the gateways and host routes to b-srv's real address (`vxlan`), and the same
    with a bare XDP_PASS on the two segment interfaces (`vxlan+xdp_pass`: the veths in bulkhead's
    mode). UDP Mpps (60-byte frames, one flow, from XDP live frames) and TCP Gbit/s (one connection,
-   Python bulk sender and sink); cases interleaved (their order turning each round), ROUNDS rounds, medians; the ratios are the
+   Python bulk sender and sink), and the CPU the two-gateway path costs per packet: one UDP flow in
+   bursts of 200 frames (~8 kpps here, nothing lost: the test checks), the gateways' threads' run time
+   on their core (schedstat of the segment interfaces' NAPI threads and that core's ksoftirqd) over
+   the packets delivered -- a figure the scheduler can't skew as it skews a saturated rate; cases interleaved (their order turning each round), ROUNDS rounds, medians; the ratios are the
    median of each round's own ratio (this VM drifts between rounds more than the cases differ).
    In bulkhead's case, one more UDP run with BPF run-time statistics on (BPF_ENABLE_STATS, system-wide for about a second,
    off again when its fd closes; never during a measured rate) gives each program's ns per packet
    on the live path, bulkhead_transit_in's included; the floor of that accounting is an empty
    program's under the same statistics (test runs in the same window), subtracted.
 
-Knobs: BH_TRANSIT_ROUNDS=5, BH_TRANSIT_FRAMES=15000000 (frames per UDP measurement), BH_TRANSIT_TCP_S=3.
+Knobs: BH_TRANSIT_ROUNDS=5, BH_TRANSIT_FRAMES=15000000 (frames per UDP measurement), BH_TRANSIT_TCP_S=3,
+BH_TRANSIT_PACED_S=3.
 Writes build/bench-transit.md; the headline figures go to make bench's table (benchmarks/summary.py).
 """
 from __future__ import annotations
@@ -62,6 +66,7 @@ TABLE_FILE = ROOT / "build" / "bench-transit.md"
 ROUNDS = int(os.environ.get("BH_TRANSIT_ROUNDS", "5"))
 FRAMES = int(os.environ.get("BH_TRANSIT_FRAMES", "15000000"))
 TCP_S = float(os.environ.get("BH_TRANSIT_TCP_S", "3"))
+PACED_S = float(os.environ.get("BH_TRANSIT_PACED_S", "3"))
 STATS_FRAMES = 3_000_000
 SINGLE_RUNS = 2001
 B = "fabric transit"
@@ -327,6 +332,9 @@ def one_round(lab, dp, tc_empty, res: dict, i: int) -> None:
             lab.udp(1000)
             res.setdefault(case, {}).setdefault("udp", []).append(lab.udp(FRAMES))
             res[case].setdefault("tcp", []).append(lab.tcp(TCP_S))
+            paced = lab.udp_paced(PACED_S)
+            assert paced["received"] == paced["sent"], f"{case}: the paced flow lost frames: {paced}"
+            res[case].setdefault("paced", []).append(paced)
             if case == "bulkhead":
                 ev1 = {gw: a.status()["events"] for gw, a in lab.agents.items()}
                 got = res[case]["udp"][-1]["received"]
@@ -374,6 +382,12 @@ def test_transit_live(benchmark, fab_dp, tc_empty):
     st = {k: statistics.median(s[k] for s in res["_stats"]) for k in res["_stats"][0]}
     ns = lambda mpps: 1e3 / mpps  # ns per packet on the gateways' core
     extra = {c: ns(u["bulkhead"]) - ns(u[c]) for c in CASES[:2]}
+    cpu = {c: med(res, c, "paced", "ns_per_pkt") for c in CASES}
+
+    def cpu_extra(c: str) -> float:
+        return statistics.median(b["ns_per_pkt"] - x["ns_per_pkt"]
+                                 for b, x in zip(res["bulkhead"]["paced"], res[c]["paced"]))
+
     a_live = st["xdp_a"] - st["floor_xdp"] + st["tc_a"] - st["floor_tc"]
     b_live = st["transit_in_b"] - st["floor_tc"]
 
@@ -389,6 +403,12 @@ def test_transit_live(benchmark, fab_dp, tc_empty):
         lines.append(f"| {c} | {u[c]:.3f} | {ns(u[c]):,.0f} | {offered[c]:.2f} | {g[c]:.2f} | "
                      f"{paired(res, c, 'udp', 'mpps'):.2f}x | {paired(res, c, 'tcp', 'gbps'):.2f}x | {each_u} | {each_g} |")
     lines.append("(bulkhead / this: the median over rounds of the two figures' ratio in the same round)")
+    lines += ["", "CPU of the two-gateway path per packet (paced UDP, no loss; the gateways' threads on their core)", "",
+              "| case | ns per packet | kpps offered | bulkhead - this, ns (paired) | each round, ns |",
+              "|---|---:|---:|---:|---|"]
+    for c in CASES:
+        each = ", ".join(f"{r['ns_per_pkt']:,.0f}" for r in res[c]["paced"])
+        lines.append(f"| {c} | {cpu[c]:,.0f} | {med(res, c, 'paced', 'kpps'):.1f} | {cpu_extra(c):+,.0f} | {each} |")
     lines += ["", f"agents' start (both, side by side): {statistics.median(res['_start_s']):.1f} s (median)",
               "",
               "Live ns per packet of bulkhead's programs (BPF run-time statistics, one UDP run of "
@@ -409,6 +429,12 @@ def test_transit_live(benchmark, fab_dp, tc_empty):
          "tunnel at gwa, judge by the carried identity at gwb)", ours=a_live + b_live, unit="ns", want=WANT,
          met=None, note=(f"BPF run-time statistics minus an empty program's: gwa bulkhead_xdp + bulkhead_tc "
                          f"{a_live:.0f} ns, gwb bulkhead_transit_in {b_live:.0f} ns"))
+    for c, why in (("vxlan", "plain kernel VXLAN, no bulkhead"),
+                   ("vxlan+xdp_pass", "plain VXLAN + bare XDP_PASS on the segment interfaces")):
+        goal(B, "CPU per packet of the whole path gwa -> gwb (kernel + bulkhead, both gateways), paced UDP, no loss",
+             ours=cpu["bulkhead"], unit="ns", baseline=cpu[c], baseline_is=why,
+             ratio=paired(res, c, "paced", "ns_per_pkt"), ratio_is="median of paired rounds", want=WANT, met=None,
+             note=f"{cpu_extra(c):+,.0f} ns per packet with bulkhead (median of paired rounds)")
     for c, why in (("vxlan", "plain kernel VXLAN, no bulkhead"),
                    ("vxlan+xdp_pass", "plain VXLAN + bare XDP_PASS on the segment interfaces")):
         goal(B, "UDP packet rate across gwa -> gwb, one flow, 60-byte frames", ours=u["bulkhead"], unit="Mpps",

@@ -25,6 +25,8 @@ Traffic:
         everything else, ARP included, passes). The generator runs on GEN_CPU; the receive NAPI
         of bh-cli and bh-srv is threaded and pinned to GW_CPU, so both gateways' work (and the
         bridge's) runs on that one core, in every case alike.
+  paced the same flow in bursts of 200 frames (under the veth's 256-frame ring), ~8 kpps: nothing
+        lost; the CPU time of the gateways' threads on GW_CPU (schedstat) per packet delivered.
   tcp   one TCP connection, a Python bulk sender in a-cli (sendall of 256 KiB buffers) to a
         Python sink in b-srv (recv_into 1 MiB), both on GEN_CPU; Gbit/s the sink received.
 
@@ -449,6 +451,82 @@ class TransitLab:
         got = self.rx_total() - before
         return {"sent": frames, "received": got, "secs": out["secs"], "gen_mpps": frames / out["secs"] / 1e6,
                 "mpps": got / out["secs"] / 1e6}
+
+    def gw_threads(self) -> list[int]:
+        """The threads that do the gateways' receive work on GW_CPU: the NAPI threads of the segment
+        interfaces (and what they raise: the bridge, the other gateway, the counter) and ksoftirqd
+        of GW_CPU (softirq work deferred out of them)."""
+        want = tuple(f"napi/{dev}-" for dev in SEG_IF.values())
+        out = []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm.startswith(want) or comm == f"ksoftirqd/{GW_CPU}":
+                out.append(int(pid))
+        return out
+
+    @staticmethod
+    def cpu_ns(pids: list[int]) -> int:
+        """ns these threads have run (schedstat's first field), summed."""
+        total = 0
+        for pid in pids:
+            try:
+                total += int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
+    def udp_paced(self, secs: float, burst: int = 200, period: float = 0.005) -> dict:
+        """One UDP flow in bursts of `burst` frames (under the veth's 256-frame ring), at most one per
+        `period` (a live-frames call itself takes ~20 ms here: its setup), for `secs`: far below
+        what the path forwards, so nothing queues past the first ring and nothing is dropped. What
+        b-srv counted, and the CPU time the gateways' threads on GW_CPU spent: ns of the whole
+        two-gateway path per packet, however the scheduler shares that core."""
+        cfg = self.gen_bpf["lr_cfg"]
+        v = cfg.Leaf()
+        f = self.udp_frame(self.dst())
+        C.memmove(C.addressof(v.frame), f, len(f))
+        v.vary = 0
+        cfg[C.c_int(0)] = v
+        self.pin_gateway_cpu()
+        out = {}
+
+        def gen():
+            os.sched_setaffinity(0, {GEN_CPU})
+            buf = C.create_string_buffer(60)
+            ctx = libbpf.XdpMd(data=0, data_end=60, ingress_ifindex=self.ifindex_eth0)
+            opts = libbpf.TestRunOpts()
+            opts.sz = C.sizeof(opts)
+            opts.data_in = C.cast(buf, C.c_void_p)
+            opts.data_size_in = 60
+            opts.ctx_in = C.cast(C.pointer(ctx), C.c_void_p)
+            opts.ctx_size_in = C.sizeof(ctx)
+            opts.flags = BPF_F_TEST_XDP_LIVE_FRAMES
+            opts.batch_size = 64
+            opts.repeat = burst
+            sent, t0 = 0, time.monotonic()
+            nxt = t0
+            while nxt - t0 < secs:
+                rc = libbpf.lib().bpf_prog_test_run_opts(self.fn["lr_gen"].fd, C.byref(opts))
+                if rc < 0:
+                    raise OSError(-rc, f"BPF_PROG_RUN live frames: {os.strerror(-rc)}")
+                sent += burst
+                nxt += period
+                time.sleep(max(0.0, nxt - time.monotonic()))
+                nxt = max(nxt, time.monotonic())
+            out["sent"], out["secs"] = sent, time.monotonic() - t0
+
+        threads = self.gw_threads()
+        before, c0 = self.rx_total(), self.cpu_ns(threads)
+        in_netns(self.ns("a-cli"), gen)
+        time.sleep(0.05)
+        got, cpu = self.rx_total() - before, self.cpu_ns(threads) - c0
+        return {"sent": out["sent"], "received": got, "secs": out["secs"], "kpps": got / out["secs"] / 1e3,
+                "cpu_ns": cpu, "ns_per_pkt": cpu / got if got else 0.0, "threads": len(threads)}
 
     def tcp(self, secs: float) -> dict:
         """One TCP connection a-cli -> dst():PORT for `secs`; Gbit/s the sink in b-srv received."""
