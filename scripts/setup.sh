@@ -132,6 +132,8 @@ USEFUL=(bpfcc-tools ethtool conntrack python3-dev curl openssl socat tcpdump ipu
 # The fleet's store: the tests, the demo and the benchmark run their own etcd (agent/lab/etcd.py);
 # the package's system service is never started here (there is no systemd in CI either).
 USEFUL+=(etcd-server etcd-client)
+# WireGuard under the transit (docs/fabric.md "Encryption between gateways"): `wg` sets keys and peers.
+USEFUL+=(wireguard-tools)
 
 # libbpf: bulkhead calls bpf_prog_test_run_opts from libbpf.so.1 through ctypes. libbpf1
 # is in Debian 12 and Ubuntu 23.04+; Ubuntu 22.04 only has libbpf0 (0.5, too old for

@@ -5,9 +5,22 @@ Exit codes as everywhere: 0 ok, 2 bad input (an invalid policy).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
+
+
+def _wireguard_key(ctx, param, value):
+    """`agent run --wireguard-key FILE`: handed to the agent (daemon.agent) as an absolute path."""
+    os.environ["BULKHEAD_WIREGUARD_KEY"] = os.path.abspath(value) if value else ""
+    return value
+
+
+wireguard_key_option = click.option(
+    "--wireguard-key", metavar="FILE", envvar="BULKHEAD_WIREGUARD_KEY", expose_value=False, callback=_wireguard_key,
+    help="This gateway's WireGuard private key (base64, mode 0600), for a policy whose gateways have wireguard: "
+         "(docs/fabric.md \"Encryption between gateways\"). Also $BULKHEAD_WIREGUARD_KEY.")
 
 
 @click.group()

@@ -13,7 +13,7 @@ import time
 
 import click
 
-from bulkhead.cli import render
+from bulkhead.cli import fabric, fleet, render  # fabric, fleet: the groups, each in its own module
 from bulkhead.core import wire
 from bulkhead.core.names import VERDICTS
 from bulkhead.datapath.loader import DEFAULT_STATE_DIR
@@ -216,6 +216,7 @@ def agent() -> None:
               help="Flow events the agent keeps for `bulkhead flows` (older ones are dropped, counted).")
 @click.option("--verifier-procs", default=1, show_default=True, type=click.IntRange(1, 64), metavar="N",
               envvar="BULKHEAD_VERIFIER_PROCS", help="L7 verifier processes (SO_REUSEPORT on one port).")
+@fabric.wireguard_key_option
 def agent_run(policy_files, etcd, gateway, trust, etcd_wait, state_dir, metrics_addr, xdp_mode, map_sizes,
               events_keep, verifier_procs) -> None:
     """Run the agent in the foreground.
@@ -591,7 +592,6 @@ def top(state_dir: str, interval: float, once: bool, as_json: bool, rows: int) -
         _fail(f"control socket: {e}")
 
 
-from bulkhead.cli import fabric, fleet  # noqa: E402  (the groups, each in its own module)
 main.add_command(fleet.fleet)
 main.add_command(fabric.fabric)
 

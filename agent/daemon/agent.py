@@ -24,7 +24,7 @@ from bulkhead.core.names import CLOCK_MONOTONIC_COARSE, VERDICTS, proto_name
 from bulkhead.daemon.l7records import L7Records
 from bulkhead.daemon.state import prog_name, read_state, write_state, xdp_prog_ids
 from bulkhead.telemetry import flowlog
-from bulkhead.datapath import abi, loader, transit
+from bulkhead.datapath import abi, loader, transit, wireguard
 from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.agent")
@@ -89,6 +89,9 @@ class Agent:
         self.gateway = gateway
         # The transit of the applied policy: transit.plan() + "device", "ifindex"; None without.
         self.transit: dict | None = None
+        # WireGuard (--wireguard-key FILE, read when a policy encrypts the transit); the applied plan
+        self.wireguard_key: str | None = os.environ.get("BULKHEAD_WIREGUARD_KEY") or None
+        self.wireguard: dict | None = None
 
     def mine(self, bundle: Bundle) -> Bundle:
         """What this agent enforces of a whole policy: with a gateway name, that gateway's part
@@ -299,8 +302,9 @@ class Agent:
                 if bundle.transit and plan is None:
                     log.warning("the policy has transit but this agent runs as no gateway of it (--gateway NAME): "
                                 "it enforces every segment as its own and sends nothing through the transit")
+                wg_plan = wireguard.plan(bundle, self.gateway) if port else None
                 self.plumbing.apply(bundle, ifindexes, self.verifier.port if self.verifier else None,
-                                    transit_port=port)
+                                    transit_port=port, wg=(wg_plan, self.wireguard_key))
                 ifindex = self.plumbing.transit_ifindex if port else 0
                 if port:
                     self.dp.attach_tc(self.plumbing.transit_device, loader.TRANSIT_PROG)
@@ -355,6 +359,7 @@ class Agent:
             for ifname, info in self.interfaces.items():
                 info["segment"] = seg_of[ifname]
             self.bundle = bundle
+            self.wireguard = wg_plan
             self.transit = None if plan is None else {
                 **plan, "device": self.plumbing.transit_device if port else None, "ifindex": ifindex}
             self.checksum = bundle.checksum  # computed once: costly for 100k-rule bundles
@@ -385,7 +390,8 @@ class Agent:
         old = self.transit
         port = old["port"] if old and old["device"] else None
         self.plumbing.apply(self.bundle, resolve_ifindexes(self.bundle),
-                            self.verifier.port if self.verifier else None, transit_port=port)
+                            self.verifier.port if self.verifier else None, transit_port=port,
+                            wg=(self.wireguard, self.wireguard_key))
         if port:
             self.dp.attach_tc(self.plumbing.transit_device, loader.TRANSIT_PROG)
             if self.plumbing.transit_ifindex != old["ifindex"]:
@@ -469,7 +475,8 @@ class Agent:
             dev = transit.device(t["device"])
             ifindex = dev["ifindex"] if dev and dev.get("kind") == "vxlan" else 0
         return {"device": t["device"], "ifindex": ifindex, "port": t["port"], "address": t["address"],
-                "gateway": t["gateway"], "gateway_id": t["gateway_id"], "peers": dict(t["peers"])}
+                "gateway": t["gateway"], "gateway_id": t["gateway_id"], "peers": dict(t["peers"]),
+                "wireguard": self._safe(lambda: wireguard.status(self.wireguard, self.instance), None)}
 
     @staticmethod
     def _safe(fn, default):

@@ -456,7 +456,7 @@ class Plumbing:
 
     # ---------------------------------------------------------------- apply
     def apply(self, bundle, ifindexes: dict[str, int], verifier_port: int | None = None,
-              transit_port: int | None = None) -> None:
+              transit_port: int | None = None, wg: tuple = (None, None)) -> None:
         """Make the plumbing match `bundle`'s segments (and steer to a verifier on `verifier_port`,
         the transit device on UDP `transit_port`: self.transit_ifindex, if given). Idempotent."""
         segments = []  # (segment id, [ifname], {ifindex})
@@ -480,7 +480,7 @@ class Plumbing:
         rec["nft_table"] = self.table
 
         # 0. The transit device, before the sysctls: its rp_filter is one of them.
-        self.transit_ifindex = transit.sync(rec, self.transit_device, transit_port, lambda r: _save(self.record_path, r))
+        self.transit_ifindex = transit.sync(rec, self.transit_device, transit_port, lambda r: _save(self.record_path, r), wg)
 
         # 1. Sysctls: record the old value before the first change, then set.
         want_rp = {rp_filter_path(n): "2" for _, names, _ in segments for n in names}

@@ -19,6 +19,8 @@ import errno
 import ipaddress
 import logging
 
+from bulkhead.datapath import wireguard
+
 log = logging.getLogger("bulkhead.plumbing")
 
 DEVICE_PREFIX = "bhvx-"
@@ -152,11 +154,16 @@ def remove(name: str) -> bool:
     return True
 
 
-def sync(rec: dict, name: str, port: int | None, save) -> int:
+def sync(rec: dict, name: str, port: int | None, save, wg: tuple = (None, None)) -> int:
     """The plumbing's step for the transit device `name`, recorded in its record `rec` under
     "transit": made (kept, or recreated on another port) when `port` is given, removed when
     not. Recorded (`save(rec)`) before it is created, so a crash in between leaves it known to
-    `bulkhead down`. Returns its ifindex (0: none)."""
+    `bulkhead down`. Returns its ifindex (0: none).
+
+    `wg`: (wireguard plan, private key file) of wireguard.py, or (None, None): the WireGuard
+    device under the transit goes first (made, or removed), and fails closed (WireguardError)."""
+    wireguard.sync(rec, wireguard.device_name(name.removeprefix(DEVICE_PREFIX)), wg[0] if port else None,
+                   wg[1], save)
     if port:
         rec["transit"] = {"device": name, "port": int(port)}
         save(rec)
@@ -171,7 +178,7 @@ def sync(rec: dict, name: str, port: int | None, save) -> int:
 def remove_recorded(rec: dict, name: str | None, sweep: bool) -> list[str]:
     """Remove the transit device a plumbing record names, else `name` (when the record is empty),
     and with `sweep` every transit device of this netns. Returns the errors (never raises)."""
-    errors, names = [], set()
+    errors, names = wireguard.remove_recorded(rec), set()
     if rec.get("transit"):
         names.add(rec["transit"].get("device") or name)
     elif not rec and name:

@@ -163,6 +163,10 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
     if policy.transit:
         transit = {"port": policy.fabric.transit_port if policy.fabric is not None else TRANSIT_PORT_DEFAULT,
                    "gateways": {g.name: str(g.transit) for g in policy.gateways if g.transit is not None}}
+        wg = {g.name: {"public_key": g.wireguard["public_key"], "endpoint": g.wireguard["endpoint"]}
+              for g in policy.gateways if g.transit is not None and g.wireguard is not None}
+        if wg:  # only then: a bundle without it keeps its bytes and checksum
+            transit["wireguard"] = wg
         fab_entries += transit_fab_entries(policy, seg_ids, app_ids)
 
     return Bundle(

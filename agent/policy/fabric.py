@@ -16,6 +16,8 @@ reference is docs/fabric.md.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from typing import Any, Optional
 
@@ -28,6 +30,7 @@ from bulkhead.policy.schema import (
     MAX_TRANSIT_APPS,
     ROUTE_KEYS,
     TRANSIT_PORT_DEFAULT,
+    WIREGUARD_KEYS,
 )
 
 # The smallest pool worth having, and the largest we enumerate (allocation walks free addresses).
@@ -95,6 +98,51 @@ class FabricChecks:
                 self.error(port_loc, f"fabric: transit_port must be an integer UDP port from 1 to 65535 (default "
                                      f"{TRANSIT_PORT_DEFAULT}), got {type_name(v)}")
         self.fabric = Fabric(pools, upstream, ttl, loc, port, port_loc)
+
+    def gateway_wireguard(self, m: YMap, label: str) -> Optional[dict]:
+        """A gateway's `wireguard: {public_key: BASE64, endpoint: ADDR:PORT}`; reports and returns
+        None when it is not that. {"public_key", "endpoint", "address" (ip_address), "port"}."""
+        w, loc = m["wireguard"], m.loc("wireguard")
+        if not isinstance(w, YMap):
+            self.error(loc, f"{label}: wireguard must be a mapping with keys {', '.join(WIREGUARD_KEYS)}, "
+                            f"got {type_name(w)}")
+            return None
+        self.check_keys(w, WIREGUARD_KEYS, f"{label}: wireguard")
+        ok = True
+        key = self.string(w, "public_key", f"{label}: wireguard")
+        if key is not None:
+            try:
+                raw = base64.b64decode(key, validate=True)
+            except (binascii.Error, ValueError):
+                raw = b""
+            if len(key) != 44 or len(raw) != 32:
+                self.error(w.loc("public_key"), f"{label}: wireguard: public_key must be a WireGuard public "
+                                                "key: 44 characters of base64 (32 bytes), as `wg pubkey` "
+                                                "prints it")
+                ok = False
+        else:
+            ok = False
+        ep = self.string(w, "endpoint", f"{label}: wireguard")
+        addr = port = None
+        if ep is not None:
+            host, sep, port_text = ep.rpartition(":")
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            try:
+                addr = ipaddress.ip_address(host) if sep else None
+                port = int(port_text) if port_text.isdigit() else None
+            except ValueError:
+                addr = None
+            if addr is None or port is None or not 1 <= port <= 65535:
+                self.error(w.loc("endpoint"), f"{label}: wireguard: endpoint must be ADDRESS:PORT (IPv6: "
+                                              f"[ADDRESS]:PORT), the gateway's underlay address and "
+                                              f"WireGuard listen port, got {ep!r}")
+                ok = False
+        else:
+            ok = False
+        if not ok:
+            return None
+        text = f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+        return {"public_key": key, "endpoint": text, "address": addr, "port": port}
 
     def host_address(self, text: str, loc: Loc, label: str):
         """One address (not a network); reports and returns None otherwise."""
@@ -296,6 +344,7 @@ class FabricChecks:
                                              "gateways `transit: ADDRESS` (the address other gateways reach "
                                              "each at), or leave transit_port out")
         if not with_transit:
+            self.check_wireguard(with_transit)
             return
         first = with_transit[0]
         seen: dict[Any, Any] = {}
@@ -321,10 +370,42 @@ class FabricChecks:
                         self.error(g.transit_loc, f"{label} is inside app {app.name}'s address {addr} "
                                                   f"({addr.loc}): the transit address is the gateway's own, "
                                                   "no app's")
+        self.check_wireguard(with_transit)
         if len(self.apps) > MAX_TRANSIT_APPS:
             app = list(self.apps.values())[MAX_TRANSIT_APPS]
             self.error(app.loc, f"app {app.name}: too many apps for the transit (at most {MAX_TRANSIT_APPS}: "
                                 "an app id travels between gateways as the 16-bit VXLAN group id)")
+
+    def check_wireguard(self, with_transit) -> None:
+        """`wireguard:` on every gateway with transit or on none; endpoints distinct."""
+        for g in self.gateways.values():
+            if g.wireguard_loc is not None and g.transit is None:
+                self.error(g.wireguard_loc, f"gateway {g.name}: wireguard needs transit: the transit address "
+                                            "is what lives on the WireGuard interface")
+        wg = [g for g in with_transit if g.wireguard_loc is not None]
+        if wg and len(wg) != len(with_transit):
+            missing = ", ".join(g.name for g in with_transit if g.wireguard_loc is None)
+            self.error(wg[0].wireguard_loc, f"gateway {wg[0].name}: wireguard is on some gateways with transit "
+                                            f"but not on {missing}: encrypt the transit between every gateway "
+                                            "or none (give each `wireguard: {public_key, endpoint}`)")
+        seen: dict[str, Any] = {}
+        keys: dict[str, Any] = {}
+        for g in wg:
+            w = g.wireguard
+            if w is None:
+                continue
+            if w["endpoint"] in seen:
+                self.error(g.wireguard_loc, f"gateway {g.name}: wireguard endpoint {w['endpoint']} is already "
+                                            f"gateway {seen[w['endpoint']].name}'s: each gateway has its own")
+            seen.setdefault(w["endpoint"], g)
+            if w["public_key"] in keys:
+                self.error(g.wireguard_loc, f"gateway {g.name}: wireguard public_key is already gateway "
+                                            f"{keys[w['public_key']].name}'s: each gateway has its own key")
+            keys.setdefault(w["public_key"], g)
+            if g.transit is not None and w["address"] == g.transit:
+                self.error(g.wireguard_loc, f"gateway {g.name}: wireguard endpoint {w['endpoint']} is its "
+                                            "transit address: the endpoint is the underlay address, the "
+                                            "transit address lives on the WireGuard interface")
 
     def check_router_gateways(self) -> None:
         """Not yet: a router's verifier runs on its client's gateway and connects to the backend from

@@ -131,6 +131,9 @@ class Gateway:
     loc: Loc
     transit: Any = None  # ip_address: where other gateways reach this one (VXLAN underlay); None = no transit
     transit_loc: Optional[Loc] = None
+    # `wireguard:` {"public_key": base64, "endpoint": "ADDR:PORT"}; None = the transit unencrypted
+    wireguard: Optional[dict] = None
+    wireguard_loc: Optional[Loc] = None
 
 
 @dataclasses.dataclass

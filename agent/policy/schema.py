@@ -14,7 +14,10 @@ HTTP_SETTINGS_KEYS = ("via", "x_forwarded_for", "max_header_bytes", "header_time
 MAX_HEADER_BYTES = (1024, 1048576)
 TIMEOUT_MAX = {"header_timeout": 3600, "idle_timeout": 86400}
 # `transit:` (docs/fabric.md): the address other gateways reach this one at (VXLAN underlay)
-GATEWAY_KEYS = ("name", "transit")
+GATEWAY_KEYS = ("name", "transit", "wireguard")
+# `wireguard:` (docs/fabric.md "Encryption between gateways"): the transit address lives on the
+# gateway's WireGuard interface, reached at `endpoint` (underlay ADDR:PORT)
+WIREGUARD_KEYS = ("public_key", "endpoint")
 SEGMENT_KEYS = ("name", "interfaces", "gateway", "dns")
 APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls", "publish", "routes")
 TLS_KEYS = ("cert", "key", "ca")

@@ -320,8 +320,10 @@ class _Builder(CrossChecks, FabricChecks):
                 else:
                     self.error(m.loc("transit"), f"{label}: transit must be one IPv4 or IPv6 address (the "
                                                  f"address other gateways reach it at), got {type_name(v)}")
+            wg = self.gateway_wireguard(m, label) if "wireguard" in m else None
             if name is not None:
-                self.gateways[name] = Gateway(name, m.loc(), transit, m.loc("transit") if "transit" in m else None)
+                self.gateways[name] = Gateway(name, m.loc(), transit, m.loc("transit") if "transit" in m else None,
+                                              wg, m.loc("wireguard") if "wireguard" in m else None)
 
     def add_segment(self, m: YMap, index: int) -> None:
         name, label = self.name(m, "segment", index, self.segments)

@@ -173,4 +173,5 @@ def test_transit_status_from_the_applied_plan(bundle, tmp_path, monkeypatch):
     a.transit = {**transit.plan(bundle, "gw-east"), "device": "bhvx-x", "ifindex": 7}
     monkeypatch.setattr(transit, "device", lambda name: {"kind": "vxlan", "ifindex": 8} if name == "bhvx-x" else None)
     assert a.transit_status() == {"device": "bhvx-x", "ifindex": 8, "port": 8472, "address": "198.18.100.1",
-                                  "gateway": "gw-east", "gateway_id": 1, "peers": {"gw-west": "198.18.100.2"}}
+                                  "gateway": "gw-east", "gateway_id": 1, "peers": {"gw-west": "198.18.100.2"},
+                                  "wireguard": None}
