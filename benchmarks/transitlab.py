@@ -50,6 +50,7 @@ from pathlib import Path
 import yaml
 from bulkhead.datapath import libbpf, loader
 from bulkhead.lab.fabriclab import FabricLab, host_addr, reap_stale
+from bulkhead.lab.fabriclab import transit_policy as lab_policy
 from bulkhead.lab.runner import AgentRunner
 from bulkhead.lab.topology import NETNS_DIR, in_netns
 
@@ -129,22 +130,18 @@ s.close()
 def policy() -> dict:
     """One policy for both gateways: web (a-cli, at gwa) -> api (b-srv's address, at gwb, published),
     tcp and udp on PORT; transit between the gateways' underlay addresses."""
-    return {
-        "version": 1,
-        "settings": {"default_action": "deny"},
-        "gateways": [{"name": "gwa", "transit": host_addr("gwa")}, {"name": "gwb", "transit": host_addr("gwb")}],
-        "fabric": {"service_addresses": POOLS, "transit_port": TRANSIT_PORT},
-        "segments": [
+    return lab_policy(
+        segments=[
             {"name": "a-cli", "gateway": "gwa", "interfaces": ["bh-cli"], "dns": [DNS_A]},
             {"name": "b-srv", "gateway": "gwb", "interfaces": ["bh-srv"]},
         ],
-        "apps": [
+        apps=[
             {"name": "web", "segment": "a-cli", "addresses": ["198.18.1.0/24"]},
             {"name": "api", "segment": "b-srv", "addresses": [f"{SERVER}/32"],
              "ports": [f"tcp/{PORT}", f"udp/{PORT}"], "publish": ["api.apps.example"]},
         ],
-        "rules": [{"name": "web-api", "from": "web", "to": "api", "ports": [f"tcp/{PORT}", f"udp/{PORT}"]}],
-    }
+        rules=[{"name": "web-api", "from": "web", "to": "api", "ports": [f"tcp/{PORT}", f"udp/{PORT}"]}],
+        pools=POOLS, transit_port=TRANSIT_PORT)
 
 
 def sh(argv: list[str], check: bool = True, timeout: float = 60) -> str:

@@ -835,6 +835,25 @@ static __always_inline void bh_sni_carry(struct bh_flow *v, const struct bh_flow
 }
 
 /*
+ * Put bulkhead's metadata in front of the packet for bulkhead_tc (TC ingress
+ * reads it; XDP can't set skb->mark). Returns 0, or -1 when the driver can't
+ * carry metadata (generic XDP): each caller says what that means for it.
+ */
+static __always_inline int bh_meta_put(struct xdp_md *ctx, __u32 mark, __u32 flags)
+{
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
+		return -1;
+	void *data = (void *)(long)ctx->data;
+	struct bh_meta *m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 1) > data)
+		return -1;
+	m->magic = BH_META_MAGIC;
+	m->mark = mark;
+	m->flags = flags;
+	return 0;
+}
+
+/*
  * Pass a packet of an L7 flow with the mark that steers it to the verifier
  * (nftables TPROXY on BH_MARK_L7, see agent/datapath/plumbing.py). XDP can't set
  * skb->mark: the mark travels as packet metadata, and bulkhead_tc (TC
@@ -845,15 +864,8 @@ static __always_inline int bh_steer(struct xdp_md *ctx, __u8 reason, __u32 seg, 
 {
 	if (!(ctl_flags & BH_CTL_L7_READY))
 		return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
+	if (bh_meta_put(ctx, BH_MARK_L7 | (seg & 0xffff), 0))
 		return bh_record(BH_R_L7_NO_META, XDP_DROP, len);
-	void *data = (void *)(long)ctx->data;
-	struct bh_meta *m = (void *)(long)ctx->data_meta;
-	if ((void *)(m + 1) > data)
-		return bh_record(BH_R_L7_NO_META, XDP_DROP, len);
-	m->magic = BH_META_MAGIC;
-	m->mark = BH_MARK_L7 | (seg & 0xffff);
-	m->flags = 0;
 	return bh_record(reason, XDP_PASS, len);
 }
 
@@ -871,15 +883,9 @@ static __always_inline int bh_steer(struct xdp_md *ctx, __u8 reason, __u32 seg, 
  */
 static __always_inline int bh_fwd_handoff(struct xdp_md *ctx, __u8 reason, __u32 out_seg, __u32 slot, __u64 len)
 {
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
+	if (bh_meta_put(ctx, BH_MARK_SEG | (out_seg & 0xffff),
+			BH_METAF_FORWARD | (slot ? BH_METAF_SLOT1 : 0) | ((__u32)reason << BH_METAF_REASON_SHIFT)))
 		return bh_record(reason, XDP_PASS, len);
-	void *data = (void *)(long)ctx->data;
-	struct bh_meta *m = (void *)(long)ctx->data_meta;
-	if ((void *)(m + 1) > data)
-		return bh_record(reason, XDP_PASS, len);
-	m->magic = BH_META_MAGIC;
-	m->mark = BH_MARK_SEG | (out_seg & 0xffff);
-	m->flags = BH_METAF_FORWARD | (slot ? BH_METAF_SLOT1 : 0) | ((__u32)reason << BH_METAF_REASON_SHIFT);
 	tails.call(ctx, BH_TAIL_FORWARD);
 	bh_event(BH_EV_FWD_TAIL_MISSED);
 	return bh_record(reason, XDP_PASS, len); /* allowed either way: the stack forwards it, marked */
@@ -936,16 +942,8 @@ static __always_inline __u8 bh_fab_flow(__u32 slot, struct bh_flow *v, const __u
  */
 static __always_inline int bh_fab_handoff(struct xdp_md *ctx, __u8 reason, __u32 out_seg, __u32 slot, __u64 len)
 {
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
-		return bh_record(reason, XDP_PASS, len);
-	void *data = (void *)(long)ctx->data;
-	struct bh_meta *m = (void *)(long)ctx->data_meta;
-	if ((void *)(m + 1) > data)
-		return bh_record(reason, XDP_PASS, len);
-	m->magic = BH_META_MAGIC;
-	m->mark = BH_MARK_SEG | (out_seg & 0xffff);
-	m->flags = BH_METAF_FABRIC | (slot ? BH_METAF_SLOT1 : 0);
-	return bh_record(reason, XDP_PASS, len);
+	bh_meta_put(ctx, BH_MARK_SEG | (out_seg & 0xffff), BH_METAF_FABRIC | (slot ? BH_METAF_SLOT1 : 0));
+	return bh_record(reason, XDP_PASS, len); /* without metadata too: bulkhead_tc looks it up */
 }
 
 /* Apply a verdict: forward, pass, drop, steer to the verifier, or hand the packet to bulkhead_reject. */
@@ -1291,15 +1289,8 @@ static __always_inline int bh_reject_send(struct xdp_md *ctx, __u32 ev, __u64 le
 		bh_event(ev);
 		return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
 	}
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
+	if (bh_meta_put(ctx, 0, BH_METAF_SEND_BACK))
 		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
-	void *data = (void *)(long)ctx->data;
-	struct bh_meta *m = (void *)(long)ctx->data_meta;
-	if ((void *)(m + 1) > data)
-		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
-	m->magic = BH_META_MAGIC;
-	m->mark = 0;
-	m->flags = BH_METAF_SEND_BACK;
 	bh_event(ev);
 	return bh_record(BH_R_REJECT_RULE, XDP_PASS, len);
 }

@@ -28,12 +28,11 @@ from pathlib import Path
 import yaml
 
 from bulkhead.lab.demo import run_demo, verdict
-from bulkhead.lab.fabriclab import GATEWAYS, FabricLab, host_addr, reap_stale
+from bulkhead.lab.fabriclab import GATEWAYS, POOLS, TRANSIT_PORT, FabricLab, host_addr, reap_stale
+from bulkhead.lab.fabriclab import transit_policy as lab_policy
 from bulkhead.lab.runner import START_TIMEOUT, AgentRunner
 
 PORT = 8080
-TRANSIT_PORT = 4789
-POOLS = ["198.19.255.0/24", "fd00:ff::/120"]
 DNS_A = ("198.18.1.1", "fd00:1::1")  # gwa's DNS in segment a-cli (its addresses on bh-cli)
 DNS_B = ("198.19.9.1", "fd00:99::1")  # gwb's DNS in segment b-cli
 NAME = "api.apps.example"
@@ -43,24 +42,20 @@ FORGED = 3  # frames the rogue host sends
 def fabric_policy() -> dict:
     """One policy for both gateways: web (a-cli, at gwa) may reach api (b-srv, at gwb) on
     tcp/8080 by its published name; partner (b-cli, at gwb) has no rule to it."""
-    return {
-        "version": 1,
-        "settings": {"default_action": "deny"},
-        "gateways": [{"name": "gwa", "transit": host_addr("gwa")}, {"name": "gwb", "transit": host_addr("gwb")}],
-        "fabric": {"service_addresses": POOLS, "transit_port": TRANSIT_PORT},
-        "segments": [
+    return lab_policy(
+        segments=[
             {"name": "a-cli", "gateway": "gwa", "interfaces": ["bh-cli"], "dns": list(DNS_A)},
             {"name": "b-srv", "gateway": "gwb", "interfaces": ["bh-srv"]},
             {"name": "b-cli", "gateway": "gwb", "interfaces": ["bh-cli"], "dns": list(DNS_B)},
         ],
-        "apps": [
+        apps=[
             {"name": "web", "segment": "a-cli", "addresses": ["198.18.1.0/24", "fd00:1::/64"]},
             {"name": "api", "segment": "b-srv", "addresses": ["198.18.1.20/32", "fd00:1::20/128"],
              "ports": [f"tcp/{PORT}"], "publish": [NAME]},
             {"name": "partner", "segment": "b-cli", "addresses": ["198.19.9.0/24", "fd00:99::/64"]},
         ],
-        "rules": [{"name": "web-api", "from": "web", "to": "api", "ports": [f"tcp/{PORT}"]}],
-    }
+        rules=[{"name": "web-api", "from": "web", "to": "api", "ports": [f"tcp/{PORT}"]}],
+    )
 
 
 class Demo:

@@ -69,6 +69,25 @@ def host_addr(role: str, family: int = 4) -> str:
     return next(a.split("/")[0] for a in HOSTS[role][3] if (":" in a) == (family == 6))
 
 
+TRANSIT_PORT = 4789  # the lab's VXLAN port (the policy's default)
+POOLS = ["198.19.255.0/24", "fd00:ff::/120"]  # the lab's service-address pools
+
+
+def transit_policy(segments: list[dict], apps: list[dict], rules: list[dict], pools: list[str] = POOLS,
+                   transit_port: int = TRANSIT_PORT) -> dict:
+    """A policy document for both gateways of the lab: gwa and gwb with their underlay addresses
+    as transit addresses, the fabric's pools and port, default deny, and what the caller adds."""
+    return {
+        "version": 1,
+        "settings": {"default_action": "deny"},
+        "gateways": [{"name": gw, "transit": host_addr(gw)} for gw in GATEWAYS],
+        "fabric": {"service_addresses": list(pools), "transit_port": transit_port},
+        "segments": segments,
+        "apps": apps,
+        "rules": rules,
+    }
+
+
 class FabricLab(Lab):
     def __init__(self):
         self.prefix = f"bhfab{os.getpid()}x{next(_counter)}"

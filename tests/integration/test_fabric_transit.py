@@ -23,41 +23,33 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import RCODE, DNSRecord
 
-from bulkhead.lab.fabriclab import FabricLab, host_addr, reap_stale
+from bulkhead.lab.fabriclab import TRANSIT_PORT, FabricLab, host_addr, reap_stale
+from bulkhead.lab.fabriclab import transit_policy as lab_policy
 from bulkhead.lab.runner import AgentRunner
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
 PORT = 8080
-TRANSIT_PORT = 4789
-POOLS = ["198.19.255.0/24", "fd00:ff::/120"]
 DNS_A = ("198.18.1.1", "fd00:1::1")
 DNS_B = ("198.19.9.1", "fd00:99::1")
 
 
 def transit_policy() -> dict:
-    return {
-        "version": 1,
-        "settings": {"default_action": "deny"},
-        "gateways": [{"name": "gwa", "transit": host_addr("gwa")}, {"name": "gwb", "transit": host_addr("gwb")}],
-        "fabric": {"service_addresses": POOLS, "transit_port": TRANSIT_PORT},
-        "segments": [
+    return lab_policy(
+        segments=[
             {"name": "a-cli", "gateway": "gwa", "interfaces": ["bh-cli"], "dns": list(DNS_A)},
             {"name": "a-srv", "gateway": "gwa", "interfaces": ["bh-srv"]},
             {"name": "b-srv", "gateway": "gwb", "interfaces": ["bh-srv"]},
             {"name": "b-cli", "gateway": "gwb", "interfaces": ["bh-cli"], "dns": list(DNS_B)},
         ],
-        "apps": [
+        apps=[
             {"name": "web", "segment": "a-cli", "addresses": ["198.18.1.0/24", "fd00:1::/64"]},
             {"name": "local", "segment": "a-srv", "addresses": ["198.19.0.10/32", "fd00:19::10/128"],
              "ports": [f"tcp/{PORT}"], "publish": ["local.apps.example"]},
@@ -65,11 +57,11 @@ def transit_policy() -> dict:
              "ports": [f"tcp/{PORT}"], "publish": ["api.apps.example"]},
             {"name": "partner", "segment": "b-cli", "addresses": ["198.19.9.0/24", "fd00:99::/64"]},
         ],
-        "rules": [
+        rules=[
             {"name": "web-api", "from": "web", "to": "api", "ports": [f"tcp/{PORT}"]},
             {"name": "web-local", "from": "web", "to": "local", "ports": [f"tcp/{PORT}"]},
         ],
-    }
+    )
 
 
 class Fabric:
@@ -184,22 +176,7 @@ def _seg_id(name: str) -> int:
 def _forge(fabric: Fabric, role: str, src: str, vni: int, gbp: int, sport: int) -> None:
     """A VXLAN-GBP packet to gwb's transit address, sent from `role` with outer source `src`:
     a TCP SYN from a-cli's address to api's, carrying app id `gbp` into segment `vni`."""
-    code = (
-        "import sys\n"
-        "from scapy.all import Ether, IP, TCP, UDP, sendp, conf\n"
-        "from scapy.layers.vxlan import VXLAN\n"
-        "src, dst, mac = sys.argv[1:4]\n"
-        "vni, gbp, sport, dport, tport = map(int, sys.argv[4:9])\n"
-        "inner = Ether(src='02:00:00:00:00:66', dst='02:00:00:00:00:01')/IP(src='198.18.1.10', dst='198.18.1.20')/TCP(sport=sport, dport=dport, flags='S')\n"
-        "p = Ether(dst=mac)/IP(src=src, dst=dst)/UDP(sport=40000, dport=tport)/"
-        "VXLAN(flags='G+Instance', gpid=gbp, vni=vni)/inner\n"
-        "sendp(p, iface='bh-under', count=3, verbose=False)\n")
-    link = subprocess.run(["ip", "-n", fabric.lab.ns["gwb"], "-j", "link", "show", "bh-under"], check=True,
-                          capture_output=True, text=True).stdout
-    mac = json.loads(link)[0]["address"]
-    subprocess.run(fabric.lab.cmd(role, [sys.executable, "-c", code, src, host_addr("gwb"), mac, str(vni), str(gbp),
-                                         str(sport), str(PORT), str(TRANSIT_PORT)]),
-                   check=True, capture_output=True, timeout=60)
+    fabric.lab.forge_transit(role, src, "gwb", vni, gbp, PORT, TRANSIT_PORT, sport=sport)
 
 
 def _wait_counter(fabric: Fabric, gw: str, name: str, above: int, timeout: float = 5.0) -> int:
@@ -293,3 +270,4 @@ def test_flow_log_at_both_gateways_names_the_apps_the_other_gateway_and_the_serv
     assert p.returncode == 0, p.stderr
     server = f"{vip}:{PORT}" if family == 4 else f"[{vip}]:{PORT}"
     assert f"-> {server} (api {real}) via gwb" in p.stdout, p.stdout
+
