@@ -271,3 +271,25 @@ def test_flow_log_at_both_gateways_names_the_apps_the_other_gateway_and_the_serv
     server = f"{vip}:{PORT}" if family == 4 else f"[{vip}]:{PORT}"
     assert f"-> {server} (api {real}) via gwb" in p.stdout, p.stdout
 
+
+def test_an_established_flow_across_survives_both_agents_restarting(fabric):
+    """Enforcement lives in the kernel: a connection opened through both gateways keeps working
+    while both agents are stopped and started again (pins, flow entries, the transit device kept;
+    the device is not made again)."""
+    vip = fabric.vip("api.apps.example")
+    before = {gw: fabric.agents[gw].status()["transit"]["ifindex"] for gw in ("gwa", "gwb")}
+    s = fabric.lab.socket("a-cli", socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((vip, PORT))  # handshake through both gateways; the server waits for data
+        for gw in ("gwa", "gwb"):
+            fabric.agents[gw].stop()
+        s.sendall(b"while-down")  # no agent anywhere: the kernel alone carries it
+        assert s.recv(4096) == f"b-srv {host_addr('a-cli')}: while-down".encode()
+    finally:
+        s.close()
+    for gw in ("gwa", "gwb"):
+        fabric.agents[gw].start(fabric.policy, args=("--gateway", gw, "--metrics", "off"))
+    assert {gw: fabric.agents[gw].status()["transit"]["ifindex"] for gw in ("gwa", "gwb")} == before
+    r = fabric.lab.tcp_echo("a-cli", vip, PORT, b"after")
+    assert r.ok and r.reply == f"b-srv {host_addr('a-cli')}: after", r
