@@ -3,10 +3,8 @@
 - Where the kernel has no wireguard module (this may be such a host): the two gateways run a
   policy with plain transit; applying the same policy with `wireguard:` on gwa fails with the
   module-missing error, and a-cli still reaches api across (the running policy stays).
-- Where it has the module (the VM of `make vm-test`): the gateways' transit addresses live on their
-  WireGuard devices, reached at their underlay addresses; a-cli reaches api across, and on gwa's
-  bh-under there is UDP to the WireGuard port and no VXLAN (udp port 4789) in the clear.
-Not in the VM's default selection (the lead decides).
+- Where it has the module: tests/vm/test_wireguard.py (run in the VM of `make vm-test`) sends real
+  traffic over it, with this file's lab and helpers.
 """
 from __future__ import annotations
 
@@ -93,39 +91,3 @@ def test_without_the_module_an_encrypted_policy_is_refused_and_the_running_one_s
     r = fab.lab.tcp_echo("a-cli", vip, PORT, b"after")
     assert r.ok and r.reply.endswith("after"), r
     assert agents["gwa"].status()["transit"]["wireguard"] is None
-
-
-# NOT COLLECTED YET (no `test_` prefix): written for a kernel with the wireguard module (the Debian 6.1
-# VM), never run so far; this host's kernel has none, and make test allows no skips. The next session
-# runs it in the VM, fixes what fails, and makes it a test of the VM selection (issue 15).
-def vm_only_transit_over_wireguard_carries_traffic_and_hides_vxlan(lab_dir):
-    lab, agents, d = lab_dir
-    keys, pubs = {}, {}
-    for gw in ("gwa", "gwb"):
-        keys[gw], pubs[gw] = keypair(d, gw)
-    policy = d / "wg.yaml"
-    policy.write_text(yaml.safe_dump(wireguard_policy(pubs, overlay=True), sort_keys=False))
-    for gw in ("gwa", "gwb"):
-        agents[gw] = AgentRunner(lab.gateway(gw), d / f"state-{gw}")
-        agents[gw].start(policy, args=("--gateway", gw, "--metrics", "off", "--wireguard-key", keys[gw]))
-    fab = Fabric(lab, agents, policy)
-    vip = fab.vip("api.apps.example")
-    cap = d / "under.txt"
-    with open(cap, "w") as out:
-        dump = lab.spawn("gwa", ["tcpdump", "-l", "-n", "-i", UNDER_IF, "udp"], stdout=out,
-                         stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1)  # tcpdump has no readiness signal; it needs a moment to attach
-        r = fab.lab.tcp_echo("a-cli", vip, PORT, b"sealed")
-        assert r.ok and r.reply == f"b-srv {host_addr('a-cli')}: sealed", r
-        time.sleep(0.5)
-    finally:
-        dump.terminate()
-        dump.wait(5)
-    text = cap.read_text()
-    assert f".{WG_PORT}:" in text, text
-    assert ".4789:" not in text and "VXLAN" not in text, text
-    wg = agents["gwa"].status()["transit"]["wireguard"]
-    assert wg["device"].startswith("bhwg-") and wg["listen_port"] == WG_PORT
-    assert wg["peers"]["gwb"]["endpoint"] == f"{host_addr('gwb')}:{WG_PORT}"
-    assert wg["peers"]["gwb"]["latest_handshake"] > 0
