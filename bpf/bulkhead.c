@@ -254,6 +254,42 @@ static __always_inline struct bh_fab_val *bh_fab(__u32 slot, __u32 kind, __u32 i
 }
 
 /*
+ * The client's own address and port of a packet of a source-translated flow
+ * (BH_FLOWX_SNAT) as the server sends it, on the server's segment `seg`
+ * (fab_snat), or NULL.
+ */
+static __always_inline struct bh_snat_val *bh_snat_orig(const struct bh_pkt *p, __u32 seg)
+{
+	struct bh_snat_key k = {};
+
+	__builtin_memcpy(k.saddr, p->saddr, 16);
+	k.sport_be = p->sport_be;
+	k.dport_be = p->dport_be;
+	k.proto = p->proto;
+	k.family = p->family;
+	k.segment_id = seg;
+	return fab_snat.lookup(&k);
+}
+
+/*
+ * As bh_nat_other_key, for a reply (on segment `seg`) to a client whose
+ * source this gateway translated (BH_FLOWX_SNAT): the forward entry has the
+ * client's own address and port. Only hop timing needs it: a flow decided
+ * by server name was decided at the client's gateway.
+ */
+static __always_inline void bh_snat_other_key(struct bh_pkt *p, const struct bh_flow *f, __u32 seg)
+{
+	if (!(f->xflags & BH_FLOWX_SNAT) || !(f->flags & BH_FLOWF_REPLY))
+		return;
+	struct bh_snat_val *o = bh_snat_orig(p, seg);
+	if (o) {
+		__builtin_memcpy(p->daddr, o->addr, 16);
+		__builtin_memcpy(&p->daddr4_be, o->addr + 12, 4);
+		p->dport_be = o->port_be;
+	}
+}
+
+/*
  * A translated flow's two entries are keyed on the two sides of the
  * translation (forward: the service address the client sends to; reply: the
  * real address the app answers from). Turn `p`, parsed as `f`'s own key has
@@ -560,6 +596,8 @@ static __always_inline void bh_fe_emit(void *ctx, __u8 kind, const struct bh_pkt
 	e->flags = (v->flags & (BH_ACTF_AUDIT | BH_FLOWF_NAT | BH_FLOWF_TRANSIT | BH_FLOWF_VIA_VIP)) |
 		   (is_reply ? BH_FLOWF_REPLY : 0);
 	e->tcp_flags = p->tcp_flags;
+	e->xflags = v->xflags;
+	e->snat_port_be = v->snat_port_be;
 	e->sni_len = 0;
 	if (st && (st->flags & BH_SNIF_HAVE_NAME)) {
 		__builtin_memcpy(e->sni, st->name, BH_SNI_LOG_LEN);
@@ -1069,6 +1107,8 @@ int bulkhead_xdp(struct xdp_md *ctx)
 			bh_classify(slot, cfg, client_seg, p.daddr, p.saddr, p.proto, rj_port, v);
 		/* How the flow crosses the fabric is the connection's, not the policy's. */
 		v->flags |= f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT | BH_FLOWF_VIA_VIP);
+		v->xflags = f->xflags;
+		v->snat_port_be = f->snat_port_be;
 		is_reply = 1;
 		__u8 fwd_reason = v->reason;
 		if (bh_reason_xdp(v->reason) == XDP_PASS && v->reason != BH_R_SNI_PENDING) {
@@ -1259,6 +1299,7 @@ int bulkhead_observe(struct xdp_md *ctx)
 			struct bh_flow *f = seg ? bh_flow_get(&p, seg, 0) : NULL;
 			if (f && bh_observe_wanted(f, &p)) {
 				bh_pkt_addrs16(&p);
+				bh_snat_other_key(&p, f, seg);
 				bh_nat_other_key(slot, &p, f); /* its other entry is behind the translation */
 				bh_observe(ctx, &p, f, seg);
 			}
@@ -1991,6 +2032,32 @@ static __always_inline int bh_tc_nat(struct __sk_buff *skb, const struct bh_pkt 
 }
 
 /*
+ * Translate one TCP or UDP port of the packet (dst: the destination, else
+ * the source) to `to`, with the checksum. Other protocols keep theirs (an
+ * ICMP echo its identifier: bh_snat_claim never changes it). Returns 0, or
+ * -1 if the packet could not be written.
+ */
+static __always_inline int bh_tc_port(struct __sk_buff *skb, const struct bh_pkt *p, int dst, __u16 to)
+{
+	__u16 from = dst ? p->dport_be : p->sport_be;
+	__u32 csum_off, flags = 2;
+
+	if (from == to)
+		return 0;
+	if (p->proto == IPPROTO_TCP) {
+		csum_off = p->l4_off + 16;
+	} else if (p->proto == IPPROTO_UDP) {
+		csum_off = p->l4_off + 6;
+		flags |= BPF_F_MARK_MANGLED_0;
+	} else {
+		return 0;
+	}
+	if (bpf_l4_csum_replace(skb, csum_off, from, to, flags))
+		return -1;
+	return bpf_skb_store_bytes(skb, p->l4_off + (dst ? 2 : 0), &to, 2, 0) ? -1 : 0;
+}
+
+/*
  * Send the packet to the gateway of segment `vni` through the transit
  * device: VXLAN with the segment in the VNI and `app`, the identity it
  * carries, in the Group Based Policy id. Returns a TC code.
@@ -2128,6 +2195,15 @@ static __always_inline int bh_tc_fabric(struct __sk_buff *skb, __u32 slot)
 		else
 			__builtin_memcpy(p.daddr, nv->addr, 16);
 	}
+	if ((f->xflags & BH_FLOWX_SNAT) && (fflags & BH_FLOWF_REPLY)) {
+		/* A reply to a client whose source this gateway translated: back to the client's own. */
+		struct bh_snat_val *o = bh_snat_orig(&p, seg);
+		if (!o)
+			return bh_record(BH_R_TRANSIT_SNAT_LOST, TC_ACT_SHOT, skb->len);
+		__u16 cport = o->port_be;
+		if (bh_tc_nat(skb, &p, 1, o->addr) || bh_tc_port(skb, &p, 1, cport))
+			return bh_record(BH_R_MALFORMED_L4, TC_ACT_SHOT, skb->len);
+	}
 	if (fflags & BH_FLOWF_TRANSIT)
 		return bh_tc_encap(skb, slot, vni, app, (fflags & BH_FLOWF_NAT) && !(fflags & BH_FLOWF_REPLY));
 	/* Translated, to an app of this gateway: a reply leaves by its client's segment. */
@@ -2175,6 +2251,83 @@ int bulkhead_tc(struct __sk_buff *skb)
 	if (m->flags & BH_METAF_FABRIC)
 		return bh_tc_fabric(skb, !!(m->flags & BH_METAF_SLOT1));
 	return TC_ACT_OK;
+}
+
+/*
+ * Source translation at the far gateway (a segment with transit_snat): a
+ * flow from another gateway enters the server's segment from the segment's
+ * own address (fab_N BH_FAB_SNAT4/6), so a server whose network holds the
+ * client's (overlapping) address still answers through this gateway. Its
+ * source port is claimed in fab_snat with BPF_NOEXIST, which makes the
+ * translated tuple (server, server port, port) unique in the segment: the
+ * client's own port if it is free there, else random ones from 32768-60999
+ * (an ICMP echo, or SCTP whose checksum covers the port, keeps its own).
+ * `keep`: a port the flow has already (re-judged under a new policy).
+ * Returns 0 with *port set, or -1 if no port was free (or the table is full).
+ */
+#define BH_SNAT_PROBES 8
+#define BH_SNAT_PORT_LO 32768
+#define BH_SNAT_PORT_SPAN 28232
+static __always_inline int bh_snat_claim(const struct bh_pkt *p, __u32 seg, int keep, __u16 *port)
+{
+	struct bh_snat_key k = {};
+	struct bh_snat_val o = {};
+	int probes = (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) ? BH_SNAT_PROBES : 1;
+
+	__builtin_memcpy(k.saddr, p->daddr, 16);
+	k.sport_be = p->dport_be;
+	k.proto = p->proto;
+	k.family = p->family;
+	k.segment_id = seg;
+	__builtin_memcpy(o.addr, p->saddr, 16);
+	o.port_be = p->sport_be;
+	if (keep) {
+		k.dport_be = *port;
+		return fab_snat.update(&k, &o) ? -1 : 0;
+	}
+	for (int i = 0; i < BH_SNAT_PROBES; i++) {
+		if (i >= probes)
+			break;
+		__u16 cand = p->sport_be;
+		if (i)
+			cand = bpf_htons(BH_SNAT_PORT_LO + bpf_get_prandom_u32() % BH_SNAT_PORT_SPAN);
+		k.dport_be = cand;
+		if (!fab_snat.insert(&k, &o)) {
+			*port = cand;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* The reply entry of a source-translated flow: keyed on (server -> `snat`:`port`) in the server's segment. */
+static __always_inline int bh_flow_put_snat(const struct bh_pkt *p, __u32 seg, const __u8 *snat, __u16 port,
+					    struct bh_flow *v)
+{
+	int rc;
+
+	if (p->family == 4) {
+		struct bh_flow4_key k = {};
+		k.saddr_be = p->daddr4_be;
+		__builtin_memcpy(&k.daddr_be, snat + 12, 4);
+		k.sport_be = p->dport_be;
+		k.dport_be = port;
+		k.proto = p->proto;
+		k.segment_id = seg;
+		rc = flows4.update(&k, v);
+	} else {
+		struct bh_flow6_key k = {};
+		__builtin_memcpy(k.saddr, p->daddr, 16);
+		__builtin_memcpy(k.daddr, snat, 16);
+		k.sport_be = p->dport_be;
+		k.dport_be = port;
+		k.proto = p->proto;
+		k.segment_id = seg;
+		rc = flows6.update(&k, v);
+	}
+	if (rc)
+		bh_event(BH_EV_FLOW_INSERT_FAILED);
+	return rc;
 }
 
 /* A packet from the transit refused: counted by why, dropped. */
@@ -2266,6 +2419,8 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 	__u8 reason = BH_R_ALLOW_REPLY;
 	__u8 fflags = BH_FLOWF_TRANSIT;
 	int judge = 1, rejudge = 0;
+	int snat = 0;          /* the client's packets leave with the segment's address and snat_port */
+	__u16 snat_port = 0;
 	struct bh_flow *f = bh_flow_get(&p, app_seg, 0);
 	if (f && (f->flags & BH_FLOWF_REPLY)) {
 		/* A reply to our client: it comes from the app, and into the segment, its flow went to. */
@@ -2282,6 +2437,8 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 		if (bh_reason_xdp(reason) != XDP_PASS)
 			return bh_transit_drop(reason, len);
 		judge = 0;
+		snat = f->xflags & BH_FLOWX_SNAT;
+		snat_port = f->snat_port_be;
 	}
 	if (!judge) {
 		fflags = f->flags;
@@ -2347,12 +2504,27 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 			v->peer_segment = vni;
 			v->flags |= BH_FLOWF_TRANSIT | via_vip;
 			reason = v->reason;
+			/* A reject is a drop here: the client is behind the other gateway. */
+			int pass = bh_reason_xdp(reason) == XDP_PASS;
+			struct bh_fab_val *sn = bh_fab(slot, p.family == 4 ? BH_FAB_SNAT4 : BH_FAB_SNAT6, vni, NULL);
+			if (pass && sn) {
+				/* A flow re-judged under a new policy keeps the port it has. */
+				int keep = f && (f->xflags & BH_FLOWX_SNAT);
+				snat_port = keep ? f->snat_port_be : 0;
+				if (bh_snat_claim(&p, vni, keep, &snat_port)) {
+					reason = BH_R_TRANSIT_SNAT_FULL;
+					pass = 0;
+				} else {
+					snat = 1;
+					v->xflags = BH_FLOWX_SNAT;
+					v->snat_port_be = snat_port;
+				}
+			}
 #ifndef BH_NO_TELEMETRY
 			bh_pair_count(v, reason);
 			bh_fe_emit(skb, BH_FE_NEW, &p, 0, app_seg, v, NULL, reason, 0, NULL);
 #endif
-			/* A reject is a drop here: the client is behind the other gateway. */
-			if (bh_reason_xdp(reason) != XDP_PASS)
+			if (!pass)
 				return bh_transit_drop(reason, len);
 			bh_flow_put(&p, app_seg, 0, v);
 			v->flags |= BH_FLOWF_REPLY;
@@ -2361,9 +2533,22 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 			v->peer_segment = app_seg;
 			v->packets = 0;
 			v->bytes = 0;
-			bh_flow_put(&p, vni, 1, v);
+			if (snat)
+				bh_flow_put_snat(&p, vni, sn->addr, snat_port, v);
+			else
+				bh_flow_put(&p, vni, 1, v);
 			bh_event(BH_EV_FLOW_NEW);
 		}
+	}
+	/* The client's packets into a segment that translates sources: from the segment's address. */
+	if (snat) {
+		struct bh_fab_val *sa = bh_fab(slot, p.family == 4 ? BH_FAB_SNAT4 : BH_FAB_SNAT6, vni, NULL);
+		if (!sa)
+			return bh_transit_drop(BH_R_TRANSIT_SNAT_LOST, len);
+		if (bh_tc_nat(skb, &p, 0, sa->addr) || bh_tc_port(skb, &p, 0, snat_port))
+			return bh_transit_drop(BH_R_MALFORMED_L4, len);
+		__builtin_memcpy(p.saddr, sa->addr, 16);
+		p.sport_be = snat_port;
 	}
 	/* A reply of a translated flow leaves from the service address the client dialed. */
 	if ((fflags & BH_FLOWF_NAT) && (fflags & BH_FLOWF_REPLY)) {

@@ -78,7 +78,8 @@ def transit_line(t: dict) -> str:
     return f"transit: gateway {t.get('gateway')} {here}, udp/{t.get('port')}; peers {peers}"
 
 
-TRANSIT_DROPS = ("transit_unknown_peer", "transit_bad_identity", "transit_bad_segment", "transit_no_tunnel")
+TRANSIT_DROPS = ("transit_unknown_peer", "transit_bad_identity", "transit_bad_segment", "transit_no_tunnel",
+                 "transit_snat_full", "transit_snat_lost")
 FABRIC_EVENTS = ("transit_encap", "transit_decap", "vip_nat")
 
 
@@ -126,7 +127,8 @@ def fabric_note(e: dict) -> str:
     """After the server of a flow through the fabric: " (api 198.18.1.20)" when the client dialed a
     service address (the app and the real address it was translated to; the dialed one is the
     server; " (api by 198.19.255.136)" when the event shows the real address), " via gwb" when the
-    other end is behind gateway gwb. Empty for other flows."""
+    other end is behind gateway gwb, " from 198.18.1.1:40000" when this gateway translated the
+    client's source into the server's segment (transit_snat). Empty for other flows."""
     note = ""
     if e.get("real") and e["dst"] != e["real"]:
         note += f" ({e['dst_app']} {e['real']})"
@@ -134,6 +136,8 @@ def fabric_note(e: dict) -> str:
         note += f" ({e['dst_app']} by {e['vip']})"
     if e.get("via"):
         note += f" via {e['via']}"
+    if e.get("snat"):
+        note += f" from {e['snat']}"
     return note
 
 

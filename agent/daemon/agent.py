@@ -25,6 +25,7 @@ from bulkhead.daemon.l7records import L7Records
 from bulkhead.daemon.state import prog_name, read_state, write_state, xdp_prog_ids
 from bulkhead.telemetry import flowlog
 from bulkhead.datapath import abi, loader, transit, wireguard
+from bulkhead.fabric import snat
 from bulkhead.policy.bundle import Bundle
 
 log = logging.getLogger("bulkhead.agent")
@@ -326,6 +327,8 @@ class Agent:
                     self.dns = DnsServer()
                 if self.dns is not None:
                     self.dns.prepare(bundle, set(ifindexes))
+                if port:  # transit_snat addresses on their segments' interfaces (docs/fabric.md)
+                    snat.check(bundle)
                 result = self.dp.apply(bundle, ifindexes, generation, fab_self=transit.fab_self(plan, ifindex))
             except Exception:
                 # The old slot is still active: put back what this attempt changed.

@@ -31,6 +31,7 @@ FLOWF_ENDED = 0x20
 FLOWF_NAT = 0x40  # a service address: forward packets' destination translated, replies' source back
 FLOWF_TRANSIT = 0x80  # the other end is behind another gateway: through the transit tunnel
 FLOWF_OBSERVE = FLOWF_T_HS | FLOWF_T_DATA
+FLOWX_SNAT = 0x01  # bh_flow.xflags: from the transit into a segment that translates sources (transit_snat)
 
 
 class Reason(enum.IntEnum):
@@ -73,6 +74,8 @@ class Reason(enum.IntEnum):
     TRANSIT_BAD_SEGMENT = 36
     TRANSIT_NO_TUNNEL = 37
     SNI_FRONTING = 38
+    TRANSIT_SNAT_FULL = 39
+    TRANSIT_SNAT_LOST = 40
 
 
 class Event(enum.IntEnum):
@@ -119,10 +122,12 @@ class FabKind(enum.IntEnum):
     APP = 5  # id = an app with a segment: a = its segment, b = its gateway's id
     PEER = 6  # addr = a gateway's transit address: a = that gateway's id
     GW = 7  # id = a gateway's id: addr = its transit address, a = 4 or 6
+    SNAT4 = 8  # id = a segment of this gateway with transit_snat: addr = the IPv4 source flows from other gateways take
+    SNAT6 = 9  # as SNAT4, the IPv6 source
 
 
 # The kinds by the names the policy side uses (one definition: the enum above).
-FAB_SELF, FAB_VIP, FAB_REAL, FAB_SEG, FAB_APP, FAB_PEER, FAB_GW = FabKind
+FAB_SELF, FAB_VIP, FAB_REAL, FAB_SEG, FAB_APP, FAB_PEER, FAB_GW, FAB_SNAT4, FAB_SNAT6 = FabKind
 
 
 class FlowEv(enum.IntEnum):
@@ -181,6 +186,8 @@ REASON_VERDICT = {
     Reason.TRANSIT_BAD_SEGMENT: DROP,
     Reason.TRANSIT_NO_TUNNEL: DROP,
     Reason.SNI_FRONTING: DROP,
+    Reason.TRANSIT_SNAT_FULL: DROP,
+    Reason.TRANSIT_SNAT_LOST: DROP,
 }
 
 # consts.h
@@ -377,14 +384,31 @@ class Flow(C.Structure):
         ("flags", u8),
         ("reason", u8),
         ("sni_flags", u8),
-        ("pad", u8 * 2),
+        ("xflags", u8),
+        ("pad", u8),
         ("t_a", u32),
         ("t_b", u32),
         ("sni_h", u64),
         ("sni_w", u64),
         ("sni_seq", u32),
-        ("pad2", u32),
+        ("snat_port_be", u16),
+        ("pad2", u16),
     ]
+
+
+class SnatKey(C.Structure):
+    _fields_ = [
+        ("saddr", u8 * 16),
+        ("sport_be", u16),
+        ("dport_be", u16),
+        ("proto", u8),
+        ("family", u8),
+        ("segment_id", u16),
+    ]
+
+
+class SnatVal(C.Structure):
+    _fields_ = [("addr", u8 * 16), ("port_be", u16), ("pad", u16), ("pad2", u32)]
 
 
 class FragKey(C.Structure):
@@ -485,6 +509,9 @@ class FlowEvent(C.Structure):
         ("tcp_flags", u8),
         ("sni_len", u8),
         ("sni", u8 * 64),
+        ("snat_port_be", u16),
+        ("xflags", u8),
+        ("pad", u8 * 5),
     ]
 
 
@@ -518,6 +545,8 @@ STRUCTS = {
     "bh_policy_val": PolicyVal,
     "bh_fab_key": FabKey,
     "bh_fab_val": FabVal,
+    "bh_snat_key": SnatKey,
+    "bh_snat_val": SnatVal,
     "bh_addr16": Addr16,
     "bh_flow4_key": Flow4Key,
     "bh_flow6_key": Flow6Key,

@@ -22,6 +22,7 @@ def map_specs(sizes: dict[str, int]) -> dict[str, tuple[int, int, int, int]]:
         "flows4": (MAP_LRU_HASH, s(abi.Flow4Key), s(abi.Flow), sizes["BH_MAX_FLOWS"]),
         "flows6": (MAP_LRU_HASH, s(abi.Flow6Key), s(abi.Flow), sizes["BH_MAX_FLOWS"]),
         "frags": (MAP_LRU_HASH, s(abi.FragKey), s(abi.Frag), sizes["BH_MAX_FRAGS"]),
+        "fab_snat": (MAP_LRU_HASH, s(abi.SnatKey), s(abi.SnatVal), sizes["BH_MAX_FLOWS"]),
         "stats": (MAP_PERCPU_ARRAY, 4, s(abi.Counter), abi.REASON_MAX),
         "events": (MAP_PERCPU_ARRAY, 4, 8, abi.EVENT_MAX),
         "tails": (MAP_PROG_ARRAY, 4, 4, 8),

@@ -33,6 +33,8 @@ from bulkhead.datapath.abi import (
     FAB_PEER,
     FAB_REAL,
     FAB_SEG,
+    FAB_SNAT4,
+    FAB_SNAT6,
     FAB_VIP,
     POLICY_PLEN_ANY_PORT,
     POLICY_PLEN_ANY_PROTO,
@@ -173,7 +175,8 @@ def compile_policy(policy: Policy, previous_vips: Optional[dict] = None) -> Bund
         settings=policy.settings.as_dict(),
         segments=[{"id": seg_ids[s.name], "name": s.name, "interfaces": list(s.interfaces),
                    "gateway": s.gateway if policy.gateways else None,
-                   **({"dns": [str(a) for a in s.dns]} if s.dns else {})}
+                   **({"dns": [str(a) for a in s.dns]} if s.dns else {}),
+                   **({"transit_snat": [str(a) for a in s.transit_snat]} if s.transit_snat else {})}
                   for s in policy.segments],
         apps=[{"id": app_ids[a.name], "name": a.name, "segment": a.segment,
                "addresses": [str(x) for x in a.addresses],
@@ -262,6 +265,8 @@ def transit_fab_entries(policy: Policy, seg_ids: dict[str, int], app_ids: dict[s
     out = [(int(FAB_SEG), seg_ids[s.name], ZERO16, seg_gw[s.name], 0, ZERO16) for s in policy.segments]
     out += [(int(FAB_APP), app_ids[a.name], ZERO16, seg_ids[a.segment], seg_gw[a.segment], ZERO16)
             for a in policy.apps if a.segment is not None]
+    out += [(int(FAB_SNAT4 if a.version == 4 else FAB_SNAT6), seg_ids[s.name], ZERO16, 0, 0, _addr16(a))
+            for s in policy.segments for a in s.transit_snat]
     for g in policy.gateways:
         if g.transit is not None:
             out.append((int(FAB_PEER), 0, _addr16(g.transit), gw_ids[g.name], 0, ZERO16))

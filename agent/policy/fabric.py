@@ -162,6 +162,25 @@ class FabricChecks:
                 out.append(addr)
         return out, m.loc("dns")
 
+    def segment_transit_snat(self, m: YMap, label: str) -> tuple[list[Any], Optional[Loc]]:
+        """`transit_snat: ADDR` or `[ADDR, ADDR]`: at most one IPv4 and one IPv6 host address."""
+        if "transit_snat" not in m:
+            return [], None
+        loc = m.loc("transit_snat")
+        items = [(m["transit_snat"], loc)] if isinstance(m["transit_snat"], str) else \
+            self.string_list(m, "transit_snat", label, "addresses") or []
+        out: list[Any] = []
+        for text, item_loc in items:
+            addr = self.host_address(text, item_loc, f"{label}: transit_snat")
+            if addr is None:
+                continue
+            if any(a.version == addr.version for a in out):
+                self.error(item_loc, f"{label}: transit_snat has two IPv{addr.version} addresses: give at most "
+                                     "one of each family (the address flows from other gateways take here)")
+                continue
+            out.append(addr)
+        return out, loc
+
     def app_publish(self, m: YMap, label: str) -> tuple[bool, Optional[list[str]], Optional[Loc]]:
         """(published, its DNS names or None for its hostnames, where)."""
         if "publish" not in m:
@@ -345,6 +364,7 @@ class FabricChecks:
                                              "each at), or leave transit_port out")
         if not with_transit:
             self.check_wireguard(with_transit)
+            self.check_transit_snat(with_transit)
             return
         first = with_transit[0]
         seen: dict[Any, Any] = {}
@@ -371,10 +391,28 @@ class FabricChecks:
                                                   f"({addr.loc}): the transit address is the gateway's own, "
                                                   "no app's")
         self.check_wireguard(with_transit)
+        self.check_transit_snat(with_transit)
         if len(self.apps) > MAX_TRANSIT_APPS:
             app = list(self.apps.values())[MAX_TRANSIT_APPS]
             self.error(app.loc, f"app {app.name}: too many apps for the transit (at most {MAX_TRANSIT_APPS}: "
                                 "an app id travels between gateways as the 16-bit VXLAN group id)")
+
+    def check_transit_snat(self, with_transit) -> None:
+        """A segment's `transit_snat` needs its gateway to have transit; no service address."""
+        names = {g.name for g in with_transit}
+        pools = self.fabric.service_addresses if self.fabric is not None else []
+        for seg in self.segments.values():
+            if seg.transit_snat_loc is None:
+                continue
+            label = f"segment {seg.name}: transit_snat"
+            if seg.gateway not in names:
+                self.error(seg.transit_snat_loc, f"{label} needs the segment's gateway to have transit: give "
+                                                 "the segment `gateway: NAME` of a gateway with `transit: "
+                                                 "ADDRESS` (flows from other gateways are what it translates)")
+            for a in seg.transit_snat:
+                if any(a in p for p in pools if p.version == a.version):
+                    self.error(seg.transit_snat_loc, f"{label} {a} is inside fabric service_addresses: it is "
+                                                     "a real address of the gateway in the segment")
 
     def check_wireguard(self, with_transit) -> None:
         """`wireguard:` on every gateway with transit or on none; endpoints distinct."""

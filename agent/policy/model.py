@@ -145,6 +145,9 @@ class Segment:
     gateway_loc: Optional[Loc] = None  # where `gateway:` was written, None when absent
     dns: list[Any] = dataclasses.field(default_factory=list)  # ip_address objects: the gateway's DNS here
     dns_loc: Optional[Loc] = None
+    # ip_address objects, at most one per family: the source flows from other gateways take here
+    transit_snat: list[Any] = dataclasses.field(default_factory=list)
+    transit_snat_loc: Optional[Loc] = None
 
 
 @dataclasses.dataclass(frozen=True)

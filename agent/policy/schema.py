@@ -18,7 +18,7 @@ GATEWAY_KEYS = ("name", "transit", "wireguard")
 # `wireguard:` (docs/fabric.md "Encryption between gateways"): the transit address lives on the
 # gateway's WireGuard interface, reached at `endpoint` (underlay ADDR:PORT)
 WIREGUARD_KEYS = ("public_key", "endpoint")
-SEGMENT_KEYS = ("name", "interfaces", "gateway", "dns")
+SEGMENT_KEYS = ("name", "interfaces", "gateway", "dns", "transit_snat")
 APP_KEYS = ("name", "segment", "addresses", "ports", "hostnames", "tls", "publish", "routes")
 TLS_KEYS = ("cert", "key", "ca")
 # `fabric:` (docs/fabric.md): service addresses (VIPs), the gateways' DNS, the transit's UDP port

@@ -354,8 +354,9 @@ class _Builder(CrossChecks, FabricChecks):
             self.error(m.loc("name"), f"{label}: too many segments (at most {MAX_SEGMENTS})")
             return
         dns, dns_loc = self.segment_dns(m, label)
+        snat, snat_loc = self.segment_transit_snat(m, label)
         self.segments[name] = Segment(name, interfaces, m.loc(), gateway,
-                                      m.loc("gateway") if "gateway" in m else None, dns, dns_loc)
+                                      m.loc("gateway") if "gateway" in m else None, dns, dns_loc, snat, snat_loc)
 
     def add_app(self, m: YMap, index: int) -> None:
         name, label = self.name(m, "app", index, self.apps)

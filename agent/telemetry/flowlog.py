@@ -66,6 +66,8 @@ class FabricNames:
     gateway_of: dict  # segment id -> the name of the gateway it is behind (every segment of the policy)
     # addr16 of a service address, or of the real address one translates to -> (vip, real) as text
     nat: dict
+    # (segment id, family) -> the address flows from other gateways take in it (transit_snat)
+    snat: dict = dataclasses.field(default_factory=dict)
 
     def via(self, segment_id: int, peer_segment: int) -> str | None:
         """The other gateway of a flow through the transit: that of whichever of its two
@@ -86,6 +88,7 @@ def fabric_names(bundle) -> FabricNames | None:
     gws = list(bundle.gateways)
     gateway_of: dict[int, str] = {}
     nat: dict[bytes, tuple[str, str]] = {}
+    snat: dict[tuple[int, int], str] = {}
     for kind, ident, key, a, _b, val in bundle.fab_entries:
         if kind == abi.FAB_SEG and a:
             gateway_of[ident] = gws[a - 1] if a <= len(gws) else f"gw#{a}"
@@ -93,7 +96,9 @@ def fabric_names(bundle) -> FabricNames | None:
             nat[bytes(key)] = (addr16(key), addr16(val))
         elif kind == abi.FAB_REAL:
             nat.setdefault(bytes(key), (addr16(val), addr16(key)))
-    return FabricNames(frozenset(s["id"] for s in bundle.segments), gateway_of, nat)
+        elif kind in (abi.FAB_SNAT4, abi.FAB_SNAT6):
+            snat[(ident, 4 if kind == abi.FAB_SNAT4 else 6)] = addr16(val)
+    return FabricNames(frozenset(s["id"] for s in bundle.segments), gateway_of, nat, snat)
 
 
 def reason_name(r: int) -> str:
@@ -145,6 +150,11 @@ def decode(ev: abi.FlowEvent, names: NamesFn, offset: float) -> dict:
     # NAT: translated here; VIA_VIP: translated at the client's gateway (the VNI said so)
     if ev.flags & (abi.FLOWF_NAT | abi.FLOWF_VIA_VIP) and fab:
         vip, real = fab.nat.get(bytes(ev.daddr), (None, None))
+    snat = None
+    if ev.xflags & abi.FLOWX_SNAT:
+        # translated here: the client enters the server's segment from the segment's address
+        a = fab.snat.get((ev.peer_segment, ev.family), "?") if fab else "?"
+        snat = f"{a if ev.family == 4 else f'[{a}]'}:{socket.ntohs(ev.snat_port_be)}"
     return {
         "time": round(ev.ts_ns / 1e9 + offset, 6),
         "kind": kind,
@@ -170,6 +180,8 @@ def decode(ev: abi.FlowEvent, names: NamesFn, offset: float) -> dict:
         # the fabric (None otherwise): the other gateway of a flow through the transit; the
         # service address the client dialed and the app's real address it was translated to
         "via": via, "vip": vip, "real": real,
+        # the source the client's packets took into the server's segment (its transit_snat), or None
+        "snat": snat,
     }
 
 

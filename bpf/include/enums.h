@@ -76,6 +76,8 @@ enum bh_reason {
 	BH_R_TRANSIT_BAD_SEGMENT  = 36, /* from the transit: the VNI is no segment of this gateway, or the destination is not in it */
 	BH_R_TRANSIT_NO_TUNNEL    = 37, /* to another gateway, but this one has no transit (device, address, metadata) for it */
 	BH_R_SNI_FRONTING         = 38, /* through an app's service address, a ClientHello naming none of that app's names: dropped */
+	BH_R_TRANSIT_SNAT_FULL    = 39, /* from the transit, new, into a segment with transit_snat: no free translated port for it (or the table is full) */
+	BH_R_TRANSIT_SNAT_LOST    = 40, /* a reply of a source-translated flow whose translation is gone (evicted): it can't be turned back */
 };
 
 /* Datapath events (not verdicts): index into the per-CPU `events` array. */
@@ -133,6 +135,8 @@ enum bh_fab_kind {
 	BH_FAB_APP  = 5, /* id = an app with a segment: a = its segment, b = its gateway's id */
 	BH_FAB_PEER = 6, /* addr = a gateway's transit address: a = that gateway's id */
 	BH_FAB_GW   = 7, /* id = a gateway's id: addr = its transit address, a = 4 or 6 */
+	BH_FAB_SNAT4 = 8, /* id = a segment of this gateway with transit_snat: addr = the IPv4 source flows from other gateways take in it */
+	BH_FAB_SNAT6 = 9, /* as BH_FAB_SNAT4, the IPv6 source */
 };
 
 /* Kind of a flow_events record. */

@@ -76,6 +76,9 @@ BPF_TABLE_PINNED("lru_hash", struct bh_flow4_key, struct bh_flow, flows4, BH_MAX
 BPF_TABLE_PINNED("lru_hash", struct bh_flow6_key, struct bh_flow, flows6, BH_MAX_FLOWS, BH_PIN_DIR "/flows6",
 		 BH_FLOWS_LRU_FLAGS);
 
+/* fab_snat: the client's address and port of each source-translated flow from another gateway (bulkhead_transit_in). */
+BPF_TABLE_PINNED("lru_hash", struct bh_snat_key, struct bh_snat_val, fab_snat, BH_MAX_FLOWS, BH_PIN_DIR "/fab_snat");
+
 /* frags: verdict of each fragmented datagram, written by its first fragment. */
 BPF_TABLE_PINNED("lru_hash", struct bh_frag_key, struct bh_frag, frags, BH_MAX_FRAGS, BH_PIN_DIR "/frags");
 

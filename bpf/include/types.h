@@ -132,6 +132,28 @@ struct bh_fab_val {
 	__u8 addr[16];
 };
 
+/*
+ * fab_snat (LRU): a flow from another gateway whose source was translated
+ * (BH_FLOWX_SNAT), by its reply entry's key as far as it is the
+ * translation's (the translated address is the segment's), to the client's
+ * own address and port, which its replies get back before they leave.
+ */
+struct bh_snat_key {
+	__u8 saddr[16];     /* the server, as its replies come from it */
+	__u16 sport_be;     /* the server's port */
+	__u16 dport_be;     /* the translated port (ICMP echo: the identifier) */
+	__u8 proto;
+	__u8 family;        /* 4 or 6: the segment has one translated address of each */
+	__u16 segment_id;   /* the server's segment */
+};
+
+struct bh_snat_val {
+	__u8 addr[16];      /* the client's address */
+	__u16 port_be;      /* and port */
+	__u16 pad;
+	__u32 pad2;
+};
+
 /* addr_scratch (per-CPU, not pinned): one 16-byte address. */
 struct bh_addr16 {
 	__u8 a[16];
@@ -173,7 +195,8 @@ struct bh_flow {
 	__u8 flags;         /* BH_ACTF_AUDIT | BH_FLOWF_* */
 	__u8 reason;        /* enum bh_reason recorded for this flow's packets */
 	__u8 sni_flags;     /* BH_FSNI_*: what the entry knows of the flow's TLS server name */
-	__u8 pad[2];
+	__u8 xflags;        /* BH_FLOWX_* */
+	__u8 pad;
 	/*
 	 * TCP hop timing (BH_FLOWF_T_*), in units of 1024 ns (ktime >> 10; wraps
 	 * after 73 min, differences stay right). Forward entry: t_a = SYN, then
@@ -193,8 +216,14 @@ struct bh_flow {
 	__u64 sni_h;        /* the name (BH_FSNI_NAME) */
 	__u64 sni_w;        /* the rest after its first label, for "*." patterns (BH_FSNI_WILD) */
 	__u32 sni_seq;
-	__u32 pad2;
+	/*
+	 * BH_FLOWX_SNAT (a flow from another gateway, into a segment with
+	 * transit_snat): the source port its packets leave with, in both entries.
+	 */
+	__u16 snat_port_be;
+	__u16 pad2;
 };
+#define BH_FLOWX_SNAT 0x01 /* from the transit into a segment that translates sources (fab_N BH_FAB_SNAT4/6) */
 #define BH_FSNI_NAME 0x01   /* a server name was read: sni_h is its hash */
 #define BH_FSNI_WILD 0x02   /* it has a dot: sni_w is the hash of what follows the first one */
 #define BH_FSNI_STREAM 0x04 /* this connection's ClientHello spans segments: sni_state holds its parse */
@@ -318,6 +347,9 @@ struct bh_flow_event {
 	__u8 tcp_flags;   /* of that packet */
 	__u8 sni_len;     /* the name's length (over BH_SNI_LOG_LEN: sni[] holds its start); 0: no name */
 	__u8 sni[BH_SNI_LOG_LEN]; /* server name asked for, lowercased */
+	__u16 snat_port_be; /* BH_FLOWX_SNAT: the port the client's packets leave this gateway with */
+	__u8 xflags;        /* BH_FLOWX_* of the flow */
+	__u8 pad[5];
 };
 
 /* lat_hist (per-CPU hash): one bucket of one hop-latency histogram. */
@@ -364,7 +396,9 @@ _Static_assert(sizeof(struct bh_flow6_key) == 40, "bh_flow6_key");
 _Static_assert(sizeof(struct bh_flow) == 80, "bh_flow");
 _Static_assert(sizeof(struct bh_fab_key) == 24, "bh_fab_key");
 _Static_assert(sizeof(struct bh_fab_val) == 24, "bh_fab_val");
-_Static_assert(sizeof(struct bh_flow_event) == 168, "bh_flow_event");
+_Static_assert(sizeof(struct bh_snat_key) == 24, "bh_snat_key");
+_Static_assert(sizeof(struct bh_snat_val) == 24, "bh_snat_val");
+_Static_assert(sizeof(struct bh_flow_event) == 176, "bh_flow_event");
 _Static_assert(sizeof(struct bh_lat_key) == 12, "bh_lat_key");
 _Static_assert(sizeof(struct bh_lat_val) == 16, "bh_lat_val");
 _Static_assert(sizeof(struct bh_pair_key) == 16, "bh_pair_key");

@@ -279,7 +279,7 @@ class Xdp:
 
     def clear_flows(self) -> None:
         for name, key in (("flows4", abi.Flow4Key), ("flows6", abi.Flow6Key), ("frags", abi.FragKey),
-                          ("sni_state", abi.Flow6Key)):
+                          ("sni_state", abi.Flow6Key), ("fab_snat", abi.SnatKey)):
             fd = self.dp.map_fds[name]
             for k in libbpf.map_keys(fd, key):
                 libbpf.map_delete(fd, k)

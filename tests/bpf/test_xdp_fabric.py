@@ -712,3 +712,56 @@ def test_compiled_fabric_policy_drives_the_datapath(xdp, tmp_path):
         back = ft.lookup(FAR4, C4, 8080, 40001, P_TCP, seg["far"])
         assert fab_flags(back) == want | abi.FLOWF_REPLY
         xdp.clear_flows()
+
+
+# ---------------------------------------- 6. source translation at the far gateway (TC half)
+SNAT4 = "198.19.0.1"  # core's transit_snat: far's clients enter core from it
+
+
+def snat_reply_entries(xdp, port: int, with_orig: bool = True):
+    """What bulkhead_transit_in leaves for a flow from far (FAR4:40000, behind gateway 2) to payments
+    (PAY4:443, core) that it translated to SNAT4:`port`: core's SNAT4 fact, the reply entry keyed on
+    the translated tuple, and (with_orig) the client's own address and port in fab_snat. Written
+    directly: transit_in takes tunnel metadata that a test run can't give (tests/integration/
+    test_fabric_snat.py covers it with real traffic)."""
+    b = fabric_bundle(transit=True)
+    b = dataclasses.replace(b, fab_entries=[*b.fab_entries, (abi.FAB_SNAT4, SEG_CORE, Z16, 0, 0, a16(SNAT4))])
+    gen = xdp.apply(b, fab_self=self_entry(xdp))
+    v = abi.Flow(generation=gen, src_app=APP_FAR, dst_app=APP_PAY, peer_segment=SEG_FAR, action=abi.Action.ALLOW,
+                 flags=abi.FLOWF_TRANSIT | abi.FLOWF_REPLY, reason=R.ALLOW_REPLY, xflags=abi.FLOWX_SNAT,
+                 snat_port_be=struct.unpack("=H", struct.pack("!H", port))[0])
+    FlowTable(fds=xdp.dp.map_fds).put(PAY4, SNAT4, 443, port, P_TCP, SEG_CORE, v)
+    if with_orig:
+        k = abi.SnatKey(sport_be=struct.unpack("=H", struct.pack("!H", 443))[0],
+                        dport_be=struct.unpack("=H", struct.pack("!H", port))[0], proto=P_TCP, family=4,
+                        segment_id=SEG_CORE)
+        C.memmove(k.saddr, a16(PAY4), 16)
+        o = abi.SnatVal(port_be=struct.unpack("=H", struct.pack("!H", 40000))[0])
+        C.memmove(o.addr, a16(FAR4), 16)
+        libbpf.map_update(xdp.dp.map_fds["fab_snat"], k, o)
+
+
+@pytest.mark.parametrize("port", [40000, 51234], ids=["own-port", "another-port"])
+def test_tc_turns_a_reply_back_to_the_translated_client_then_encapsulates(xdp, port):
+    """The server answers SNAT4:port; bulkhead_xdp hands it over (the reply entry is TRANSIT) and
+    bulkhead_tc puts back the client's own address and port (checksums right) before the tunnel."""
+    snat_reply_entries(xdp, port)
+    synack = E / IP(src=PAY4, dst=SNAT4) / TCP(sport=443, dport=port, flags="SA", seq=5000, ack=1001)
+    v = xdp.expect(synack, "core", X.PASS, R.ALLOW_REPLY)
+    handed_to_tc(xdp, v, synack, SEG_FAR)
+    t = run_tc(xdp, synack, "core")
+    assert (t.code, t.reasons, t.events.get(EV.TRANSIT_ENCAP)) == (TC_ACT_REDIRECT, {}, 1)
+    got = Ether(t.out)
+    assert (got[IP].dst, got[TCP].dport, got[IP].src, got[TCP].sport) == (FAR4, 40000, PAY4, 443)
+    assert checksums_recomputed(t.out) == t.out, "a checksum TC left is not what scapy computes"
+
+
+def test_tc_drops_a_reply_whose_translation_is_gone(xdp):
+    """Its fab_snat entry evicted: the reply can't be turned back, so it is dropped and counted
+    (transit_snat_lost), never sent on to the other gateway with the translated address."""
+    snat_reply_entries(xdp, 51234, with_orig=False)
+    synack = E / IP(src=PAY4, dst=SNAT4) / TCP(sport=443, dport=51234, flags="SA", seq=5000, ack=1001)
+    xdp.expect(synack, "core", X.PASS, R.ALLOW_REPLY)
+    t = run_tc(xdp, synack, "core")
+    assert (t.code, t.reasons) == (TC_ACT_SHOT, {R.TRANSIT_SNAT_LOST: 1})
+    assert EV.TRANSIT_ENCAP not in t.events

@@ -554,7 +554,8 @@ def test_decode_without_the_fabric_bits_keeps_its_keys_and_adds_nulls(fabric_bun
             "src_app", "dst_app", "rule", "verdict", "reason", "prev_reason", "audit", "by_reply", "tcp_flags", "sni",
             "generation", "packets", "bytes", "r_packets", "r_bytes"]
     assert list(old)[:len(keys)] == keys  # the keys there were before the fabric, in their order
-    assert list(old)[len(keys):] == ["via", "vip", "real"]
+    assert list(old)[len(keys):] == ["via", "vip", "real", "snat"]
+    assert old["snat"] is None and d["snat"] is None
 
 
 def test_event_line_through_the_fabric(fabric_bundle):
@@ -602,11 +603,12 @@ def test_status_text_has_a_transit_section_with_packets_and_drops_by_reason():
     assert lines[i + 1] == ("  packets sent 12 (transit_encap), accepted 10 (transit_decap); "
                             "translated flows 4 (vip_nat)")
     assert lines[i + 2] == ("  dropped: transit_unknown_peer 3, transit_bad_identity 2, transit_bad_segment 0, "
-                            "transit_no_tunnel 0")
+                            "transit_no_tunnel 0, transit_snat_full 0, transit_snat_lost 0")
     # without transit: nothing, unless something was counted (a policy with transit run with no gateway name)
     assert "transit" not in status_text(status_reply(None))
     text = status_text(status_reply(None, {"transit_no_tunnel": 5}))
-    assert "  dropped: transit_unknown_peer 0, transit_bad_identity 0, transit_bad_segment 0, transit_no_tunnel 5" \
+    assert ("  dropped: transit_unknown_peer 0, transit_bad_identity 0, transit_bad_segment 0, transit_no_tunnel 5, "
+            "transit_snat_full 0, transit_snat_lost 0") \
         in text.splitlines()
 
 

@@ -297,3 +297,48 @@ def test_more_apps_than_the_transit_carries(tmp_path, monkeypatch):
     # the same without transit is fine
     d["gateways"] = [{"name": g["name"]} for g in d["gateways"]]
     compile_doc(tmp_path, d)
+
+
+# ------------------------------------------------------------------------ transit_snat
+
+
+def with_snat(value, segment: str = "core") -> dict:
+    d = doc()
+    for s in d["segments"]:
+        if s["name"] == segment:
+            s["transit_snat"] = value
+    return d
+
+
+def test_transit_snat_compiles_to_one_entry_per_family_of_its_segment(tmp_path):
+    b = compile_doc(tmp_path, with_snat(["198.19.0.1", "fd00:19::1"]))
+    _, segs = ids(b)
+    kinds = by_kind(b)
+    assert [(k.id, bytes(k.addr), v.a, v.b, str(ip(v.addr))) for k, v in kinds[abi.FAB_SNAT4]] == \
+        [(segs["core"], ZERO, 0, 0, "198.19.0.1")]
+    assert [(k.id, str(ip(v.addr))) for k, v in kinds[abi.FAB_SNAT6]] == [(segs["core"], "fd00:19::1")]
+    assert [s.get("transit_snat") for s in b.segments if s["name"] == "core"] == [["198.19.0.1", "fd00:19::1"]]
+    # one address as a scalar is the same; the cut bundle keeps the entries (they are every gateway's)
+    one = compile_doc(tmp_path, with_snat("198.19.0.1"))
+    assert [str(ip(v.addr)) for _, v in by_kind(one)[abi.FAB_SNAT4]] == ["198.19.0.1"]
+    assert abi.FAB_SNAT6 not in by_kind(one)
+    snat4 = [e for e in one.fab_entries if e[0] == abi.FAB_SNAT4]
+    assert [e for e in one.for_gateway("gwa").fab_entries if e[0] == abi.FAB_SNAT4] == snat4
+    # without it: no entry, and the segment's dict has no key (the bundle's bytes stay as they were)
+    plain = compile_doc(tmp_path, doc())
+    assert abi.FAB_SNAT4 not in by_kind(plain) and all("transit_snat" not in s for s in plain.segments)
+
+
+@pytest.mark.parametrize("value, message", [
+    (["198.19.0.1", "198.19.0.2"], "transit_snat has two IPv4 addresses"),
+    ("198.19.0.0/24", "is not an IPv4 or IPv6 address"),
+    ("198.19.255.7", "is inside fabric service_addresses"),
+    (7, "transit_snat"),
+])
+def test_transit_snat_errors(tmp_path, value, message):
+    assert message in errors(tmp_path, with_snat(value))
+
+
+def test_transit_snat_needs_a_gateway_with_transit(tmp_path):
+    assert "transit_snat needs the segment's gateway to have transit" in \
+        errors(tmp_path, with_snat("198.19.1.1", segment="dev-core"))
