@@ -26,6 +26,7 @@ log = logging.getLogger("bulkhead.plumbing")
 DEVICE_PREFIX = "bhvx-"
 RP_ALL = "/proc/sys/net/ipv4/conf/all/rp_filter"
 IFNAMSIZ = 15  # usable characters of an interface name
+VXLAN_MTU = 1500  # the kernel's MTU for a VXLAN device without a lower device (no WireGuard under it)
 
 
 def device_name(instance: str) -> str:
@@ -162,12 +163,14 @@ def sync(rec: dict, name: str, port: int | None, save, wg: tuple = (None, None))
 
     `wg`: (wireguard plan, private key file) of wireguard.py, or (None, None): the WireGuard
     device under the transit goes first (made, or removed), and fails closed (WireguardError)."""
-    wireguard.sync(rec, wireguard.device_name(name.removeprefix(DEVICE_PREFIX)), wg[0] if port else None,
-                   wg[1], save)
+    mtu = wireguard.sync(rec, wireguard.device_name(name.removeprefix(DEVICE_PREFIX)), wg[0] if port else None,
+                         wg[1], save)
     if port:
         rec["transit"] = {"device": name, "port": int(port)}
         save(rec)
-        return ensure(name, int(port))[0]
+        idx = ensure(name, int(port))[0]
+        wireguard.set_mtu(idx, mtu or VXLAN_MTU)
+        return idx
     old = rec.pop("transit", None)
     if old:
         remove(old.get("device") or name)
@@ -177,8 +180,10 @@ def sync(rec: dict, name: str, port: int | None, save, wg: tuple = (None, None))
 
 def remove_recorded(rec: dict, name: str | None, sweep: bool) -> list[str]:
     """Remove the transit device a plumbing record names, else `name` (when the record is empty),
-    and with `sweep` every transit device of this netns. Returns the errors (never raises)."""
-    errors, names = wireguard.remove_recorded(rec), set()
+    and with `sweep` every transit device of this netns; the WireGuard device under it alike, first.
+    Returns the errors (never raises)."""
+    wg_name = wireguard.device_name(name.removeprefix(DEVICE_PREFIX)) if name else None
+    errors, names = wireguard.remove_recorded(rec, wg_name, sweep), set()
     if rec.get("transit"):
         names.add(rec["transit"].get("device") or name)
     elif not rec and name:

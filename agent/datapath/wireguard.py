@@ -29,6 +29,13 @@ log = logging.getLogger("bulkhead.plumbing")
 
 DEVICE_PREFIX = "bhwg-"
 IFNAMSIZ = 15
+# WireGuard's overhead on the underlay: outer IPv6 40 + UDP 8 + its header 16 + the auth tag 16
+# (IPv4: 60). wg-quick's figure too: one MTU whichever family the endpoints are.
+WG_OVERHEAD = 80
+# VXLAN's inside WireGuard, by the transit addresses' family: Ethernet 14 + VXLAN 8 + UDP 8 + IP 20 (IPv6 40).
+VXLAN_OVERHEAD = {32: 50, 128: 70}
+DEFAULT_UNDERLAY_MTU = 1500  # no peer's endpoint has a route yet
+MAIN_TABLE = 254  # the routes to the peers' transit addresses
 
 
 class WireguardError(RuntimeError):
@@ -123,14 +130,50 @@ def _wg(args: list[str]) -> str:
     return r.stdout
 
 
+def underlay_mtu(p: dict, ipr, skip: int = 0) -> int:
+    """The smallest MTU on the routes to the peers' endpoints (the route's mtu metric, else its
+    device's), DEFAULT_UNDERLAY_MTU when none has a route; `skip`: the WireGuard device itself."""
+    mtus = []
+    for peer in p["peers"].values():
+        host = peer["endpoint"].rpartition(":")[0].strip("[]")
+        try:
+            routes = ipr.route("get", dst=host)
+        except Exception:  # noqa: BLE001 -- no route (yet): WireGuard sends nothing there either
+            continue
+        for r in routes:
+            metrics = r.get_attr("RTA_METRICS")
+            mtu = metrics.get_attr("RTAX_MTU") if metrics else None
+            oif = r.get_attr("RTA_OIF")
+            if not mtu and oif and oif != skip:
+                mtu = ipr.get_links(oif)[0].get_attr("IFLA_MTU")
+            if mtu:
+                mtus.append(int(mtu))
+    return min(mtus) if mtus else DEFAULT_UNDERLAY_MTU
+
+
+def mtus(underlay: int, prefix: int) -> tuple[int, int]:
+    """(the WireGuard device's MTU, the VXLAN device's inside it) over an underlay of MTU `underlay`:
+    the kernel's WireGuard default (1420) assumes a 1500 underlay; the VXLAN device's (1500 by
+    default) would promise inner packets that only fit fragmented."""
+    wg = underlay - WG_OVERHEAD
+    return wg, wg - VXLAN_OVERHEAD[prefix]
+
+
+def set_mtu(ifindex: int, mtu: int) -> None:
+    with _ipr() as ipr:
+        if ipr.get_links(ifindex)[0].get_attr("IFLA_MTU") != mtu:
+            ipr.link("set", index=ifindex, mtu=mtu)
+
+
 def _peers_now(name: str) -> set[str]:
     lines = _wg(["wg", "show", name, "peers"]).split()
     return set(lines)
 
 
-def ensure(name: str, p: dict, key_file: str) -> int:
+def ensure(name: str, p: dict, key_file: str) -> tuple[int, int]:
     """Make `name` the WireGuard device of plan `p`: created, keyed, peers set (others removed),
-    the transit address on it, up, a route to each peer's transit address. Returns its ifindex."""
+    its MTU the underlay's minus WG_OVERHEAD, the transit address on it, up, a route to each
+    peer's transit address. Returns (its ifindex, the MTU for the VXLAN device inside it)."""
     check_key_file(key_file)
     if shutil.which("wg") is None:
         raise WireguardError("`wg` not found: install wireguard-tools (the policy encrypts the transit; "
@@ -166,15 +209,21 @@ def ensure(name: str, p: dict, key_file: str) -> int:
         except Exception as e:
             if getattr(e, "code", None) != errno.EEXIST:
                 raise
+        wg_mtu, vx_mtu = mtus(underlay_mtu(p, ipr, skip=idx), p["prefix"])
+        if ipr.get_links(idx)[0].get_attr("IFLA_MTU") != wg_mtu:
+            ipr.link("set", index=idx, mtu=wg_mtu)
         ipr.link("set", index=idx, state="up")
         want = {peer["address"] for peer in p["peers"].values()}
-        for r in ipr.get_routes(family=fam, oif=idx):
+        # Only the main table's: the local table has this gateway's own address on the device
+        # (its /32 or /128 too), which is not a route to a peer and not ours to delete.
+        for r in ipr.get_routes(family=fam, oif=idx, table=MAIN_TABLE):
             dst = r.get_attr("RTA_DST")
             if r["dst_len"] == p["prefix"] and dst not in want and r.get_attr("RTA_OIF") == idx:
-                ipr.route("del", family=fam, dst=dst, dst_len=p["prefix"], oif=idx)
+                ipr.route("del", family=fam, dst=dst, dst_len=p["prefix"], oif=idx, table=MAIN_TABLE)
         for dst in sorted(want):
-            ipr.route("replace", family=fam, dst=dst, dst_len=p["prefix"], oif=idx)
-    return idx
+            ipr.route("replace", family=fam, dst=dst, dst_len=p["prefix"], oif=idx, table=MAIN_TABLE)
+    log.info("transit: %s mtu %d (the VXLAN device inside it: %d)", name, wg_mtu, vx_mtu)
+    return idx, vx_mtu
 
 
 def remove(name: str) -> bool:
@@ -193,31 +242,58 @@ def remove(name: str) -> bool:
     return True
 
 
-def sync(rec: dict, name: str, p: dict | None, key_file: str | None, save) -> int:
+def sync(rec: dict, name: str, p: dict | None, key_file: str | None, save) -> int | None:
     """The plumbing's step for the WireGuard device, recorded under "wireguard" (before it is
-    made, so `bulkhead down` knows it after a crash); removed when `p` is None."""
+    made, so `bulkhead down` knows it after a crash); removed when `p` is None. Returns the MTU
+    for the VXLAN device (None: no WireGuard, the VXLAN device's own default)."""
     if p is not None:
         check_key_file(key_file)
         rec["wireguard"] = {"device": name}
         save(rec)
-        return ensure(name, p, key_file)
+        return ensure(name, p, key_file)[1]
     old = rec.pop("wireguard", None)
     if old:
         remove(old.get("device") or name)
         save(rec)
-    return 0
+    return None
 
 
-def remove_recorded(rec: dict) -> list[str]:
-    """Remove the WireGuard device a plumbing record names. Returns the errors (never raises)."""
-    dev = (rec.get("wireguard") or {}).get("device")
-    if not dev:
-        return []
-    try:
-        remove(dev)
-    except Exception as e:  # noqa: BLE001
-        return [f"wireguard device {dev}: {e}"]
-    return []
+def remove_recorded(rec: dict, name: str | None = None, sweep: bool = False) -> list[str]:
+    """Remove the WireGuard device a plumbing record names, else `name` (when the record is empty),
+    and with `sweep` every WireGuard device named like bulkhead's in this netns (a lost record:
+    the VXLAN devices are swept the same way, transit.remove_recorded). Returns the errors (never raises)."""
+    errors, names = [], set()
+    if rec.get("wireguard"):
+        names.add(rec["wireguard"].get("device"))
+    elif not rec and name:
+        names.add(name)
+    if sweep:
+        try:
+            names.update(devices())
+        except Exception as e:  # noqa: BLE001 -- keep removing the rest
+            errors.append(f"listing wireguard devices: {e}")
+    for dev in sorted(n for n in names if n):
+        try:
+            remove(dev)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"wireguard device {dev}: {e}")
+    return errors
+
+
+def ours(links) -> list[str]:
+    """Of (name, kind) pairs, the names of bulkhead's WireGuard devices: named DEVICE_PREFIX...
+    and of kind wireguard (a device of another kind by such a name is not ours and stays)."""
+    return sorted(n for n, kind in links if n and n.startswith(DEVICE_PREFIX) and kind == "wireguard")
+
+
+def devices() -> list[str]:
+    """Names of every WireGuard device named like bulkhead's (DEVICE_PREFIX) in this netns."""
+    pairs = []
+    with _ipr() as ipr:
+        for link in ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            pairs.append((link.get_attr("IFLA_IFNAME"), info.get_attr("IFLA_INFO_KIND") if info else None))
+    return ours(pairs)
 
 
 def show(name: str) -> dict | None:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from bulkhead.core.paths import REPO
@@ -97,3 +98,19 @@ def test_a_key_readable_by_others_is_refused_before_anything(ns):
     assert ifindex(ns, VX) is None and ifindex(ns, WG) is None
     r = run(ns, "p.apply(b, {}, transit_port=4789, wg=(wg, '/nonexistent/wg.key'))", check=False)
     assert r.returncode != 0 and "No such file" in r.stderr
+
+
+def test_down_without_a_record_sweeps_by_name_and_kind_only(ns):
+    """No plumbing record (a lost /run): the no-record removal sweeps the WireGuard devices named
+    like bulkhead's with the VXLAN ones; a device of another kind by such a name is not ours and
+    stays. (A real stray WireGuard device is swept in the VM: tests/vm/test_wireguard.py.)"""
+    run(ns, "p.apply(b, {}, transit_port=4789)")
+    subprocess.run(["ip", "-n", ns["name"], "link", "add", WG, "type", "bridge"], check=True)
+    for path in (Path(ns["env"]["BULKHEAD_PLUMBING_DIR"])).glob("*.json"):
+        path.unlink()
+    r = run(ns, "from bulkhead.datapath import transit\n"
+                "print(transit.remove_recorded({}, p.transit_device, sweep=True), wireguard.devices())")
+    assert r.stdout.strip() == "[] []"
+    assert ifindex(ns, VX) is None and ifindex(ns, WG)
+    run(ns, "p.remove()")  # no record, nobody else here: the same sweep, nothing left to fail on
+    assert ifindex(ns, WG)

@@ -157,3 +157,16 @@ def test_status_names_peers_by_gateway(tmp_path, monkeypatch):
     assert wireguard.status(p, "default") == {
         "device": "bhwg-default", "public_key": KEY_E, "listen_port": 51820,
         "peers": {"gw-west": {"endpoint": "198.18.50.2:51821", "latest_handshake": 5}}}
+
+
+def test_the_sweep_takes_wireguard_devices_named_like_ours_only():
+    links = [("bhwg-default", "wireguard"), ("bhwg-0123456789", "wireguard"), ("bhwg-stray", "dummy"),
+             ("wg0", "wireguard"), ("bhvx-default", "vxlan"), ("lo", None), (None, "wireguard")]
+    assert wireguard.ours(links) == ["bhwg-0123456789", "bhwg-default"]
+
+
+def test_mtus_inside_wireguard():
+    # the lab's 1600 underlay: WireGuard's 80 off it, then VXLAN's 50 (IPv4 transit) or 70 (IPv6)
+    assert wireguard.mtus(1600, 32) == (1520, 1470)
+    assert wireguard.mtus(1600, 128) == (1520, 1450)
+    assert wireguard.mtus(1500, 32) == (1420, 1370)  # 1420: the kernel's own WireGuard default

@@ -5,16 +5,19 @@ kernel without it is tested on the host (tests/integration/test_fabric_wireguard
 test_wireguard_device.py).
 
 - The plumbing alone, in a throwaway namespace: the device is made, keyed, peered and routed; a
-  policy without wireguard removes it and keeps the VXLAN device; remove() takes both.
+  policy without wireguard removes it and keeps the VXLAN device; remove() takes both. Without a
+  plumbing record (a lost /run) `bulkhead down`'s sweep takes a stray WireGuard device too.
 - The fabric lab: two gateways with wireguard: their transit addresses on the WireGuard devices,
   a-cli reaches api behind gwb, and on gwa's underlay there is only WireGuard (no VXLAN in the
   clear); status shows the peer and its handshake.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -46,12 +49,33 @@ def test_the_device_is_made_keyed_routed_and_removed(ns):
     route = subprocess.run(["ip", "-n", ns["name"], "route", "get", "198.18.100.2"], capture_output=True,
                            text=True).stdout
     assert f"dev {WG}" in route
-    # a policy without wireguard: the device goes, the VXLAN device stays
+    # no route to the peer's endpoint here: a 1500 underlay is assumed, WireGuard's 80 and VXLAN's 50 off it
+    assert (mtu(ns, WG), mtu(ns, VX)) == (1420, 1370)
+    # a policy without wireguard: the device goes, the VXLAN device stays, at its own MTU again
     run(ns, "p.apply(b, {}, transit_port=4789)")
-    assert ifindex(ns, WG) is None and ifindex(ns, VX)
+    assert ifindex(ns, WG) is None and ifindex(ns, VX) and mtu(ns, VX) == 1500
     run(ns, f"p.apply(b, {{}}, transit_port=4789, wg=(wg, {ns['key']!r}))")
     run(ns, "p.remove()")
     assert ifindex(ns, WG) is None and ifindex(ns, VX) is None
+
+
+def mtu(ns, dev: str) -> int:
+    out = subprocess.run(["ip", "-n", ns["name"], "-j", "link", "show", dev], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out)[0]["mtu"]
+
+
+def test_without_a_record_the_sweep_removes_stray_wireguard_devices(ns):
+    run(ns, f"p.apply(b, {{}}, transit_port=4789, wg=(wg, {ns['key']!r}))")
+    subprocess.run(["ip", "-n", ns["name"], "link", "add", "bhwg-stray", "type", "wireguard"], check=True)
+    for path in Path(ns["env"]["BULKHEAD_PLUMBING_DIR"]).glob("*.json"):
+        path.unlink()  # a lost /run: no record
+    run(ns, "p.remove()")  # no record, nobody else here: sweeps this netns
+    assert ifindex(ns, WG) is None and ifindex(ns, "bhwg-stray") is None and ifindex(ns, VX) is None
+    run(ns, f"p.apply(b, {{}}, transit_port=4789, wg=(wg, {ns['key']!r}))")
+    subprocess.run(["ip", "-n", ns["name"], "link", "add", "bhwg-stray", "type", "wireguard"], check=True)
+    run(ns, "from bulkhead.datapath.plumbing import remove_all; remove_all()")
+    assert ifindex(ns, WG) is None and ifindex(ns, "bhwg-stray") is None and ifindex(ns, VX) is None
 
 
 def test_transit_over_wireguard_carries_traffic_and_hides_vxlan(lab_dir):
@@ -74,6 +98,10 @@ def test_transit_over_wireguard_carries_traffic_and_hides_vxlan(lab_dir):
         time.sleep(1)  # tcpdump has no readiness signal; it needs a moment to attach
         r = fab.lab.tcp_echo("a-cli", vip, PORT, b"sealed")
         assert r.ok and r.reply == f"b-srv {host_addr('a-cli')}: sealed", r
+        # full-size segments both ways (1400 bytes of payload and the reply's more), through the MTUs below
+        big = bytes(range(65, 91)) * 54
+        r = fab.lab.tcp_echo("a-cli", vip, PORT, big)
+        assert r.ok and r.reply.endswith(big.decode()), r
         time.sleep(0.5)
     finally:
         dump.terminate()
@@ -81,6 +109,10 @@ def test_transit_over_wireguard_carries_traffic_and_hides_vxlan(lab_dir):
     text = cap.read_text()
     assert f".{WG_PORT}:" in text, text
     assert ".4789:" not in text and "VXLAN" not in text, text
+    # the underlay is 1600: WireGuard's device 1600 - 80, the VXLAN device inside it 1520 - 50 (IPv4 transit)
+    links = {li["ifname"]: li["mtu"] for li in json.loads(subprocess.run(
+        ["ip", "-n", lab.ns["gwa"], "-j", "link", "show"], capture_output=True, text=True, check=True).stdout)}
+    assert sorted(v for k, v in links.items() if k.startswith(("bhwg-", "bhvx-"))) == [1470, 1520], links
     wg = agents["gwa"].status()["transit"]["wireguard"]
     assert wg["device"].startswith("bhwg-") and wg["listen_port"] == WG_PORT
     assert wg["peers"]["gwb"]["endpoint"] == f"{host_addr('gwb')}:{WG_PORT}"
