@@ -2421,6 +2421,7 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 	int judge = 1, rejudge = 0;
 	int snat = 0;          /* the client's packets leave with the segment's address and snat_port */
 	__u16 snat_port = 0;
+	struct bh_fab_val *sa = NULL; /* that address (fab_N BH_FAB_SNAT4/6), once looked up */
 	struct bh_flow *f = bh_flow_get(&p, app_seg, 0);
 	if (f && (f->flags & BH_FLOWF_REPLY)) {
 		/* A reply to our client: it comes from the app, and into the segment, its flow went to. */
@@ -2506,8 +2507,8 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 			reason = v->reason;
 			/* A reject is a drop here: the client is behind the other gateway. */
 			int pass = bh_reason_xdp(reason) == XDP_PASS;
-			struct bh_fab_val *sn = bh_fab(slot, p.family == 4 ? BH_FAB_SNAT4 : BH_FAB_SNAT6, vni, NULL);
-			if (pass && sn) {
+			sa = bh_fab(slot, p.family == 4 ? BH_FAB_SNAT4 : BH_FAB_SNAT6, vni, NULL);
+			if (pass && sa) {
 				/* A flow re-judged under a new policy keeps the port it has. */
 				int keep = f && (f->xflags & BH_FLOWX_SNAT);
 				snat_port = keep ? f->snat_port_be : 0;
@@ -2534,7 +2535,7 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 			v->packets = 0;
 			v->bytes = 0;
 			if (snat)
-				bh_flow_put_snat(&p, vni, sn->addr, snat_port, v);
+				bh_flow_put_snat(&p, vni, sa->addr, snat_port, v);
 			else
 				bh_flow_put(&p, vni, 1, v);
 			bh_event(BH_EV_FLOW_NEW);
@@ -2542,7 +2543,8 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 	}
 	/* The client's packets into a segment that translates sources: from the segment's address. */
 	if (snat) {
-		struct bh_fab_val *sa = bh_fab(slot, p.family == 4 ? BH_FAB_SNAT4 : BH_FAB_SNAT6, vni, NULL);
+		if (!sa) /* an established flow: its segment's address under the policy in force */
+			sa = bh_fab(slot, p.family == 4 ? BH_FAB_SNAT4 : BH_FAB_SNAT6, vni, NULL);
 		if (!sa)
 			return bh_transit_drop(BH_R_TRANSIT_SNAT_LOST, len);
 		if (bh_tc_nat(skb, &p, 0, sa->addr) || bh_tc_port(skb, &p, 0, snat_port))

@@ -188,17 +188,7 @@ def remove_recorded(rec: dict, name: str | None, sweep: bool) -> list[str]:
         names.add(rec["transit"].get("device") or name)
     elif not rec and name:
         names.add(name)
-    if sweep:
-        try:
-            names.update(devices())
-        except Exception as e:  # noqa: BLE001 -- keep removing the rest
-            errors.append(f"listing transit devices: {e}")
-    for dev in sorted(n for n in names if n):
-        try:
-            remove(dev)
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"transit device {dev}: {e}")
-    return errors
+    return errors + wireguard.remove_devices(names, devices if sweep else None, remove, "transit")
 
 
 def devices() -> list[str]:

@@ -262,21 +262,29 @@ def remove_recorded(rec: dict, name: str | None = None, sweep: bool = False) -> 
     """Remove the WireGuard device a plumbing record names, else `name` (when the record is empty),
     and with `sweep` every WireGuard device named like bulkhead's in this netns (a lost record:
     the VXLAN devices are swept the same way, transit.remove_recorded). Returns the errors (never raises)."""
-    errors, names = [], set()
+    names = set()
     if rec.get("wireguard"):
         names.add(rec["wireguard"].get("device"))
     elif not rec and name:
         names.add(name)
-    if sweep:
+    return remove_devices(names, devices if sweep else None, remove, "wireguard")
+
+
+def remove_devices(names: set, listing, remove_one, what: str) -> list[str]:
+    """Remove the devices `names`, and those `listing()` gives (None: no sweep), each with
+    `remove_one`; what fails is returned as errors naming `what` kind of device, the rest goes on.
+    (transit.remove_recorded removes the VXLAN devices the same way.)"""
+    errors = []
+    if listing is not None:
         try:
-            names.update(devices())
+            names.update(listing())
         except Exception as e:  # noqa: BLE001 -- keep removing the rest
-            errors.append(f"listing wireguard devices: {e}")
+            errors.append(f"listing {what} devices: {e}")
     for dev in sorted(n for n in names if n):
         try:
-            remove(dev)
+            remove_one(dev)
         except Exception as e:  # noqa: BLE001
-            errors.append(f"wireguard device {dev}: {e}")
+            errors.append(f"{what} device {dev}: {e}")
     return errors
 
 

@@ -169,13 +169,19 @@ class FabricLab(Lab):
         p = self.run(role, ["ping", "-c1", "-W", str(max(1, int(timeout))), "-n", addr], check=False)
         return Probe("connected" if p.returncode == 0 else "timeout", p.stdout.strip())
 
-    def tcp_echo(self, role: str, addr: str, port: int, payload: bytes = b"hello", timeout: float = 2.0) -> Probe:
+    def tcp_echo(self, role: str, addr: str, port: int, payload: bytes = b"hello", timeout: float = 2.0,
+                 src: tuple[str, int] | None = None) -> Probe:
+        """One connection from `role` (from `src`, an address and port of it, if given: a flow the
+        flow log can tell from the others), `payload` sent, the first answer read."""
         import socket
 
         fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
         s = self.socket(role, fam, socket.SOCK_STREAM)
         s.settimeout(timeout)
         try:
+            if src is not None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(src)
             s.connect((addr, port))
             s.sendall(payload)
             return Probe("connected", s.recv(4096).decode(errors="replace"))

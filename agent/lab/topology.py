@@ -135,6 +135,17 @@ class Probe:
         return self.result == "connected"
 
 
+def wait_for(cond, timeout: float = 5.0, interval: float = 0.05):
+    """cond()'s first true value within `timeout` seconds, polled every `interval`, else its last."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    return cond()
+
+
 def failed_probe(e: OSError) -> "Probe":
     """What a socket error says about a probe: refused fast (RST, or an ICMP
     unreachable: filtered (v4) -> EHOSTUNREACH, prohibited (v6) -> EACCES),

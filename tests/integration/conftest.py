@@ -13,7 +13,6 @@ Only addresses in 198.18.0.0/15 and fd00::/8, only in namespaces made here.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import yaml
 
 from bulkhead.datapath.plumbing import FWD_V4, FWD_V6
 from bulkhead.lab.runner import AgentRunner
-from bulkhead.lab.topology import Topology, reap_stale
+from bulkhead.lab.topology import Topology, reap_stale, wait_for  # noqa: F401 -- the fixtures' helper
 
 DENY_TIMEOUT = 1.0  # seconds a dropped SYN/datagram is waited for
 REJECT_FAST = 0.5  # a reject must answer well within this
@@ -69,14 +68,6 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
 
 
-def wait_for(cond, timeout: float = 5.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(interval)
-    return cond()
 
 
 class Gateway:

@@ -25,7 +25,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,9 +36,9 @@ from bulkhead.core.paths import REPO
 from bulkhead.lab.etcd import EtcdServer
 from bulkhead.lab.fabriclab import GATEWAYS, TRANSIT_PORT, FabricLab, host_addr, reap_stale
 from bulkhead.lab.runner import AgentRunner, bulkhead_argv
-from bulkhead.lab.topology import NETNS_DIR
+from bulkhead.lab.topology import NETNS_DIR, wait_for
 # The transit test's policy (web at gwa may reach api at gwb; partner at gwb has no rule) and helpers.
-from test_fabric_transit import DNS_B, PORT, Fabric, _app_id, _seg_id, _wait_counter, transit_policy
+from test_fabric_transit import DNS_B, PORT, Fabric, _app_id, _seg_id, _wait_counter, _wait_flow, transit_policy
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -50,14 +49,6 @@ WAIT = 30
 API = "api.apps.example"
 
 
-def wait_for(cond, timeout: float = WAIT, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(interval)
-    return cond()
 
 
 class FabricFleet:
@@ -176,21 +167,13 @@ def test_both_gateways_follow_the_fleet_and_acknowledge(ff):
 def test_client_reaches_the_app_behind_the_other_gateway_with_its_identity(ff):
     vip = ff.fabric.vip(API)
     client, real, sport = host_addr("a-cli"), host_addr("b-srv"), 45201
-    s = ff.lab.socket("a-cli", socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(2)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((client, sport))
-        s.connect((vip, PORT))
-        s.sendall(b"fleet")
-        assert s.recv(4096).decode() == f"b-srv {client}: fleet"
-    finally:
-        s.close()
+    r = ff.lab.tcp_echo("a-cli", vip, PORT, b"fleet", src=(client, sport))
+    assert r.ok and r.reply == f"b-srv {client}: fleet", r
 
     def ours(e: dict) -> bool:
         return e["kind"] == "new" and e["src"] == client and e["sport"] == sport and e["dport"] == PORT
 
-    at_b = wait_for(lambda: [e for e in ff.fabric.flows("gwb") if ours(e)], timeout=5)
+    at_b = _wait_flow(ff.fabric, "gwb", ours)
     assert at_b, "no new flow event at gwb"
     e = at_b[-1]
     assert (e["src_app"], e["dst_app"], e["rule"], e["verdict"]) == ("web", "api", "web-api", "pass"), e
@@ -207,7 +190,7 @@ def test_etcd_away_the_transit_keeps_enforcing_the_last_policy(ff):
         ff.etcd.stop()
         assert not ff.etcd.running() and not Path(f"/proc/{pid}").exists(), "etcd still runs"
         down = wait_for(lambda: all(st["stale"] and not st["connected"]
-                                    for st in (ff.agents[gw].status()["fleet"] for gw in GATEWAYS)))
+                                    for st in (ff.agents[gw].status()["fleet"] for gw in GATEWAYS)), WAIT, 0.1)
         assert down, {gw: ff.agents[gw].status()["fleet"] for gw in GATEWAYS}
         est.sendall(b"established")
         assert est.recv(4096) == f"b-srv {host_addr('a-cli')}: established".encode()

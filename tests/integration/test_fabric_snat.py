@@ -15,14 +15,13 @@ b-srv's segment, gwb gives flows from other gateways the segment's own address (
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 import yaml
 
 from bulkhead.lab.fabriclab import FabricLab, host_addr, reap_stale
 from bulkhead.lab.runner import AgentRunner
-from test_fabric_transit import PORT, Fabric, transit_policy
+from test_fabric_transit import PORT, Fabric, _wait_flow, transit_policy
 
 pytestmark = [pytest.mark.root, pytest.mark.integration]
 
@@ -84,15 +83,6 @@ def connect(fabric: Fabric, vip: str, src: str | None = None, sport: int = 0) ->
     return s
 
 
-def wait_flows(fabric: Fabric, gw: str, match, n: int = 1, timeout: float = 5.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in fabric.flows(gw) if match(e)]
-        if len(found) >= n or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
-
-
 def test_without_translation_the_on_link_server_answers_past_the_gateway(fabric):
     """The control: what transit_snat is for. The SYN gets through both gateways, the SYN-ACK stays
     on b-srv's link (it looks for 198.18.1.10 there), so the client gets no answer."""
@@ -116,7 +106,7 @@ def test_with_transit_snat_the_server_sees_the_gateway_and_the_client_its_answer
     def ours(e: dict) -> bool:
         return e["kind"] == "new" and e["src"] == client and e["sport"] == sport
 
-    at_b = wait_flows(fabric, "gwb", ours)
+    at_b = _wait_flow(fabric, "gwb", ours)
     assert at_b, "no new flow event at gwb"
     e = at_b[-1]
     # judged by the identity carried, and the translation named: its own port was free
@@ -124,7 +114,7 @@ def test_with_transit_snat_the_server_sees_the_gateway_and_the_client_its_answer
                                                                               "gwa"), e
     addr = SNAT[0] if family == 4 else f"[{SNAT[1]}]"
     assert e["snat"] == f"{addr}:{sport}", e
-    at_a = wait_flows(fabric, "gwa", ours)
+    at_a = _wait_flow(fabric, "gwa", ours)
     assert at_a and at_a[-1]["snat"] is None, at_a  # the client's gateway translates no source
     p = fabric.agents["gwb"].cli("flows")
     assert p.returncode == 0 and f"from {addr}:{sport}" in p.stdout, p.stdout
@@ -143,7 +133,7 @@ def test_two_clients_on_one_port_leave_with_distinct_ports(fabric):
     finally:
         for s in socks:
             s.close()
-    at_b = wait_flows(fabric, "gwb", lambda e: e["kind"] == "new" and e["sport"] == sport and e["src"] in clients,
+    at_b = _wait_flow(fabric, "gwb", lambda e: e["kind"] == "new" and e["sport"] == sport and e["src"] in clients,
                       n=2)
     ports = {e["src"]: int(e["snat"].rsplit(":", 1)[1]) for e in at_b}
     assert set(ports) == set(clients), at_b

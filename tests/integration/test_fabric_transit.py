@@ -218,13 +218,13 @@ def test_status_shows_the_transit(fabric):
         assert t["peers"][peer] == host_addr(peer)
 
 
-def _wait_flow(fabric: Fabric, gw: str, match, timeout: float = 5.0) -> list[dict]:
-    """The events at `gw` that `match`, once there is one (the agent reads the ring buffer as
-    events come: normally at once), or none at the timeout."""
+def _wait_flow(fabric: Fabric, gw: str, match, timeout: float = 5.0, n: int = 1) -> list[dict]:
+    """The events at `gw` that `match`, once there are `n` (the agent reads the ring buffer as
+    events come: normally at once), or those there are at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
         found = [e for e in fabric.flows(gw) if match(e)]
-        if found or time.monotonic() > deadline:
+        if len(found) >= n or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
 
@@ -236,17 +236,8 @@ def test_flow_log_at_both_gateways_names_the_apps_the_other_gateway_and_the_serv
     at gwb the same flow from web (its identity carried) via gwa, on the client's segment a-cli."""
     vip = fabric.vip("api.apps.example", family)
     client, real, sport = host_addr("a-cli", family), host_addr("b-srv", family), 45150 + family
-    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-    s = fabric.lab.socket("a-cli", fam, socket.SOCK_STREAM)
-    s.settimeout(2)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((client, sport))
-        s.connect((vip, PORT))
-        s.sendall(b"logged")
-        assert s.recv(4096).decode() == f"b-srv {client}: logged"
-    finally:
-        s.close()
+    r = fabric.lab.tcp_echo("a-cli", vip, PORT, b"logged", src=(client, sport))
+    assert r.ok and r.reply == f"b-srv {client}: logged", r
 
     def ours(e: dict) -> bool:
         return e["kind"] == "new" and e["src"] == client and e["sport"] == sport and e["dport"] == PORT
