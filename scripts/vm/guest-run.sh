@@ -59,6 +59,7 @@ DEFAULT_TESTS=(
     tests/integration/test_fabric_dns.py
     tests/integration/test_fabric_routes.py
     tests/integration/test_fabric_transit.py
+    tests/integration/test_fabric_snat.py
     "tests/integration/test_lifecycle.py::test_restart_keeps_enforcing_and_reuses_pins"
     "tests/integration/test_lifecycle.py::test_down_leaves_nothing"
     # tests that need a kernel feature the development hosts lack (WireGuard): VM only

@@ -3,7 +3,7 @@
 - Where the kernel has no wireguard module (this may be such a host): the two gateways run a
   policy with plain transit; applying the same policy with `wireguard:` on gwa fails with the
   module-missing error, and a-cli still reaches api across (the running policy stays).
-- Where it has the module: tests/vm/test_wireguard.py (run in the VM of `make vm-test`) sends real
+- Where it has the module: tests/vm/test_wireguard_traffic.py (run in the VM of `make vm-test`) sends real
   traffic over it, with this file's lab and helpers.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ namespace; no BPF program is compiled.
 
 Here the kernel may have no wireguard module: then the apply must fail with that error and
 leave the running transit device as it was (nothing is sent in the clear). With the module,
-tests/vm/test_wireguard.py (the VM of `make vm-test`) checks the device is made, keyed, peered,
+tests/vm/test_wireguard_traffic.py (the VM of `make vm-test`) checks the device is made, keyed, peered,
 routed and removed again, with this file's helpers.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_a_key_readable_by_others_is_refused_before_anything(ns):
 def test_down_without_a_record_sweeps_by_name_and_kind_only(ns):
     """No plumbing record (a lost /run): the no-record removal sweeps the WireGuard devices named
     like bulkhead's with the VXLAN ones; a device of another kind by such a name is not ours and
-    stays. (A real stray WireGuard device is swept in the VM: tests/vm/test_wireguard.py.)"""
+    stays. (A real stray WireGuard device is swept in the VM: tests/vm/test_wireguard_traffic.py.)"""
     run(ns, "p.apply(b, {}, transit_port=4789)")
     subprocess.run(["ip", "-n", ns["name"], "link", "add", WG, "type", "bridge"], check=True)
     for path in (Path(ns["env"]["BULKHEAD_PLUMBING_DIR"])).glob("*.json"):
