@@ -877,6 +877,13 @@ static __always_inline void bh_sni_carry(struct bh_flow *v, const struct bh_flow
  * reads it; XDP can't set skb->mark). Returns 0, or -1 when the driver can't
  * carry metadata (generic XDP): each caller says what that means for it.
  */
+#ifdef BH_NO_XDP_META
+/* No XDP metadata in this kernel: bulkhead_tc finds what it needs itself (bh_tc_nometa). */
+static __always_inline int bh_meta_put(struct xdp_md *ctx, __u32 mark, __u32 flags)
+{
+	return -1;
+}
+#else
 static __always_inline int bh_meta_put(struct xdp_md *ctx, __u32 mark, __u32 flags)
 {
 	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct bh_meta)))
@@ -890,6 +897,7 @@ static __always_inline int bh_meta_put(struct xdp_md *ctx, __u32 mark, __u32 fla
 	m->flags = flags;
 	return 0;
 }
+#endif
 
 /*
  * Pass a packet of an L7 flow with the mark that steers it to the verifier
@@ -902,8 +910,11 @@ static __always_inline int bh_steer(struct xdp_md *ctx, __u8 reason, __u32 seg, 
 {
 	if (!(ctl_flags & BH_CTL_L7_READY))
 		return bh_record(BH_R_PUNT_NO_HANDLER, XDP_DROP, len);
+#ifndef BH_NO_XDP_META
 	if (bh_meta_put(ctx, BH_MARK_L7 | (seg & 0xffff), 0))
 		return bh_record(BH_R_L7_NO_META, XDP_DROP, len);
+#endif
+	/* Without XDP metadata, bulkhead_tc marks it from the flow entry (bh_tc_nometa). */
 	return bh_record(reason, XDP_PASS, len);
 }
 
@@ -921,10 +932,24 @@ static __always_inline int bh_steer(struct xdp_md *ctx, __u8 reason, __u32 seg, 
  */
 static __always_inline int bh_fwd_handoff(struct xdp_md *ctx, __u8 reason, __u32 out_seg, __u32 slot, __u64 len)
 {
-	if (bh_meta_put(ctx, BH_MARK_SEG | (out_seg & 0xffff),
-			BH_METAF_FORWARD | (slot ? BH_METAF_SLOT1 : 0) | ((__u32)reason << BH_METAF_REASON_SHIFT)))
+	__u32 mark = BH_MARK_SEG | (out_seg & 0xffff);
+	__u32 flags = BH_METAF_FORWARD | (slot ? BH_METAF_SLOT1 : 0) | ((__u32)reason << BH_METAF_REASON_SHIFT);
+#ifdef BH_NO_XDP_META
+	/* The tail call runs next on this CPU: a per-CPU slot carries what metadata would. */
+	__u32 zero = 0;
+	struct bh_meta *m = meta_handoff.lookup(&zero);
+	if (!m)
+		return bh_record(reason, XDP_PASS, len);
+	m->magic = BH_META_MAGIC;
+	m->mark = mark;
+	m->flags = flags;
+	tails.call(ctx, BH_TAIL_FORWARD);
+	m->magic = 0;
+#else
+	if (bh_meta_put(ctx, mark, flags))
 		return bh_record(reason, XDP_PASS, len);
 	tails.call(ctx, BH_TAIL_FORWARD);
+#endif
 	bh_event(BH_EV_FWD_TAIL_MISSED);
 	return bh_record(reason, XDP_PASS, len); /* allowed either way: the stack forwards it, marked */
 }
@@ -1330,8 +1355,21 @@ static __always_inline int bh_reject_send(struct xdp_md *ctx, __u32 ev, __u64 le
 		bh_event(ev);
 		return bh_record(BH_R_REJECT_RULE, XDP_TX, len);
 	}
+#ifdef BH_NO_XDP_META
+	/* bulkhead_tc takes it by its pending count and its type (PACKET_OTHERHOST: the client's MAC). */
+	__u32 zero = 0;
+	struct bh_send_back *pending = send_back_pending.lookup(&zero);
+	if (!pending)
+		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+	__u64 now = bpf_ktime_get_ns();
+	if (now - pending->ts_ns > BH_SEND_BACK_NS)
+		pending->count = 0; /* what was pending never reached TC (dropped on the way) */
+	pending->count++;
+	pending->ts_ns = now;
+#else
 	if (bh_meta_put(ctx, 0, BH_METAF_SEND_BACK))
 		return bh_record(BH_R_REJECT_FAILED, XDP_DROP, len);
+#endif
 	bh_event(ev);
 	return bh_record(BH_R_REJECT_RULE, XDP_PASS, len);
 }
@@ -1884,25 +1922,34 @@ static __always_inline long bh_fwd_fib(struct xdp_md *ctx, const struct bh_pkt *
 /* Take the mark back: the packet goes up as an unmarked one, through conntrack. */
 static __always_inline void bh_fwd_unmark(struct xdp_md *ctx)
 {
+#ifndef BH_NO_XDP_META /* else nothing marks it */
 	void *data = (void *)(long)ctx->data;
 	struct bh_meta *m = (void *)(long)ctx->data_meta;
 
 	if ((void *)(m + 1) <= data)
 		m->magic = 0;
+#endif
 }
 
 int bulkhead_forward(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct bh_meta *m = (void *)(long)ctx->data_meta;
 	__u64 len = data_end - data;
 	struct bpf_fib_lookup fib = {};
 	struct bh_pkt p;
 	__u32 ev = BH_EV_FWD_FIB_OTHER;
-
+#ifdef BH_NO_XDP_META
+	__u32 zero = 0;
+	struct bh_meta *m = meta_handoff.lookup(&zero);
+	if (!m || m->magic != BH_META_MAGIC || !(m->flags & BH_METAF_FORWARD))
+		return bh_record(BH_R_TAIL_CALL_MISSED, XDP_DROP, len); /* only bh_fwd_handoff calls here */
+	m->magic = 0;
+#else
+	struct bh_meta *m = (void *)(long)ctx->data_meta;
 	if ((void *)(m + 1) > data || m->magic != BH_META_MAGIC || !(m->flags & BH_METAF_FORWARD))
 		return bh_record(BH_R_TAIL_CALL_MISSED, XDP_DROP, len); /* only bh_fwd_handoff calls here */
+#endif
 	__u8 reason = m->flags >> BH_METAF_REASON_SHIFT;
 	__u32 slot = !!(m->flags & BH_METAF_SLOT1);
 	__u32 out_seg = m->mark & 0xffff;
@@ -1944,8 +1991,10 @@ int bulkhead_forward(struct xdp_md *ctx)
 			ev = BH_EV_FWD_PACKET;
 			goto stack;
 		}
+#ifndef BH_NO_XDP_META
 		/* The metadata would travel with the frame into the peer: taken off. */
 		bpf_xdp_adjust_meta(ctx, (int)sizeof(struct bh_meta));
+#endif
 		bh_event(BH_EV_FWD_REDIRECT);
 		return bh_record(reason, bpf_redirect(oif, 0), len);
 	}
@@ -2166,6 +2215,43 @@ static __always_inline int bh_tc_route(struct __sk_buff *skb, const struct bh_pk
  * (forward: destination to the real address; reply: source back to the
  * service address) and, for a peer behind another gateway, encapsulate.
  */
+static __always_inline int bh_tc_fabric_flow(struct __sk_buff *skb, __u32 slot, __u32 seg, struct bh_pkt *p,
+					     struct bh_flow *f)
+{
+	__u8 fflags = f->flags;
+	__u32 vni = f->peer_segment;
+	__u32 app = (fflags & BH_FLOWF_REPLY) ? f->dst_app : f->src_app;
+	if (fflags & BH_FLOWF_NAT) {
+		int reply = fflags & BH_FLOWF_REPLY;
+		struct bh_fab_val *nv = reply ? bh_fab(slot, BH_FAB_REAL, 0, p->saddr) : bh_fab(slot, BH_FAB_VIP, 0, p->daddr);
+		/*
+		 * The slot XDP judged it by was refilled while the packet was on its way
+		 * (two applies in a row): nothing to translate it to under a policy that is gone.
+		 */
+		if (!nv)
+			return bh_record(BH_R_NO_POLICY, TC_ACT_SHOT, skb->len);
+		if (bh_tc_nat(skb, p, !reply, nv->addr))
+			return bh_record(BH_R_MALFORMED_L4, TC_ACT_SHOT, skb->len); /* the helpers refused to write it */
+		if (reply)
+			__builtin_memcpy(p->saddr, nv->addr, 16);
+		else
+			__builtin_memcpy(p->daddr, nv->addr, 16);
+	}
+	if ((f->xflags & BH_FLOWX_SNAT) && (fflags & BH_FLOWF_REPLY)) {
+		/* A reply to a client whose source this gateway translated: back to the client's own. */
+		struct bh_snat_val *o = bh_snat_orig(p, seg);
+		if (!o)
+			return bh_record(BH_R_TRANSIT_SNAT_LOST, TC_ACT_SHOT, skb->len);
+		__u16 cport = o->port_be;
+		if (bh_tc_nat(skb, p, 1, o->addr) || bh_tc_port(skb, p, 1, cport))
+			return bh_record(BH_R_MALFORMED_L4, TC_ACT_SHOT, skb->len);
+	}
+	if (fflags & BH_FLOWF_TRANSIT)
+		return bh_tc_encap(skb, slot, vni, app, (fflags & BH_FLOWF_NAT) && !(fflags & BH_FLOWF_REPLY));
+	/* Translated, to an app of this gateway: a reply leaves by its client's segment. */
+	return bh_tc_route(skb, p, (fflags & BH_FLOWF_REPLY) ? vni : 0);
+}
+
 static __always_inline int bh_tc_fabric(struct __sk_buff *skb, __u32 slot)
 {
 	struct bh_pkt p;
@@ -2176,39 +2262,94 @@ static __always_inline int bh_tc_fabric(struct __sk_buff *skb, __u32 slot)
 	struct bh_flow *f = bh_flow_get(&p, seg, 0);
 	if (!f || !(f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT)))
 		return TC_ACT_OK;
-	__u8 fflags = f->flags;
-	__u32 vni = f->peer_segment;
-	__u32 app = (fflags & BH_FLOWF_REPLY) ? f->dst_app : f->src_app;
-	if (fflags & BH_FLOWF_NAT) {
-		int reply = fflags & BH_FLOWF_REPLY;
-		struct bh_fab_val *nv = reply ? bh_fab(slot, BH_FAB_REAL, 0, p.saddr) : bh_fab(slot, BH_FAB_VIP, 0, p.daddr);
-		/*
-		 * The slot XDP judged it by was refilled while the packet was on its way
-		 * (two applies in a row): nothing to translate it to under a policy that is gone.
-		 */
-		if (!nv)
-			return bh_record(BH_R_NO_POLICY, TC_ACT_SHOT, skb->len);
-		if (bh_tc_nat(skb, &p, !reply, nv->addr))
-			return bh_record(BH_R_MALFORMED_L4, TC_ACT_SHOT, skb->len); /* the helpers refused to write it */
-		if (reply)
-			__builtin_memcpy(p.saddr, nv->addr, 16);
-		else
-			__builtin_memcpy(p.daddr, nv->addr, 16);
-	}
-	if ((f->xflags & BH_FLOWX_SNAT) && (fflags & BH_FLOWF_REPLY)) {
-		/* A reply to a client whose source this gateway translated: back to the client's own. */
-		struct bh_snat_val *o = bh_snat_orig(&p, seg);
-		if (!o)
-			return bh_record(BH_R_TRANSIT_SNAT_LOST, TC_ACT_SHOT, skb->len);
-		__u16 cport = o->port_be;
-		if (bh_tc_nat(skb, &p, 1, o->addr) || bh_tc_port(skb, &p, 1, cport))
-			return bh_record(BH_R_MALFORMED_L4, TC_ACT_SHOT, skb->len);
-	}
-	if (fflags & BH_FLOWF_TRANSIT)
-		return bh_tc_encap(skb, slot, vni, app, (fflags & BH_FLOWF_NAT) && !(fflags & BH_FLOWF_REPLY));
-	/* Translated, to an app of this gateway: a reply leaves by its client's segment. */
-	return bh_tc_route(skb, &p, (fflags & BH_FLOWF_REPLY) ? vni : 0);
+	return bh_tc_fabric_flow(skb, slot, seg, &p, f);
 }
+
+#ifdef BH_NO_XDP_META
+#define BH_PACKET_OTHERHOST 3 /* linux/if_packet.h */
+
+/*
+ * A kernel without XDP metadata: bulkhead_tc learns what bulkhead_xdp decided
+ * from the flow entry XDP judged the packet by. A steered flow (L7) gets the
+ * mark that sends it to the verifier; a flow through the fabric goes to
+ * bh_tc_fabric_flow; another allowed packet XDP gave the stack gets the
+ * segment mark bh_fwd_handoff would have given it. Only what XDP passes
+ * comes here (the fast path redirects the rest): the cost, one flow lookup
+ * (and for those, one FIB lookup) per such packet.
+ */
+static __always_inline int bh_tc_nometa(struct __sk_buff *skb, __u32 slot, const struct bh_slot_cfg *cfg,
+					__u32 ctl_flags)
+{
+	struct bh_pkt p;
+
+	/* A first fragment of a steered flow is steered (its later ones XDP drops: punt_no_handler). */
+	if (bh_tc_parse(skb, &p) != BH_PARSE_OK || p.frag == BH_FRAG_LATER || p.icmp_error)
+		return TC_ACT_OK;
+	__u32 seg = bh_segment_of(slot, skb->ifindex);
+	if (!seg)
+		return TC_ACT_OK;
+	struct bh_flow *f = bh_flow_get(&p, seg, 0);
+	if (!f)
+		return TC_ACT_OK;
+	if (f->reason == BH_R_L7_STEER || f->reason == BH_R_L7_UPSTREAM) {
+		skb->mark = (skb->mark & BH_MARK_KEEP) | BH_MARK_L7 | (seg & 0xffff);
+		return TC_ACT_OK;
+	}
+	if (p.frag != BH_FRAG_NONE)
+		return TC_ACT_OK; /* conntrack's defragmentation sees every fragment: unmarked */
+	if ((cfg->flags & BH_SLOTF_FABRIC) && (f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT)))
+		return bh_tc_fabric_flow(skb, slot, seg, &p, f);
+	/*
+	 * What the fast path gave the stack (bulkhead_forward: no neighbour yet,
+	 * TTL 1, IP options, ...) gets the mark bh_fwd_handoff would have put on
+	 * it, so it skips conntrack as it does with metadata; except a packet for
+	 * the gateway itself (its replies are routed back by ct mark).
+	 */
+	if (f->reason == BH_R_SNI_PENDING || (ctl_flags & BH_CTL_NO_FASTPATH) || bh_reason_xdp(f->reason) != XDP_PASS)
+		return TC_ACT_OK;
+	struct bpf_fib_lookup fib = {};
+	fib.ifindex = skb->ifindex;
+	fib.l4_protocol = p.proto;
+	fib.sport = p.sport_be;
+	fib.dport = p.dport_be;
+	if (p.family == 4) {
+		fib.family = 2; /* AF_INET */
+		__builtin_memcpy(&fib.ipv4_src, p.saddr + 12, 4);
+		__builtin_memcpy(&fib.ipv4_dst, p.daddr + 12, 4);
+	} else {
+		fib.family = 10; /* AF_INET6 */
+		__builtin_memcpy(fib.ipv6_src, p.saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, p.daddr, 16);
+	}
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return TC_ACT_OK;
+	__u32 out_seg = (f->flags & BH_FLOWF_REPLY) ? f->peer_segment : 0;
+	skb->mark = (skb->mark & BH_MARK_KEEP) | BH_MARK_SEG | (out_seg & 0xffff);
+	return TC_ACT_OK;
+}
+
+/*
+ * A reject answer bulkhead_xdp passed up (bh_reject_send): addressed to the
+ * client's MAC (PACKET_OTHERHOST, which the stack would drop), while this
+ * CPU's count of answers on their way, from the last 10 ms, is not spent.
+ */
+static __always_inline int bh_tc_take_answer(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+
+	if (skb->pkt_type != BH_PACKET_OTHERHOST)
+		return 0;
+	struct bh_send_back *pending = send_back_pending.lookup(&zero);
+	if (!pending || !pending->count)
+		return 0;
+	if (bpf_ktime_get_ns() - pending->ts_ns > BH_SEND_BACK_NS) {
+		pending->count = 0; /* lost on the way: this frame is not one of them */
+		return 0;
+	}
+	pending->count--;
+	return 1;
+}
+#endif
 
 /*
  * TC ingress on every segment interface: send a reject answer XDP built
@@ -2226,14 +2367,24 @@ int bulkhead_tc(struct __sk_buff *skb)
 
 	if ((void *)(m + 1) > data || m->magic != BH_META_MAGIC) {
 		__u32 zero = 0;
+#ifdef BH_NO_XDP_META
+		if (bh_tc_take_answer(skb))
+			goto send_back;
+#endif
 		struct bh_ctl *gc = ctl.lookup(&zero);
 		if (!gc)
 			return TC_ACT_OK;
 		__u32 slot = gc->active_slot & 1;
 		struct bh_slot_cfg *cfg = slot_cfg.lookup(&slot);
+#ifdef BH_NO_XDP_META
+		if (!cfg)
+			return TC_ACT_OK;
+		return bh_tc_nometa(skb, slot, cfg, gc->flags);
+#else
 		if (!cfg || !(cfg->flags & BH_SLOTF_FABRIC))
 			return TC_ACT_OK;
 		return bh_tc_fabric(skb, slot);
+#endif
 	}
 	if (m->flags & BH_METAF_SEND_BACK) {
 		/*
@@ -2241,6 +2392,9 @@ int bulkhead_tc(struct __sk_buff *skb)
 		 * bulkhead_tc there does not take the answer for one of its own.
 		 */
 		m->magic = 0;
+#ifdef BH_NO_XDP_META
+send_back:
+#endif
 		/* Egress of the ingress device: dev_queue_xmit, which reaches any veth peer. */
 		if (bpf_redirect(skb->ifindex, 0) != TC_ACT_REDIRECT)
 			return TC_ACT_SHOT; /* an answer addressed to the client is never the gateway's to read */

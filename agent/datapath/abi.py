@@ -214,6 +214,7 @@ SLOTF_SNI_ANY = 0x10
 SLOTF_FABRIC = 0x20  # the slot has fab_N entries: service addresses or transit
 APP_ANY = 0xFFFFFFFF
 META_MAGIC = 0xB4E7A11D
+SEND_BACK_NS = 10_000_000  # a pending reject answer older than this never reached TC (BH_NO_XDP_META)
 METAF_SEND_BACK = 0x1
 METAF_FORWARD = 0x2
 METAF_SLOT1 = 0x4
@@ -305,6 +306,11 @@ class SegVal(C.Structure):
 
 class IfCfg(C.Structure):
     _fields_ = [("reject_path", u8), ("redirect_ok", u8), ("pad", u8 * 2)]
+
+
+class SendBack(C.Structure):
+    """send_back_pending (kernels without bpf_xdp_adjust_meta): answers on their way to TC."""
+    _fields_ = [("count", u32), ("pad", u32), ("ts_ns", u64)]
 
 
 class SrcKey(C.Structure):
@@ -538,6 +544,7 @@ STRUCTS = {
     "bh_slot_cfg": SlotCfg,
     "bh_seg_val": SegVal,
     "bh_if_cfg": IfCfg,
+    "bh_send_back": SendBack,
     "bh_src_key": SrcKey,
     "bh_dst_key": DstKey,
     "bh_ident": Ident,

@@ -187,6 +187,11 @@ class Datapath:
         return "BH_BENCH" in self.defines
 
     @property
+    def xdp_meta(self) -> bool:
+        """bulkhead_xdp hands bulkhead_tc XDP metadata (the kernel has bpf_xdp_adjust_meta)."""
+        return "BH_NO_XDP_META" not in self.defines
+
+    @property
     def events_perf(self) -> bool:
         """flow_events is a perf event array (BH_EVENTS_PERF), not a ring buffer."""
         return "BH_EVENTS_PERF" in self.defines
@@ -201,6 +206,12 @@ class Datapath:
             if probe.PROBES["ringbuf"]() is not True:
                 log.warning("no BPF ring buffer in this kernel: flow events use a perf buffer")
                 self.defines += ("BH_EVENTS_PERF",)
+        if "BH_NO_XDP_META" not in self.defines:
+            from bulkhead.datapath import probe
+
+            if probe.PROBES["xdp_adjust_meta"]() is not True:
+                log.warning("no bpf_xdp_adjust_meta in this kernel: bulkhead_tc looks up each packet's flow instead")
+                self.defines += ("BH_NO_XDP_META",)
         maps_dir = self.pin_dir / "maps"
         self.fresh = not maps_dir.exists()
         self.build_id = build_id(maps_dir, self.sizes, self.defines)

@@ -46,6 +46,7 @@ log = logging.getLogger("bulkhead.probe")
 PROG_TYPE_XDP = 6
 MAP_ARRAY, MAP_LRU_HASH, MAP_LPM_TRIE, MAP_RINGBUF = 2, 9, 11, 27
 F_NO_PREALLOC = 1
+HELPER_XDP_ADJUST_META = 54
 HELPER_XDP_ADJUST_TAIL = 65
 HELPER_KTIME_GET_COARSE_NS = 160
 XDP_PASS = 2
@@ -58,6 +59,9 @@ FEATURES: dict[str, tuple[bool, str]] = {
     "batch_map_ops": (True, "the loader zeroes the segment map with one batch update"),
     "ktime_get_coarse_ns": (True, "the XDP program timestamps flows with bpf_ktime_get_coarse_ns()"),
     "xdp_adjust_tail": (True, "reject answers (TCP RST, ICMP unreachable) resize the frame with bpf_xdp_adjust_tail()"),
+    "xdp_adjust_meta": (False, ("bulkhead_xdp passes nothing in front of a packet: bulkhead_tc looks up the flow "
+                                "of each packet it gets (steering marks, the fabric, reject answers), and allowed "
+                                "packets go up unmarked, through conntrack")),
     "ringbuf": (False, "flow events use a per-CPU perf buffer instead of the BPF ring buffer (kernels < 5.8)"),
     "prog_test_run_xdp": (False, "tests/bpf cannot run packets through the program (BPF_PROG_TEST_RUN); enforcement is unaffected"),
     "native_xdp_veth": (False, "XDP attaches in generic (skb) mode on veth: same verdicts, more cost per packet"),
@@ -284,6 +288,8 @@ PROBES = {
     "ktime_get_coarse_ns": lambda: probe_helper(HELPER_KTIME_GET_COARSE_NS),
     # r1 is the XDP context on entry; r2 = 0 asks to grow the frame by nothing.
     "xdp_adjust_tail": lambda: probe_helper(HELPER_XDP_ADJUST_TAIL, mov64_imm(2, 0)),
+    # r2 = 0: no metadata, just the call (some kernels are built without the helper).
+    "xdp_adjust_meta": lambda: probe_helper(HELPER_XDP_ADJUST_META, mov64_imm(2, 0)),
     # A ring buffer: no key or value, max_entries a power-of-two number of pages.
     "ringbuf": lambda: _probe_ringbuf(),
     "prog_test_run_xdp": probe_test_run,

@@ -95,6 +95,19 @@ BPF_PERCPU_ARRAY(addr_scratch, struct bh_addr16, 1);
 /* flow_scratch: one per-CPU flow entry to build a new one in (too big for bulkhead_xdp's stack). Not pinned. */
 BPF_PERCPU_ARRAY(flow_scratch, struct bh_flow, 1);
 
+#ifdef BH_NO_XDP_META
+/*
+ * A kernel without bpf_xdp_adjust_meta (the loader probes it): what bulkhead_xdp
+ * would put in front of the packet goes here instead. meta_handoff: the
+ * fast path's input (bh_fwd_handoff tail-calls bulkhead_forward: same CPU,
+ * same run). send_back_pending: reject answers bulkhead_xdp passed up for
+ * bulkhead_tc to send back out (XDP_PASS and TC ingress run on the same CPU,
+ * in the same softirq). Not pinned.
+ */
+BPF_PERCPU_ARRAY(meta_handoff, struct bh_meta, 1);
+BPF_PERCPU_ARRAY(send_back_pending, struct bh_send_back, 1);
+#endif
+
 /* flow_events: new flow / verdict change / end records for the agent's flow log. */
 #ifdef BH_NO_TELEMETRY
 #elif defined(BH_EVENTS_PERF)

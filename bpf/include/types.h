@@ -39,6 +39,14 @@ struct bh_meta {
 #define BH_METAF_FABRIC 0x8    /* a flow through the fabric (BH_FLOWF_NAT / _TRANSIT): bulkhead_tc looks its entry up, translates, encapsulates */
 #define BH_METAF_REASON_SHIFT 8 /* with FORWARD: bits 8..15 hold the enum bh_reason to record */
 
+/* send_back_pending (BH_NO_XDP_META builds): reject answers XDP passed up for bulkhead_tc, on this CPU. */
+struct bh_send_back {
+	__u32 count; /* answers passed up, not yet taken */
+	__u32 pad;
+	__u64 ts_ns; /* bpf_ktime_get_ns() of the last: older than BH_SEND_BACK_NS, none is still on its way */
+};
+#define BH_SEND_BACK_NS 10000000ULL
+
 /* slot_cfg[slot]: settings that swap together with the slot's maps. */
 struct bh_slot_cfg {
 	__u32 generation;     /* 0 = slot never filled: judge nothing by it */
@@ -386,6 +394,7 @@ struct bh_counter {
 _Static_assert(sizeof(struct bh_ctl) == 8, "bh_ctl");
 _Static_assert(sizeof(struct bh_meta) == 12, "bh_meta"); /* XDP metadata: a multiple of 4, at most 32 on 6.1 */
 _Static_assert(sizeof(struct bh_if_cfg) == 4, "bh_if_cfg");
+_Static_assert(sizeof(struct bh_send_back) == 16, "bh_send_back");
 _Static_assert(sizeof(struct bh_slot_cfg) == 8, "bh_slot_cfg");
 _Static_assert(sizeof(struct bh_src_key) == 24, "bh_src_key");
 _Static_assert(sizeof(struct bh_dst_key) == 20, "bh_dst_key");

@@ -198,6 +198,16 @@ def _meta_len(frame_len: int) -> int:
     return (14 - frame_len + 3) // 4 * 4
 
 
+class SkBuffHead(C.Structure):
+    """The head of struct __sk_buff, up to cb[]: what a SCHED_CLS test run may set."""
+
+    _fields_ = [("len", C.c_uint32), ("pkt_type", C.c_uint32), ("mark", C.c_uint32),
+                ("queue_mapping", C.c_uint32), ("protocol", C.c_uint32), ("vlan_present", C.c_uint32),
+                ("vlan_tci", C.c_uint32), ("vlan_proto", C.c_uint32), ("priority", C.c_uint32),
+                ("ingress_ifindex", C.c_uint32), ("ifindex", C.c_uint32), ("tc_index", C.c_uint32),
+                ("cb", C.c_uint32 * 5), ("_rest", C.c_uint8 * 256)]  # the kernel copies the whole __sk_buff out
+
+
 class Xdp:
     """The loaded datapath plus helpers; one per session."""
 
@@ -207,6 +217,37 @@ class Xdp:
         self.ns_fd, self.orig_ns_fd = ns_fd, orig_ns_fd
         self.generation = 0
         self.active: str | None = None  # checksum of the bundle in force, None = unknown
+
+    @property
+    def meta(self) -> bool:
+        """The kernel has bpf_xdp_adjust_meta: bulkhead_xdp puts struct bh_meta in front of
+        what it hands bulkhead_tc. Without it (BH_NO_XDP_META) nothing is in front: the fast
+        path's input travels in the per-CPU meta_handoff, reject answers are counted in
+        send_back_pending, and bulkhead_tc looks the flow up itself (bh_tc_nometa)."""
+        return self.dp.xdp_meta
+
+    def send_back_pending(self) -> int:
+        """Reject answers bulkhead_xdp passed up for bulkhead_tc, not taken yet (all CPUs;
+        BH_NO_XDP_META builds only)."""
+        t = self.dp.bpf[b"send_back_pending"]
+        return sum(int(v.count) for v in t.getvalue(t.Key(0)))
+
+    def tc(self, frame, ifname: str, mark: int = 0) -> tuple[int, bytes, int]:
+        """bulkhead_tc on an skb arriving on `ifname` (the skb test run takes no XDP
+        metadata) -> (TC code, output frame, skb->mark after)."""
+        data = frame if isinstance(frame, bytes) else raw(frame)
+        buf_in = C.create_string_buffer(data, len(data))
+        buf_out = C.create_string_buffer(len(data) + 256)
+        idx = self.ifindex[ifname]
+        ctx_in, ctx_out = SkBuffHead(mark=mark, ifindex=idx, ingress_ifindex=idx), SkBuffHead()
+        opts = libbpf.TestRunOpts(sz=C.sizeof(libbpf.TestRunOpts), repeat=1)
+        opts.data_in, opts.data_size_in = C.cast(buf_in, C.c_void_p), len(data)
+        opts.data_out, opts.data_size_out = C.cast(buf_out, C.c_void_p), len(buf_out)
+        opts.ctx_in, opts.ctx_size_in = C.cast(C.pointer(ctx_in), C.c_void_p), SkBuffHead._rest.offset
+        opts.ctx_out, opts.ctx_size_out = C.cast(C.pointer(ctx_out), C.c_void_p), C.sizeof(ctx_out)
+        libbpf._check(libbpf.lib().bpf_prog_test_run_opts(self.dp.prog_fd(loader.TC_PROG), C.byref(opts)),
+                      "tc test run")
+        return opts.retval, buf_out.raw[: opts.data_size_out], ctx_out.mark
 
     def inside(self):
         """Context: the process in the test namespace, where `ifindex` is valid."""
@@ -300,6 +341,9 @@ class Xdp:
         if self.active != BASE.checksum:
             self.apply(BASE)
         self.clear_flows()
+        if not self.meta:  # answers the test runs built that no TC run took
+            t = self.dp.bpf[b"send_back_pending"]
+            t[t.Key(0)] = t.Leaf(*([t.sLeaf()] * len(t.getvalue(t.Key(0)))))
 
     @contextlib.contextmanager
     def no_policy(self):

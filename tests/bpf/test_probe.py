@@ -25,9 +25,12 @@ def results():
 @pytest.mark.parametrize("feature", list(probe.FEATURES))
 def test_feature_present(results, feature):
     value = results[feature]
-    required, meaning = probe.FEATURES[feature]
-    if value is not True and not required:
-        pytest.skip(f"kernel feature {feature} missing: {value} ({meaning})")
+    required, _meaning = probe.FEATURES[feature]
+    if not required:
+        # Optional: the data path adapts (the loader's defines, tests/bpf's xdp.meta); a missing
+        # one is reported with why, never as a bare failure.
+        assert value is True or (isinstance(value, str) and value), f"{feature}: {value!r}"
+        return
     assert value is True, f"required kernel feature {feature} missing: {value}"
 
 

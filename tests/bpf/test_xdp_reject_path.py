@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as C
+import os
 import socket
 import struct
+import time
 
 import pytest
 from pyroute2 import IPRoute
@@ -31,6 +33,7 @@ from .test_xdp_policy import check_rst, check_unreachable
 META = struct.Struct("=III")  # struct bh_meta: magic, mark, flags
 SEND_BACK = (abi.META_MAGIC, 0, abi.METAF_SEND_BACK)
 TC_ACT_OK = 0
+TC_ACT_REDIRECT = 7
 P = abi.RejectPath
 
 
@@ -60,6 +63,36 @@ def run_with_meta(xdp, frame: bytes, ifname: str, meta_len: int) -> tuple[int, b
     return opts.retval, buf_out.raw[: opts.data_size_out]
 
 
+@contextlib.contextmanager
+def one_cpu():
+    """Run the block on one CPU: the XDP and TC test runs then share the per-CPU
+    send_back_pending of kernels without XDP metadata, as a real packet's do."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def sent_back(xdp, v, frame: bytes, ifname: str) -> bytes:
+    """The answer XDP built and passed up for bulkhead_tc to send back out of `ifname`:
+    behind SEND_BACK metadata; on a kernel without XDP metadata, with nothing in front,
+    counted as pending, and bulkhead_tc takes it (redirect out of the ingress device) and
+    spends the count. Returns the answer frame. Call inside one_cpu()."""
+    if xdp.meta:
+        assert META.unpack(v.data_out[: META.size]) == SEND_BACK
+        return v.data_out[META.size:]
+    answer = v.data_out
+    assert Ether(answer).dst == Ether(frame).src, "addressed to the client (PACKET_OTHERHOST here)"
+    n = xdp.send_back_pending()
+    assert n >= 1
+    code, out, _mark = xdp.tc(answer, ifname)
+    assert (code, out) == (TC_ACT_REDIRECT, answer)
+    assert xdp.send_back_pending() == n - 1
+    return answer
+
+
 def syn(dport=22, v6=False, vlan=None):
     ip = IPv6(src=C6, dst=PAY6) if v6 else IP(src=C4, dst=PAY4)
     l2 = E / Dot1Q(vlan=vlan) if vlan else E
@@ -69,11 +102,11 @@ def syn(dport=22, v6=False, vlan=None):
 # ------------------------------------------------------------- XDP side
 @pytest.mark.parametrize("frame", [syn(), syn(v6=True), syn(vlan=10)], ids=["v4", "v6", "vlan"])
 def test_tc_path_passes_the_rst_behind_send_back_metadata(xdp, frame):
-    with reject_path(xdp, "prod", P.TC):
+    with reject_path(xdp, "prod", P.TC), one_cpu():
         v = xdp.expect(frame, "prod", X.PASS, R.REJECT_RULE)
+        answer = sent_back(xdp, v, frame, "prod")
     assert v.events.get(EV.REJECT_TCP_RST) == 1
-    assert META.unpack(v.data_out[: META.size]) == SEND_BACK
-    check_rst(frame, v.data_out[META.size:], "RA", 0, 1001)
+    check_rst(frame, answer, "RA", 0, 1001)
 
 
 @pytest.mark.parametrize("frame", [
@@ -81,11 +114,11 @@ def test_tc_path_passes_the_rst_behind_send_back_metadata(xdp, frame):
     raw(E / IPv6(src=C6, dst=PAY6) / UDP(sport=40000, dport=5353) / Raw(b"m" * 3)),
 ], ids=["v4", "v6"])
 def test_tc_path_passes_the_icmp_unreachable_behind_send_back_metadata(xdp, frame):
-    with reject_path(xdp, "prod", P.TC):
+    with reject_path(xdp, "prod", P.TC), one_cpu():
         v = xdp.expect(frame, "prod", X.PASS, R.REJECT_RULE)
+        answer = sent_back(xdp, v, frame, "prod")
     assert v.events.get(EV.REJECT_ICMP) == 1
-    assert META.unpack(v.data_out[: META.size]) == SEND_BACK
-    check_unreachable(frame, v.data_out[META.size:])
+    check_unreachable(frame, answer)
 
 
 def test_the_path_is_per_interface(xdp):
@@ -108,6 +141,9 @@ def test_tc_path_without_room_for_metadata_is_a_counted_drop(xdp):
     reject_failed, never passed up as is. (6.1 caps metadata at 32 bytes; later
     kernels at what the headroom in front of the frame leaves.)"""
     frame = syn()
+    if not xdp.meta:
+        _no_meta_spent_or_stale_count_sends_nothing_back(xdp, frame)
+        return
     p0, _ = xdp.counters()
     e0 = xdp.events()
     with reject_path(xdp, "prod", P.TC):
@@ -124,12 +160,33 @@ def test_tc_path_without_room_for_metadata_is_a_counted_drop(xdp):
     assert e1[EV.REJECT_TCP_RST] == e0[EV.REJECT_TCP_RST], "no answer was sent"
 
 
+def _no_meta_spent_or_stale_count_sends_nothing_back(xdp, frame: bytes) -> None:
+    """Without XDP metadata the count is what tells an answer: a frame for another MAC
+    (PACKET_OTHERHOST) once the count is spent, or after it went stale (an answer lost
+    on its way: 10 ms), is not sent back out but passes as any frame does."""
+    with reject_path(xdp, "prod", P.TC), one_cpu():
+        v = xdp.expect(frame, "prod", X.PASS, R.REJECT_RULE)
+        answer = sent_back(xdp, v, frame, "prod")  # spends it
+        assert xdp.tc(answer, "prod")[0] == TC_ACT_OK, "a second copy is not an answer"
+        xdp.clear_flows()
+        xdp.expect(frame, "prod", X.PASS, R.REJECT_RULE)  # pending again, then lost
+        assert xdp.send_back_pending() >= 1
+        time.sleep(0.05)
+        assert xdp.tc(answer, "prod")[0] == TC_ACT_OK, "a stale count takes nothing"
+        assert xdp.send_back_pending() == 0
+
+
 def test_tc_path_with_metadata_already_there_keeps_it_behind(xdp):
-    """A frame that came with 8 bytes of metadata: ours goes in front of it (20 in all)."""
+    """A frame that came with 8 bytes of metadata: ours goes in front of it (20 in all).
+    Without XDP metadata in the kernel, the 8 bytes stay in front untouched."""
     frame = syn()
     with reject_path(xdp, "prod", P.TC):
         code, out = run_with_meta(xdp, frame, "prod", 8)
     assert X(code) == X.PASS
+    if not xdp.meta:
+        assert out[:8] == b"\xee" * 8
+        check_rst(frame, out[8:], "RA", 0, 1001)
+        return
     assert META.unpack(out[: META.size]) == SEND_BACK
     assert out[META.size: META.size + 8] == b"\xee" * 8
     check_rst(frame, out[META.size + 8:], "RA", 0, 1001)
