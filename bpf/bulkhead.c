@@ -2297,8 +2297,12 @@ static __always_inline int bh_tc_nometa(struct __sk_buff *skb, __u32 slot, const
 	}
 	if (p.frag != BH_FRAG_NONE)
 		return TC_ACT_OK; /* conntrack's defragmentation sees every fragment: unmarked */
-	if ((cfg->flags & BH_SLOTF_FABRIC) && (f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT)))
+	__u32 out_seg = (f->flags & BH_FLOWF_REPLY) ? f->peer_segment : 0;
+	if ((cfg->flags & BH_SLOTF_FABRIC) && (f->flags & (BH_FLOWF_NAT | BH_FLOWF_TRANSIT))) {
+		/* bh_fab_handoff's mark: what the stack routes it by if TC leaves it there. */
+		skb->mark = (skb->mark & BH_MARK_KEEP) | BH_MARK_SEG | (out_seg & 0xffff);
 		return bh_tc_fabric_flow(skb, slot, seg, &p, f);
+	}
 	/*
 	 * What the fast path gave the stack (bulkhead_forward: no neighbour yet,
 	 * TTL 1, IP options, ...) gets the mark bh_fwd_handoff would have put on
@@ -2323,7 +2327,6 @@ static __always_inline int bh_tc_nometa(struct __sk_buff *skb, __u32 slot, const
 	}
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return TC_ACT_OK;
-	__u32 out_seg = (f->flags & BH_FLOWF_REPLY) ? f->peer_segment : 0;
 	skb->mark = (skb->mark & BH_MARK_KEEP) | BH_MARK_SEG | (out_seg & 0xffff);
 	return TC_ACT_OK;
 }

@@ -5,7 +5,11 @@ forward entry on what the client sends (the VIP) with FLOWF_NAT and the reply en
 the app sends back (its real address) with NAT|REPLY, and passes the packet up with bulkhead
 metadata {magic, BH_MARK_SEG | out segment, METAF_FABRIC} -- never through the fast path. TC
 (bulkhead_tc) finds the entry again and rewrites the address with the skb checksum helpers:
-the forward destination VIP -> real, the reply source real -> VIP.
+the forward destination VIP -> real, the reply source real -> VIP. On a kernel without
+bpf_xdp_adjust_meta (the BH_NO_XDP_META build, `xdp.meta` False) nothing is in front of the
+packet: bulkhead_tc finds the entry by itself (bh_tc_nometa), so where these tests check what
+XDP handed over, they run bulkhead_tc on the frame and check it translates / encapsulates, and
+gives a packet it leaves to the stack the mark the metadata would have carried.
 
 Transit: a destination whose segment is behind another gateway (fab SEG entry) gets
 FLOWF_TRANSIT on both entries, is dropped as transit_no_tunnel without a transit device
@@ -23,8 +27,9 @@ emits (Bundle.fab_entries, for_gateway) drives the same datapath.
 bulkhead_tc is run with BPF_PROG_TEST_RUN on an skb: ctx.ifindex picks the device (so
 skb->ifindex, the segment TC looks the flow up in); the skb test run takes no XDP metadata,
 so TC sees these packets as ones "without bulkhead metadata while the slot has
-SLOTF_FABRIC" -- the branch that looks every such packet up. The branch with metadata
-(METAF_FABRIC, SLOT1 choosing the slot) can't be reached from a test run.
+SLOTF_FABRIC" -- the branch that looks every such packet up (on a BH_NO_XDP_META build,
+bh_tc_nometa: the only branch there is). The branch with metadata (METAF_FABRIC, SLOT1 choosing
+the slot) can't be reached from a test run.
 """
 from __future__ import annotations
 
@@ -154,14 +159,35 @@ def slot_flag(xdp) -> int:
     return abi.METAF_SLOT1 if xdp.dp.ctl().active_slot & 1 else 0
 
 
-def handed_to_tc(xdp, v, frame, out_seg: int) -> None:
+def handed_to_tc(xdp, v, frame, out_seg: int, ifname: str, src: str | None = None, dst: str | None = None,
+                 encap: bool = False) -> None:
     """Passed unchanged (XDP rewrites nothing), behind metadata for bulkhead_tc's fabric part,
-    and not forwarded by the fast path (no FORWARD flag, no FWD_* event)."""
+    and not forwarded by the fast path (no FORWARD flag, no FWD_* event).
+
+    Without XDP metadata (BH_NO_XDP_META): nothing in front, so bulkhead_tc run on the frame
+    arriving on `ifname` must find the flow itself: the address translated (`src`/`dst`: what
+    it becomes; the caller checks a port translation itself), then with `encap` sent through
+    the transit device (TC_ACT_REDIRECT, transit_encap, our mark gone), else left to the stack
+    (no route in these fixtures) with BH_MARK_SEG | out_seg, as the metadata would have set it."""
     assert X(v.retval) == X.PASS
-    assert len(v.data_out) == META.size + len(raw(frame))
-    assert META.unpack(v.data_out[: META.size]) == (
-        abi.META_MAGIC, abi.MARK_SEG | out_seg, abi.METAF_FABRIC | slot_flag(xdp))
-    assert v.data_out[META.size:] == raw(frame)
+    if xdp.meta:
+        assert len(v.data_out) == META.size + len(raw(frame))
+        assert META.unpack(v.data_out[: META.size]) == (
+            abi.META_MAGIC, abi.MARK_SEG | out_seg, abi.METAF_FABRIC | slot_flag(xdp))
+        assert v.data_out[META.size:] == raw(frame)
+    else:
+        assert v.data_out == raw(frame), "nothing in front of the frame"
+        t = run_tc(xdp, frame, ifname, mark=0x00AB0000)
+        assert t.reasons == {}, t.reasons
+        if src or dst:
+            translated(t.out, frame, src=src, dst=dst)
+        if encap:
+            assert (t.code, t.events.get(EV.TRANSIT_ENCAP)) == (TC_ACT_REDIRECT, 1)
+            assert t.mark == 0x00AB0000, "our mark goes: the outer packet is routed by the underlay"
+        else:
+            assert (t.code, t.events.get(EV.TRANSIT_ENCAP)) == (TC_ACT_OK, None)
+            assert t.mark == 0x00AB0000 | abi.MARK_SEG | out_seg, (
+                f"skb->mark {t.mark:#010x}: not the segment mark the metadata carries")
     assert not FWD_EVENTS & set(v.events), v.events
 
 
@@ -304,7 +330,7 @@ def test_new_flow_to_a_service_address_is_translated_by_entries(fab, make, v6):
     req, rep, proto, cport, sport = make(v6)
     vip, real, cli = (VIP6, PAY6, C6) if v6 else (VIP4, PAY4, C4)
     v = fab.expect(req, "prod", X.PASS, R.ALLOW_RULE)
-    handed_to_tc(fab, v, req, 0)  # forward: out by the main table, as bh_fwd_handoff's
+    handed_to_tc(fab, v, req, 0, "prod", dst=real)  # forward: out by the main table, as bh_fwd_handoff's
     assert v.events.get(EV.VIP_NAT) == 1 and v.events.get(EV.FLOW_NEW) == 1
 
     ft = FlowTable(fds=fab.dp.map_fds)
@@ -321,12 +347,12 @@ def test_new_flow_to_a_service_address_is_translated_by_entries(fab, make, v6):
 
     # The app answers from its real address, on its segment: established, marked for the client's segment.
     r = fab.expect(rep, "core", X.PASS, R.ALLOW_REPLY)
-    handed_to_tc(fab, r, rep, SEG_PROD)
+    handed_to_tc(fab, r, rep, SEG_PROD, "core", src=vip)
     assert EV.VIP_NAT not in r.events and EV.FLOW_NEW not in r.events
 
     # The flow's next packet: the cached entry, no second translation event.
     again = fab.expect(req, "prod", X.PASS, R.ALLOW_RULE)
-    handed_to_tc(fab, again, req, 0)
+    handed_to_tc(fab, again, req, 0, "prod", dst=real)
     assert EV.VIP_NAT not in again.events
 
 
@@ -475,7 +501,7 @@ def test_tc_looks_up_in_the_segment_of_the_interface(fab):
 def test_flow_to_an_app_behind_another_gateway_is_transit(transit):
     syn = E / IP(src=C4, dst=FAR4) / TCP(sport=40000, dport=443, flags="S")
     v = transit.expect(syn, "prod", X.PASS, R.ALLOW_RULE)
-    handed_to_tc(transit, v, syn, 0)
+    handed_to_tc(transit, v, syn, 0, "prod", encap=True)
     assert EV.VIP_NAT not in v.events
     ft = FlowTable(fds=transit.dp.map_fds)
     fwd = ft.lookup(C4, FAR4, 40000, 443, P_TCP, SEG_PROD)
@@ -489,7 +515,7 @@ def test_flow_to_an_app_behind_another_gateway_is_transit(transit):
 def test_ipv6_flow_behind_another_gateway_is_transit(transit):
     dgram = E / IPv6(src=C6, dst=FAR6) / UDP(sport=5000, dport=5001) / b"x"
     v = transit.expect(dgram, "prod", X.PASS, R.ALLOW_RULE)
-    handed_to_tc(transit, v, dgram, 0)
+    handed_to_tc(transit, v, dgram, 0, "prod", encap=True)
     ft = FlowTable(fds=transit.dp.map_fds)
     assert fab_flags(ft.lookup(C6, FAR6, 5000, 5001, P_UDP, SEG_PROD)) == abi.FLOWF_TRANSIT
     assert fab_flags(ft.lookup(FAR6, C6, 5001, 5000, P_UDP, SEG_FAR)) == abi.FLOWF_TRANSIT | abi.FLOWF_REPLY
@@ -508,7 +534,7 @@ def test_flow_to_a_local_segment_in_a_transit_policy_is_not_transit(transit):
 def test_vip_of_an_app_behind_another_gateway_is_nat_and_transit(transit):
     syn = E / IP(src=C4, dst=FAR_VIP4) / TCP(sport=40000, dport=443, flags="S")
     v = transit.expect(syn, "prod", X.PASS, R.ALLOW_RULE)
-    handed_to_tc(transit, v, syn, 0)
+    handed_to_tc(transit, v, syn, 0, "prod", dst=FAR4, encap=True)
     assert v.events.get(EV.VIP_NAT) == 1
     ft = FlowTable(fds=transit.dp.map_fds)
     both = abi.FLOWF_NAT | abi.FLOWF_TRANSIT
@@ -588,7 +614,7 @@ def test_reply_entry_rejudged_under_a_new_generation_keeps_nat(fab):
     ack = E / IP(src=PAY4, dst=C4) / TCP(sport=443, dport=40000, flags="A", seq=5001, ack=1001)
     v = fab.expect(ack, "core", X.PASS, R.ALLOW_REPLY)
     assert v.events.get(EV.FLOW_RECLASSIFY) == 1, "the reply entry was re-judged"
-    handed_to_tc(fab, v, ack, SEG_PROD)
+    handed_to_tc(fab, v, ack, SEG_PROD, "core", src=VIP4)
     ft = FlowTable(fds=fab.dp.map_fds)
     back = ft.lookup(PAY4, C4, 443, 40000, P_TCP, SEG_CORE)
     assert (back.generation, fab_flags(back), back.peer_segment) == (gen, abi.FLOWF_NAT | abi.FLOWF_REPLY, SEG_PROD)
@@ -598,7 +624,7 @@ def test_reply_entry_rejudged_under_a_new_generation_keeps_nat(fab):
     # The client's next packet re-judges the forward entry: translated as before.
     data = E / IP(src=C4, dst=VIP4) / TCP(sport=40000, dport=443, flags="A", seq=1001, ack=5001)
     v = fab.expect(data, "prod", X.PASS, R.ALLOW_RULE)
-    handed_to_tc(fab, v, data, 0)
+    handed_to_tc(fab, v, data, 0, "prod", dst=PAY4)
     assert v.events.get(EV.FLOW_RECLASSIFY) == 1 and EV.FLOW_NEW not in v.events
     fwd = ft.lookup(C4, VIP4, 40000, 443, P_TCP, SEG_PROD)
     assert (fwd.generation, fab_flags(fwd)) == (gen, abi.FLOWF_NAT)
@@ -626,7 +652,7 @@ def test_transit_reply_entry_rejudged_keeps_transit(transit):
     gen = transit.apply(fabric_bundle(transit=True), fab_self=self_entry(transit))
     data = E / IP(src=C4, dst=FAR_VIP4) / TCP(sport=40000, dport=443, flags="A", seq=1001, ack=1)
     v = transit.expect(data, "prod", X.PASS, R.ALLOW_RULE)
-    handed_to_tc(transit, v, data, 0)
+    handed_to_tc(transit, v, data, 0, "prod", dst=FAR4, encap=True)
     ft = FlowTable(fds=transit.dp.map_fds)
     both = abi.FLOWF_NAT | abi.FLOWF_TRANSIT
     fwd = ft.lookup(C4, FAR_VIP4, 40000, 443, P_TCP, SEG_PROD)
@@ -696,7 +722,7 @@ def test_compiled_fabric_policy_drives_the_datapath(xdp, tmp_path):
         ipc = IP if cli == C4 else IPv6
         syn = E / ipc(src=cli, dst=vip) / TCP(sport=40000, dport=443, flags="S")
         v = xdp.expect(syn, "prod", X.PASS, R.ALLOW_RULE)
-        handed_to_tc(xdp, v, syn, 0)
+        handed_to_tc(xdp, v, syn, 0, "prod", dst=real)
         assert fab_flags(ft.lookup(cli, vip, 40000, 443, P_TCP, seg["prod"])) == abi.FLOWF_NAT
         back = ft.lookup(real, cli, 443, 40000, P_TCP, seg["core"])
         assert (fab_flags(back), back.dst_app) == (abi.FLOWF_NAT | abi.FLOWF_REPLY, app["payments"])
@@ -707,7 +733,7 @@ def test_compiled_fabric_policy_drives_the_datapath(xdp, tmp_path):
     for dst, want in ((FAR4, abi.FLOWF_TRANSIT), (inv_vip4, abi.FLOWF_TRANSIT | abi.FLOWF_NAT)):
         syn = E / IP(src=C4, dst=dst) / TCP(sport=40001, dport=8080, flags="S")
         v = xdp.expect(syn, "prod", X.PASS, R.ALLOW_RULE)
-        handed_to_tc(xdp, v, syn, 0)
+        handed_to_tc(xdp, v, syn, 0, "prod", dst=FAR4 if dst != FAR4 else None, encap=True)
         assert fab_flags(ft.lookup(C4, dst, 40001, 8080, P_TCP, seg["prod"])) == want
         back = ft.lookup(FAR4, C4, 8080, 40001, P_TCP, seg["far"])
         assert fab_flags(back) == want | abi.FLOWF_REPLY
@@ -748,7 +774,7 @@ def test_tc_turns_a_reply_back_to_the_translated_client_then_encapsulates(xdp, p
     snat_reply_entries(xdp, port)
     synack = E / IP(src=PAY4, dst=SNAT4) / TCP(sport=443, dport=port, flags="SA", seq=5000, ack=1001)
     v = xdp.expect(synack, "core", X.PASS, R.ALLOW_REPLY)
-    handed_to_tc(xdp, v, synack, SEG_FAR)
+    handed_to_tc(xdp, v, synack, SEG_FAR, "core", encap=True)  # the address and port: checked below
     t = run_tc(xdp, synack, "core")
     assert (t.code, t.reasons, t.events.get(EV.TRANSIT_ENCAP)) == (TC_ACT_REDIRECT, {}, 1)
     got = Ether(t.out)

@@ -3,6 +3,11 @@ is forwarded in XDP — bpf_fib_lookup, new MACs, TTL - 1 with the checksum the 
 write, XDP_REDIRECT — or passes to the stack, counted by why, with the segment mark that makes
 the plumbing skip conntrack (BH_MARK_SEG | the segment it leaves by), except local delivery.
 
+On a kernel without bpf_xdp_adjust_meta (the BH_NO_XDP_META build, `xdp.meta` False) the
+fast path runs the same (its input travels in the per-CPU meta_handoff) and redirects the same,
+but nothing goes in front of what it passes up: bulkhead_tc (run here on the frame) finds the
+flow entry itself and must still give the stack the mark a packet needs (tests below).
+
 Routes and neighbours are added to the session namespace for each test and removed after:
 
     core  198.19.0.1/24, fd00:19::1/64; payments (PAY4/PAY6) has a static neighbour, db none
@@ -142,11 +147,29 @@ def redirected(v, frame, out_if: str, dmac: str):
     assert fwd_events(v) == {"FWD_REDIRECT": 1}
 
 
-def marked(v, frame, out_seg: int, reason: str):
-    """Passed to the stack unchanged, behind metadata with BH_MARK_SEG | out_seg (flags cleared)."""
-    assert len(v.data_out) == META.size + len(raw(frame))
-    assert META.unpack(v.data_out[: META.size]) == (abi.META_MAGIC, abi.MARK_SEG | out_seg, 0)
-    assert v.data_out[META.size:] == raw(frame)
+def tc(xdp, frame, ifname: str, mark: int = 0):
+    """bulkhead_tc on `frame` arriving on `ifname` (test_xdp_fabric.run_tc; imported here, as
+    that module imports this one)."""
+    from .test_xdp_fabric import run_tc
+
+    return run_tc(xdp, frame, ifname, mark=mark)
+
+
+def marked(v, frame, out_seg: int, reason: str, xdp: Xdp, ifname: str):
+    """Passed to the stack unchanged. With XDP metadata: behind metadata with BH_MARK_SEG | out_seg
+    (flags cleared). Without (BH_NO_XDP_META): nothing in front, and bulkhead_tc on ingress
+    (`ifname`, from the flow entry) passes it with that same mark in skb->mark, the bits of
+    others' kept (a reply must still leave by its client's segment's table, and skip conntrack:
+    conntrack never saw the forward direction, XDP redirected it)."""
+    if xdp.meta:
+        assert len(v.data_out) == META.size + len(raw(frame))
+        assert META.unpack(v.data_out[: META.size]) == (abi.META_MAGIC, abi.MARK_SEG | out_seg, 0)
+        assert v.data_out[META.size:] == raw(frame)
+    else:
+        assert v.data_out == raw(frame), "nothing in front of the frame"
+        t = tc(xdp, frame, ifname, mark=0x00AB0000)
+        assert (t.code, t.out, t.reasons) == (0, raw(frame), {}), "TC passes it as it is"
+        assert t.mark == 0x00AB0000 | abi.MARK_SEG | out_seg, f"skb->mark {t.mark:#010x}"
     assert fwd_events(v) == {reason: 1}
 
 
@@ -194,7 +217,8 @@ def test_without_table_lookups_a_reply_for_another_segment_goes_to_the_stack(rou
     """...and not where it leaves by another: dev's reply (main says prod) goes up marked with dev's
     segment, for the ip rule to route by dev's table."""
     synack = dev_flow(routed_no_tbid, 40012)
-    marked(routed_no_tbid.expect(synack, "core", X.PASS, R.ALLOW_REPLY), synack, SEG_DEV, "FWD_OTHER_SEGMENT")
+    marked(routed_no_tbid.expect(synack, "core", X.PASS, R.ALLOW_REPLY), synack, SEG_DEV, "FWD_OTHER_SEGMENT",
+           routed_no_tbid, "core")
 
 
 def _ids_for_checksum_carry() -> list[int]:
@@ -222,13 +246,13 @@ def test_ttl_checksum_as_the_kernel_writes_it(routed, ident):
 def test_unresolved_neighbour_goes_to_the_stack(routed):
     """db (web -> db tcp: allow) is routed by core but has no neighbour entry: the stack resolves it."""
     syn = E / IP(src=C4, dst=DB4) / TCP(sport=40003, dport=5432, flags="S")
-    marked(routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE), syn, 0, "FWD_NO_NEIGH")
+    marked(routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE), syn, 0, "FWD_NO_NEIGH", routed, "prod")
 
 
 def test_egress_that_cannot_take_xdp_frames_goes_to_the_stack(routed):
     set_redirect(routed, "core", False)
     syn = E / IP(src=C4, dst=PAY4) / TCP(sport=40004, dport=443, flags="S")
-    marked(routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE), syn, 0, "FWD_NO_TARGET")
+    marked(routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE), syn, 0, "FWD_NO_TARGET", routed, "prod")
 
 
 def test_reply_marked_with_the_client_segment_when_it_goes_to_the_stack(routed):
@@ -236,7 +260,7 @@ def test_reply_marked_with_the_client_segment_when_it_goes_to_the_stack(routed):
                   X.REDIRECT, R.ALLOW_RULE)
     set_redirect(routed, "prod", False)
     synack = Ether(src=PAY_MAC, dst=GW_MAC) / IP(src=PAY4, dst=C4) / TCP(sport=443, dport=40005, flags="SA")
-    marked(routed.expect(synack, "core", X.PASS, R.ALLOW_REPLY), synack, SEG_PROD, "FWD_NO_TARGET")
+    marked(routed.expect(synack, "core", X.PASS, R.ALLOW_REPLY), synack, SEG_PROD, "FWD_NO_TARGET", routed, "core")
 
 
 @pytest.mark.parametrize("frame", [
@@ -252,6 +276,21 @@ def test_packets_the_kernel_must_handle_go_to_the_stack(routed, frame):
     v = routed.expect(frame, "prod", X.PASS, R.ALLOW_RULE)
     assert fwd_events(v) == {"FWD_PACKET": 1}
     assert v.data_out[-len(raw(frame)):] == raw(frame), "passed unchanged"
+    if not routed.meta:
+        # BH_NO_XDP_META: nothing in front; bulkhead_tc gives skb->mark what the metadata would have carried.
+        assert v.data_out == raw(frame), "nothing in front of the frame"
+        # TC ingress gets a tagged frame untagged (__netif_receive_skb_core: skb_vlan_untag, the tag
+        # in skb->vlan_tci, before sch_handle_ingress); a test run can't set vlan_tci, so: the frame untagged.
+        seen = Ether(raw(frame))
+        if Dot1Q in seen:
+            seen = Ether(src=seen.src, dst=seen.dst, type=seen[Dot1Q].type) / seen[Dot1Q].payload
+        t = tc(routed, raw(seen), "prod", mark=0x00AB0000)
+        assert (t.code, t.out, t.reasons) == (0, raw(seen), {}), "TC passes it as it is"
+        if IP in Ether(raw(frame)) and Ether(raw(frame))[IP].flags.MF:
+            assert t.mark == 0x00AB0000, "a fragment keeps conntrack (its later fragments carry no mark)"
+        else:
+            assert t.mark == 0x00AB0000 | abi.MARK_SEG, "to the stack, skipping conntrack"
+        return
     magic, mark, flags = META.unpack(v.data_out[: META.size])
     if IP in Ether(raw(frame)) and Ether(raw(frame))[IP].flags.MF:
         assert magic != abi.META_MAGIC, "a fragment keeps conntrack (its later fragments carry no mark)"
@@ -279,17 +318,24 @@ def pseudo_sum(src: str, dst: str, proto: int, l4_len: int) -> int:
 def test_checksum_left_to_offload_goes_to_the_stack(routed, frame):
     """A local socket behind a veth leaves its checksum to offload (CHECKSUM_PARTIAL); a
     redirected XDP frame would lose that note and arrive broken. The stack finishes it."""
-    marked(routed.expect(frame, "prod", X.PASS, R.ALLOW_RULE), frame, 0, "FWD_CSUM_PARTIAL")
+    marked(routed.expect(frame, "prod", X.PASS, R.ALLOW_RULE), frame, 0, "FWD_CSUM_PARTIAL", routed, "prod")
 
 
 def test_local_delivery_keeps_conntrack(routed):
     """catalog's address is the gateway's own (on lo): not forwarded, so the packet passes without
-    the notrack mark (the gateway's replies are routed back by conntrack's mark)."""
+    the notrack mark (the gateway's replies are routed back by conntrack's mark). With metadata
+    the mark is withdrawn (magic cleared); without (BH_NO_XDP_META) nothing is in front and
+    bulkhead_tc gives it no mark either."""
     syn = E / IP(src=C4, dst=CAT4) / TCP(sport=40007, dport=80, flags="S")
     v = routed.expect(syn, "prod", X.PASS, R.ALLOW_RULE)
     assert fwd_events(v) == {"FWD_LOCAL": 1}
-    meta = v.data_out[: -len(raw(syn))]
-    assert len(meta) == META.size and META.unpack(meta)[0] != abi.META_MAGIC, "the mark is withdrawn"
+    if routed.meta:
+        meta = v.data_out[: -len(raw(syn))]
+        assert len(meta) == META.size and META.unpack(meta)[0] != abi.META_MAGIC, "the mark is withdrawn"
+    else:
+        assert v.data_out == raw(syn), "nothing in front of the frame"
+        t = tc(routed, syn, "prod", mark=0x00AB0000)
+        assert (t.code, t.out, t.mark, t.reasons) == (0, raw(syn), 0x00AB0000, {}), "no mark from TC"
 
 
 def test_no_fastpath_flag_passes_everything_plainly(routed):
@@ -303,10 +349,19 @@ def test_no_fastpath_flag_passes_everything_plainly(routed):
 
 
 def test_denied_and_steered_packets_never_take_it(routed):
+    """A steered packet passes with the L7 mark: in its metadata, or (BH_NO_XDP_META: nothing in
+    front) set by bulkhead_tc from the flow entry."""
     routed.dp.set_ctl_flags(set_bits=abi.CTL_L7_READY)
     steered = E / IP(src=C4, dst=PAY4) / TCP(sport=40009, dport=80, flags="S")
     v = routed.expect(steered, "prod", X.PASS, R.L7_STEER)
     assert not fwd_events(v)
-    assert META.unpack(v.data_out[: META.size])[1] == abi.MARK_L7 | SEG_PROD
+    if routed.meta:
+        assert META.unpack(v.data_out[: META.size])[1] == abi.MARK_L7 | SEG_PROD
+    else:
+        assert v.data_out == raw(steered), "nothing in front of the frame"
+        t = tc(routed, steered, "prod", mark=0x00AB0000 | abi.MARK_SEG)
+        assert (t.code, t.out, t.reasons) == (0, raw(steered), {})
+        assert t.mark == 0x00AB0000 | abi.MARK_L7 | SEG_PROD
     denied = E / IP(src=C4, dst=PAY4) / TCP(sport=40009, dport=23, flags="S")
     assert not fwd_events(routed.expect(denied, "prod", X.DROP, R.DENY_RULE))
+
