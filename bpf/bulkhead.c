@@ -721,6 +721,7 @@ static __always_inline void bh_observe(struct xdp_md *ctx, struct bh_pkt *p, str
 			f->flags &= ~BH_FLOWF_T_HS;
 			if ((tf & (BH_TCP_SYN | BH_TCP_ACK)) == (BH_TCP_SYN | BH_TCP_ACK)) {
 				bh_lat_sample(f, BH_LAT_SERVER_RTT, t - f->t_a);
+				f->t_b = (t - f->t_a) ? t - f->t_a : 1; /* kept: the server's gateway tells it on (bh_tc_fabric_flow) */
 				o = bh_flow_get(p, f->peer_segment, 1);
 				if (o && (o->flags & BH_FLOWF_T_HS))
 					o->t_b = t;
@@ -736,8 +737,12 @@ static __always_inline void bh_observe(struct xdp_md *ctx, struct bh_pkt *p, str
 	} else {
 		if ((f->flags & BH_FLOWF_T_HS) && !(tf & BH_TCP_SYN)) {
 			f->flags &= ~BH_FLOWF_T_HS;
-			if (f->t_b && (tf & BH_TCP_ACK))
+			if (f->t_b && (tf & BH_TCP_ACK)) {
 				bh_lat_sample(f, BH_LAT_CLIENT_RTT, t - f->t_b);
+				f->t_b = (t - f->t_b) ? t - f->t_b : 1; /* kept: request timing's client RTT (bh_hop_client) */
+			} else {
+				f->t_b = 0;
+			}
 		}
 		if ((f->flags & BH_FLOWF_T_DATA) && payload) {
 			f->flags &= ~BH_FLOWF_T_DATA;
@@ -1257,6 +1262,9 @@ int bulkhead_xdp(struct xdp_md *ctx)
 		if (syn_only) {
 			v->flags |= BH_FLOWF_OBSERVE;
 			v->t_a = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
+			/* Through the transit: its first payload says whether requests are timed (bh_hop_client). */
+			if (v->flags & BH_FLOWF_TRANSIT)
+				v->xflags |= BH_FLOWX_HOP_CLASSIFY;
 		}
 #endif
 		if (!BH_BYPASS_FLOWS(ctl_flags)) {
@@ -1406,6 +1414,7 @@ static __always_inline void bh_sni_key_of(const struct bh_pkt *p, __u32 client_s
 	k->sport_be = is_reply ? p->dport_be : p->sport_be;
 	k->dport_be = is_reply ? p->sport_be : p->dport_be;
 	k->proto = p->proto;
+	k->pad = 0;
 	k->segment_id = client_seg;
 }
 
@@ -2106,12 +2115,253 @@ static __always_inline int bh_tc_port(struct __sk_buff *skb, const struct bh_pkt
 	return bpf_skb_store_bytes(skb, p->l4_off + (dst ? 2 : 0), &to, 2, 0) ? -1 : 0;
 }
 
+/* ---------------------------------------------------------------- request timing per hop */
+
+/*
+ * HTTP and TLS requests of flows through the transit, timed per hop without
+ * synchronized clocks. Each gateway times the request/response turn on its
+ * own clock, at the packets of the flow that cross the tunnel:
+ *
+ *   client's gateway (A): client RTT (handshake, XDP), request -> answer here
+ *   server's gateway (B): server RTT (handshake, XDP), request -> answer there
+ *
+ * B tells A its part in-band: every answer packet's VNI carries, in bits
+ * 17-23, B's time since the request (the SYN-ACK's: B's server RTT), so A
+ * pairs the two parts of the same request with no store, no matching ids
+ * and no clock sync. A sends one BH_FE_HOP event per request (HTTP: at the
+ * first answer byte; TLS, inferred: at the next request or the end, with the
+ * turn's last answer byte, so tickets and the handshake don't count). The
+ * agent turns the four times into ingress, backbone, app VPC and app parts
+ * (agent/telemetry/hops.py). Only flows whose first client payload is an
+ * HTTP method or a TLS record are timed (BH_FLOWX_HOP): others pay one flag
+ * test per packet.
+ */
+#define BH_HOP_UNIT_SHIFT 4 /* the VNI's codes count units of 16 x 1024 ns */
+
+/*
+ * A duration (units of 1024 ns) in 7 bits, never 0: 1-15 linear steps of
+ * 16.4 us, then 8 steps per octave (a log-float with 3 mantissa bits,
+ * rounded: within 1/16 of the value) up to 127 = 4.0 s or more.
+ */
+static __always_inline __u32 bh_hop_code(__u32 units)
+{
+	__u32 v = units >> BH_HOP_UNIT_SHIFT;
+
+	if (v < 16)
+		return v ? v : 1;
+	__u32 e = bh_log2_bucket(v); /* >= 4 */
+	__u32 r = (v + (1U << (e - 4))) >> (e - 3);
+	if (r >= 16) {
+		e++;
+		r = 8;
+	}
+	if (e > 17)
+		return 127;
+	return ((e - 2) << 3) | (r - 8);
+}
+
+static __always_inline __u32 bh_hop_units(__u32 code)
+{
+	if (code < 16)
+		return code << BH_HOP_UNIT_SHIFT;
+	__u32 e = ((code >> 3) & 15) + 2;
+	return ((8 + (code & 7)) << (e - 3)) << BH_HOP_UNIT_SHIFT;
+}
+
+/* What a flow's first client payload is: BH_HOP_HTTP (a method), BH_HOP_TLS (a handshake record), or 0. */
+static __always_inline __u8 bh_hop_kind(struct __sk_buff *skb, const struct bh_pkt *p)
+{
+	__u8 b[4];
+
+	if (p->l4_len < p->tcp_doff + 4 || bpf_skb_load_bytes(skb, p->l4_off + p->tcp_doff, b, 4))
+		return 0;
+	if (b[0] == 0x16 && b[1] == 0x03)
+		return BH_HOP_TLS;
+	__u32 w = ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
+	switch (w) {
+	case 0x47455420: /* "GET " */
+	case 0x50555420: /* "PUT " */
+	case 0x504f5354: /* "POST" */
+	case 0x48454144: /* "HEAD" */
+	case 0x44454c45: /* "DELE"TE */
+	case 0x50415443: /* "PATC"H */
+	case 0x4f505449: /* "OPTI"ONS */
+		return BH_HOP_HTTP;
+	}
+	return 0;
+}
+
+/* A TLS turn that starts with application data is a request; one of handshake records is not. */
+static __always_inline int bh_hop_tls_app(struct __sk_buff *skb, const struct bh_pkt *p)
+{
+	__u8 b[7];
+	__u32 off = p->l4_off + p->tcp_doff;
+
+	if (bpf_skb_load_bytes(skb, off, b, 1))
+		return 0;
+	if (b[0] == 0x17)
+		return 1;
+	/* TLS 1.3 compatibility mode: a one-byte ChangeCipherSpec, then the encrypted Finished and data. */
+	if (b[0] != 0x14 || p->l4_len < p->tcp_doff + 7 || bpf_skb_load_bytes(skb, off, b, 7))
+		return 0;
+	return b[3] == 0 && b[4] == 1 && b[6] == 0x17;
+}
+
+/* One timed request, answered: a BH_FE_HOP record for the agent (the client's gateway only). */
+static __always_inline void bh_hop_emit(void *ctx, const struct bh_flow6_key *k, const struct bh_flow *ent,
+					struct bh_hop *h, __u8 family, __u16 peer_seg)
+{
+	int told = h->state & BH_HOPS_TOLD;
+
+	h->state |= BH_HOPS_TOLD;
+	if (told || !(h->state & BH_HOPS_APP) || !(h->state & BH_HOPS_RESP))
+		return;
+#ifndef BH_NO_TELEMETRY
+#ifdef BH_EVENTS_PERF
+	__u32 zero = 0;
+	struct bh_flow_event *e = ev_scratch.lookup(&zero);
+#else
+	struct bh_flow_event *e = flow_events.ringbuf_reserve(sizeof(struct bh_flow_event));
+#endif
+	if (!e) {
+		bh_event(BH_EV_FLOW_EVENT_LOST);
+		return;
+	}
+	int tls = h->kind == BH_HOP_TLS;
+	__u8 far = tls ? h->far_last : h->far_first;
+	e->ts_ns = bpf_ktime_get_coarse_ns();
+	e->packets = h->crtt;
+	e->bytes = (tls ? h->t_last : h->t_first) - h->t_req;
+	e->r_packets = far ? bh_hop_units(far) : 0;
+	e->r_bytes = h->far_srtt ? bh_hop_units(h->far_srtt) : 0;
+	__builtin_memcpy(e->saddr, k->saddr, 16);
+	__builtin_memcpy(e->daddr, k->daddr, 16);
+	e->sport_be = k->sport_be;
+	e->dport_be = k->dport_be;
+	e->src_app = ent->src_app;
+	e->dst_app = ent->dst_app;
+	e->rule_id = ent->rule_id;
+	e->generation = ent->generation;
+	e->segment_id = k->segment_id;
+	e->peer_segment = peer_seg;
+	e->kind = BH_FE_HOP;
+	e->family = family;
+	e->proto = IPPROTO_TCP;
+	e->reason = ent->reason;
+	e->prev_reason = h->kind;
+	e->flags = ent->flags & (BH_ACTF_AUDIT | BH_FLOWF_NAT | BH_FLOWF_TRANSIT | BH_FLOWF_VIA_VIP);
+	e->tcp_flags = 0;
+	e->sni_len = 0;
+	e->xflags = ent->xflags;
+	e->snat_port_be = ent->snat_port_be;
+#ifdef BH_EVENTS_PERF
+	if (flow_events.perf_submit(ctx, e, sizeof(*e)))
+		bh_event(BH_EV_FLOW_EVENT_LOST);
+#else
+	flow_events.ringbuf_submit(e, 0);
+#endif
+#endif
+}
+
+/*
+ * A client packet of a TCP flow through the transit, at either gateway
+ * (`near`: the client's). The first with payload says whether the flow is
+ * timed (then `rep`, its reply entry, is flagged too); a payload after an
+ * answer begins the next turn (and tells the last one, at the client's
+ * gateway); a FIN or RST ends it.
+ */
+static __always_inline void bh_hop_client(void *ctx, const struct bh_pkt *p, const struct bh_flow6_key *k,
+					  struct bh_flow *fwd, struct bh_flow *rep, int near)
+{
+	struct __sk_buff *skb = ctx;
+	int payload = p->l4_len > p->tcp_doff;
+	__u32 t = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
+
+	if (fwd->xflags & BH_FLOWX_HOP_CLASSIFY) {
+		if (!payload)
+			return;
+		fwd->xflags &= ~BH_FLOWX_HOP_CLASSIFY;
+		__u8 kind = bh_hop_kind(skb, p);
+		if (!kind || !rep)
+			return;
+		__u32 zero = 0;
+		struct bh_hop_scratch *sc = hop_scratch.lookup(&zero);
+		if (!sc)
+			return;
+		struct bh_hop *n = &sc->n;
+		__builtin_memset(n, 0, sizeof(*n));
+		n->t_req = t;
+		n->kind = kind;
+		n->turns = 1;
+		n->state = BH_HOPS_REQ | (kind == BH_HOP_HTTP ? BH_HOPS_APP : 0);
+		if (near) {
+			n->crtt = (fwd->flags & BH_FLOWF_T_HS) ? 0 : fwd->t_b;
+			n->far_srtt = fwd->hop_srtt;
+		}
+		if (req_hop.update((struct bh_flow6_key *)k, n))
+			return;
+		fwd->xflags |= BH_FLOWX_HOP;
+		rep->xflags |= BH_FLOWX_HOP;
+		return;
+	}
+	struct bh_hop *h = req_hop.lookup((struct bh_flow6_key *)k);
+	if (!h)
+		return;
+	if (p->tcp_flags & (BH_TCP_FIN | BH_TCP_RST)) {
+		if (near)
+			bh_hop_emit(ctx, k, fwd, h, p->family, fwd->peer_segment);
+		h->state = 0;
+		return;
+	}
+	if (!payload || !(h->state & BH_HOPS_RESP))
+		return; /* more of the same request (or the flow ended) */
+	if (near)
+		bh_hop_emit(ctx, k, fwd, h, p->family, fwd->peer_segment);
+	h->t_req = t;
+	h->t_first = 0;
+	h->t_last = 0;
+	h->far_first = 0;
+	h->far_last = 0;
+	h->turns++;
+	h->state = BH_HOPS_REQ | ((h->kind == BH_HOP_HTTP || bh_hop_tls_app(skb, p)) ? BH_HOPS_APP : 0);
+}
+
+/*
+ * An answer packet of a timed flow (its reply entry has BH_FLOWX_HOP). At
+ * the server's gateway: returns the code of its time since the request, for
+ * the VNI. At the client's (`near`, `far` the code the VNI brought): notes
+ * the answer, and tells an HTTP request at its first byte.
+ */
+static __always_inline __u32 bh_hop_server(void *ctx, const struct bh_pkt *p, const struct bh_flow6_key *k,
+					   const struct bh_flow *ent, int near, __u8 far, __u16 peer_seg)
+{
+	struct bh_hop *h = req_hop.lookup((struct bh_flow6_key *)k);
+
+	if (!h || !(h->state & BH_HOPS_REQ) || p->l4_len <= p->tcp_doff)
+		return 0;
+	__u32 t = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
+	h->state |= BH_HOPS_RESP;
+	if (!near)
+		return bh_hop_code(t - h->t_req);
+	if (!h->t_first) {
+		h->t_first = t;
+		h->far_first = far;
+	}
+	h->t_last = t;
+	h->far_last = far;
+	if (h->kind == BH_HOP_HTTP)
+		bh_hop_emit(ctx, k, ent, h, p->family, peer_seg);
+	return 0;
+}
+
 /*
  * Send the packet to the gateway of segment `vni` through the transit
  * device: VXLAN with the segment in the VNI and `app`, the identity it
- * carries, in the Group Based Policy id. Returns a TC code.
+ * carries, in the Group Based Policy id; `hop_code` (0: none) in the VNI's
+ * bits 17-23 (request timing). Returns a TC code.
  */
-static __always_inline int bh_tc_encap(struct __sk_buff *skb, __u32 slot, __u32 vni, __u32 app, int via_vip)
+static __always_inline int bh_tc_encap(struct __sk_buff *skb, __u32 slot, __u32 vni, __u32 app, int via_vip,
+				       __u32 hop_code)
 {
 	struct bh_fab_val *sv = bh_fab(slot, BH_FAB_SEG, vni, NULL);
 	struct bh_fab_val *me = bh_fab(slot, BH_FAB_SELF, 0, NULL);
@@ -2122,7 +2372,7 @@ static __always_inline int bh_tc_encap(struct __sk_buff *skb, __u32 slot, __u32 
 		return bh_record(BH_R_TRANSIT_NO_TUNNEL, TC_ACT_SHOT, skb->len);
 	struct bpf_tunnel_key key = {};
 	__u64 kflags = 0;
-	key.tunnel_id = vni | (via_vip ? BH_VNI_VIA_VIP : 0);
+	key.tunnel_id = vni | (via_vip ? BH_VNI_VIA_VIP : 0) | ((hop_code << BH_VNI_HOP_SHIFT) & BH_VNI_HOP_MASK);
 	key.tunnel_ttl = 64;
 	if (gv->a == 6) {
 		__builtin_memcpy(key.remote_ipv6, gv->addr, 16);
@@ -2221,6 +2471,15 @@ static __always_inline int bh_tc_fabric_flow(struct __sk_buff *skb, __u32 slot, 
 	__u8 fflags = f->flags;
 	__u32 vni = f->peer_segment;
 	__u32 app = (fflags & BH_FLOWF_REPLY) ? f->dst_app : f->src_app;
+	/* Request timing: the forward key, before a translation changes the destination. */
+	__u32 zero = 0;
+	struct bh_hop_scratch *hs = NULL;
+	int timed = p->proto == IPPROTO_TCP && (fflags & BH_FLOWF_TRANSIT) &&
+		    (f->xflags & (BH_FLOWX_HOP_CLASSIFY | BH_FLOWX_HOP));
+	if (timed)
+		hs = hop_scratch.lookup(&zero);
+	if (hs && !(fflags & BH_FLOWF_REPLY))
+		bh_sni_key_of(p, seg, 0, &hs->k);
 	if (fflags & BH_FLOWF_NAT) {
 		int reply = fflags & BH_FLOWF_REPLY;
 		struct bh_fab_val *nv = reply ? bh_fab(slot, BH_FAB_REAL, 0, p->saddr) : bh_fab(slot, BH_FAB_VIP, 0, p->daddr);
@@ -2232,10 +2491,12 @@ static __always_inline int bh_tc_fabric_flow(struct __sk_buff *skb, __u32 slot, 
 			return bh_record(BH_R_NO_POLICY, TC_ACT_SHOT, skb->len);
 		if (bh_tc_nat(skb, p, !reply, nv->addr))
 			return bh_record(BH_R_MALFORMED_L4, TC_ACT_SHOT, skb->len); /* the helpers refused to write it */
-		if (reply)
+		if (reply) {
 			__builtin_memcpy(p->saddr, nv->addr, 16);
-		else
-			__builtin_memcpy(p->daddr, nv->addr, 16);
+			__builtin_memcpy(&p->saddr4_be, nv->addr + 12, 4); /* flow keys (bh_key4) read these */
+		} else {
+			bh_pkt_set_daddr(p, nv->addr);
+		}
 	}
 	if ((f->xflags & BH_FLOWX_SNAT) && (fflags & BH_FLOWF_REPLY)) {
 		/* A reply to a client whose source this gateway translated: back to the client's own. */
@@ -2245,9 +2506,25 @@ static __always_inline int bh_tc_fabric_flow(struct __sk_buff *skb, __u32 slot, 
 		__u16 cport = o->port_be;
 		if (bh_tc_nat(skb, p, 1, o->addr) || bh_tc_port(skb, p, 1, cport))
 			return bh_record(BH_R_MALFORMED_L4, TC_ACT_SHOT, skb->len);
+		bh_pkt_set_daddr(p, o->addr);
+		p->dport_be = cport;
 	}
-	if (fflags & BH_FLOWF_TRANSIT)
-		return bh_tc_encap(skb, slot, vni, app, (fflags & BH_FLOWF_NAT) && !(fflags & BH_FLOWF_REPLY));
+	if (fflags & BH_FLOWF_TRANSIT) {
+		__u32 hop_code = 0;
+		if (p->proto == IPPROTO_TCP && (fflags & BH_FLOWF_REPLY)) {
+			/* The server's gateway: its server RTT on the SYN-ACK, its time since the request on answers. */
+			if ((p->tcp_flags & BH_TCP_SYN) && f->t_b) {
+				hop_code = bh_hop_code(f->t_b);
+			} else if (hs && (f->xflags & BH_FLOWX_HOP)) {
+				bh_sni_key_of(p, vni, 1, &hs->k);
+				hop_code = bh_hop_server(skb, p, &hs->k, f, 0, 0, 0);
+			}
+		} else if (hs) {
+			struct bh_flow *rep = (f->xflags & BH_FLOWX_HOP_CLASSIFY) ? bh_flow_get(p, vni, 1) : NULL;
+			bh_hop_client(skb, p, &hs->k, f, rep, 1);
+		}
+		return bh_tc_encap(skb, slot, vni, app, (fflags & BH_FLOWF_NAT) && !(fflags & BH_FLOWF_REPLY), hop_code);
+	}
 	/* Translated, to an app of this gateway: a reply leaves by its client's segment. */
 	return bh_tc_route(skb, p, (fflags & BH_FLOWF_REPLY) ? vni : 0);
 }
@@ -2556,7 +2833,8 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 	/* Where it goes: a segment of this gateway. */
 	__u32 vni = key.tunnel_id & BH_VNI_SEG_MASK;
 	__u8 via_vip = (key.tunnel_id & BH_VNI_VIA_VIP) ? BH_FLOWF_VIA_VIP : 0;
-	int vni_ok = vni && !(key.tunnel_id & ~(BH_VNI_SEG_MASK | BH_VNI_VIA_VIP));
+	__u8 far_code = (key.tunnel_id & BH_VNI_HOP_MASK) >> BH_VNI_HOP_SHIFT; /* the sender's part of a request */
+	int vni_ok = vni && !(key.tunnel_id & ~(BH_VNI_SEG_MASK | BH_VNI_VIA_VIP | BH_VNI_HOP_MASK));
 	struct bh_fab_val *sv = vni_ok ? bh_fab(slot, BH_FAB_SEG, vni, NULL) : NULL;
 	if (!sv || sv->a != me_gw)
 		return bh_transit_drop(BH_R_TRANSIT_BAD_SEGMENT, len);
@@ -2684,7 +2962,16 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 #endif
 			if (!pass)
 				return bh_transit_drop(reason, len);
+			/* Request timing: a TCP flow from its SYN (bh_hop_*): the server RTT on the reply entry. */
+			int hs = p.proto == IPPROTO_TCP && (p.tcp_flags & (BH_TCP_SYN | BH_TCP_ACK)) == BH_TCP_SYN;
+			if (hs)
+				v->xflags |= BH_FLOWX_HOP_CLASSIFY;
 			bh_flow_put(&p, app_seg, 0, v);
+			if (hs) {
+				v->xflags &= ~BH_FLOWX_HOP_CLASSIFY;
+				v->flags |= BH_FLOWF_T_HS;
+				v->t_a = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
+			}
 			v->flags |= BH_FLOWF_REPLY;
 			v->reason = BH_R_ALLOW_REPLY;
 			v->action = BH_ACT_ALLOW;
@@ -2698,6 +2985,15 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 			bh_event(BH_EV_FLOW_NEW);
 		}
 	}
+	/* Request timing (bh_hop_*) of an established TCP flow: this entry, and the forward key. */
+	struct bh_flow *tf = (judge && !rejudge) ? NULL : f;
+	struct bh_hop_scratch *hs = NULL;
+	if (tf && p.proto == IPPROTO_TCP)
+		hs = hop_scratch.lookup(&zero);
+	if (!hs)
+		tf = NULL;
+	if (tf && !(tf->flags & BH_FLOWF_REPLY) && (tf->xflags & (BH_FLOWX_HOP_CLASSIFY | BH_FLOWX_HOP)))
+		bh_sni_key_of(&p, app_seg, 0, &hs->k); /* before the source translation below */
 	/* The client's packets into a segment that translates sources: from the segment's address. */
 	if (snat) {
 		if (!sa) /* an established flow: its segment's address under the policy in force */
@@ -2707,6 +3003,7 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 		if (bh_tc_nat(skb, &p, 0, sa->addr) || bh_tc_port(skb, &p, 0, snat_port))
 			return bh_transit_drop(BH_R_MALFORMED_L4, len);
 		__builtin_memcpy(p.saddr, sa->addr, 16);
+		__builtin_memcpy(&p.saddr4_be, sa->addr + 12, 4);
 		p.sport_be = snat_port;
 	}
 	/* A reply of a translated flow leaves from the service address the client dialed. */
@@ -2715,6 +3012,27 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 		if (!nv || bh_tc_nat(skb, &p, 0, nv->addr))
 			return bh_transit_drop(BH_R_TRANSIT_BAD_SEGMENT, len);
 		__builtin_memcpy(p.saddr, nv->addr, 16);
+		__builtin_memcpy(&p.saddr4_be, nv->addr + 12, 4);
+	}
+	if (tf && (tf->flags & BH_FLOWF_REPLY)) {
+		/* The client's gateway: an answer, or the SYN-ACK (server RTT from here, the far one's in the VNI). */
+		if ((tf->flags & BH_FLOWF_T_HS) && (p.tcp_flags & (BH_TCP_SYN | BH_TCP_ACK)) == (BH_TCP_SYN | BH_TCP_ACK)) {
+			__u32 t = bpf_ktime_get_ns() >> BH_LAT_SHIFT;
+			tf->flags &= ~BH_FLOWF_T_HS;
+			bh_lat_sample(tf, BH_LAT_SERVER_RTT, t - tf->t_a);
+			struct bh_flow *o = bh_flow_get(&p, vni, 1);
+			if (o && (o->flags & BH_FLOWF_T_HS)) {
+				o->t_b = t; /* the client RTT is measured from here (bh_observe, at the ACK) */
+				o->hop_srtt = far_code;
+			}
+		} else if (tf->xflags & BH_FLOWX_HOP) {
+			bh_sni_key_of(&p, vni, 1, &hs->k);
+			bh_hop_server(skb, &p, &hs->k, tf, 1, far_code, app_seg);
+		}
+	} else if (tf && (tf->xflags & (BH_FLOWX_HOP_CLASSIFY | BH_FLOWX_HOP))) {
+		/* The server's gateway: a client packet (its reply entry is keyed by the translated tuple). */
+		struct bh_flow *rep = (tf->xflags & BH_FLOWX_HOP_CLASSIFY) ? bh_flow_get(&p, vni, 1) : NULL;
+		bh_hop_client(skb, &p, &hs->k, tf, rep, 0);
 	}
 	bh_event(BH_EV_TRANSIT_DECAP);
 	bh_record(reason, 0, len);

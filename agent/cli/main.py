@@ -428,37 +428,33 @@ def _flow_table(state_dir: str, as_json: bool, follow: bool, limit: int, app, ve
 @click.option("--limit", default=50, show_default=True, help="Most recent requests to show.")
 @click.option("--verdict", type=click.Choice(["allow", "deny", "audit", "error"]), help="Only this verdict.")
 def requests(state_dir: str, as_json: bool, follow: bool, limit: int, verdict: str | None) -> None:
-    """HTTP requests the L7 verifier decided: verdict, rule, status, latency.
+    """HTTP requests: those the L7 verifier decided, and those between two gateways, per hop.
 
-    Each line: time, verdict, status, method, host and path, source app ->
-    destination app, the rule that allowed or denied it, the reason, bytes
-    and the latency split (decision / upstream connect / upstream first byte
-    / total, in ms). The agent keeps the last 2000.
+    Verifier lines: time, verdict, status, method, host and path, source app ->
+    destination app, the rule, bytes, the latency split (decision / upstream
+    connect / upstream first byte / total, in ms) and the reason. Requests
+    between two gateways (the fabric, measured in the kernel; TLS inferred
+    from TCP timing, mode tls_inferred): the client's total response time and
+    its parts: ingress, backbone, app VPC, app (docs/visibility.md). The agent
+    keeps the last 2000 of each. --json: one JSON object per line.
     """
-    def show(recs: list[dict], header: bool) -> None:
-        recs = [r for r in recs if not verdict or r.get("verdict") == verdict]
-        if as_json:
-            for r in recs:
-                click.echo(json.dumps(r, default=str))
-            return
-        if header:
-            click.echo(render.REQUEST_HEADER)
-        for r in recs:
-            click.echo(render.request_line(r))
+    def show(reply: dict, header: bool) -> None:
+        render.show_requests(reply.get("requests", []), reply.get("hop_requests", []), header, as_json, verdict,
+                             click.echo)
 
     reply = _agent_request(state_dir, "requests", limit=limit)
     if not reply.get("ok"):
         _fail(reply.get("error", "requests failed"))
-    show(reply["requests"], True)
-    seq = reply.get("seq", 0)
+    show(reply, True)
+    seq, hop_seq = reply.get("seq", 0), reply.get("hop_seq", 0)
     try:
         while follow:
             time.sleep(0.5)
-            reply = _agent_request(state_dir, "requests", after=seq, limit=0)
+            reply = _agent_request(state_dir, "requests", after=seq, hop_after=hop_seq, limit=0)
             if not reply.get("ok"):  # the agent answered, but with an error: say it, don't poll on
                 _fail(reply.get("error", "requests failed"))
-            seq = reply.get("seq", seq)
-            show(reply.get("requests", []), False)
+            seq, hop_seq = reply.get("seq", seq), reply.get("hop_seq", hop_seq)
+            show(reply, False)
     except KeyboardInterrupt:
         pass
 

@@ -4,6 +4,7 @@ Pure functions of the reply dicts, so tests render without an agent.
 """
 from __future__ import annotations
 
+import json
 import time
 
 
@@ -159,3 +160,38 @@ def request_line(r: dict) -> str:
             f"{r.get('status') or 0:>3} {r.get('method') or '-':<7} {url[:40]:<40} "
             f"{r.get('src_app') or '-':<12} {to:<12} {r.get('rule') or '-':<20} "
             f"{r.get('bytes_in') or 0:>8} {r.get('bytes_out') or 0:>9}  {ms:<23}  {r.get('reason') or ''}")
+
+
+HOP_HEADER = (f"{'TIME':<8} {'MODE':<12} {'FROM':<12} {'TO':<12} {'VIA':<10} "
+              f"{'TOTAL':>8} {'INGRESS':>8} {'BACKBONE':>8} {'APP_VPC':>8} {'APP':>8}  (ms)")
+
+
+def hop_line(r: dict) -> str:
+    """A request between two gateways, timed per hop (telemetry/hops.py): '-' where not measured."""
+    h = r.get("hops_ms") or {}
+    cols = " ".join(f"{'-' if h.get(k) is None else format(h[k], '.1f'):>8}"
+                    for k in ("total", "ingress", "backbone", "app_vpc", "app"))
+    return (f"{time.strftime('%H:%M:%S', time.localtime(r.get('time', 0))):<8} {r.get('mode', '?'):<12} "
+            f"{r.get('src_app') or '-':<12} {r.get('dst_app') or '-':<12} {r.get('via') or '-':<10} {cols}")
+
+
+def show_requests(recs: list[dict], hop_recs: list[dict], header: bool, as_json: bool, verdict: str | None,
+                  echo) -> None:
+    """`bulkhead requests`: the verifier's decisions, then the fabric's requests timed per hop."""
+    recs = [r for r in recs if not verdict or r.get("verdict") == verdict]
+    if as_json:
+        for r in recs + ([] if verdict else hop_recs):
+            echo(json.dumps(r, default=str))
+        return
+    if header or recs:
+        if header:
+            echo(REQUEST_HEADER)
+        for r in recs:
+            echo(request_line(r))
+    if hop_recs and not verdict:
+        if header:
+            echo("")
+            echo("Between gateways, per hop:")
+            echo(HOP_HEADER)
+        for r in hop_recs:
+            echo(hop_line(r))

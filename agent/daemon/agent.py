@@ -31,7 +31,6 @@ from bulkhead.policy.bundle import Bundle
 log = logging.getLogger("bulkhead.agent")
 
 
-
 class AgentError(RuntimeError):
     """A runtime failure: exit code 1."""
 
@@ -569,9 +568,9 @@ class Agent:
             return {"ok": True, "latency": self.latency_summary()}
         if op == "vips":  # `policy apply` keeps published apps' service addresses where they are
             return {"ok": True, "vips": self.bundle.vips if self.bundle else {}}
-        if op == "requests":
+        if op == "requests":  # the verifier's, and the fabric's timed per hop (telemetry/hops.py)
             seq, recs = self.l7.since(int(req.get("after", 0)), int(req.get("limit", 1000)))
-            return {"ok": True, "seq": seq, "requests": recs}
+            return {"ok": True, "seq": seq, "requests": recs, **self.flowlog.hops.reply(req)}
         if op == "apply":
             if self.follower is not None:
                 f = self.follower

@@ -31,6 +31,14 @@ FLOWF_ENDED = 0x20
 FLOWF_NAT = 0x40  # a service address: forward packets' destination translated, replies' source back
 FLOWF_TRANSIT = 0x80  # the other end is behind another gateway: through the transit tunnel
 FLOWF_OBSERVE = FLOWF_T_HS | FLOWF_T_DATA
+FLOWX_HOP_CLASSIFY = 0x02  # bh_flow.xflags: a transit TCP flow whose first client payload is not seen yet
+FLOWX_HOP = 0x04  # bh_flow.xflags: its requests are timed per hop (req_hop)
+HOP_HTTP = 1  # bh_hop.kind, and a BH_FE_HOP event's prev_reason
+HOP_TLS = 2
+HOPS_REQ = 0x01  # bh_hop.state
+HOPS_RESP = 0x02
+HOPS_TOLD = 0x04
+HOPS_APP = 0x08
 FLOWX_SNAT = 0x01  # bh_flow.xflags: from the transit into a segment that translates sources (transit_snat)
 
 
@@ -136,6 +144,7 @@ class FlowEv(enum.IntEnum):
     NEW = 1
     CHANGE = 2
     END = 3
+    HOP = 4
 
 
 class Lat(enum.IntEnum):
@@ -226,6 +235,8 @@ MARK_SEG = 0x0B000000
 # the transit VNI: the destination segment, and a bit saying the client dialed a service address
 VNI_SEG_MASK = 0xFFFF
 VNI_VIA_VIP = 0x10000
+VNI_HOP_SHIFT = 17  # bits 17-23: the server's gateway's part of a request (hop_code)
+VNI_HOP_MASK = 0xFE0000
 TLS_EXTS_PER_CALL = 32
 TLS_NAME_PER_CALL = 64
 TLS_WHOLE_EXTS = 32
@@ -308,6 +319,12 @@ class IfCfg(C.Structure):
     _fields_ = [("reject_path", u8), ("redirect_ok", u8), ("pad", u8 * 2)]
 
 
+class Hop(C.Structure):
+    """req_hop: the timed request/response turn of a flow through the transit."""
+    _fields_ = [("t_req", u32), ("t_first", u32), ("t_last", u32), ("crtt", u32), ("turns", u16),
+                ("kind", u8), ("state", u8), ("far_first", u8), ("far_last", u8), ("far_srtt", u8), ("pad", u8)]
+
+
 class SendBack(C.Structure):
     """send_back_pending (kernels without bpf_xdp_adjust_meta): answers on their way to TC."""
     _fields_ = [("count", u32), ("pad", u32), ("ts_ns", u64)]
@@ -376,6 +393,10 @@ class Flow6Key(C.Structure):
     ]
 
 
+class HopScratch(C.Structure):
+    _fields_ = [("k", Flow6Key), ("n", Hop)]
+
+
 class Flow(C.Structure):
     _fields_ = [
         ("last_seen_ns", u64),
@@ -391,7 +412,7 @@ class Flow(C.Structure):
         ("reason", u8),
         ("sni_flags", u8),
         ("xflags", u8),
-        ("pad", u8),
+        ("hop_srtt", u8),
         ("t_a", u32),
         ("t_b", u32),
         ("sni_h", u64),
@@ -545,6 +566,8 @@ STRUCTS = {
     "bh_seg_val": SegVal,
     "bh_if_cfg": IfCfg,
     "bh_send_back": SendBack,
+    "bh_hop": Hop,
+    "bh_hop_scratch": HopScratch,
     "bh_src_key": SrcKey,
     "bh_dst_key": DstKey,
     "bh_ident": Ident,

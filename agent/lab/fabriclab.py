@@ -45,7 +45,59 @@ HOSTS = {
     "b-srv": ("gwb", "bh-srv", ["198.18.1.1/24", "fd00:1::1/64"], ["198.18.1.20/32", "fd00:1::20/128"]),
     "b-cli": ("gwb", "bh-cli", ["198.19.9.1/24", "fd00:99::1/64"], ["198.19.9.10/24", "fd00:99::10/64"]),
 }
-STALE_RE = re.compile(r"^bhfab(\d+)x\d+-(" + "|".join(ROLES) + r")$")
+STALE_RE = re.compile(r"^bhfab(\d+)x\d+-(" + "|".join(ROLES) + r"|dly-[a-z-]+)$")
+# Links that can carry a delay line (create(delay_links=...)): an end host's link to its gateway,
+# or a gateway's link to the underlay bridge.
+DELAY_LINKS = ("a-cli", "a-srv", "b-srv", "b-cli", "gwa", "gwb")
+
+# A delay line: frames between two interfaces of its own namespace, each direction held back by
+# its own delay (milliseconds, "D12 D21" lines on stdin). Packet sockets, so it needs no qdisc:
+# some kernels are built without sch_netem.
+DELAY_LINE = r"""
+import heapq, os, select, socket, sys, time
+try:
+    os.nice(-10)  # its timing is the lab's delay: ahead of the busy processes it serves
+except OSError:
+    pass
+names = sys.argv[1:3]
+delay = [0.0, 0.0]
+socks = []
+for name in names:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((name, 0))
+    s.setblocking(False)
+    socks.append(s)
+queue, n = [], 0
+print("ready", flush=True)
+while True:
+    now = time.monotonic()
+    while queue and queue[0][0] <= now:
+        _, _, out, frame = heapq.heappop(queue)
+        try:
+            socks[out].send(frame)
+        except OSError:
+            pass
+    wait = max(0.0, queue[0][0] - now) if queue else None
+    ready, _, _ = select.select(socks + [sys.stdin], [], [], wait)
+    for r in ready:
+        if r is sys.stdin:
+            line = sys.stdin.readline()
+            if not line:
+                sys.exit(0)
+            delay = [float(x) / 1e3 for x in line.split()]
+            continue
+        i = socks.index(r)
+        while True:
+            try:
+                frame, addr = r.recvfrom(65535)
+            except BlockingIOError:
+                break
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            n += 1
+            heapq.heappush(queue, (time.monotonic() + delay[i], n, 1 - i, frame))
+"""
 
 _counter = itertools.count()
 
@@ -97,17 +149,26 @@ class FabricLab(Lab):
     def name(self, role: str) -> str:
         return self.ns.get(role, role)
 
-    def create(self) -> "FabricLab":
+    def create(self, delay_links: tuple[str, ...] = ()) -> "FabricLab":
+        """The lab; each link named in `delay_links` (DELAY_LINKS) runs through a delay line in a
+        namespace of its own (set_delay), with no delay until one is set."""
+        bad = set(delay_links) - set(DELAY_LINKS)
+        if bad:
+            raise ValueError(f"no such link for a delay line: {', '.join(sorted(bad))}")
         for role in ROLES:
             self._fresh_netns(self.ns[role])
+        self.delays: dict[str, subprocess.Popen] = {}
         under = self.ns["under"]
         self._ip("-n", under, "link", "add", "br0", "type", "bridge")
         self._ip("-n", under, "link", "set", "br0", "up")
         for i, role in enumerate(("gwa", "gwb", "rogue")):
             port = f"p{i}"
             # The transit adds 50 bytes (VXLAN over IPv4; 70 over IPv6): the underlay has room for them.
-            self._ip("-n", under, "link", "add", port, "mtu", str(UNDER_MTU), "type", "veth", "peer", "name", UNDER_IF,
-                     "mtu", str(UNDER_MTU), "netns", self.ns[role])
+            if role in delay_links:
+                self._delay_link(role, (self.ns[role], UNDER_IF), (under, port), UNDER_MTU)
+            else:
+                self._ip("-n", under, "link", "add", port, "mtu", str(UNDER_MTU), "type", "veth", "peer", "name",
+                         UNDER_IF, "mtu", str(UNDER_MTU), "netns", self.ns[role])
             self._ip("-n", under, "link", "set", port, "master", "br0")
             self._ip("-n", under, "link", "set", port, "up")
             v4, v6 = TRANSIT[role]
@@ -116,7 +177,10 @@ class FabricLab(Lab):
             self._ip("-n", self.ns[role], "link", "set", UNDER_IF, "up")
         for role, (gw, gw_if, gw_addrs, addrs) in HOSTS.items():
             gns, hns = self.ns[gw], self.ns[role]
-            self._ip("-n", gns, "link", "add", gw_if, "type", "veth", "peer", "name", "eth0", "netns", hns)
+            if role in delay_links:
+                self._delay_link(role, (hns, "eth0"), (gns, gw_if), 1500)
+            else:
+                self._ip("-n", gns, "link", "add", gw_if, "type", "veth", "peer", "name", "eth0", "netns", hns)
             for a in gw_addrs:
                 self._ip("-n", gns, "addr", "add", a, "dev", gw_if, *(["nodad"] if ":" in a else []))
             for a in addrs:
@@ -126,7 +190,38 @@ class FabricLab(Lab):
             self._ip("-n", hns, "route", "add", "default", "via", gw_addrs[0].split("/")[0], "dev", "eth0", "onlink")
             self._ip("-n", hns, "-6", "route", "add", "default", "via", gw_addrs[1].split("/")[0], "dev", "eth0",
                      "onlink")
+        for role in delay_links:
+            p = self.spawn(f"dly-{role}", [sys.executable, "-c", DELAY_LINE, "near", "far"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the delay line of {role} did not start")
+            self.delays[role] = p
         return self
+
+    def _delay_link(self, role: str, near: tuple[str, str], far: tuple[str, str], mtu: int) -> None:
+        """(namespace, interface) `near` (the host's, or the gateway's to the underlay) and `far`
+        joined through namespace dly-<role>, where the delay line relays frames between its ends
+        "near" and "far". Offloads off on every end: a packet socket relays frames as they are, so
+        no checksum may be left to offload and no frame may be bigger than the link."""
+        d = self.ns[f"dly-{role}"] = f"{self.prefix}-dly-{role}"
+        self._fresh_netns(d)
+        for k in ("all", "default"):
+            subprocess.run(["ip", "netns", "exec", d, "sysctl", "-qw", f"net.ipv6.conf.{k}.disable_ipv6=1"],
+                           capture_output=True)
+        for (ns, ifname), end in ((near, "near"), (far, "far")):
+            self._ip("-n", d, "link", "add", end, "mtu", str(mtu), "type", "veth", "peer", "name", ifname,
+                     "mtu", str(mtu), "netns", ns)
+            self._ip("-n", d, "link", "set", end, "up")
+            for n, i in ((d, end), (ns, ifname)):
+                subprocess.run(["ip", "netns", "exec", n, "ethtool", "-K", i, "tx", "off", "tso", "off", "gso", "off",
+                                "gro", "off"], capture_output=True)
+
+    def set_delay(self, role: str, out_ms: float, in_ms: float = 0.0) -> None:
+        """The delay line of `role`'s link (create(delay_links=...)): frames leaving the near end
+        (the host, or the gateway to the underlay) held `out_ms`, frames toward it `in_ms`."""
+        p = self.delays[role]
+        p.stdin.write(f"{out_ms} {in_ms}\n")
+        p.stdin.flush()
 
     def destroy(self) -> None:
         """Stop what we spawned, delete every namespace (veths and the bridge go with them)."""
@@ -135,9 +230,9 @@ class FabricLab(Lab):
                 p.kill()
             p.wait()
         self.procs = []
-        for role in ROLES:
-            if (NETNS_DIR / self.ns[role]).exists():
-                subprocess.run(["ip", "netns", "del", self.ns[role]], capture_output=True)
+        for ns in self.ns.values():
+            if (NETNS_DIR / ns).exists():
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
     def gateway(self, role: str) -> "GatewayView":
         """Gateway `role` as lab.runner.AgentRunner sees a Topology's gateway."""

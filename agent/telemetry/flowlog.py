@@ -42,10 +42,11 @@ from typing import Callable, Iterable
 
 from bulkhead.core.names import proto_name
 from bulkhead.datapath import abi
+from bulkhead.telemetry import hops
 
 log = logging.getLogger("bulkhead.flowlog")
 
-KIND_NAMES = {abi.FlowEv.NEW: "new", abi.FlowEv.CHANGE: "change", abi.FlowEv.END: "end"}
+KIND_NAMES = {abi.FlowEv.NEW: "new", abi.FlowEv.CHANGE: "change", abi.FlowEv.END: "end", abi.FlowEv.HOP: "hop"}
 LAT_KINDS = {abi.Lat.SERVER_RTT: "server_rtt", abi.Lat.CLIENT_RTT: "client_rtt", abi.Lat.SERVER_TIME: "server_time"}
 BY_NAME = "(by name)"  # abi.APP_ANY: an app named by hostnames, not decided yet
 DEFAULT_RULE = "(default)"  # rule id 0: settings.default_action (or no rule involved)
@@ -223,6 +224,7 @@ class FlowLog:
         self._stop = threading.Event()
         self.use_perf = False
         self.error: str | None = None
+        self.hops = hops.HopLog()  # BH_FE_HOP: requests between two gateways, timed per hop
 
     # ------------------------------------------------------------ ingest
     def ingest_raw(self, data, size: int) -> None:
@@ -245,6 +247,12 @@ class FlowLog:
         except Exception as e:
             self._bad(e)
             return None
+        if ev.kind == abi.FlowEv.HOP:  # a request, not a flow: to the per-hop log
+            with self.lock:
+                self.received += 1
+                self.by_kind[rec["kind"]] += 1
+            self.hops.add(hops.record(ev, rec))
+            return rec
         with self.lock:
             self.seq += 1
             self.received += 1

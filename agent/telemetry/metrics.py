@@ -21,13 +21,14 @@ import threading
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from bulkhead.telemetry import flowlog
+from bulkhead.telemetry import flowlog, hops
 from bulkhead.datapath import abi, loader
 
 log = logging.getLogger("bulkhead.metrics")
 
 # Parts of a scrape, each read and counted (bulkhead_collector_errors{section}) on its own.
-SECTIONS = ("counters", "policy", "pair_flows", "flow_table", "latency", "maps", "flow_log", "verifier", "dns")
+SECTIONS = ("counters", "policy", "pair_flows", "flow_table", "latency", "http_hops", "maps", "flow_log", "verifier",
+            "dns")
 MAP_ARRAYS = {"ctl", "slot_cfg", "if_cfg", "stats", "events", "tails", "sni_scratch"}  # preallocated: always full
 
 
@@ -177,6 +178,24 @@ class DatapathCollector:
                 buckets.append((repr(bounds[b]), cum))
             buckets.append(("+Inf", sum(m["buckets"])))
             hist.add_metric(list(key), buckets, m["sum_s"])
+        return [hist]
+
+    def _http_hops(self):
+        hist = HistogramMetricFamily(
+            "bulkhead_http_hop_duration_seconds",
+            "Response time of HTTP requests between two gateways, per hop, measured at the client's gateway "
+            "(telemetry/hops.py): ingress (client <-> its gateway), backbone (gateway <-> gateway), app_vpc "
+            "(far gateway <-> app), app (the app's time to first byte), total; mode tls_inferred: TLS the "
+            "gateways don't decrypt, inferred from TCP timing",
+            labels=["src_app", "dst_app", "hop", "mode"])
+        rows = self.agent.flowlog.hops.export()
+        for h in sorted(rows, key=lambda h: (h["src_app"], h["dst_app"], h["hop"], h["mode"])):
+            cum, buckets = 0, []
+            for bound, n in zip(hops.BOUNDS[:-1], h["buckets"]):
+                cum += n
+                buckets.append((repr(bound), cum))
+            buckets.append(("+Inf", h["count"]))
+            hist.add_metric([h["src_app"], h["dst_app"], h["hop"], h["mode"]], buckets, h["sum_s"])
         return [hist]
 
     def _maps(self):

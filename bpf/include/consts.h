@@ -77,6 +77,13 @@
 /* Transit VNI: the destination segment in its low 16 bits; this bit: the client dialed the app's service address. */
 #define BH_VNI_SEG_MASK 0xffff
 #define BH_VNI_VIA_VIP 0x10000
+/*
+ * Bits 17-23 of a VNI the server's gateway sends: its own part of the
+ * request being answered (hop.h: bh_hop_code), so the client's gateway can
+ * split the response time without synchronized clocks. 0: nothing told.
+ */
+#define BH_VNI_HOP_SHIFT 17
+#define BH_VNI_HOP_MASK 0xfe0000
 #define BH_APP_ANY 0xffffffff /* dst app id of hostname-only apps: any destination address */
 /* Header parser bounds (parse.h): one more is dropped under its own reason. */
 #define BH_VLAN_MAX_DEPTH 2 /* 802.1Q + 802.1ad (QinQ); more tags: vlan_too_deep */

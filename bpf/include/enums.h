@@ -145,6 +145,9 @@ enum bh_flow_ev {
 	BH_FE_NEW    = 1, /* a flow was judged for the first time (any verdict) */
 	BH_FE_CHANGE = 2, /* its verdict or rule changed: a policy swap, or its server name was decided */
 	BH_FE_END    = 3, /* its first FIN or RST */
+	BH_FE_HOP    = 4, /* one request of a flow between two gateways, answered: packets = client RTT, bytes = response
+			   * time here, r_packets = the far gateway's part, r_bytes = its server RTT (units of 1024 ns;
+			   * 0: unknown); prev_reason = BH_HOP_HTTP or BH_HOP_TLS (inferred from TCP timing) */
 };
 
 /* Hop-latency histograms (lat_hist), measured at the gateway for TCP flows. */

@@ -108,6 +108,11 @@ BPF_PERCPU_ARRAY(meta_handoff, struct bh_meta, 1);
 BPF_PERCPU_ARRAY(send_back_pending, struct bh_send_back, 1);
 #endif
 
+/* req_hop: the timed request of each HTTP/TLS flow through the transit (struct bh_hop). Not pinned. */
+BPF_TABLE("lru_hash", struct bh_flow6_key, struct bh_hop, req_hop, BH_MAX_SNI_PARSE);
+/* hop_scratch: the forward key and a new turn, off the TC programs' full stacks. Not pinned. */
+BPF_PERCPU_ARRAY(hop_scratch, struct bh_hop_scratch, 1);
+
 /* flow_events: new flow / verdict change / end records for the agent's flow log. */
 #ifdef BH_NO_TELEMETRY
 #elif defined(BH_EVENTS_PERF)

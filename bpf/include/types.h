@@ -204,12 +204,14 @@ struct bh_flow {
 	__u8 reason;        /* enum bh_reason recorded for this flow's packets */
 	__u8 sni_flags;     /* BH_FSNI_*: what the entry knows of the flow's TLS server name */
 	__u8 xflags;        /* BH_FLOWX_* */
-	__u8 pad;
+	__u8 hop_srtt;      /* forward entry at the client's gateway of a transit flow: the far gateway's server RTT (bh_hop_code), 0: not told */
 	/*
 	 * TCP hop timing (BH_FLOWF_T_*), in units of 1024 ns (ktime >> 10; wraps
 	 * after 73 min, differences stay right). Forward entry: t_a = SYN, then
 	 * the first request byte; t_b = SYN-ACK (written by the reply side).
-	 * Reply entry: t_a = SYN (copied at creation).
+	 * Reply entry: t_a = SYN (copied at creation). After the handshake's
+	 * samples, the forward entry's t_b holds the client RTT and the reply
+	 * entry's the server RTT (request timing, bh_hop_*).
 	 */
 	__u32 t_a;
 	__u32 t_b;
@@ -231,7 +233,38 @@ struct bh_flow {
 	__u16 snat_port_be;
 	__u16 pad2;
 };
+#define BH_FLOWX_HOP_CLASSIFY 0x02 /* a TCP flow through the transit: its first client payload says whether requests are timed */
+#define BH_FLOWX_HOP 0x04          /* its requests are timed per hop (req_hop holds the turn) */
 #define BH_FLOWX_SNAT 0x01 /* from the transit into a segment that translates sources (fab_N BH_FAB_SNAT4/6) */
+
+/*
+ * req_hop (LRU hash, by the forward key of a flow through the transit whose
+ * first client payload was HTTP or a TLS record): the request/response turn
+ * in progress, timed in units of 1024 ns on this gateway's own clock.
+ */
+struct bh_hop {
+	__u32 t_req;    /* the turn's first client byte */
+	__u32 t_first;  /* its first answer byte (0: none yet) */
+	__u32 t_last;   /* its last answer byte so far */
+	__u32 crtt;     /* the client's gateway: client RTT from the handshake (0: unknown) */
+	__u16 turns;    /* turns begun */
+	__u8 kind;      /* BH_HOP_HTTP or BH_HOP_TLS */
+	__u8 state;     /* BH_HOPS_* */
+	__u8 far_first; /* the client's gateway: the far one's part at t_first, at t_last, its server RTT */
+	__u8 far_last;  /*   (bh_hop_code values from the VNI; 0: not told) */
+	__u8 far_srtt;
+	__u8 pad;
+};
+struct bh_hop_scratch {
+	struct bh_flow6_key k;
+	struct bh_hop n;
+};
+#define BH_HOP_HTTP 1
+#define BH_HOP_TLS 2
+#define BH_HOPS_REQ 0x01  /* the turn's request seen */
+#define BH_HOPS_RESP 0x02 /* answered */
+#define BH_HOPS_TOLD 0x04 /* its event sent (HTTP: at the first answer byte) */
+#define BH_HOPS_APP 0x08  /* a request worth telling (TLS: application data, not the handshake) */
 #define BH_FSNI_NAME 0x01   /* a server name was read: sni_h is its hash */
 #define BH_FSNI_WILD 0x02   /* it has a dot: sni_w is the hash of what follows the first one */
 #define BH_FSNI_STREAM 0x04 /* this connection's ClientHello spans segments: sni_state holds its parse */
@@ -395,6 +428,8 @@ _Static_assert(sizeof(struct bh_ctl) == 8, "bh_ctl");
 _Static_assert(sizeof(struct bh_meta) == 12, "bh_meta"); /* XDP metadata: a multiple of 4, at most 32 on 6.1 */
 _Static_assert(sizeof(struct bh_if_cfg) == 4, "bh_if_cfg");
 _Static_assert(sizeof(struct bh_send_back) == 16, "bh_send_back");
+_Static_assert(sizeof(struct bh_hop) == 24, "bh_hop");
+_Static_assert(sizeof(struct bh_hop_scratch) == 64, "bh_hop_scratch");
 _Static_assert(sizeof(struct bh_slot_cfg) == 8, "bh_slot_cfg");
 _Static_assert(sizeof(struct bh_src_key) == 24, "bh_src_key");
 _Static_assert(sizeof(struct bh_dst_key) == 20, "bh_dst_key");

@@ -27,7 +27,7 @@ def test_requests_follow_stops_on_an_error_reply(monkeypatch):
     r = CliRunner().invoke(cli.main, ["requests", "--follow", "--state-dir", "/nonexistent"])
     assert r.exit_code == 1, r.output
     assert "verifier gone" in r.output
-    assert len(calls) == 2 and calls[1] == ("requests", {"after": 3, "limit": 0})
+    assert len(calls) == 2 and calls[1] == ("requests", {"after": 3, "hop_after": 0, "limit": 0})
 
 
 SCAPY_BLOCKED = """

@@ -35,7 +35,11 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"core", "l7", "policy", "datapath", "telemetry", "verifier", "lab", "fleet", "fabric", "daemon"},
 }
 # Longer than ~600 lines on purpose: one idea each, splitting would scatter it.
-LONG_OK: dict[str, str] = {}
+LONG_OK: dict[str, str] = {
+    # One mirror per C struct, enum and constant, in the C headers' order; split, it would
+    # still be one list (tests/unit/test_abi.py and tests/bpf/test_abi_btf.py check it whole).
+    "datapath/abi.py": "the Python mirror of the C ABI (bpf/include/*.h)",
+}
 MAX_LINES = 600
 
 
