@@ -297,6 +297,20 @@ def latency_rows(status: dict) -> list[dict] | None:
     return out
 
 
+HOP_COLS = ("total", "ingress", "backbone", "app_vpc", "app")
+
+
+def hop_rows(status: dict) -> list[dict]:
+    """status["http_hops"] (telemetry/hops.py summary rows) -> one row per (pair, mode): p50/p99 per hop."""
+    rows: dict[tuple, dict] = {}
+    for r in status.get("http_hops") or []:
+        key = (r.get("src_app") or "-", r.get("dst_app") or "-", r.get("mode") or "?")
+        row = rows.setdefault(key, {"src_app": key[0], "dst_app": key[1], "mode": key[2], "count": 0})
+        row[r.get("hop")] = {"p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms")}
+        row["count"] = max(row["count"], int(_num(r.get("count"))))
+    return sorted(rows.values(), key=lambda r: (-r["count"], r["src_app"], r["dst_app"], r["mode"]))
+
+
 # -------------------------------------------------------------------- frame
 def build_frame(cur: dict, prev: dict | None = None, events: EventLog | None = None, rows: int = 10) -> dict:
     """One view of the agent, as plain data (what `--json` prints).
@@ -364,6 +378,7 @@ def build_frame(cur: dict, prev: dict | None = None, events: EventLog | None = N
         "denials_source": source,
         "event_loss": loss,
         "latency": (latency or [])[:rows],
+        "http_hops": hop_rows(st)[:rows],
         "verifier": verifier,
         "notes": notes,
     }
@@ -507,6 +522,13 @@ def render(frame: dict):
     if not frame.get("latency"):
         lat.add_row("(no samples)", "", "", "", "", "", "")
 
+    hop = Table(title="HTTP between gateways, per hop: p50/p99 ms", title_justify="left", expand=True, pad_edge=False)
+    for col in ("FROM", "TO", "MODE", "REQUESTS", *(c.upper() for c in HOP_COLS)):
+        hop.add_column(col, justify="left" if col in ("FROM", "TO", "MODE") else "right", no_wrap=True)
+    for r in frame.get("http_hops") or []:
+        hop.add_row(Text(str(r["src_app"])), Text(str(r["dst_app"])), Text(str(r["mode"])), fmt_count(r["count"]),
+                    *(f"{fmt_ms((r.get(c) or {}).get('p50_ms'))}/{fmt_ms((r.get(c) or {}).get('p99_ms'))}"
+                      for c in HOP_COLS))
     v = frame.get("verifier") or {}
     vl = Text()
     if v.get("running"):
@@ -515,7 +537,7 @@ def render(frame: dict):
         vl.append(f"up, pid {v.get('pid') or 'restarting'}, port {v.get('port')}, restarts {v.get('restarts', 0)}: {req}")
     else:
         vl.append("L7 verifier not running", style="dim")
-    parts = [head, rl, pairs, denials, would, lat, vl]
+    parts = [head, rl, pairs, denials, would, lat, *([hop] if frame.get("http_hops") else []), vl]
     parts += [Text(n, style="dim") for n in frame.get("notes") or []]
     return Group(*parts)
 

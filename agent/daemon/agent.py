@@ -461,6 +461,7 @@ class Agent:
             "verifier": self.verifier_status(),
             "flow_log": self.flow_log_status(),
             "latency": self._safe(self.latency_summary, []),
+            "http_hops": self._safe(self.flowlog.hops.summary, []),  # requests between gateways, per hop
             "fleet": self.follower.status() if self.follower else None,
             "dns": self.dns.status() if self.dns else None,
             "transit": self._safe(self.transit_status, None),

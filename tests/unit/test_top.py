@@ -318,7 +318,8 @@ METRICS = {
     "bulkhead_flow_evictions_total", "bulkhead_flow_events_total", "bulkhead_flow_events_lost_total",
     "bulkhead_datapath_events_total", "bulkhead_policy_generation", "bulkhead_policy_apply_seconds",
     "bulkhead_policy_applies_total", "bulkhead_collector_errors_total",
-} | {f"{h}_{s}" for h in ("bulkhead_hop_latency_seconds", "bulkhead_l7_request_seconds")
+} | {f"{h}_{s}" for h in ("bulkhead_hop_latency_seconds", "bulkhead_l7_request_seconds",
+                                           "bulkhead_http_hop_duration_seconds")
      for s in ("bucket", "sum", "count")}
 PROMQL_WORDS = {
     "sum", "min", "max", "avg", "count", "topk", "bottomk", "by", "without", "rate", "irate", "increase", "changes",
