@@ -45,6 +45,7 @@ def fleet() -> None:
       bulkhead fleet keygen --key /etc/bulkhead/fleet.key      # once; ship fleet.key.pub to gateways
       bulkhead fleet publish policy.yaml --etcd http://etcd1:2379 --key /etc/bulkhead/fleet.key
       bulkhead fleet status --etcd http://etcd1:2379 --wait 7  # until every live gateway applied 7
+      bulkhead fleet latency --etcd http://etcd1:2379          # HTTP response time per hop, fleet-wide
     --etcd also reads $BULKHEAD_ETCD; several comma-separated URLs name an etcd cluster.
     """
 
@@ -199,3 +200,76 @@ def status(etcd: str, as_json: bool, wait_rev: int | None, timeout: float) -> No
             click.echo(f"bulkhead: not every live gateway applied revision {wait_rev} within "
                        f"{timeout:g} s ({why})", err=True)
     sys.exit(0 if ok else 1)
+
+
+def _render_latency(out: dict) -> str:
+    from bulkhead.cli.top import HOP_COLS, hop_rows
+
+    def cell(d: dict | None) -> str:
+        d = d or {}
+        return "/".join("-" if d.get(k) is None else f"{d[k]:.1f}" for k in ("p50_ms", "p99_ms"))
+
+    lines = []
+    rows = [("FROM", "TO", "MODE", "REQUESTS", *(c.upper() for c in HOP_COLS))]
+    for r in hop_rows({"http_hops": out["latency"]}):
+        rows.append((r["src_app"], r["dst_app"], r["mode"], str(r["count"]), *(cell(r.get(c)) for c in HOP_COLS)))
+    if len(rows) == 1:
+        lines.append("no request between gateways timed yet" if out["gateways"] else
+                     "no gateway has published latency (fleet agents do every 10 s, once they timed a request)")
+    else:
+        lines.append("HTTP response time between gateways, per hop: p50/p99 ms")
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            lines.append("  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    if out["gateways"]:
+        gw = ", ".join(f"{g['name']} ({_gw_note(g)})" for g in out["gateways"])
+        lines.append(f"from: {gw}")
+    return "\n".join(lines)
+
+
+def _gw_note(g: dict) -> str:
+    if g.get("error"):
+        return f"error: {g['error']}"
+    age = g.get("age_s")
+    when = "?" if age is None else f"{age:.0f} s ago"
+    return f"{g['requests']} requests, {when}" if g.get("used") else f"left out, {when}"
+
+
+@fleet.command("latency")
+@ETCD_OPT
+@JSON_OPT
+@click.option("--app", metavar="NAME", help="Only app pairs with NAME at either end.")
+@click.option("--max-age", type=click.FloatRange(min=0), metavar="S",
+              help="Leave out gateways that last published more than S seconds ago (a dead agent's numbers).")
+def latency(etcd: str, as_json: bool, app: str | None, max_age: float | None) -> None:
+    """HTTP response time per hop, per app pair, across every gateway: p50/p99.
+
+    \b
+    For requests between two gateways: total (what the client waited) and its
+    parts ingress (client <-> its gateway), backbone (gateway <-> gateway),
+    app_vpc (far gateway <-> app) and app (the app's own time), in ms, by mode
+    (http, or tls_inferred for TLS the gateways don't decrypt). Each fleet agent
+    publishes its histograms to /bulkhead/v1/gateways/NAME/latency every 10 s;
+    they are summed here, since each request is counted once, at its client's
+    gateway. Counts run from each agent's start. Exit 1 if etcd is unreachable.
+
+    \b
+    --json prints
+      {"gateways": [{"name", "updated", "age_s", "requests", "used", "error"}],
+       "latency": [{"src_app", "dst_app", "mode", "hop", "count",
+                    "p50_ms", "p99_ms", "mean_ms"}]}
+    """
+    from bulkhead.fleet.latency import read
+    from bulkhead.fleet.store import FleetStoreError
+    from bulkhead.telemetry.hops import fleet_summary
+
+    store = _store(etcd, as_json)
+    try:
+        docs = read(store)
+    except FleetStoreError as e:
+        _fail(str(e), 1, as_json)
+    out = fleet_summary(docs, app=app, max_age=max_age)
+    if as_json:
+        click.echo(json.dumps({"ok": True, **out}))
+    else:
+        click.echo(_render_latency(out))

@@ -98,6 +98,7 @@ def run(policy_paths: list[str], state_dir: str, metrics_addr: str | None, xdp_m
         try:
             agent.follower = Follower(fleet["urls"], fleet["gateway"], fleet["trust"], state_dir,
                                       lambda b, revision: agent.apply(b))
+            agent.follower.publish_latency(agent.flowlog.hops.export)  # `bulkhead fleet latency`
         except (FleetKeyError, ValueError) as e:
             print(f"bulkhead: {e}", flush=True)
             return 2

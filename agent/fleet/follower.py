@@ -104,6 +104,14 @@ class Follower:
         self._cancel: Callable[[], None] | None = None
         self._store: fstore.Store | None = None
         self._lease = None
+        self.latency = None  # fleet.latency.Publisher: the agent's per-hop histograms, put while connected
+
+    def publish_latency(self, source: Callable[[], list[dict]]) -> None:
+        """Put `source()` (hops.HopLog.export) to this gateway's latency key, from the keepalive
+        thread, every fleet.latency.publish_interval() s while connected (ValueError: a bad interval)."""
+        from bulkhead.fleet.latency import Publisher
+
+        self.latency = Publisher(self.gateway, source, self.agent_id)
 
     # ------------------------------------------------------------ verify
     def check(self, raw: bytes, cached: bool = False) -> Candidate:
@@ -218,7 +226,8 @@ class Follower:
         with self.lock:
             return {"etcd": self.urls, "gateway": self.gateway, "connected": self.connected,
                     "revision": self.applied_revision, "digest": self.digest, "stale": self.stale,
-                    "error": self.error, "etcd_error": self.etcd_error, "key_id": self.key_id}
+                    "error": self.error, "etcd_error": self.etcd_error, "key_id": self.key_id,
+                    "latency_error": self.latency.error if self.latency else None}
 
     def _ack_doc(self) -> dict:
         with self.lock:
@@ -340,10 +349,22 @@ class Follower:
             raise fstore.FleetStoreError(f"the watch on etcd at {', '.join(self.urls)} ended")
 
     def _keepalive(self, st, lease, cancel) -> None:
-        """Refresh the lease every TTL/3; a failure ends the watch, so _run reconnects."""
-        while not self._stop.wait(self.ttl / 3):
+        """Refresh the lease every TTL/3 (a failure ends the watch, so _run reconnects); between
+        refreshes, the latency histograms when due."""
+        pub = self.latency
+        wake = self.ttl / 3 if pub is None else min(self.ttl / 3, pub.interval)
+        next_refresh = time.monotonic() + self.ttl / 3
+        while not self._stop.wait(wake):
             if self._cancel is not cancel:
                 return
+            if pub is not None:
+                try:
+                    pub.maybe_publish(st)
+                except Exception as e:  # noqa: BLE001 -- the source failed: never the lease's problem
+                    log.warning("fleet: latency not published: %s", e)
+            if time.monotonic() < next_refresh:
+                continue
+            next_refresh = time.monotonic() + self.ttl / 3
             try:
                 if st.refresh(lease) < 0:
                     raise fstore.FleetStoreError(f"lease {lease:x} expired")

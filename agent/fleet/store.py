@@ -5,6 +5,7 @@ Key layout (all under PREFIX):
     revision                decimal text: the highest revision ever published
     gateways/NAME/status    JSON, persistent: what gateway NAME applied, or why it refused
     gateways/NAME/alive     bound to the agent's lease: present = the agent is alive
+    gateways/NAME/latency   JSON, persistent: the gateway's per-hop request histograms (fleet/latency.py)
 
 `Store(urls)` takes one URL per cluster member and fails over between them: a request that
 can't connect to one member goes to the next, and the member that answered is used first
@@ -49,6 +50,10 @@ def status_key(gateway: str) -> str:
 
 def alive_key(gateway: str) -> str:
     return f"{GATEWAYS_PREFIX}{gateway}/alive"
+
+
+def latency_key(gateway: str) -> str:
+    return f"{GATEWAYS_PREFIX}{gateway}/latency"
 
 
 class FleetStoreError(Exception):

@@ -150,6 +150,37 @@ def summary(merged: dict) -> list[dict]:
     return out
 
 
+def fleet_summary(docs: list[dict], app: str | None = None, max_age: float | None = None,
+                  now: float | None = None) -> dict:
+    """Every gateway's published histograms (fleet/latency.read) summed:
+    {"gateways": [{name, updated, age_s, requests, used, error}], "latency": summary rows}.
+
+    `app` keeps the pairs with that app at either end; `max_age` leaves out gateways whose last
+    publish is older (a gateway long dead).
+    """
+    now = time.time() if now is None else now
+    merged: dict = {}
+    gws = []
+    for d in docs:
+        updated = d.get("updated")
+        age = round(now - updated, 1) if isinstance(updated, (int, float)) else None
+        g = {"name": d["name"], "updated": updated, "age_s": age, "requests": 0, "used": False,
+             "error": d.get("error")}
+        gws.append(g)
+        if g["error"] or (max_age is not None and (age is None or age > max_age)):
+            continue
+        hists = [h for h in d.get("histograms") or [] if isinstance(h, dict)
+                 and (app is None or app in (h.get("src_app"), h.get("dst_app")))]
+        try:
+            merge(merged, hists)
+        except (KeyError, TypeError, ValueError) as e:
+            g["error"] = f"histograms unreadable: {e}"
+            continue
+        g["used"] = True
+        g["requests"] = sum(h["count"] for h in hists if h.get("hop") == "total")
+    return {"gateways": gws, "latency": summary(merged)}
+
+
 class HopLog:
     """Recent per-hop request records (bounded) and their histograms, per app pair, hop and mode."""
 

@@ -10,6 +10,8 @@ lab's transit policy, then, in order:
 - both gateways acknowledge the revision, each bundle has its own transit entry (status);
 - a-cli resolves api.apps.example at gwa and reaches api behind gwb across the transit, and
   gwb's flow log names the client's app (web, carried in the GBP id) and gwa;
+- HTTP requests across are timed per hop at gwa, whose agent publishes the histograms to etcd:
+  `bulkhead fleet latency` shows the app pair with every part;
 - etcd stopped (its process gone): both agents say they are stale and disconnected, and still
   a connection opened before carries data, a new connection across works, b-cli (no rule to
   api) gets nothing, and a forged transit packet carrying an identity not behind its sender is
@@ -96,7 +98,8 @@ class FabricFleet:
     def start_agent(self, gw: str) -> int:
         """`agent run --etcd URL --gateway GW --trust KEY.pub` in gw's namespace, until it is ready."""
         return self.agents[gw].start_fleet(self.etcd.url, gw, f"{self.key}.pub", args=("--metrics", "off"),
-                                           env={"BULKHEAD_FLEET_TTL": str(TTL)})
+                                           env={"BULKHEAD_FLEET_TTL": str(TTL),
+                                                "BULKHEAD_FLEET_LATENCY_INTERVAL": "1"})
 
     # ------------------------------------------------------------ the operator's CLI
     def fleet(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -178,6 +181,34 @@ def test_client_reaches_the_app_behind_the_other_gateway_with_its_identity(ff):
     e = at_b[-1]
     assert (e["src_app"], e["dst_app"], e["rule"], e["verdict"]) == ("web", "api", "web-api", "pass"), e
     assert (e["segment"], e["peer_segment"], e["via"], e["dst"], e["vip"]) == ("a-cli", "b-srv", "gwa", real, vip), e
+
+
+def test_fleet_latency_shows_the_requests_timed_per_hop_across_the_fleet(ff):
+    """HTTP requests from a-cli to api (behind gwb): gwa times them per hop and its agent publishes
+    the histograms to etcd; `bulkhead fleet latency` (the operator's CLI) shows the app pair."""
+    vip, n = ff.fabric.vip(API), 3
+    for i in range(n):
+        r = ff.lab.tcp_echo("a-cli", vip, PORT, f"GET /r{i} HTTP/1.1\r\nHost: {API}\r\n\r\n".encode())
+        assert r.ok and r.reply.startswith("b-srv "), r
+
+    def latency() -> dict | None:
+        p = ff.fleet("latency", "--json")
+        assert p.returncode == 0, p.stdout + p.stderr
+        out = json.loads(p.stdout)
+        rows = {(x["src_app"], x["dst_app"], x["mode"], x["hop"]): x for x in out["latency"]}
+        total = rows.get(("web", "api", "http", "total"))
+        return out if total and total["count"] >= n else None
+
+    out = wait_for(latency, WAIT, 0.5)
+    assert out, ff.fleet("latency", "--json").stdout
+    gws = {g["name"]: g for g in out["gateways"]}
+    assert gws["gwa"]["used"] and gws["gwa"]["requests"] >= n, gws  # counted at the client's gateway
+    assert gws.get("gwb", {"requests": 0})["requests"] == 0, gws
+    hops = {x["hop"]: x for x in out["latency"] if (x["src_app"], x["dst_app"], x["mode"]) == ("web", "api", "http")}
+    assert set(hops) == {"total", "ingress", "backbone", "app_vpc", "app"}, hops
+    assert all(h["p50_ms"] is not None and h["p50_ms"] >= 0 for h in hops.values()), hops
+    text = ff.fleet("latency").stdout
+    assert any(ln.split()[:3] == ["web", "api", "http"] for ln in text.splitlines()), text
 
 
 def test_etcd_away_the_transit_keeps_enforcing_the_last_policy(ff):

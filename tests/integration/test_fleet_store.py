@@ -536,3 +536,87 @@ def test_a_publish_keeps_the_service_addresses_of_the_published_policy(store, et
     assert r.returncode == 0, r.stderr
     after = published()
     assert after["payments"] == before and after[newcomer] != before
+
+
+# ---------------------------------------------------------------- latency (issue 16)
+def _hop_log(pairs: dict[tuple[str, str], tuple[int, float]]):
+    """A gateway's HopLog: n HTTP requests per (src, dst), each part `base` ms times its weight."""
+    from bulkhead.telemetry.hops import HopLog
+
+    log = HopLog()
+    for (src, dst), (n, base) in pairs.items():
+        for _ in range(n):
+            parts = {"ingress": base, "backbone": 4 * base, "app_vpc": base / 2, "app": 6 * base}
+            log.add({"time": time.time(), "src_app": src, "dst_app": dst, "mode": "http",
+                     "hops_ms": {**parts, "total": sum(parts.values())}})
+    return log
+
+
+def test_fleet_latency_sums_every_gateways_histograms(etcd, store):
+    """Two gateways publish as their agents do (fleet/latency.Publisher, the real store); the CLI
+    sums the histograms per app pair: counts add up, percentiles fall in the right buckets."""
+    from bulkhead.fleet.latency import Publisher
+    from bulkhead.fleet.store import latency_key
+
+    east = _hop_log({("web", "api"): (30, 5.0)})
+    west = _hop_log({("web", "api"): (10, 5.0), ("batch", "db"): (4, 50.0)})
+    pubs = [Publisher("gw-east", east.export, "test/1", interval=0.0),
+            Publisher("gw-west", west.export, "test/2", interval=0.0)]
+    assert all(p.maybe_publish(store) for p in pubs)
+    _, mod = store.get(latency_key("gw-east"))
+    assert not pubs[0].maybe_publish(store), "unchanged histograms are not written again"
+    assert store.get(latency_key("gw-east"))[1] == mod
+    r = cli("latency", "--etcd", etcd.url, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [(g["name"], g["requests"], g["used"]) for g in out["gateways"]] == [("gw-east", 30, True),
+                                                                             ("gw-west", 14, True)]
+    rows = {(x["src_app"], x["dst_app"], x["hop"]): x for x in out["latency"]}
+    assert rows[("web", "api", "total")]["count"] == 40 and rows[("batch", "db", "total")]["count"] == 4
+    assert 15.0 < rows[("web", "api", "backbone")]["p50_ms"] <= 20.0  # 20 ms: in (15, 17.5, 20]
+    assert 250.0 < rows[("batch", "db", "app")]["p99_ms"] <= 300.0
+    assert {x["mode"] for x in out["latency"]} == {"http"}
+    # --app: pairs with that app at either end only
+    only = json.loads(cli("latency", "--etcd", etcd.url, "--json", "--app", "db").stdout)
+    assert {(x["src_app"], x["dst_app"]) for x in only["latency"]} == {("batch", "db")}
+    # one more request at gw-east: the next publish replaces its document, the sum follows
+    east.add({"time": time.time(), "src_app": "web", "dst_app": "api", "mode": "http",
+              "hops_ms": {"ingress": 1.0, "backbone": 1.0, "app_vpc": 1.0, "app": 1.0, "total": 4.0}})
+    assert pubs[0].maybe_publish(store)
+    out = json.loads(cli("latency", "--etcd", etcd.url, "--json").stdout)
+    assert {(x["src_app"], x["hop"]): x["count"] for x in out["latency"]}[("web", "total")] == 41
+    text = cli("latency", "--etcd", etcd.url).stdout
+    assert "per hop: p50/p99 ms" in text and "BACKBONE" in text and "APP_VPC" in text, text
+    line = next(ln for ln in text.splitlines() if ln.startswith("web"))
+    assert line.split()[:4] == ["web", "api", "http", "41"], text
+    assert "gw-east (31 requests" in text and "gw-west (14 requests" in text, text
+
+
+def test_fleet_latency_leaves_out_old_and_unreadable_documents(etcd, store):
+    from bulkhead.fleet.latency import Publisher
+    from bulkhead.fleet.store import latency_key
+
+    old = Publisher("gw-old", _hop_log({("web", "api"): (3, 5.0)}).export, "test/3", interval=0.0)
+    assert old.maybe_publish(store)
+    doc = json.loads(store.get(latency_key("gw-old"))[0])
+    doc["updated"] -= 3600  # its agent died an hour ago
+    store.put(latency_key("gw-old"), json.dumps(doc))
+    store.put(latency_key("gw-bad"), "not json")
+    new = Publisher("gw-new", _hop_log({("web", "api"): (2, 5.0)}).export, "test/4", interval=0.0)
+    assert new.maybe_publish(store)
+    out = json.loads(cli("latency", "--etcd", etcd.url, "--json", "--max-age", "60").stdout)
+    gws = {g["name"]: g for g in out["gateways"]}
+    assert gws["gw-old"]["used"] is False and gws["gw-old"]["age_s"] >= 3600
+    assert gws["gw-bad"]["used"] is False and gws["gw-bad"]["error"].startswith("unreadable")
+    assert gws["gw-new"]["used"] is True
+    assert {(x["hop"], x["count"]) for x in out["latency"] if x["hop"] == "total"} == {("total", 2)}
+    # without --max-age the dead gateway's numbers count
+    out = json.loads(cli("latency", "--etcd", etcd.url, "--json").stdout)
+    assert {(x["hop"], x["count"]) for x in out["latency"] if x["hop"] == "total"} == {("total", 5)}
+
+
+def test_fleet_latency_with_nothing_published_and_with_etcd_away(etcd, store):
+    r = cli("latency", "--etcd", etcd.url)
+    assert r.returncode == 0 and "no gateway has published latency" in r.stdout, r.stdout
+    r = cli("latency", "--etcd", dead_url(), "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["ok"] is False, (r.stdout, r.stderr)
