@@ -10,17 +10,23 @@ interleaved, median of 7 rounds of 200,000 runs (or single runs where a run chan
 
     mid-stream ACK        a flow first seen mid-stream (no SYN: never classified, as before issue 16)
     untimed data / ACK    a flow whose first payload was not HTTP/TLS: the one flag test
-    timed data / ACK      more of the same request: the scratch key, a req_hop lookup
+    timed data            more of the same request: the scratch key, a req_hop lookup
+    timed ACK             a pure ACK of a timed flow: bh_hop_wants says there is nothing to do
     classify (single)     the first payload: the kind read from the payload, the req_hop entry
                           written (the flow entry reset to "classify" before each run)
     new request (single)  a request after an answer: the BH_FE_HOP event of the last one
                           (ring buffer reserve/submit), the entry reset for the next
     untimed data (single) beside them, so single runs compare with single runs
 
-The server's gateway's side (an answer packet: the same lookup, then bh_hop_code into the VNI)
-runs in bulkhead_tc on packets from a segment whose flow entries bulkhead_transit_in made, which a
-test run can't (no tunnel metadata on a test skb, see test_transit.py): the live lab
-(tests/integration/test_fabric_hops.py) exercises it.
+The server's gateway's side: an answer from the app, in bulkhead_tc on its way into the tunnel
+(its time since the request, bh_hop_code, into the VNI). Its flow entries are bulkhead_transit_in's,
+which a test run can't make (no tunnel metadata on a test skb, see test_transit.py), so the
+benchmark writes the reply entry such a gateway would hold, on segment 2, for the timed flow's
+reversed tuple (its forward key is then the timed flow's own, whose req_hop entry it finds):
+
+    answer untimed / timed   the same entry without / with BH_FLOWX_HOP (the answer's time coded)
+
+The live lab (tests/integration/test_fabric_hops.py) runs the real thing.
 
 Writes build/bench-hops.md; the headline figures go to make bench's table (benchmarks/summary.py).
 """
@@ -74,6 +80,28 @@ def flow_get(dp, k) -> abi.Flow:
     v = abi.Flow()
     libbpf._check(libbpf.lib().bpf_map_lookup_elem(dp.map_fds["flows4"], C.byref(k), C.byref(v)), "flow lookup")
     return v
+
+
+def answer_frame(payload: bytes = DATA) -> bytes:
+    """The app's answer to the timed flow, as the server's gateway sees it come from its segment."""
+    _cli, _srv, far, _vip = ADDR["ipv4"]
+    return raw(ETH / IP(src=far, dst=ADDR["ipv4"][0]) / TCP(sport=5201, dport=SPORT_TIMED, flags="PA", seq=1, ack=1)
+               / payload)
+
+
+def put_answer_entry(dp, timed: bool) -> None:
+    """The reply entry a server's gateway holds for the timed flow: on segment 2 (where the answer
+    comes from), to the client's segment 1 through the transit."""
+    fwd = flow_get(dp, flow_key(dp, SPORT_TIMED))
+    v = abi.Flow.from_buffer_copy(bytes(fwd))
+    v.flags = abi.FLOWF_TRANSIT | abi.FLOWF_REPLY
+    v.peer_segment = 1
+    v.xflags = abi.FLOWX_HOP if timed else 0
+    _cli, _srv, far, _vip = ADDR["ipv4"]
+    k = abi.Flow4Key(saddr_be=int.from_bytes(socket.inet_aton(far), "little"),
+                     daddr_be=int.from_bytes(socket.inet_aton(ADDR["ipv4"][0]), "little"),
+                     sport_be=socket.htons(5201), dport_be=socket.htons(SPORT_TIMED), proto=6, segment_id=2)
+    libbpf.map_update(dp.map_fds["flows4"], k, v)
 
 
 def hop_fd(dp) -> int:
@@ -161,6 +189,14 @@ def test_hop_cost_per_packet(benchmark, hop_flows, tc_empty):
         res["timed_data"] = tc_interleaved(tc, tc_empty, frame(SPORT_TIMED, "PA", DATA), seg1)
         res["untimed_ack"] = tc_interleaved(tc, tc_empty, frame(SPORT_UNTIMED, "A"), seg1)
         res["timed_ack"] = tc_interleaved(tc, tc_empty, frame(SPORT_TIMED, "A"), seg1)
+        seg2 = dp.ifindexes["seg2"]
+        put_answer_entry(dp, timed=False)
+        res["answer_untimed"] = tc_interleaved(tc, tc_empty, answer_frame(), seg2)
+        put_answer_entry(dp, timed=True)
+        ev0 = dp.events()["transit_encap"]
+        res["answer_timed"] = tc_interleaved(tc, tc_empty, answer_frame(), seg2)
+        assert dp.events()["transit_encap"] > ev0
+        assert hop_entries(dp)[0][1].state & abi.HOPS_RESP, "the timed answer found its request"
         res["untimed_data_1"] = singles(tc, tc_empty, frame(SPORT_UNTIMED, "PA", DATA), seg1)
         res["classify_1"] = singles(tc, tc_empty, frame(SPORT_CLASSIFY, "PA", REQUEST), seg1, reset_classify)
         dp.bpf.ring_buffer_consume()
@@ -179,7 +215,8 @@ def test_hop_cost_per_packet(benchmark, hop_flows, tc_empty):
     build = "without XDP metadata (BH_NO_XDP_META)" if "BH_NO_XDP_META" in dp.defines else "with XDP metadata"
     HOP_TABLE.parent.mkdir(exist_ok=True)
     HOP_TABLE.write_text("\n".join([
-        f"bulkhead_tc at the client's gateway, IPv4 transit flow, {build}; marginal over an empty sched_cls",
+        f"bulkhead_tc, IPv4 transit flows (answer_*: at the server's gateway, the rest at the client's), {build}; "
+        "marginal over an empty sched_cls",
         "", "| case | empty ns | bulkhead_tc ns | marginal ns |", "|---|---:|---:|---:|",
         *(f"| {k} | {r['empty_ns']:.0f} | {r['ours_ns']:.0f} | {m[k]:.0f} |" for k, r in res.items()),
         "", f"new requests: {ev['read']} events read, {ev['lost']} lost (ring full)", ""]))
@@ -193,6 +230,9 @@ def test_hop_cost_per_packet(benchmark, hop_flows, tc_empty):
     goal(B, "bulkhead_tc, an untimed transit flow's ACK (not HTTP/TLS: the flag test)", ours=m["untimed_ack"],
          unit="ns", baseline=m["midstream_ack"], baseline_is="a flow never classified (first seen mid-stream)",
          ratio=rel("untimed_ack", "midstream_ack"), want=WANT, met=None)
+    goal(B, "bulkhead_tc at the server's gateway, an answer of a timed flow (its time into the VNI)",
+         ours=m["answer_timed"], unit="ns", baseline=m["answer_untimed"], baseline_is="the same answer, untimed",
+         ratio=rel("answer_timed", "answer_untimed"), want=WANT, met=None)
     goal(B, "bulkhead_tc, a new request (the last one's BH_FE_HOP event), single runs", ours=m["new_request_1"],
          unit="ns", baseline=m["untimed_data_1"], baseline_is="untimed data packet, single runs",
          ratio=rel("new_request_1", "untimed_data_1"), want=WANT, met=None,

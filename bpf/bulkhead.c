@@ -2270,6 +2270,22 @@ static __always_inline void bh_hop_emit(void *ctx, const struct bh_flow6_key *k,
  * answer begins the next turn (and tells the last one, at the client's
  * gateway); a FIN or RST ends it.
  */
+/*
+ * Whether a packet of a TCP flow through the transit has anything for
+ * request timing to do: its flow is to be classified or is timed, and the
+ * packet carries payload (or, from the client, a FIN or RST that ends the
+ * turn). Every other packet (an untimed flow's, a timed flow's pure ACK)
+ * pays this test and nothing more.
+ */
+static __always_inline int bh_hop_wants(const struct bh_flow *f, const struct bh_pkt *p)
+{
+	if (!(f->xflags & (BH_FLOWX_HOP_CLASSIFY | BH_FLOWX_HOP)))
+		return 0;
+	if (p->l4_len > p->tcp_doff)
+		return 1;
+	return !(f->flags & BH_FLOWF_REPLY) && (f->xflags & BH_FLOWX_HOP) && (p->tcp_flags & (BH_TCP_FIN | BH_TCP_RST));
+}
+
 static __always_inline void bh_hop_client(void *ctx, const struct bh_pkt *p, const struct bh_flow6_key *k,
 					  struct bh_flow *fwd, struct bh_flow *rep, int near)
 {
@@ -2474,8 +2490,7 @@ static __always_inline int bh_tc_fabric_flow(struct __sk_buff *skb, __u32 slot, 
 	/* Request timing: the forward key, before a translation changes the destination. */
 	__u32 zero = 0;
 	struct bh_hop_scratch *hs = NULL;
-	int timed = p->proto == IPPROTO_TCP && (fflags & BH_FLOWF_TRANSIT) &&
-		    (f->xflags & (BH_FLOWX_HOP_CLASSIFY | BH_FLOWX_HOP));
+	int timed = p->proto == IPPROTO_TCP && (fflags & BH_FLOWF_TRANSIT) && bh_hop_wants(f, p);
 	if (timed)
 		hs = hop_scratch.lookup(&zero);
 	if (hs && !(fflags & BH_FLOWF_REPLY))
@@ -2986,13 +3001,11 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 		}
 	}
 	/* Request timing (bh_hop_*) of an established TCP flow: this entry, and the forward key. */
-	struct bh_flow *tf = (judge && !rejudge) ? NULL : f;
+	struct bh_flow *tf = (judge && !rejudge) || p.proto != IPPROTO_TCP ? NULL : f;
 	struct bh_hop_scratch *hs = NULL;
-	if (tf && p.proto == IPPROTO_TCP)
+	if (tf && bh_hop_wants(tf, &p))
 		hs = hop_scratch.lookup(&zero);
-	if (!hs)
-		tf = NULL;
-	if (tf && !(tf->flags & BH_FLOWF_REPLY) && (tf->xflags & (BH_FLOWX_HOP_CLASSIFY | BH_FLOWX_HOP)))
+	if (hs && !(tf->flags & BH_FLOWF_REPLY))
 		bh_sni_key_of(&p, app_seg, 0, &hs->k); /* before the source translation below */
 	/* The client's packets into a segment that translates sources: from the segment's address. */
 	if (snat) {
@@ -3025,11 +3038,11 @@ int bulkhead_transit_in(struct __sk_buff *skb)
 				o->t_b = t; /* the client RTT is measured from here (bh_observe, at the ACK) */
 				o->hop_srtt = far_code;
 			}
-		} else if (tf->xflags & BH_FLOWX_HOP) {
+		} else if (hs && (tf->xflags & BH_FLOWX_HOP)) {
 			bh_sni_key_of(&p, vni, 1, &hs->k);
 			bh_hop_server(skb, &p, &hs->k, tf, 1, far_code, app_seg);
 		}
-	} else if (tf && (tf->xflags & (BH_FLOWX_HOP_CLASSIFY | BH_FLOWX_HOP))) {
+	} else if (tf && hs) {
 		/* The server's gateway: a client packet (its reply entry is keyed by the translated tuple). */
 		struct bh_flow *rep = (tf->xflags & BH_FLOWX_HOP_CLASSIFY) ? bh_flow_get(&p, vni, 1) : NULL;
 		bh_hop_client(skb, &p, &hs->k, tf, rep, 0);
