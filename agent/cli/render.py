@@ -169,7 +169,7 @@ HOP_HEADER = (f"{'TIME':<8} {'MODE':<12} {'FROM':<12} {'TO':<12} {'VIA':<10} "
 def hop_line(r: dict) -> str:
     """A request between two gateways, timed per hop (telemetry/hops.py): '-' where not measured."""
     h = r.get("hops_ms") or {}
-    cols = " ".join(f"{'-' if h.get(k) is None else format(h[k], '.1f'):>8}"
+    cols = " ".join(f"{'-' if h.get(k) is None else format(h[k], '.2f' if h[k] < 10 else '.1f'):>8}"
                     for k in ("total", "ingress", "backbone", "app_vpc", "app"))
     return (f"{time.strftime('%H:%M:%S', time.localtime(r.get('time', 0))):<8} {r.get('mode', '?'):<12} "
             f"{r.get('src_app') or '-':<12} {r.get('dst_app') or '-':<12} {r.get('via') or '-':<10} {cols}")

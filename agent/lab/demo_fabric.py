@@ -172,9 +172,35 @@ def step_flows(d: Demo) -> None:
                     for e in events), f"a web -> api flow passed at {gw}")
 
 
+def step_hops(d: Demo, vips: dict[int, str], n: int = 3) -> None:
+    """4. HTTP requests across, timed per hop: `bulkhead requests` at gwa."""
+    vip = vips.get(4)
+    if vip is None:
+        return
+    print(f"\n4. a-cli sends {n} HTTP requests to {vip}:{PORT}; each is timed per hop, gwa on its clock, gwb on its "
+          "own (gwb's part comes back in the VNI of its answers):")
+    for i in range(n):
+        d.lab.tcp_echo("a-cli", vip, PORT, f"GET /demo/{i} HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode(), timeout=3.0)
+    deadline = time.monotonic() + 5
+    while True:
+        p = d.agents["gwa"].cli("requests", "--json")
+        recs = [r for r in (json.loads(ln) for ln in p.stdout.splitlines() if ln.strip())
+                if r.get("source") == "fabric"] if p.returncode == 0 else []
+        if len(recs) >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    p = d.agents["gwa"].cli("requests")
+    print("\n   gwa$ bulkhead requests")
+    print(indent(p.stdout if p.returncode == 0 else p.stderr))
+    print("   total = what a-cli waited; ingress: a-cli <-> gwa; backbone: gwa <-> gwb; app_vpc: gwb <-> b-srv; "
+          "app: b-srv's own time (docs/visibility.md). Across a fleet: bulkhead fleet latency.")
+    d.check(len(recs) >= n and all(None not in r["hops_ms"].values() for r in recs[-n:]),
+            f"{n} requests timed at gwa with every part")
+
+
 def step_forge(d: Demo, ids: dict[str, int], segs: dict[str, int]) -> bool:
     """4. The rogue host forges transit with web's identity: dropped at gwb. False: not run."""
-    print(f"\n4. rogue ({host_addr('rogue')}), a host on the underlay that is no gateway, sends gwb {FORGED} "
+    print(f"\n5. rogue ({host_addr('rogue')}), a host on the underlay that is no gateway, sends gwb {FORGED} "
           f"VXLAN packets carrying web's app id ({ids['web']}) into api's segment b-srv (VNI {segs['b-srv']}): "
           f"a SYN from {host_addr('a-cli')} to api {host_addr('b-srv')}:{PORT}")
     if importlib.util.find_spec("scapy") is None:
@@ -202,7 +228,7 @@ def step_counters(d: Demo, before: dict[str, dict[str, int]], forged: bool) -> N
     if forged:
         sts["gwb"] = wait_counter(d, "gwb", "transit_unknown_peer", before["gwb"].get("transit_unknown_peer", 0) + FORGED)
     after = {gw: transit_counts(st) for gw, st in sts.items()}
-    print("\n5. transit counters since the agents started (`bulkhead status --json`: events transit_encap/"
+    print("\n6. transit counters since the agents started (`bulkhead status --json`: events transit_encap/"
           "decap and vip_nat, drops by reason transit_*):")
     names = ["transit_encap", "transit_decap", "vip_nat"]
     names += sorted({k for c in after.values() for k in c if k.startswith("transit_") and k not in names
@@ -238,7 +264,7 @@ def step_nxdomain(d: Demo, vips: dict[int, str]) -> None:
     """6. b-cli (no rule to api) gets NXDOMAIN, and nothing from the service address."""
     from dnslib import RCODE
 
-    print(f"\n6. b-cli ({host_addr('b-cli')}, app partner, at gwb: no rule to api) asks gwb's DNS ({DNS_B[0]}) "
+    print(f"\n7. b-cli ({host_addr('b-cli')}, app partner, at gwb: no rule to api) asks gwb's DNS ({DNS_B[0]}) "
           f"for {NAME}:")
     ans = d.resolve("b-cli", DNS_B[0], "A")
     rcode = RCODE.get(ans.header.rcode) if ans is not None else "no answer"
@@ -313,6 +339,7 @@ def main() -> int:
         vips = step_dns(d)
         step_connect(d, vips)
         step_flows(d)
+        step_hops(d, vips)
         forged = step_forge(d, ids, segs)
         step_counters(d, before, forged)
         step_nxdomain(d, vips)
