@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes as C
 import socket
-import statistics
 
 import pytest
 from bulkhead.datapath import abi, libbpf, loader
@@ -52,6 +51,7 @@ from .test_transit import (  # noqa: F401 -- fab_dp, tc_empty: fixtures, used by
     tc_empty,
     tc_interleaved,
     tc_run,
+    tc_single,
 )
 
 HOP_TABLE = TABLE_FILE.with_name("bench-hops.md")
@@ -117,24 +117,6 @@ def hop_entries(dp) -> list[tuple[abi.Flow6Key, abi.Hop]]:
     return out
 
 
-def singles(tc: int, empty: int, fr: bytes, ifindex: int, before=None, n: int = SINGLE) -> dict:
-    """n single runs (a fresh skb each), `before()` (untimed: map writes) ahead of each, each beside
-    an empty run."""
-    a, b, d, codes = [], [], [], set()
-    for _ in range(n):
-        if before:
-            before()
-        code, ta = tc_run(tc, fr, ifindex)
-        _, tb = tc_run(empty, fr, ifindex)
-        codes.add(code)
-        a.append(ta)
-        b.append(tb)
-        d.append(ta - tb)
-    assert len(codes) == 1, f"every run must end the same way: {codes}"
-    return {"ours_ns": statistics.median(a), "empty_ns": statistics.median(b), "marginal_ns": statistics.median(d),
-            "retval": codes.pop()}
-
-
 @pytest.fixture
 def hop_flows(fab_dp):
     dp = fab_dp
@@ -197,11 +179,11 @@ def test_hop_cost_per_packet(benchmark, hop_flows, tc_empty):
         res["answer_timed"] = tc_interleaved(tc, tc_empty, answer_frame(), seg2)
         assert dp.events()["transit_encap"] > ev0
         assert hop_entries(dp)[0][1].state & abi.HOPS_RESP, "the timed answer found its request"
-        res["untimed_data_1"] = singles(tc, tc_empty, frame(SPORT_UNTIMED, "PA", DATA), seg1)
-        res["classify_1"] = singles(tc, tc_empty, frame(SPORT_CLASSIFY, "PA", REQUEST), seg1, reset_classify)
+        res["untimed_data_1"] = tc_single(tc, tc_empty, frame(SPORT_UNTIMED, "PA", DATA), seg1, SINGLE)
+        res["classify_1"] = tc_single(tc, tc_empty, frame(SPORT_CLASSIFY, "PA", REQUEST), seg1, SINGLE, reset_classify)
         dp.bpf.ring_buffer_consume()
         e0 = dp.events()["flow_event_lost"], seen[0]
-        res["new_request_1"] = singles(tc, tc_empty, frame(SPORT_TIMED, "PA", REQUEST), seg1, answered)
+        res["new_request_1"] = tc_single(tc, tc_empty, frame(SPORT_TIMED, "PA", REQUEST), seg1, SINGLE, answered)
         dp.bpf.ring_buffer_consume()
         ev.update(lost=dp.events()["flow_event_lost"] - e0[0], read=seen[0] - e0[1])
 

@@ -166,10 +166,13 @@ def tc_interleaved(fd: int, empty: int, frame: bytes, ifindex: int, rounds: int 
             "retval": code}
 
 
-def tc_single(fd: int, empty: int, frame: bytes, ifindex: int, n: int = SINGLE_RUNS) -> dict:
-    """n single runs (repeat 1: a fresh skb each), each followed by one of the empty program."""
+def tc_single(fd: int, empty: int, frame: bytes, ifindex: int, n: int = SINGLE_RUNS, before=None) -> dict:
+    """n single runs (repeat 1: a fresh skb each), each followed by one of the empty program;
+    `before()` (not timed: map writes that reset a state) ahead of each."""
     a, b, d, codes = [], [], [], set()
     for _ in range(n):
+        if before:
+            before()
         code, ta = tc_run(fd, frame, ifindex)
         _, tb = tc_run(empty, frame, ifindex)
         codes.add(code)
