@@ -276,6 +276,8 @@ qemu-img create -q -f qcow2 -b "$IMAGE_DIR/rootfs.img" -F raw "$WORK/disk.qcow2"
 # What the guest runs: guest-run.sh reads this file from the results share.
 {
     printf 'VM_PYTEST_TIMEOUT=%q\n' "$VM_PYTEST_TIMEOUT"
+    # pytest's own budget per boot: ends it (failures printed) 5 min before the guest is killed
+    printf 'VM_SESSION_TIMEOUT=%q\n' "$(( VM_TIMEOUT > 600 ? VM_TIMEOUT - 300 : VM_TIMEOUT ))"
     printf 'VM_TESTS=%q\n' "${VM_TESTS:-}"
     printf 'VM_PYTEST_ARGS=%q\n' "${VM_PYTEST_ARGS:-}"
     printf 'VM_ACCEL=%q\n' "$ACCEL_NAME"

@@ -49,19 +49,18 @@ VM_PYTEST_TIMEOUT="${VM_PYTEST_TIMEOUT:-1200}"
 # the gateway (XDP metadata -> TC mark -> TPROXY -> the verifier, transparent upstream); the
 # gateway's DNS per segment, routers and transit between two gateways (the fabric), and
 # WireGuard under the transit (tests/vm: the host's make test does not collect it).
+# What depends on the kernel, within CI's 90 minutes (each integration module's bcc compile takes
+# about 2 min under TCG): every crafted-frame test; enforcement; L7 steering, whose XDP-metadata
+# path only kernels with bpf_xdp_adjust_meta take (the development hosts' lacks it); the fabric
+# lab's transit (DNS attraction, VIPs, identity, forged packets) and SNI/Host routing. Left to
+# the host's make test: tests/unit (no kernel), overlap, apply, the DNS server's details, source
+# translation, lifecycle (docs/testing-vm.md).
 DEFAULT_TESTS=(
-    tests/unit
     tests/bpf
     tests/integration/test_enforcement.py
-    tests/integration/test_overlap.py
-    tests/integration/test_apply.py
     tests/integration/test_l7_gateway.py
-    tests/integration/test_fabric_dns.py
     tests/integration/test_fabric_routes.py
     tests/integration/test_fabric_transit.py
-    tests/integration/test_fabric_snat.py
-    "tests/integration/test_lifecycle.py::test_restart_keeps_enforcing_and_reuses_pins"
-    "tests/integration/test_lifecycle.py::test_down_leaves_nothing"
     # tests that need a kernel feature the development hosts lack (WireGuard): VM only
     tests/vm
     # last: they install bulkhead as a service on this system (systemd is PID 1 here), and
@@ -86,7 +85,10 @@ run_pytest() {
     local plog=$1 junit=$2 rc bad_skips
     shift 2
     log "pytest $* ${EXTRA[*]} (timeout ${VM_PYTEST_TIMEOUT}s per test)"
+    # --session-timeout: a run that would outlast VM_TIMEOUT stops after its current test and
+    # still prints its failures, rather than being killed with them unprinted.
     .venv/bin/python -m pytest -ra -v -p no:cacheprovider --timeout="$VM_PYTEST_TIMEOUT" \
+        ${VM_SESSION_TIMEOUT:+--session-timeout="$VM_SESSION_TIMEOUT"} \
         --junitxml="$junit" --durations=15 "$@" "${EXTRA[@]}" > "$plog" 2>&1
     rc=$?
     log "pytest exit status $rc"
