@@ -44,16 +44,7 @@ CACHE_NAME = "last.envelope"
 
 def lease_ttl() -> int:
     """BULKHEAD_FLEET_TTL (seconds, >= 2; tests make it short), else DEFAULT_TTL."""
-    raw = os.environ.get("BULKHEAD_FLEET_TTL")
-    if not raw:
-        return DEFAULT_TTL
-    try:
-        ttl = int(raw)
-    except ValueError:
-        raise ValueError(f"BULKHEAD_FLEET_TTL={raw!r}: not a whole number of seconds") from None
-    if ttl < 2:
-        raise ValueError(f"BULKHEAD_FLEET_TTL={raw!r}: at least 2 seconds")
-    return ttl
+    return fstore.env_seconds("BULKHEAD_FLEET_TTL", DEFAULT_TTL, whole=True, lo=2)
 
 
 class _Same(Exception):

@@ -10,41 +10,31 @@ to its own key every PUBLISH_INTERVAL seconds when they changed:
 Histograms, not percentiles, travel: percentiles of different gateways can't be combined, their
 bucket counts can (telemetry/hops.fleet_summary sums what `read` returns). Every request is
 counted once, by the gateway of its client, so the fleet's histogram of a pair is the sum over
-gateways. The key is persistent: a gateway that
-died still shows what it measured (its `updated` says how old that is); an agent restarted starts
+gateways. The key is persistent: a gateway that died still shows what it measured (its `updated` says how old that is); an agent restarted starts
 its histograms from zero and its next publish replaces the old ones.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 
-from bulkhead.fleet.store import GATEWAYS_PREFIX, Store, latency_key
+from bulkhead.fleet.store import GATEWAYS_PREFIX, Store, env_seconds, latency_key
 
 PUBLISH_INTERVAL = 10.0  # seconds; BULKHEAD_FLEET_LATENCY_INTERVAL changes it (tests make it short)
 ENV_INTERVAL = "BULKHEAD_FLEET_LATENCY_INTERVAL"
 
 
 def publish_interval() -> float:
-    raw = os.environ.get(ENV_INTERVAL)
-    if not raw:
-        return PUBLISH_INTERVAL
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_INTERVAL}={raw!r}: not a number of seconds") from None
-    if not 0.5 <= v <= 3600:
-        raise ValueError(f"{ENV_INTERVAL}={raw!r}: between 0.5 and 3600 seconds")
-    return v
+    return env_seconds(ENV_INTERVAL, PUBLISH_INTERVAL, lo=0.5, hi=3600)
 
 
 class Publisher:
     """Puts one gateway's histograms to its latency key when they changed and the interval passed.
 
-    `source` returns hops.HopLog.export() (called from the follower's keepalive thread). `due`
-    and `publish` never raise for the store's sake: a failed put is tried at the next interval.
+    `source` returns hops.HopLog.export() (called from the follower's keepalive thread).
+    `maybe_publish` never raises for the store's sake: a failed put is kept in `error` and tried
+    again at the next interval.
     """
 
     def __init__(self, gateway: str, source: Callable[[], list[dict]], agent_id: str,

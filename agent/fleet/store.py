@@ -44,6 +44,22 @@ MEMBER_TROUBLE = ("no leader", "request timed out", "leader changed", "not capab
 ALIVE_TTL = 10  # seconds: the agent's lease; keepalive every ~TTL/3
 
 
+def env_seconds(name: str, default, whole: bool = False, lo: float = 0, hi: float | None = None):
+    """A number of seconds from the environment variable `name` (unset or empty: `default`);
+    ValueError naming the variable for text that isn't one, or one outside [lo, hi]."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        v = int(raw) if whole else float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: not a {'whole ' if whole else ''}number of seconds") from None
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name}={raw!r}: " + (f"at least {lo:g} seconds" if hi is None
+                                                 else f"between {lo:g} and {hi:g} seconds"))
+    return v
+
+
 def status_key(gateway: str) -> str:
     return f"{GATEWAYS_PREFIX}{gateway}/status"
 
